@@ -1,0 +1,352 @@
+"""Every divergence the project reports: token-level training losses and sequence-level metrics.
+
+This is the only module that computes these quantities. Conventions (also in the README):
+
+* Direction. P is the teacher (or, for metrics, the reference model p), Q the student (model q).
+  ``forward_kl`` = KL(P‖Q) = Σ P (log P − log Q); ``reverse_kl`` = KL(Q‖P).
+* ``jsd`` (generalized JSD, GKD's convention) = β·KL(P‖M) + (1−β)·KL(Q‖M) with M = β·P + (1−β)·Q,
+  the mixture formed in probability space (logsumexp of log-probabilities). Near β→0 it behaves like
+  β·KL(P‖Q) and near β→1 like (1−β)·KL(Q‖P), i.e. it vanishes at both ends; so β = 0 is *defined* as
+  forward KL and β = 1 as reverse KL. The value is discontinuous at the endpoints, by design.
+* ``skew_forward_kl`` = KL(P ‖ αP + (1−α)Q), ``skew_reverse_kl`` = KL(Q ‖ αQ + (1−α)P) (DistiLLM, α = 0.1).
+* ``tvd`` = ½ Σ |P − Q|.
+* Temperature τ divides *both* sets of logits before the softmax; no τ² factor is applied: the value is
+  the divergence between the two tempered distributions.
+* All arithmetic runs in float32 (or the ``compute_dtype`` given) whatever the input dtype; entries whose
+  logit is −inf have probability 0 and contribute exactly 0 (never NaN).
+* Reductions: ``sequence_mean`` (default, the paper's): mean over each sequence's response tokens, then mean
+  over sequences; ``token_mean``: mean over all response tokens of the batch; ``sum``. Under gradient
+  accumulation pass ``denominator`` = the number of sequences (``sequence_mean``) or tokens
+  (``token_mean``) of the whole accumulation window, so that the summed micro-batch losses equal the loss
+  of one big batch. Sequences without any response token are skipped (they count in no denominator).
+* Sequence level: KL(p‖q)(x) = E_{y~p}[log p(y|x) − log q(y|x)], estimated from samples of p either by
+  the plain log-ratio (``log_ratio``) or by summing the exact token-level KL(p(·|x,y<t) ‖ q(·|x,y<t)) along
+  the sampled prefixes (``token_kl``, unbiased and lower-variance). A response ends at its first EOS
+  (included). Responses cut at the maximum length without an EOS are scored as they are: the distance is
+  then exactly that between the two models' distributions truncated at that length (every prefix of the
+  maximum length is one outcome). Every estimate carries its mean, standard error and sample count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+Reduction = Literal["sequence_mean", "token_mean", "sum"]
+Estimator = Literal["token_kl", "log_ratio"]
+DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+REDUCTIONS: tuple[str, ...] = ("sequence_mean", "token_mean", "sum")
+ESTIMATORS: tuple[str, ...] = ("token_kl", "log_ratio")
+
+
+# --------------------------------------------------------------------------------------------------
+# Token level: one formula per divergence, on rows of log-probabilities [N, V]
+# --------------------------------------------------------------------------------------------------
+
+
+def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p‖q) per row. Terms with p = 0 are exactly 0, also where log q = −inf (no 0·inf = NaN,
+    in values and in gradients); p > 0 with q = 0 gives +inf, the true value."""
+    support = log_p > -math.inf
+    log_p = torch.where(support, log_p, 0.0)
+    log_q = torch.where(support, log_q, 0.0)
+    return (torch.where(support, log_p.exp(), 0.0) * (log_p - log_q)).sum(-1)
+
+
+def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """log(w·a + (1−w)·b), formed in probability space through logsumexp (never on log-probabilities).
+    Entries where both are 0 stay −inf with a zero (not NaN) gradient."""
+    both_zero = (log_a == -math.inf) & (log_b == -math.inf)
+    mixed = torch.logaddexp(torch.where(both_zero, 0.0, log_a) + math.log(weight_a),
+                            torch.where(both_zero, 0.0, log_b) + math.log1p(-weight_a))
+    return torch.where(both_zero, -math.inf, mixed)
+
+
+def _divergence_rows(log_p: Tensor, log_q: Tensor, kind: str, beta: float, alpha: float) -> Tensor:
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+        return _kl_rows(log_p, log_q)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+        return _kl_rows(log_q, log_p)
+    if kind == "jsd":
+        log_m = _log_mix(log_p, log_q, beta)
+        return beta * _kl_rows(log_p, log_m) + (1.0 - beta) * _kl_rows(log_q, log_m)
+    if kind == "skew_forward_kl":
+        return _kl_rows(log_p, _log_mix(log_p, log_q, alpha) if alpha else log_q)
+    if kind == "skew_reverse_kl":
+        return _kl_rows(log_q, _log_mix(log_q, log_p, alpha) if alpha else log_p)
+    if kind == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    raise ValueError(f"unknown divergence {kind!r}; choose one of {', '.join(DIVERGENCES)}")
+
+
+def _check_params(kind: str, beta: float, alpha: float, temperature: float) -> None:
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; choose one of {', '.join(DIVERGENCES)}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must lie in [0, 1], got {beta}")
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"skew alpha must lie in [0, 1), got {alpha} (alpha = 1 makes the divergence 0)")
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _align_vocab(teacher_logits: Tensor, student_logits: Tensor, vocab_size: int | None) -> tuple[Tensor, Tensor]:
+    """Apply the padded-vocabulary rule: entries at or beyond ``vocab_size`` are ignored (as −inf)."""
+    vt, vs = teacher_logits.shape[-1], student_logits.shape[-1]
+    if vocab_size is None:
+        if vt != vs:
+            raise ValueError(
+                f"teacher and student vocabulary sizes differ ({vt} vs {vs}); if one is padded, pass "
+                f"vocab_size=<the real shared size> so that the extra entries are ignored"
+            )
+        return teacher_logits, student_logits
+    if vocab_size > min(vt, vs):
+        raise ValueError(f"vocab_size={vocab_size} exceeds a logits vocabulary ({vt} teacher, {vs} student)")
+    return teacher_logits[..., :vocab_size], student_logits[..., :vocab_size]
+
+
+def _row_weights(mask: Tensor, reduction: str, denominator: float | Tensor | None) -> Tensor:
+    """Per-position weights w so that the reduced loss is Σ w·D. One place for every reduction rule."""
+    mask = mask.to(torch.float64)
+    lengths = mask.sum(-1, keepdim=True)
+    if reduction == "sequence_mean":
+        weights = mask / lengths.clamp_min(1.0)
+        denominator = (lengths > 0).sum() if denominator is None else denominator
+    elif reduction == "token_mean":
+        weights = mask
+        denominator = mask.sum() if denominator is None else denominator
+    elif reduction == "sum":
+        weights, denominator = mask, 1.0 if denominator is None else denominator
+    else:
+        raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+    return weights / torch.as_tensor(denominator, dtype=torch.float64).clamp_min(1.0)
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """Σ_rows w·D over sequence chunks, keeping no [B, T, V] intermediate: backward recomputes each
+    chunk. Peak extra memory is O(B·chunk·V) (plus the logits' own gradient)."""
+
+    @staticmethod
+    def forward(ctx, teacher_logits, student_logits, weights, chunk_size, compute, out_dtype):  # type: ignore[override]
+        ctx.save_for_backward(teacher_logits, student_logits, weights)
+        ctx.chunk_size, ctx.compute = chunk_size, compute
+        total = torch.zeros((), dtype=torch.float64)
+        with torch.no_grad():
+            for start in range(0, weights.shape[1], chunk_size):
+                total += compute(teacher_logits[:, start : start + chunk_size],
+                                 student_logits[:, start : start + chunk_size],
+                                 weights[:, start : start + chunk_size])
+        return total.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        teacher_logits, student_logits, weights = ctx.saved_tensors
+        need_t, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_t = torch.zeros_like(teacher_logits) if need_t else None
+        grad_s = torch.zeros_like(student_logits) if need_s else None
+        for start in range(0, weights.shape[1], ctx.chunk_size):
+            window = slice(start, start + ctx.chunk_size)
+            t = teacher_logits[:, window].detach().requires_grad_(need_t)
+            s = student_logits[:, window].detach().requires_grad_(need_s)
+            with torch.enable_grad():
+                value = ctx.compute(t, s, weights[:, window]) * grad_output
+                inputs = [x for x, need in ((t, need_t), (s, need_s)) if need]
+                grads = torch.autograd.grad(value, inputs, allow_unused=True)
+            grads_iter = iter(grads)
+            for target, need in ((grad_t, need_t), (grad_s, need_s)):
+                if need:
+                    g = next(grads_iter)
+                    if g is not None:
+                        target[:, window] = g
+        return grad_t, grad_s, None, None, None, None
+
+
+def token_divergence(
+    teacher_logits: Tensor,
+    student_logits: Tensor,
+    mask: Tensor,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    reduction: str = "sequence_mean",
+    denominator: float | Tensor | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Token-level divergence between teacher and student next-token distributions, reduced to a scalar.
+
+    ``teacher_logits``/``student_logits`` are [B, T, V] of any float dtype; ``mask`` [B, T] marks the
+    response positions that count (others contribute exactly nothing, whatever their logits hold).
+    ``chunk_size`` processes the sequence in chunks of that many positions (same values and gradients,
+    O(B·chunk·V) extra memory). ``vocab_size`` declares the real vocabulary when one side is padded.
+    """
+    _check_params(divergence, beta, alpha, temperature)
+    if teacher_logits.shape[:-1] != student_logits.shape[:-1] or teacher_logits.shape[:-1] != mask.shape:
+        raise ValueError(
+            f"shape mismatch: teacher {tuple(teacher_logits.shape)}, student {tuple(student_logits.shape)}, "
+            f"mask {tuple(mask.shape)}; expected [B, T, V], [B, T, V], [B, T]"
+        )
+    teacher_logits, student_logits = _align_vocab(teacher_logits, student_logits, vocab_size)
+    weights = _row_weights(mask.bool(), reduction, denominator)
+
+    def compute(t_logits: Tensor, s_logits: Tensor, w: Tensor) -> Tensor:
+        selected = w != 0
+        log_p = torch.log_softmax(t_logits[selected].to(compute_dtype) / temperature, dim=-1)
+        log_q = torch.log_softmax(s_logits[selected].to(compute_dtype) / temperature, dim=-1)
+        rows = _divergence_rows(log_p, log_q, divergence, beta, alpha)
+        return (rows.to(torch.float64) * w[selected]).sum()
+
+    if chunk_size is None:
+        return compute(teacher_logits, student_logits, weights).to(compute_dtype)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _ChunkedDivergence.apply(teacher_logits, student_logits, weights, chunk_size, compute, compute_dtype)
+
+
+def token_cross_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "sequence_mean",
+    denominator: float | Tensor | None = None,
+) -> Tensor:
+    """Cross-entropy of sampled target tokens (SFT, and sequence-level KD with hard labels), with the
+    same reductions and accumulation rule as :func:`token_divergence`."""
+    weights = _row_weights(mask.bool(), reduction, denominator)
+    selected = weights != 0
+    log_q = torch.log_softmax(logits[selected].float() / temperature, dim=-1)
+    nll = -log_q.gather(-1, targets[selected].unsqueeze(-1)).squeeze(-1)
+    return (nll.to(torch.float64) * weights[selected]).sum().to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequence level: the metrics
+# --------------------------------------------------------------------------------------------------
+
+
+class NextTokenModel(Protocol):
+    """Anything that scores responses autoregressively: returns [B, T, V] log-probabilities where entry
+    t is log p(· | x, y<t). The project's HF wrappers and the tests' table models both satisfy it."""
+
+    def next_token_logprobs(self, prompts: object, responses: Tensor) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A Monte Carlo estimate: mean, standard error of the mean, sample count, and the per-sample
+    values (kept so that estimates on the same samples can be compared pairwise)."""
+
+    mean: float
+    se: float
+    n: int
+    values: Tensor = field(repr=False, compare=False, default_factory=lambda: torch.empty(0))
+
+    @staticmethod
+    def of(values: Tensor) -> "Estimate":
+        values = values.detach().to(torch.float64).flatten().cpu()
+        n = values.numel()
+        if n == 0:
+            raise ValueError("an estimate needs at least one sample")
+        se = float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
+        return Estimate(float(values.mean()), se, n, values)
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"mean": self.mean, "se": self.se, "n": self.n}
+
+
+def response_mask(responses: Tensor, eos_id: int) -> Tensor:
+    """Positions up to and including the first EOS; the whole row if it has none (truncated)."""
+    is_eos = responses == eos_id
+    before_first_eos = (is_eos.cumsum(-1) - is_eos.long()) == 0
+    return before_first_eos
+
+
+def _per_sequence(values: Tensor, mask: Tensor, per_token: bool) -> Tensor:
+    totals = (values.to(torch.float64) * mask).sum(-1)
+    return totals / mask.sum(-1).clamp_min(1) if per_token else totals
+
+
+def _token_logprob(logprobs: Tensor, responses: Tensor, mask: Tensor) -> Tensor:
+    picked = logprobs.gather(-1, responses.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, picked, 0.0)
+
+
+def kl_values(
+    p_logprobs: Tensor, q_logprobs: Tensor, responses: Tensor, mask: Tensor, *,
+    estimator: str = "token_kl", per_token: bool = False,
+) -> Tensor:
+    """Per-sample single-draw estimates of KL(p‖q) for responses sampled from p ([B] values)."""
+    if estimator == "token_kl":
+        rows = _kl_rows(p_logprobs[mask].float(), q_logprobs[mask].float())
+        values = torch.zeros(mask.shape, dtype=rows.dtype, device=rows.device)
+        values[mask] = rows
+    elif estimator == "log_ratio":
+        values = _token_logprob(p_logprobs.float(), responses, mask) - _token_logprob(q_logprobs.float(), responses, mask)
+    else:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    return _per_sequence(values, mask, per_token)
+
+
+def sequence_logprob(logprobs: Tensor, responses: Tensor, mask: Tensor) -> Tensor:
+    """log p(y|x) of each response: the sum of its token log-probabilities up to its first EOS."""
+    return _token_logprob(logprobs.to(torch.float64), responses, mask).sum(-1)
+
+
+def jsd_values(
+    own_logprobs: Tensor, other_logprobs: Tensor, responses: Tensor, mask: Tensor, *,
+    own_weight: float, per_token: bool = False,
+) -> Tensor:
+    """Per-sample values of log own(y) − log M(y), M = w·own + (1−w)·other at the *sequence* level, for
+    responses sampled from ``own``: their mean estimates KL(own‖M)."""
+    log_own = sequence_logprob(own_logprobs, responses, mask)
+    log_other = sequence_logprob(other_logprobs, responses, mask)
+    values = log_own - _log_mix(log_own, log_other, own_weight)
+    return values / mask.sum(-1).clamp_min(1) if per_token else values
+
+
+def sequence_kl(
+    p: NextTokenModel, q: NextTokenModel, prompts: object, samples_p: Tensor, *, eos_id: int,
+    estimator: str = "token_kl", per_token: bool = False,
+) -> Estimate:
+    """KL(p‖q) from responses ``samples_p`` [B, T] drawn from p on ``prompts``. Reverse KL is
+    ``sequence_kl(q, p, prompts, samples_q)``."""
+    mask = response_mask(samples_p, eos_id)
+    with torch.no_grad():
+        values = kl_values(p.next_token_logprobs(prompts, samples_p), q.next_token_logprobs(prompts, samples_p),
+                           samples_p, mask, estimator=estimator, per_token=per_token)
+    return Estimate.of(values)
+
+
+def combine_jsd(from_p: Estimate, from_q: Estimate, beta: float) -> Estimate:
+    """β·KL(p‖M) + (1−β)·KL(q‖M) from two independent estimates; SEs add in quadrature."""
+    mean = beta * from_p.mean + (1.0 - beta) * from_q.mean
+    se = math.sqrt((beta * from_p.se) ** 2 + ((1.0 - beta) * from_q.se) ** 2)
+    return Estimate(mean, se, from_p.n + from_q.n)
+
+
+def sequence_jsd(
+    p: NextTokenModel, q: NextTokenModel, prompts_p: object, samples_p: Tensor, prompts_q: object,
+    samples_q: Tensor, *, eos_id: int, beta: float = 0.5, per_token: bool = False,
+) -> Estimate:
+    """Sequence-level generalized JSD(β) = β·KL(p‖M) + (1−β)·KL(q‖M), M = β·p + (1−β)·q over whole
+    responses, from samples of both models (β in (0, 1); the endpoints are the KLs, use sequence_kl)."""
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"sequence_jsd needs beta in (0, 1), got {beta}; use sequence_kl for the endpoints")
+    estimates = []
+    for own, other, prompts, samples, weight in ((p, q, prompts_p, samples_p, beta), (q, p, prompts_q, samples_q, 1.0 - beta)):
+        mask = response_mask(samples, eos_id)
+        with torch.no_grad():
+            values = jsd_values(own.next_token_logprobs(prompts, samples), other.next_token_logprobs(prompts, samples),
+                                samples, mask, own_weight=weight, per_token=per_token)
+        estimates.append(Estimate.of(values))
+    return combine_jsd(estimates[0], estimates[1], beta)
