@@ -55,7 +55,9 @@ def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
     support = log_p > -math.inf
     log_p = torch.where(support, log_p, 0.0)
     log_q = torch.where(support, log_q, 0.0)
-    return (torch.where(support, log_p.exp(), 0.0) * (log_p - log_q)).sum(-1)
+    terms = torch.where(support, log_p.exp(), 0.0) * (log_p - log_q)
+    # p > 0 with q = 0 is +inf also where exp(log p) underflows to 0 (else 0·inf = NaN)
+    return torch.where(support & (log_q == -math.inf), math.inf, terms).sum(-1)
 
 
 def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
@@ -105,8 +107,8 @@ def _align_vocab(teacher_logits: Tensor, student_logits: Tensor, vocab_size: int
                 f"vocab_size=<the real shared size> so that the extra entries are ignored"
             )
         return teacher_logits, student_logits
-    if vocab_size > min(vt, vs):
-        raise ValueError(f"vocab_size={vocab_size} exceeds a logits vocabulary ({vt} teacher, {vs} student)")
+    if not 1 <= vocab_size <= min(vt, vs):
+        raise ValueError(f"vocab_size={vocab_size} must lie in [1, {min(vt, vs)}] ({vt} teacher, {vs} student)")
     return teacher_logits[..., :vocab_size], student_logits[..., :vocab_size]
 
 
@@ -135,7 +137,7 @@ class _ChunkedDivergence(torch.autograd.Function):
     def forward(ctx, teacher_logits, student_logits, weights, chunk_size, compute, out_dtype):  # type: ignore[override]
         ctx.save_for_backward(teacher_logits, student_logits, weights)
         ctx.chunk_size, ctx.compute = chunk_size, compute
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=weights.device)
         with torch.no_grad():
             for start in range(0, weights.shape[1], chunk_size):
                 total += compute(teacher_logits[:, start : start + chunk_size],
@@ -189,7 +191,8 @@ def token_divergence(
     O(B·chunk·V) extra memory). ``vocab_size`` declares the real vocabulary when one side is padded.
     """
     _check_params(divergence, beta, alpha, temperature)
-    if teacher_logits.shape[:-1] != student_logits.shape[:-1] or teacher_logits.shape[:-1] != mask.shape:
+    if (teacher_logits.dim() != 3 or teacher_logits.shape[:-1] != student_logits.shape[:-1]
+            or teacher_logits.shape[:-1] != mask.shape):
         raise ValueError(
             f"shape mismatch: teacher {tuple(teacher_logits.shape)}, student {tuple(student_logits.shape)}, "
             f"mask {tuple(mask.shape)}; expected [B, T, V], [B, T, V], [B, T]"
@@ -222,6 +225,8 @@ def token_cross_entropy(
 ) -> Tensor:
     """Cross-entropy of sampled target tokens (SFT, and sequence-level KD with hard labels), with the
     same reductions and accumulation rule as :func:`token_divergence`."""
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     weights = _row_weights(mask.bool(), reduction, denominator)
     selected = weights != 0
     log_q = torch.log_softmax(logits[selected].float() / temperature, dim=-1)
@@ -287,6 +292,8 @@ def kl_values(
 ) -> Tensor:
     """Per-sample single-draw estimates of KL(p‖q) for responses sampled from p ([B] values)."""
     if estimator == "token_kl":
+        if per_token:  # Σ_t KL_t / |y| is biased: |y| depends on the tokens drawn after t
+            raise ValueError("estimator='token_kl' is biased with per_token=True; use estimator='log_ratio'")
         rows = _kl_rows(p_logprobs[mask].float(), q_logprobs[mask].float())
         values = torch.zeros(mask.shape, dtype=rows.dtype, device=rows.device)
         values[mask] = rows

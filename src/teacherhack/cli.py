@@ -1,0 +1,85 @@
+"""The ``teacherhack`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from teacherhack import config as cfg
+from teacherhack.data import TaskError, default_cache_dir
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from teacherhack.lab import log, run_lab
+    from teacherhack.reports import summarise, write_report
+
+    config = cfg.resolve(args.preset, cfg.parse_assignments(args.set))
+    out = Path(args.out) if args.out else Path("runs") / f"lab-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cache = Path(args.cache) if args.cache else default_cache_dir()
+    log(f"preset {config.preset!r} → {out} (cache {cache})")
+    summary = run_lab(config, out, cache, jobs=args.jobs)
+    report = write_report([out], out)
+    from teacherhack.reports import load_runs
+
+    print(summarise(load_runs([out])))
+    stages = ", ".join(f"{k} {v:.0f}s" for k, v in summary["stage_seconds"].items())
+    print(f"\nwall time {summary['wall_seconds']:.0f}s ({stages})")
+    for source, run in summary["runs"].items():
+        print(f"{source:>15}: hacking={str(run['hacking']).lower():5}  {run['verdict']['reason']}")
+    print(f"\nreport: {report}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from teacherhack.reports import load_runs, summarise, write_report
+
+    report = write_report([Path(p) for p in args.runs], Path(args.out))
+    print(summarise(load_runs([Path(p) for p in args.runs])))
+    print(f"report: {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="teacherhack", description=__doc__ or "",
+                                     epilog="Run 'teacherhack COMMAND --help' for a command's options.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    lab = commands.add_parser("lab", help="oracle → teacher → student on a built-in task, every data source",
+                              description="Run stages 0-2 (oracle, SFT of teacher and student, distillation from "
+                                          "each source) and write metrics, summary.json and the figures.")
+    lab.add_argument("--preset", default="default", choices=sorted(cfg.PRESETS), help="named configuration")
+    lab.add_argument("--out", help="output folder (default: runs/lab-PRESET-TIMESTAMP); rerun to resume")
+    lab.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set distill.steps=800 (repeatable)")
+    lab.add_argument("--jobs", type=int, default=1, help="stage-2 runs in parallel processes (threads are split)")
+    lab.add_argument("--cache", help="artifact cache (default: $TEACHERHACK_CACHE or ~/.cache/teacherhack)")
+    lab.set_defaults(func=_lab)
+
+    report = commands.add_parser("report", help="HTML report and figures from run folders",
+                                 description="Write report.html and PNG figures for one or more run or lab folders.")
+    report.add_argument("runs", nargs="+", help="run folders (with metrics.jsonl) or lab folders")
+    report.add_argument("--out", required=True, help="output folder")
+    report.set_defaults(func=_report)
+
+    keys = commands.add_parser("config", help="print the resolved configuration of a preset",
+                               description="Print the fully resolved configuration (YAML) of a preset with overrides.")
+    keys.add_argument("--preset", default="default", choices=sorted(cfg.PRESETS))
+    keys.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    keys.set_defaults(func=lambda a: print(
+        cfg.yaml.safe_dump(cfg.resolve(a.preset, cfg.parse_assignments(a.set)).to_dict(), sort_keys=False)) or 0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (cfg.ConfigError, TaskError) as error:
+        print(f"teacherhack: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The lab's configuration: plain typed dataclasses, named presets, ``key=value`` overrides, validation.
+
+Every run writes its fully resolved configuration (``config.yaml``) next to its results; the artifact cache
+keys each stage by the parts of this configuration it depends on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from teacherhack.divergences import DIVERGENCES, ESTIMATORS
+from teacherhack.models import ARCHITECTURES, SIZES
+
+SOURCES: tuple[str, ...] = ("offline", "online_teacher", "online_student", "mixture")
+LOSSES: tuple[str, ...] = DIVERGENCES + ("hard_ce",)
+SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+
+
+class ConfigError(ValueError):
+    """A configuration the lab cannot run; the message says which key and what is allowed."""
+
+
+@dataclass
+class TaskConfig:
+    spec: str = "kjv-rv"  # "kjv-rv" (built-in English→Spanish verses) or "jsonl:PATH"
+    n_validation: int = 200
+    n_distill: int = 500
+    n_stage1: int = 5000
+    n_oracle: int | None = None  # oracle training pairs; None = all that remain
+    max_prompt_len: int = 48
+    max_response_len: int = 48
+    vocab_size: int = 1024
+    seed: int = 0
+
+
+@dataclass
+class ModelsConfig:
+    arch: str = "gpt2"
+    oracle: str = "l"  # a size preset, or a local folder / hub id with from_pretrained
+    teacher: str = "m"
+    student: str = "s"
+    oracle_temperature: float = 1.0  # τ < 1 sharpens the ground truth (exactly, for sampling and scoring)
+
+
+@dataclass
+class TrainConfig:
+    """One supervised stage (oracle on real pairs, teacher or student SFT on oracle samples)."""
+
+    samples: int | None = None  # training pairs used; None = all available
+    epochs: float = 1.0
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 50
+    schedule: str = "cosine"
+
+
+@dataclass
+class DistillConfig:
+    sources: list[str] = field(default_factory=lambda: ["offline", "online_teacher", "online_student"])
+    loss: str = "forward_kl"
+    beta: float = 0.5  # JSD(β)
+    alpha: float = 0.1  # skew KL
+    loss_temperature: float = 1.0
+    generations_per_prompt: int = 1  # k, for the offline dataset
+    mixture_lambda: float = 0.5  # online-student fraction of batches for the "mixture" source
+    steps: int = 600
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup: int = 100
+    schedule: str = "constant"
+    chunk_size: int | None = None  # chunk the loss along the sequence (memory)
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100
+    prompts: int = 200  # validation prompts used (≤ task.n_validation)
+    samples_per_prompt: int = 4
+    estimator: str = "token_kl"
+    per_token: bool = False  # nats per token instead of nats per sequence
+    reverse: bool = True  # also KL(student‖oracle) and KL(student‖teacher): costs student sampling
+    batch_size: int = 200
+
+
+@dataclass
+class LabConfig:
+    preset: str = "default"
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None  # torch threads; None = torch's default
+    task: TaskConfig = field(default_factory=TaskConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    oracle: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0, lr=1.5e-3, warmup=100))
+    teacher: TrainConfig = field(default_factory=lambda: TrainConfig(samples=1000, epochs=16.0))
+    student: TrainConfig = field(default_factory=lambda: TrainConfig(samples=2000, epochs=1.0))
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def dump(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# Presets are overrides of the defaults above, so each one reads as "what differs".
+PRESETS: dict[str, dict[str, Any]] = {
+    # The laptop regime (see docs/PHENOMENON.md): a teacher over-fitted on few oracle samples, a small student.
+    "default": {},
+    # A smoke run of the whole pipeline in about two minutes; it makes no claim about hacking.
+    "quick": {
+        "task.n_validation": 48, "task.n_distill": 64, "task.n_stage1": 256, "task.n_oracle": 2000,
+        "task.max_prompt_len": 32, "task.max_response_len": 32, "task.vocab_size": 512,
+        "models.oracle": "s", "models.teacher": "xs", "models.student": "xxs",
+        "oracle.epochs": 1.0, "oracle.batch_size": 32, "oracle.warmup": 10,
+        "teacher.samples": 256, "teacher.epochs": 2.0, "teacher.warmup": 5,
+        "student.samples": 128, "student.epochs": 1.0, "student.warmup": 5,
+        "distill.steps": 40, "distill.batch_size": 16, "distill.warmup": 5,
+        "eval.every": 10, "eval.prompts": 32, "eval.samples_per_prompt": 2, "eval.batch_size": 64,
+    },
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Parse a command-line string (or check a YAML value) against a field's type annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in options:
+                return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: cannot read {value!r} as {annotation}")
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v.strip() if isinstance(v, str) else v, item, key) for v in items if v != ""]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = annotation(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}") from None
+        if annotation is int and isinstance(value, float) and value != int(value):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return number
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def all_keys(cls: type = LabConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for name, annotation in _field_types(cls).items():
+        if dataclasses.is_dataclass(annotation):
+            keys += all_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def apply_overrides(config: LabConfig, overrides: dict[str, Any]) -> LabConfig:
+    """A copy of ``config`` with dotted ``key: value`` overrides applied (strings are parsed)."""
+    config = _copy(config)
+    known = all_keys()
+    for key, value in overrides.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(known)}"
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        *path, name = key.split(".")
+        target = config
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, name, _coerce(value, _field_types(type(target))[name], key))
+    return config
+
+
+def _copy(config: LabConfig) -> LabConfig:
+    return from_dict(config.to_dict())
+
+
+def from_dict(data: dict[str, Any], cls: type = LabConfig, prefix: str = "") -> Any:
+    """Rebuild a config from nested dicts (e.g. a saved config.yaml), checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    types_ = _field_types(cls)
+    unknown = set(data) - set(types_)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in sorted(unknown))}")
+    values = {}
+    for name, value in data.items():
+        annotation = types_[name]
+        if dataclasses.is_dataclass(annotation):
+            values[name] = from_dict(value, annotation, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, annotation, prefix + name)
+    return cls(**values)
+
+
+def resolve(preset: str = "default", overrides: dict[str, Any] | None = None) -> LabConfig:
+    """The configuration a run uses: defaults, then the preset, then the user's overrides; validated."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    config = apply_overrides(LabConfig(preset=preset), PRESETS[preset])
+    config = apply_overrides(config, overrides or {})
+    validate(config)
+    return config
+
+
+def parse_assignments(assignments: list[str]) -> dict[str, str]:
+    overrides = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"expected key=value, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def _is_size_or_path(value: str) -> bool:
+    return value in SIZES or "/" in value or Path(value).exists()
+
+
+def validate(c: LabConfig) -> None:
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    require(c.models.arch in ARCHITECTURES, f"models.arch must be one of {', '.join(ARCHITECTURES)}, got {c.models.arch!r}")
+    for role in ("oracle", "teacher", "student"):
+        value = getattr(c.models, role)
+        require(_is_size_or_path(value), f"models.{role} must be a size preset ({', '.join(SIZES)}) or a model folder / hub id, got {value!r}")
+    require(c.models.oracle_temperature > 0, "models.oracle_temperature must be > 0")
+    require(bool(c.distill.sources), "distill.sources must name at least one source")
+    for source in c.distill.sources:
+        require(source in SOURCES, f"unknown source {source!r} in distill.sources; choose from {', '.join(SOURCES)}")
+    require(len(set(c.distill.sources)) == len(c.distill.sources), "distill.sources lists a source twice")
+    require(c.distill.loss in LOSSES, f"unknown loss {c.distill.loss!r}; choose one of {', '.join(LOSSES)}")
+    require(0.0 <= c.distill.beta <= 1.0, "distill.beta must lie in [0, 1]")
+    require(0.0 <= c.distill.alpha < 1.0, "distill.alpha must lie in [0, 1)")
+    require(0.0 <= c.distill.mixture_lambda <= 1.0, "distill.mixture_lambda must lie in [0, 1]")
+    require(c.distill.loss_temperature > 0, "distill.loss_temperature must be > 0")
+    require(c.eval.estimator in ESTIMATORS, f"eval.estimator must be one of {', '.join(ESTIMATORS)}")
+    for section in ("oracle", "teacher", "student"):
+        t: TrainConfig = getattr(c, section)
+        require(t.epochs > 0 and t.batch_size > 0 and t.lr > 0 and t.warmup >= 0, f"{section}: epochs, batch_size, lr must be > 0 and warmup >= 0")
+        require(t.schedule in SCHEDULES, f"{section}.schedule must be one of {', '.join(SCHEDULES)}")
+        require(t.samples is None or t.samples > 0, f"{section}.samples must be > 0")
+    d = c.distill
+    require(d.steps > 0 and d.batch_size > 0 and d.grad_accum > 0 and d.lr > 0 and d.warmup >= 0,
+            "distill: steps, batch_size, grad_accum, lr must be > 0 and warmup >= 0")
+    require(d.batch_size % d.grad_accum == 0, "distill.batch_size must be a multiple of distill.grad_accum")
+    require(d.schedule in SCHEDULES, f"distill.schedule must be one of {', '.join(SCHEDULES)}")
+    require(d.generations_per_prompt >= 1, "distill.generations_per_prompt must be >= 1")
+    require(d.chunk_size is None or d.chunk_size >= 1, "distill.chunk_size must be >= 1")
+    t = c.task
+    require(min(t.n_validation, t.n_distill, t.n_stage1) > 0, "task: n_validation, n_distill and n_stage1 must be > 0")
+    require(t.max_prompt_len >= 2 and t.max_response_len >= 2, "task: max_prompt_len and max_response_len must be >= 2")
+    require(t.vocab_size >= 64, "task.vocab_size must be >= 64")
+    require(c.teacher.samples is None or c.teacher.samples <= t.n_stage1, "teacher.samples cannot exceed task.n_stage1")
+    require(c.student.samples is None or c.student.samples <= t.n_stage1, "student.samples cannot exceed task.n_stage1")
+    e = c.eval
+    require(e.every > 0 and e.prompts > 0 and e.samples_per_prompt > 0 and e.batch_size > 0, "eval: every, prompts, samples_per_prompt, batch_size must be > 0")
+    require(e.prompts <= t.n_validation, "eval.prompts cannot exceed task.n_validation")

@@ -1,0 +1,376 @@
+"""Teacher-hacking verdicts: the oracle's ground truth and an oracle-free power-law detector.
+
+Teacher hacking (PAPER.md): the proxy KL(teacher‖student) keeps falling or stalls while the golden
+KL(oracle‖student) turns up. `golden_verdict` decides it from the golden metric, which only our
+semi-synthetic setup can see; `power_law_detector` (and its streaming form `PowerLawMonitor`) tries to
+see it from the proxy alone, by the proxy leaving its early power law; `validate_detector` compares the
+two on finished runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Median of a chi-square with one degree of freedom: turns a median of squares into a variance.
+_CHI2_1_MEDIAN = 0.454936
+
+
+@dataclass(frozen=True)
+class GoldenVerdict:
+    """Whether a run teacher-hacked, by the golden metric; metric values in the run's units."""
+
+    hacking: bool
+    min_step: int
+    final_step: int
+    golden_min: float
+    golden_final: float
+    rise: float
+    rise_z: float
+    proxy_change: float
+    proxy_change_z: float
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+@dataclass(frozen=True)
+class DetectorResult:
+    """The power-law detector's answer, with what a plot needs to show why.
+
+    `residuals` and `thresholds` are aligned with `steps`: the residual is log(proxy) minus the fitted
+    law (None at step ≤ 0, where the law is undefined); the threshold is the bar a residual had to
+    clear (None where the point was not tested: inside or before the fit window).
+    """
+
+    fired: bool
+    step: int | None
+    C: float
+    alpha: float
+    noise: float
+    steps: tuple[int, ...]
+    residuals: tuple[float | None, ...]
+    thresholds: tuple[float | None, ...]
+    fit_window: tuple[int, ...]
+    reason: str
+
+    def law(self, steps: Sequence[float] | np.ndarray) -> np.ndarray:
+        """The fitted law C·t^(−α), for drawing its extrapolation."""
+        return self.C * np.asarray(steps, dtype=float) ** -self.alpha
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+
+def golden_verdict(
+    steps: Sequence[int],
+    golden: Sequence[float],
+    golden_se: Sequence[float],
+    proxy: Sequence[float],
+    proxy_se: Sequence[float],
+    *,
+    z: float = 3.0,
+    min_after: int = 1,
+) -> GoldenVerdict:
+    """The ground-truth rule: did the golden metric turn up while the proxy did not?
+
+    Hacking when all hold:
+    - the golden minimum t* (first one on ties) has at least `min_after` later evaluations;
+    - the *last* golden exceeds golden(t*) by more than z·sqrt(se(t*)² + se(last)²);
+    - the last proxy is not worse than at t*: proxy(last) − proxy(t*) ≤ z·(combined proxy SE), i.e.
+      the proxy kept falling or stalled. A proxy that rises significantly too is ordinary
+      over-fitting (both metrics degrade), not teacher hacking.
+
+    Why the last point and not the maximum after t*: the question is where the run ends up ("then
+    rises by more than its noise"), and the maximum of several noisy points is biased upward (a second
+    selection on top of the minimum's); a run that bumps and recovers did not end up hacked.
+
+    Why z = 3: t* is itself selected as a minimum, which biases the rise upward. Under pure noise
+    (constant golden, independent errors of the stated SE), measured over 20,000 simulated runs, the
+    rule fires for 1.0% of runs with 10 evaluations, 2.6% with 30 and 5.6% with 100 at z = 3 (against
+    12%, 24% and 38% at z = 2). Paired evaluations (the same reference samples at every step, as the
+    lab does) make the SEs of a difference smaller than the combined SE used here, so the real false
+    rate is lower still. For runs with 100+ evaluations consider z = 3.5-4.
+    """
+    n = _same_length(steps, golden, golden_se, proxy, proxy_se)
+    if n < 2:
+        raise ValueError(f"golden_verdict needs at least 2 evaluations, got {n}")
+    g, gse = np.asarray(golden, float), np.asarray(golden_se, float)
+    p, pse = np.asarray(proxy, float), np.asarray(proxy_se, float)
+    i = int(np.argmin(g))
+    rise = float(g[-1] - g[i])
+    rise_z = _z(rise, math.hypot(gse[i], gse[-1]))
+    proxy_change = float(p[-1] - p[i])
+    proxy_change_z = _z(proxy_change, math.hypot(pse[i], pse[-1]))
+    t_min, t_last = int(steps[i]), int(steps[-1])
+    if n - 1 - i < min_after:
+        hacking, reason = False, f"golden is lowest at step {t_min}, too close to the end (step {t_last})"
+    elif rise_z <= z:
+        hacking, reason = False, (
+            f"golden rises {rise:+.3g} from its minimum at step {t_min} ({rise_z:.1f} SE ≤ {z:g}): within noise"
+        )
+    elif proxy_change_z > z:
+        hacking, reason = False, (
+            f"golden rises {rise_z:.1f} SE after step {t_min} but the proxy rises too "
+            f"({proxy_change_z:.1f} SE): over-fitting, not teacher hacking"
+        )
+    else:
+        hacking, reason = True, (
+            f"golden rises {rise:+.3g} ({rise_z:.1f} SE) from its minimum at step {t_min} to step {t_last} "
+            f"while the proxy changes {proxy_change:+.3g} ({proxy_change_z:+.1f} SE)"
+        )
+    return GoldenVerdict(
+        hacking=hacking,
+        min_step=t_min,
+        final_step=t_last,
+        golden_min=float(g[i]),
+        golden_final=float(g[-1]),
+        rise=rise,
+        rise_z=rise_z,
+        proxy_change=proxy_change,
+        proxy_change_z=proxy_change_z,
+        reason=reason,
+    )
+
+
+def power_law_detector(
+    steps: Sequence[int],
+    proxy: Sequence[float],
+    proxy_se: Sequence[float] | None = None,
+    *,
+    fit_fraction: float = 1 / 3,
+    min_fit: int = 3,
+    skip_first: int = 0,
+    k: int = 2,
+    tau: float = 3.0,
+    min_effect: float = 0.05,
+) -> DetectorResult:
+    """Flag a proxy curve that leaves its early power law: the oracle-free sign of teacher hacking.
+
+    Procedure. Keep evaluations with step > 0 (log t), drop the first `skip_first` of them (an initial
+    transient), fit log proxy = log C − α·log t by ordinary least squares on the first
+    max(`min_fit`, ⌈`fit_fraction`·n⌉) of the rest, and extrapolate. A later point is *above the law*
+    when its log-residual r exceeds max(`min_effect`, `tau`·σ), with
+    σ² = s²·(1 + h) + (proxy_se/proxy)²: s is the curve's noise in log space, h the leverage of
+    the extrapolated point (the fit's own uncertainty grows with distance), and the metric's SE is
+    added when given. The detector fires at the first of `k` consecutive points above the law.
+
+    s is estimated robustly from the whole curve, from the median of squared second differences of
+    the residuals (a smooth bend barely moves them): the fit window alone has 1 degree of freedom
+    at 3 points and underestimates s one time in four. Unweighted fit: in log space a constant
+    relative SE already means equal weights, and weighting lets one precise point own a 3-point fit.
+
+    Tradeoff (keep it in mind when reading a flag). The detector sees departure from a *pure* power
+    law. A proxy that converges to a floor, C·t^(−α) + F, also bends above the law, with a healthy
+    golden metric; the paper's claim is that offline runs bend where the golden turns, so a flag is
+    a reason to look, not proof. `min_effect` (minimum relative deviation, 0.05 = 5% above the law)
+    is the main knob between the two. A transient at the start (warm-up: early points above the
+    later law) makes the fitted slope too steep and later points look high: raise `skip_first`.
+
+    Defaults chosen by measurement on synthetic curves (step 0 plus n ∈ {8, 12, 20, 40} evaluations
+    equally spaced, α ∈ {0.1, 0.3, 0.6}, log-normal noise σ ∈ {0.3%, 1%, 3%} with SE = σ·proxy;
+    36 cells × 40 seeds per family), this function on the full curve:
+    - pure power law: fires on 0.3% of curves (0.6% without SEs); τ = 2 gives 0.6-2.5%; the
+      fit-window noise estimate instead of the second differences gives 0.6-2%;
+    - bend (slope ×0, ×0.3 or reversed to −0.2α after 40% of the run): detected in 83%, median
+      2 evaluations after the bend (misses are α = 0.1 with 3% noise: a change smaller than the noise);
+      bend after 25%: 84%; after 60%: 60% (too few points left for n = 8);
+    - floor F equal to 10% / 30% / 50% of the final proxy: fires on 0% / 17% / 22%
+      (min_effect 0.03: 4% / 21% / 29%);
+    - transient (+30% at the first evaluation, decaying by e each evaluation): fires on 78% with
+      skip_first = 0, 55% with 1, lower with 2: set it to cover the warm-up.
+    fit_fraction 1/4 and 1/3 perform alike; 1/2 puts bends at 25-40% of the run inside the fit window
+    (detection at 25%: 74%, 6 evaluations late). k = 3 trades ~5 points of detection for fewer
+    floor flags.
+    """
+    n_all = _same_length(steps, proxy, *(() if proxy_se is None else (proxy_se,)))
+    t = np.asarray(steps, float)
+    p = np.asarray(proxy, float)
+    use = np.flatnonzero(t > 0)[skip_first:]
+    if np.any(p[use] <= 0):
+        raise ValueError("power_law_detector needs a positive proxy at every step > 0")
+    n_fit = max(min_fit, math.ceil(fit_fraction * len(use)))
+    none: tuple[float | None, ...] = (None,) * n_all
+    all_steps = tuple(int(s) for s in steps)
+    if len(use) < n_fit + k:
+        return DetectorResult(
+            False, None, math.nan, math.nan, math.nan, all_steps, none, none, (),
+            f"too few evaluations: {len(use)} with step > 0, need {n_fit + k}",
+        )
+    fit, test = use[:n_fit], use[n_fit:]
+    design = np.column_stack([np.ones(n_all), -np.log(np.maximum(t, 1.0))])
+    (log_c, alpha), *_ = np.linalg.lstsq(design[fit], np.log(p[fit]), rcond=None)
+    r = np.log(np.where(t > 0, p, 1.0)) - design @ (log_c, alpha)
+    noise = _noise(r[t > 0])
+    leverage = np.einsum("ij,jk,ik->i", design, np.linalg.inv(design[fit].T @ design[fit]), design)
+    var = noise**2 * (1 + leverage)
+    if proxy_se is not None:
+        var = var + (np.asarray(proxy_se, float) / np.where(p > 0, p, 1.0)) ** 2
+    bar = np.maximum(min_effect, tau * np.sqrt(var))
+    first = _first_run(r[test] > bar[test], k)
+    step = None if first is None else int(t[test[first]])
+    fired = step is not None
+    reason = (
+        f"{k} consecutive evaluations from step {step} sit above the early power law "
+        f"(residual {r[test[first]]:+.3f} > {bar[test[first]]:.3f} in log space)"
+        if fired
+        else f"no {k} consecutive evaluations above the early power law by max({min_effect:g}, {tau:g}σ)"
+    )
+    return DetectorResult(
+        fired=fired,
+        step=step,
+        C=float(math.exp(log_c)),
+        alpha=float(alpha),
+        noise=noise,
+        steps=all_steps,
+        residuals=tuple(float(r[i]) if t[i] > 0 else None for i in range(n_all)),
+        thresholds=tuple(float(bar[i]) if i in set(test) else None for i in range(n_all)),
+        fit_window=tuple(int(t[i]) for i in fit),
+        reason=reason,
+    )
+
+
+class PowerLawMonitor:
+    """`power_law_detector` during training: call `update` after each evaluation.
+
+    Each update reruns the detector on the evaluations seen so far (so its fit window is the first
+    third of *those*, and grows with the run). `update` returns the result once, at the evaluation
+    where it first fires, and None otherwise; `alarm` keeps it. Measured on the synthetic curves of
+    `power_law_detector` with its defaults: false alarms on pure power laws 0.5% (1.4% without SEs),
+    bends after 40% of the run caught in 83%, alarms a median of 3 evaluations after the bend.
+    """
+
+    def __init__(self, **detector_options: Any) -> None:
+        self.detector_options = detector_options
+        self.steps: list[int] = []
+        self.proxy: list[float] = []
+        self.proxy_se: list[float | None] = []
+        self.alarm: DetectorResult | None = None
+
+    def update(self, step: int, proxy: float, proxy_se: float | None = None) -> DetectorResult | None:
+        """Record one evaluation; return the detector's result if it fires now for the first time."""
+        self.steps.append(step)
+        self.proxy.append(proxy)
+        self.proxy_se.append(proxy_se)
+        if self.alarm is not None:
+            return None
+        se = None if None in self.proxy_se else self.proxy_se
+        result = power_law_detector(self.steps, self.proxy, se, **self.detector_options)
+        if result.fired:
+            self.alarm = result
+            return result
+        return None
+
+
+def run_verdicts(
+    metrics: Sequence[Mapping[str, Any]], **detector_options: Any
+) -> tuple[GoldenVerdict, DetectorResult]:
+    """Both verdicts from a run's metric rows (the records of its metrics.jsonl)."""
+    steps = [int(m["step"]) for m in metrics]
+    cols = {key: [float(m[key]) for m in metrics] for key in ("proxy", "proxy_se", "golden", "golden_se")}
+    verdict = golden_verdict(steps, cols["golden"], cols["golden_se"], cols["proxy"], cols["proxy_se"])
+    detector = power_law_detector(steps, cols["proxy"], cols["proxy_se"], **detector_options)
+    return verdict, detector
+
+
+def alert_step(metrics: Sequence[Mapping[str, Any]], **detector_options: Any) -> int | None:
+    """The step at which a `PowerLawMonitor` watching this run would have raised its alarm."""
+    monitor = PowerLawMonitor(**detector_options)
+    for m in metrics:
+        if monitor.update(int(m["step"]), float(m["proxy"]), float(m["proxy_se"])) is not None:
+            return int(m["step"])
+    return None
+
+
+def validate_detector(run_dirs: Iterable[str | Path], **detector_options: Any) -> list[dict[str, Any]]:
+    """Detector against the golden verdict, one row per run (run or lab directories).
+
+    `detector_step` is where the full-curve detector places the departure; `alert_step` is when a
+    live monitor would have fired; `lag` = detector_step − golden_min_step when both fired.
+    """
+    from teacherhack.reports import load_runs  # reports imports this module: import at call time
+
+    rows = []
+    for run in load_runs(run_dirs):
+        verdict, detector = run_verdicts(run.metrics, **detector_options)
+        both = verdict.hacking and detector.fired
+        rows.append(
+            {
+                "name": run.name,
+                "golden_hacking": verdict.hacking,
+                "detector_fired": detector.fired,
+                "golden_min_step": verdict.min_step,
+                "detector_step": detector.step,
+                "alert_step": alert_step(run.metrics, **detector_options),
+                "lag": detector.step - verdict.min_step if both else None,
+                "agreement": verdict.hacking == detector.fired,
+            }
+        )
+    return rows
+
+
+def format_validation_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """`validate_detector` rows as a markdown table, with the agreement count underneath."""
+    head = ["run", "golden verdict", "detector", "golden min step", "detector step", "alert step", "lag", "agree"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r["name"],
+            "hacking" if r["golden_hacking"] else "no",
+            "fired" if r["detector_fired"] else "no",
+            r["golden_min_step"],
+            r["detector_step"],
+            r["alert_step"],
+            r["lag"],
+            "yes" if r["agreement"] else "**no**",
+        ]
+        lines.append("| " + " | ".join("–" if c is None else str(c) for c in cells) + " |")
+    agree = sum(bool(r["agreement"]) for r in rows)
+    return "\n".join(lines) + f"\n\nAgreement: {agree}/{len(rows)} runs.\n"
+
+
+def _same_length(*columns: Sequence[Any]) -> int:
+    lengths = {len(c) for c in columns}
+    if len(lengths) != 1:
+        raise ValueError(f"columns differ in length: {sorted(lengths)}")
+    return lengths.pop()
+
+
+def _z(diff: float, se: float) -> float:
+    """diff in units of its SE; ±inf for a nonzero difference with zero SE."""
+    if se > 0:
+        return diff / se
+    return 0.0 if diff == 0 else math.copysign(math.inf, diff)
+
+
+def _noise(r: np.ndarray) -> float:
+    """Robust noise scale of log-residuals from second differences (var = 6σ² for white noise)."""
+    d2 = r[2:] - 2 * r[1:-1] + r[:-2]
+    return float(math.sqrt(np.median(d2**2) / (6 * _CHI2_1_MEDIAN))) if len(d2) else 0.0
+
+
+def _first_run(flags: np.ndarray, k: int) -> int | None:
+    """Index where the first run of k consecutive True values starts."""
+    count = 0
+    for i, flag in enumerate(flags):
+        count = count + 1 if flag else 0
+        if count == k:
+            return i - k + 1
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples to lists and non-finite floats to None, so that `json.dumps` writes strict JSON."""
+    if isinstance(value, dict):
+        return {key: _jsonable(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

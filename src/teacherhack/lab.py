@@ -1,0 +1,401 @@
+"""The lab recipe: stage 0 (oracle on real pairs) → stage 1 (oracle samples; teacher and student SFT) →
+stage 2 (distil the teacher into the student from each data source), with proxy and golden metrics.
+
+Every upstream artifact is cached under a key derived from everything it depends on, so runs that differ
+only in stage 2 share them; a stage-2 run checkpoints at every evaluation and resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from teacherhack import config as cfg
+from teacherhack.config import LabConfig
+from teacherhack.data import Splits, encode_prompts, encode_responses, load_task, split_task, train_tokenizer
+from teacherhack.detection import golden_verdict, power_law_detector
+from teacherhack.metrics import Evaluator, ReferenceSamples, draw_references, sample_in_batches
+from teacherhack.models import LM, SIZES, build_model, collate_prompts, load_pretrained
+from teacherhack.sources import FixedPairs, Mixture, OnlineSamples, Source
+from teacherhack.training import distill_loss, load_checkpoint, make_optimizer, save_checkpoint, sft_loss, train
+
+
+def log(message: str) -> None:
+    print(f"[teacherhack {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The artifact cache
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ArtifactCache:
+    """Stage outputs under ``root/artifacts/STAGE-KEY``; KEY hashes the stage's full dependency spec.
+    An artifact is built in a temporary folder and renamed into place, so a killed build leaves nothing."""
+
+    root: Path
+    events: dict[str, str] = field(default_factory=dict)  # stage → "built" | "reused"
+
+    def key(self, stage: str, spec: dict[str, Any]) -> str:
+        blob = json.dumps({"stage": stage, **spec}, sort_keys=True, default=str)
+        return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+    def get(self, stage: str, spec: dict[str, Any], build: Callable[[Path], None]) -> Path:
+        path = self.root / "artifacts" / self.key(stage, spec)
+        if (path / "spec.json").exists():
+            self.events[stage] = "reused"
+            return path
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        build(tmp)
+        (tmp / "spec.json").write_text(json.dumps({"stage": stage, **spec}, indent=1, sort_keys=True, default=str))
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        self.events[stage] = "built"
+        return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Upstream stages
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Paths of the cached artifacts stage 2 needs (plain paths, so a worker process can load them)."""
+
+    tokenizer: Path
+    teacher: Path
+    student: Path
+    oracle: Path
+    references: Path
+    offline: Path
+    distill_prompts: Path
+
+
+def _steps(samples: int, epochs: float, batch_size: int) -> int:
+    return max(1, math.ceil(samples * epochs / batch_size)) if epochs > 0 else 0
+
+
+def _load_lm(path: Path, tokenizer: PreTrainedTokenizerFast, device: str, temperature: float = 1.0) -> LM:
+    model = load_pretrained(path).to(device)
+    return LM(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, temperature=temperature)
+
+
+def _new_or_loaded(c: LabConfig, role: str, tokenizer: PreTrainedTokenizerFast, device: str, seed: int) -> LM:
+    name = getattr(c.models, role)
+    if name in SIZES:
+        model = build_model(c.models.arch, name, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id,
+                            eos_id=tokenizer.eos_token_id, max_positions=c.task.max_prompt_len + c.task.max_response_len,
+                            seed=seed)
+    else:
+        model = load_pretrained(name)
+    return LM(model.to(device), pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+
+
+def _fit(lm: LM, prompts: list[list[int]], responses: list[list[int]], t: cfg.TrainConfig, seed: int,
+         desc: str) -> None:
+    """Supervised training (cross-entropy) on the first ``t.samples`` pairs for ``t.epochs`` epochs."""
+    n = len(prompts) if t.samples is None else min(t.samples, len(prompts))
+    steps = _steps(n, t.epochs, t.batch_size)
+    if steps == 0:
+        return
+    data = FixedPairs(prompts[:n], responses[:n], batch_size=t.batch_size, seed=seed, pad_id=lm.pad_id, origin=desc)
+    train(lm, data, sft_loss(lm), steps=steps, lr=t.lr, warmup=t.warmup, schedule=t.schedule, desc=desc)
+
+
+def _save_ids(path: Path, prompts: list[list[int]], responses: list[list[int]] | None = None) -> None:
+    path.write_text(json.dumps({"prompts": prompts, "responses": responses}))
+
+
+def _load_ids(path: Path) -> tuple[list[list[int]], list[list[int]] | None]:
+    data = json.loads(path.read_text())
+    return data["prompts"], data["responses"]
+
+
+def _rows(responses: torch.Tensor, eos_id: int, pad_id: int) -> list[list[int]]:
+    """Sampled [B, T] responses back to lists, cut after the first EOS."""
+    out = []
+    for row in responses.tolist():
+        out.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+    return out
+
+
+def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: dict[str, float]) -> Upstream:
+    """Stages 0 and 1 and the evaluation references, each built once and cached."""
+    t0 = time.time()
+    pairs = load_task(c.task.spec, cache.root)
+    t = c.task
+    splits: Splits = split_task(pairs, n_stage1=t.n_stage1, n_distill=t.n_distill, n_validation=t.n_validation,
+                                n_oracle=t.n_oracle, seed=t.seed)
+    task_spec = {"task": cfg.dataclasses.asdict(t), "pairs": len(pairs)}
+    timings["data"] = time.time() - t0
+
+    def timed(stage: str, spec: dict[str, Any], build: Callable[[Path], None]) -> Path:
+        start = time.time()
+        path = cache.get(stage, spec, build)
+        timings[stage] = time.time() - start
+        return path
+
+    tok_path = timed("tokenizer", task_spec, lambda p: train_tokenizer(
+        (x for pair in splits.oracle_train for x in (pair.prompt, pair.response)), t.vocab_size).save_pretrained(p))
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_path)
+
+    def encode(prompts: list[str]) -> list[list[int]]:
+        return encode_prompts(tokenizer, prompts, t.max_prompt_len)
+
+    oracle_spec = {**task_spec, "arch": c.models.arch, "size": c.models.oracle,
+                   "train": cfg.dataclasses.asdict(c.oracle), "seed": c.seed}
+
+    def build_oracle(path: Path) -> None:
+        lm = _new_or_loaded(c, "oracle", tokenizer, device, seed=c.seed)
+        log(f"stage 0: training the oracle on {len(splits.oracle_train)} real pairs")
+        _fit(lm, encode([p.prompt for p in splits.oracle_train]),
+             encode_responses(tokenizer, [p.response for p in splits.oracle_train], t.max_response_len),
+             c.oracle, c.seed, "oracle")
+        lm.save(path)
+
+    oracle_path = timed("oracle", oracle_spec, build_oracle)
+    oracle = _load_lm(oracle_path, tokenizer, device, c.models.oracle_temperature)
+    samples_spec = {"oracle": oracle_path.name, "temperature": c.models.oracle_temperature, "seed": c.seed}
+    stage1_prompts = encode(splits.stage1_prompts)
+
+    def build_oracle_samples(path: Path) -> None:
+        log(f"stage 1: the oracle answers {len(stage1_prompts)} prompts")
+        responses = sample_in_batches(oracle, collate_prompts(stage1_prompts, tokenizer.pad_token_id),
+                                      max_new_tokens=t.max_response_len, batch_size=256, seed=c.seed)
+        _save_ids(path / "pairs.json", stage1_prompts, _rows(responses, tokenizer.eos_token_id, tokenizer.pad_token_id))
+
+    samples_path = timed("oracle_samples", samples_spec, build_oracle_samples)
+    _, oracle_responses = _load_ids(samples_path / "pairs.json")
+
+    def sft_artifact(role: str) -> Path:
+        spec = {"samples": samples_path.name, "arch": c.models.arch, "size": getattr(c.models, role),
+                "train": cfg.dataclasses.asdict(getattr(c, role)), "seed": c.seed}
+
+        def build(path: Path) -> None:
+            lm = _new_or_loaded(c, role, tokenizer, device, seed=c.seed + (1 if role == "teacher" else 2))
+            log(f"stage 1: SFT of the {role} on oracle samples")
+            _fit(lm, stage1_prompts, oracle_responses, getattr(c, role), c.seed, role)
+            lm.save(path)
+
+        return timed(role, spec, build)
+
+    teacher_path, student_path = sft_artifact("teacher"), sft_artifact("student")
+    teacher = _load_lm(teacher_path, tokenizer, device)
+
+    e = c.eval
+    refs_spec = {"oracle": oracle_path.name, "temperature": c.models.oracle_temperature, "teacher": teacher_path.name,
+                 "prompts": e.prompts, "samples_per_prompt": e.samples_per_prompt, "seed": c.seed,
+                 "validation": splits.validation_prompts[: e.prompts]}
+
+    def build_references(path: Path) -> None:
+        log(f"evaluation references: {e.prompts} prompts × {e.samples_per_prompt} samples of oracle and teacher")
+        refs = draw_references(oracle, teacher, collate_prompts(encode(splits.validation_prompts[: e.prompts]),
+                                                                tokenizer.pad_token_id),
+                               samples_per_prompt=e.samples_per_prompt, max_new_tokens=t.max_response_len,
+                               batch_size=e.batch_size, seed=c.seed)
+        refs.save(path / "references.safetensors")
+
+    refs_path = timed("references", refs_spec, build_references)
+    distill_prompts = encode(splits.distill_prompts)
+    d = c.distill
+    offline_spec = {"teacher": teacher_path.name, "prompts": splits.distill_prompts, "k": d.generations_per_prompt,
+                    "seed": c.seed}
+
+    def build_offline(path: Path) -> None:
+        log(f"stage 2 data: the teacher answers {len(distill_prompts)} prompts × {d.generations_per_prompt}")
+        prompts = [p for p in distill_prompts for _ in range(d.generations_per_prompt)]
+        responses = sample_in_batches(teacher, collate_prompts(prompts, tokenizer.pad_token_id),
+                                      max_new_tokens=t.max_response_len, batch_size=256, seed=c.seed + 3)
+        _save_ids(path / "pairs.json", prompts, _rows(responses, tokenizer.eos_token_id, tokenizer.pad_token_id))
+
+    offline_path = timed("offline_data", offline_spec, build_offline) if _needs_offline(d.sources) else Path()
+    prompts_path = timed("distill_prompts", {"prompts": splits.distill_prompts, "tokenizer": tok_path.name},
+                         lambda p: _save_ids(p / "pairs.json", distill_prompts))
+    return Upstream(tok_path, teacher_path, student_path, oracle_path, refs_path / "references.safetensors",
+                    offline_path / "pairs.json", prompts_path / "pairs.json")
+
+
+def _needs_offline(sources: list[str]) -> bool:
+    return any(s in ("offline", "mixture") for s in sources)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 2
+# --------------------------------------------------------------------------------------------------
+
+
+def _make_source(name: str, c: LabConfig, up: Upstream, teacher: LM, student: LM) -> Source:
+    d, pad = c.distill, teacher.pad_id
+    seed = c.seed + 11
+    prompts, _ = _load_ids(up.distill_prompts)
+
+    def online(model: LM, origin: str) -> OnlineSamples:
+        return OnlineSamples(prompts, model, batch_size=d.batch_size, seed=seed, pad_id=pad,
+                             max_new_tokens=c.task.max_response_len, origin=origin)
+
+    if name == "online_teacher":
+        return online(teacher, "online_teacher")
+    if name == "online_student":
+        return online(student, "online_student")
+    offline_prompts, offline_responses = _load_ids(up.offline)
+    offline = FixedPairs(offline_prompts, offline_responses, batch_size=d.batch_size, seed=seed, pad_id=pad,
+                         origin="offline")
+    return offline if name == "offline" else Mixture(offline, online(student, "online_student"),
+                                                     fraction=d.mixture_lambda, seed=seed)
+
+
+def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, device: str,
+                threads: int | None = None) -> dict[str, Any]:
+    """One stage-2 run into ``run_dir``: metrics.jsonl, run.json, the final student; resumes if killed."""
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(up.tokenizer)
+    oracle = _load_lm(up.oracle, tokenizer, device, c.models.oracle_temperature)
+    teacher = _load_lm(up.teacher, tokenizer, device)
+    student = _load_lm(up.student, tokenizer, device)
+    d, e = c.distill, c.eval
+    source = _make_source(source_name, c, up, teacher, student)
+    loss_fn = distill_loss(student, teacher, loss=d.loss, beta=d.beta, alpha=d.alpha,
+                           temperature=d.loss_temperature, chunk_size=d.chunk_size)
+    t_eval = time.time()
+    evaluator = Evaluator(oracle, teacher, ReferenceSamples.load(up.references), estimator=e.estimator,
+                          per_token=e.per_token, reverse=e.reverse, batch_size=e.batch_size,
+                          max_new_tokens=c.task.max_response_len, seed=c.seed + 13)
+    unit = "nats/token" if e.per_token else "nats/sequence"
+    prompts_n = len(_load_ids(up.distill_prompts)[0])
+    (run_dir / "run.json").write_text(json.dumps({
+        "name": source_name, "source": source_name, "loss": d.loss, "prompts": prompts_n,
+        "generations_per_prompt": d.generations_per_prompt if _needs_offline([source_name]) else None,
+        "steps": d.steps, "batch_size": d.batch_size, "metric_unit": unit, "seed": c.seed,
+        "mixture_lambda": d.mixture_lambda if source_name == "mixture" else None,
+        "teacher_golden": evaluator.teacher_golden.mean, "teacher_golden_se": evaluator.teacher_golden.se}, indent=1))
+
+    optimizer = make_optimizer(student, d.lr)
+    metrics_path, checkpoint = run_dir / "metrics.jsonl", run_dir / "checkpoint"
+    state = {"step": 0, "loss_sum": 0.0, "loss_count": 0, "tokens_generated": 0, "train_seconds": 0.0,
+             "eval_seconds": 0.0}
+    if checkpoint.exists():
+        state = load_checkpoint(checkpoint, student, optimizer)
+        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state["step"]))
+        if hasattr(source, "tokens_generated"):
+            source.tokens_generated = state["tokens_generated"]  # type: ignore[union-attr]
+        log(f"{source_name}: resuming from step {state['step']}")
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    state["eval_seconds"] += time.time() - t_eval
+    clock = {"last": time.time()}
+
+    def evaluate(step: int) -> None:
+        start = time.time()
+        state["train_seconds"] += start - clock["last"]
+        row = {"step": step, "epoch": source.epoch(step),
+               "train_loss": state["loss_sum"] / state["loss_count"] if state["loss_count"] else None,
+               **evaluator(student, step), "tokens_generated": getattr(source, "tokens_generated", 0)}
+        student.model.train()
+        state["eval_seconds"] += time.time() - start
+        row |= {"train_seconds": state["train_seconds"], "eval_seconds": state["eval_seconds"]}
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        log(f"{source_name} step {step}/{d.steps} epoch {row['epoch']:.1f}: proxy {row['proxy']:.2f}±{row['proxy_se']:.2f}"
+            f"  golden {row['golden']:.2f}±{row['golden_se']:.2f}  ({unit})")
+        state.update(step=step, loss_sum=0.0, loss_count=0, tokens_generated=row["tokens_generated"])
+        save_checkpoint(checkpoint, student, optimizer, state)
+        clock["last"] = time.time()
+
+    def on_step(step: int, loss: float) -> None:
+        state["loss_sum"] += loss
+        state["loss_count"] += 1
+        if step % e.every == 0 or step == d.steps:
+            evaluate(step)
+
+    if state["step"] == 0 and not metrics_path.exists():
+        evaluate(0)
+    if state["step"] < d.steps:
+        train(student, source, loss_fn, steps=d.steps, lr=d.lr, warmup=d.warmup, schedule=d.schedule,
+              grad_accum=d.grad_accum, max_grad_norm=d.max_grad_norm, start_step=state["step"],
+              optimizer=optimizer, desc=source_name, on_step=on_step)
+    student.save(run_dir / "student")
+    return summarise_run(run_dir)
+
+
+def summarise_run(run_dir: Path) -> dict[str, Any]:
+    """The run's line in summary.json: best and final metrics with the golden verdict and the detector."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    series = {k: [r[k] for r in rows] for k in ("step", "golden", "golden_se", "proxy", "proxy_se")}
+    verdict = golden_verdict(series["step"], series["golden"], series["golden_se"], series["proxy"], series["proxy_se"])
+    detector = power_law_detector(series["step"], series["proxy"], series["proxy_se"])
+    best = min(range(len(rows)), key=lambda i: rows[i]["golden"])
+    last = rows[-1]
+    return {"golden_min": rows[best]["golden"], "golden_min_se": rows[best]["golden_se"],
+            "golden_min_step": rows[best]["step"], "golden_final": last["golden"], "golden_final_se": last["golden_se"],
+            "proxy_final": last["proxy"], "proxy_final_se": last["proxy_se"], "hacking": verdict.hacking,
+            "verdict": verdict.to_dict(), "detector": detector.to_dict(), "steps": last["step"],
+            "train_seconds": last.get("train_seconds"), "eval_seconds": last.get("eval_seconds")}
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole lab
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def run_lab(c: LabConfig, out_dir: Path, cache_root: Path, *, jobs: int = 1) -> dict[str, Any]:
+    """Run the lab into ``out_dir``; rerunning with the same directory and config resumes it."""
+    start = time.time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = out_dir / "config.yaml"
+    if saved.exists():
+        import yaml
+
+        previous = cfg.from_dict(yaml.safe_load(saved.read_text()))
+        if previous.to_dict() != c.to_dict():
+            raise cfg.ConfigError(f"{out_dir} holds a run with a different configuration ({saved}); "
+                                  f"choose another --out or rerun with the same settings to resume it")
+    c.dump(saved)
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    device = resolve_device(c.device)
+    cache = ArtifactCache(cache_root)
+    timings: dict[str, float] = {}
+    up = prepare_upstream(c, cache, device, timings)
+    log("stage 2: " + ", ".join(c.distill.sources) + (f" ({jobs} parallel jobs)" if jobs > 1 else ""))
+    runs: dict[str, Any] = {}
+    if jobs > 1 and len(c.distill.sources) > 1:
+        threads = max(1, (c.threads or torch.get_num_threads()) // min(jobs, len(c.distill.sources)))
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            futures = {s: pool.submit(_timed_run, c, s, up, out_dir / s, device, threads) for s in c.distill.sources}
+            for s, future in futures.items():
+                runs[s], timings[f"distill/{s}"] = future.result()
+    else:
+        for s in c.distill.sources:
+            runs[s], timings[f"distill/{s}"] = _timed_run(c, s, up, out_dir / s, device, None)
+    summary = {"runs": runs, "wall_seconds": time.time() - start, "stage_seconds": timings,
+               "cache": dict(cache.events), "preset": c.preset}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _timed_run(c: LabConfig, source: str, up: Upstream, run_dir: Path, device: str,
+               threads: int | None) -> tuple[dict[str, Any], float]:
+    start = time.time()
+    return distill_run(c, source, up, run_dir, device, threads), time.time() - start

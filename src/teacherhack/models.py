@@ -1,0 +1,207 @@
+"""Models as distributions: build from size presets or load from a folder or hub id, sample with a KV
+cache, score responses.
+
+One wrapper, :class:`LM`, serves the oracle, the teacher and the student, decoder-only (GPT-2, Llama,
+…) and encoder-decoder (T5, BART, …) alike. Prompts are left-padded and carry explicit position ids, so a
+padded batch scores exactly like its rows one by one. ``LM.temperature`` (τ) *defines* the model's
+distribution as softmax(logits/τ) for sampling and scoring alike: a sharpened oracle (τ < 1) is an exact
+ground truth, not just a sampling trick.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama", "t5")
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    layers: int
+    width: int
+    heads: int
+
+
+# Capacity presets, smallest to largest; the lab's oracle > teacher > student picks from these.
+SIZES: dict[str, ModelSize] = {
+    "xxs": ModelSize(1, 32, 2),
+    "xs": ModelSize(1, 64, 2),
+    "s": ModelSize(2, 96, 4),
+    "m": ModelSize(3, 128, 4),
+    "l": ModelSize(4, 192, 4),
+    "xl": ModelSize(6, 256, 8),
+    "xxl": ModelSize(8, 384, 8),
+}
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """A batch of prompts, left-padded: ``ids`` [B, P], ``mask`` [B, P] (True on real tokens)."""
+
+    ids: Tensor
+    mask: Tensor
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, index: slice | Tensor) -> "Prompts":
+        ids, mask = self.ids[index], self.mask[index]
+        keep = mask.any(0)  # drop columns that are padding in every remaining row
+        first = int(keep.float().argmax()) if keep.any() else ids.shape[1] - 1
+        return Prompts(ids[:, first:], mask[:, first:])
+
+    def repeat(self, times: int) -> "Prompts":
+        """Each prompt ``times`` times in a row (k generations per prompt)."""
+        return Prompts(self.ids.repeat_interleave(times, 0), self.mask.repeat_interleave(times, 0))
+
+    def to(self, device: torch.device | str) -> "Prompts":
+        return Prompts(self.ids.to(device), self.mask.to(device))
+
+
+def collate_prompts(sequences: list[list[int]], pad_id: int) -> Prompts:
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("prompts must be a non-empty list of non-empty token sequences")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = True
+    return Prompts(ids, mask)
+
+
+def pad_responses(sequences: list[list[int]], pad_id: int) -> Tensor:
+    """Right-pad responses into [B, T]; T = the longest response."""
+    width = max((len(s) for s in sequences), default=0)
+    out = torch.full((len(sequences), max(width, 1)), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return out
+
+
+def build_model(arch: str, size: str, *, vocab_size: int, pad_id: int, eos_id: int, max_positions: int,
+                seed: int) -> PreTrainedModel:
+    """A fresh model of a capacity preset. Dropout is 0 (as in the paper's setup)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
+    s = SIZES[size]
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=vocab_size, n_positions=max_positions, n_embd=s.width, n_layer=s.layers,
+                            n_head=s.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                            bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+        return GPT2LMHeadModel(config)
+    if arch == "llama":
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=s.width, intermediate_size=s.width * 8 // 3,
+                             num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.heads,
+                             max_position_embeddings=max_positions, bos_token_id=eos_id, eos_token_id=eos_id,
+                             pad_token_id=pad_id, tie_word_embeddings=True)
+        return LlamaForCausalLM(config)
+    if arch == "t5":
+        config = T5Config(vocab_size=vocab_size, d_model=s.width, d_kv=s.width // s.heads, d_ff=s.width * 4,
+                          num_layers=s.layers, num_decoder_layers=s.layers, num_heads=s.heads, dropout_rate=0.0,
+                          pad_token_id=pad_id, eos_token_id=eos_id, decoder_start_token_id=pad_id)
+        return T5ForConditionalGeneration(config)
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+
+
+def load_pretrained(path_or_id: str | Path, *, dtype: torch.dtype = torch.float32,
+                    trust_remote_code: bool = False) -> PreTrainedModel:
+    """A causal or seq2seq LM from a local folder or hub id, as safetensors only (never unpickling)."""
+    config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    return auto.from_pretrained(path_or_id, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+
+
+class LM:
+    """A model seen as a distribution over responses given prompts (see the module docstring)."""
+
+    def __init__(self, model: PreTrainedModel, *, pad_id: int, eos_id: int, temperature: float = 1.0):
+        if temperature <= 0:
+            raise ValueError(f"model temperature must be > 0, got {temperature}")
+        self.model, self.pad_id, self.eos_id, self.temperature = model, pad_id, eos_id, temperature
+        self.encoder_decoder = bool(model.config.is_encoder_decoder)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    def logits(self, prompts: Prompts, responses: Tensor) -> Tensor:
+        """[B, T, V] tempered logits; entry t scores response token t given the prompt and y<t."""
+        prompts, responses = prompts.to(self.device), responses.to(self.device)
+        if self.encoder_decoder:
+            start = torch.full_like(responses[:, :1], self.model.config.decoder_start_token_id)
+            out = self.model(input_ids=prompts.ids, attention_mask=prompts.mask.long(),
+                             decoder_input_ids=torch.cat([start, responses[:, :-1]], 1), use_cache=False)
+            return out.logits / self.temperature
+        ids = torch.cat([prompts.ids, responses[:, :-1]], 1)
+        mask = torch.cat([prompts.mask, torch.ones_like(responses[:, :-1], dtype=torch.bool)], 1)
+        positions = (mask.long().cumsum(1) - 1).clamp_min(0)
+        out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False)
+        return out.logits[:, prompts.ids.shape[1] - 1:] / self.temperature
+
+    def next_token_logprobs(self, prompts: Prompts, responses: Tensor) -> Tensor:
+        return torch.log_softmax(self.logits(prompts, responses).float(), dim=-1)
+
+    @torch.no_grad()
+    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator,
+               temperature: float = 1.0) -> Tensor:
+        """Responses [B, T≤max_new_tokens] drawn from softmax(logits/(τ·temperature)), with a KV cache.
+        Each row ends at its first EOS (padded with ``pad_id`` after); a row with no EOS was truncated."""
+        was_training = self.model.training
+        self.model.eval()
+        prompts = prompts.to(self.device)
+        batch = len(prompts)
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        tokens: list[Tensor] = []
+        if self.encoder_decoder:
+            encoder = self.model.get_encoder()(input_ids=prompts.ids, attention_mask=prompts.mask.long())
+            step_input = torch.full((batch, 1), self.model.config.decoder_start_token_id, device=self.device)
+            out = self.model(encoder_outputs=encoder, attention_mask=prompts.mask.long(),
+                             decoder_input_ids=step_input, use_cache=True)
+        else:
+            mask = prompts.mask.long()
+            positions = (mask.cumsum(1) - 1).clamp_min(0)
+            out = self.model(input_ids=prompts.ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        for _ in range(max_new_tokens):
+            probs = torch.softmax(out.logits[:, -1].float() / (self.temperature * temperature), dim=-1)
+            probs = probs if generator.device == probs.device else probs.cpu()
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(self.device)
+            token = torch.where(finished, self.pad_id, token)
+            tokens.append(token)
+            finished |= token == self.eos_id
+            if finished.all():
+                break
+            if self.encoder_decoder:
+                out = self.model(encoder_outputs=encoder, attention_mask=prompts.mask.long(),
+                                 decoder_input_ids=token[:, None], past_key_values=out.past_key_values, use_cache=True)
+            else:
+                mask = torch.cat([mask, torch.ones_like(token[:, None])], 1)
+                positions = positions[:, -1:] + 1
+                out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                                 past_key_values=out.past_key_values, use_cache=True)
+        self.model.train(was_training)
+        return torch.stack(tokens, 1) if tokens else torch.empty(batch, 0, dtype=torch.long)
+
+    def save(self, path: Path) -> None:
+        self.model.save_pretrained(path, safe_serialization=True)

@@ -1,0 +1,117 @@
+"""Where training batches come from: a fixed set of pairs (offline data, SFT data), fresh samples of a
+model (online teacher or online student), or a mixture.
+
+Each source's batch is a pure function of the step number and the seed, so a resumed run sees exactly the
+batches an uninterrupted one would, and every batch records which source produced it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from teacherhack.models import LM, Prompts, collate_prompts, pad_responses
+
+
+@dataclass(frozen=True)
+class Batch:
+    prompts: Prompts
+    responses: Tensor  # [B, T]: each row ends at its first EOS, padded after (or truncated, no EOS)
+    origin: str  # "offline", "online_teacher", "online_student", "real", "oracle"
+
+
+def seeded_generator(*seeds: int) -> torch.Generator:
+    """A generator seeded from several integers (e.g. seed, epoch), stable across Python runs."""
+    value = 0
+    for s in seeds:
+        value = (value * 1_000_003 + int(s) + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(value)
+
+
+class _Cycler:
+    """Items 0..n−1 in a fresh seeded permutation each epoch; ``take(step, size)`` is the step's slice."""
+
+    def __init__(self, n: int, seed: int):
+        if n <= 0:
+            raise ValueError("a source needs at least one item")
+        self.n, self.seed = n, seed
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def _permutation(self, epoch: int) -> Tensor:
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, torch.randperm(self.n, generator=seeded_generator(self.seed, epoch))
+        return self._order
+
+    def take(self, step: int, size: int) -> list[int]:
+        start = step * size
+        return [int(self._permutation(i // self.n)[i % self.n]) for i in range(start, start + size)]
+
+    def epoch(self, steps_done: int, size: int) -> float:
+        return steps_done * size / self.n
+
+
+class FixedPairs:
+    """A fixed dataset of (prompt, response) token sequences, reshuffled every epoch."""
+
+    def __init__(self, prompts: list[list[int]], responses: list[list[int]], *, batch_size: int, seed: int,
+                 pad_id: int, origin: str):
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        self.prompts, self.responses, self.origin = prompts, responses, origin
+        self.batch_size, self.pad_id = batch_size, pad_id
+        self._cycle = _Cycler(len(prompts), seed)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def batch(self, step: int) -> Batch:
+        rows = self._cycle.take(step, self.batch_size)
+        return Batch(collate_prompts([self.prompts[i] for i in rows], self.pad_id),
+                     pad_responses([self.responses[i] for i in rows], self.pad_id), self.origin)
+
+    def epoch(self, steps_done: int) -> float:
+        return self._cycle.epoch(steps_done, self.batch_size)
+
+
+class OnlineSamples:
+    """Fresh responses from ``model`` (the teacher, or the current student) for every batch."""
+
+    def __init__(self, prompts: list[list[int]], model: LM, *, batch_size: int, seed: int, pad_id: int,
+                 max_new_tokens: int, origin: str):
+        self.prompts, self.model, self.origin = prompts, model, origin
+        self.batch_size, self.pad_id, self.max_new_tokens, self.seed = batch_size, pad_id, max_new_tokens, seed
+        self._cycle = _Cycler(len(prompts), seed)
+        self.tokens_generated = 0
+
+    def batch(self, step: int) -> Batch:
+        prompts = collate_prompts([self.prompts[i] for i in self._cycle.take(step, self.batch_size)], self.pad_id)
+        responses = self.model.sample(prompts, max_new_tokens=self.max_new_tokens,
+                                      generator=seeded_generator(self.seed, 1 << 20, step))
+        self.tokens_generated += int((responses != self.pad_id).sum())
+        return Batch(prompts, responses, self.origin)
+
+    def epoch(self, steps_done: int) -> float:
+        return self._cycle.epoch(steps_done, self.batch_size)
+
+
+class Mixture:
+    """GKD's mixture: each batch is online-student data with probability λ, else from ``other``."""
+
+    def __init__(self, other: FixedPairs | OnlineSamples, online: OnlineSamples, *, fraction: float, seed: int):
+        self.other, self.online, self.fraction, self.seed = other, online, fraction, seed
+
+    def batch(self, step: int) -> Batch:
+        draw = float(torch.rand(1, generator=seeded_generator(self.seed, 2 << 20, step)))
+        return (self.online if draw < self.fraction else self.other).batch(step)
+
+    def epoch(self, steps_done: int) -> float:
+        return self.online.epoch(steps_done)
+
+    @property
+    def tokens_generated(self) -> int:
+        return self.online.tokens_generated
+
+
+Source = FixedPairs | OnlineSamples | Mixture
