@@ -46,7 +46,7 @@ class ModelsConfig:
     arch: str = "gpt2"
     oracle: str = "l"  # a size preset, or a local folder / hub id with from_pretrained
     teacher: str = "m"
-    student: str = "s"
+    student: str = "xs"
     oracle_temperature: float = 1.0  # τ < 1 sharpens the ground truth (exactly, for sampling and scoring)
 
 
@@ -71,7 +71,7 @@ class DistillConfig:
     loss_temperature: float = 1.0
     generations_per_prompt: int = 1  # k, for the offline dataset
     mixture_lambda: float = 0.5  # online-student fraction of batches for the "mixture" source
-    steps: int = 600
+    steps: int = 1000
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 1e-3
@@ -100,9 +100,10 @@ class LabConfig:
     threads: int | None = None  # torch threads; None = torch's default
     task: TaskConfig = field(default_factory=TaskConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
-    oracle: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0, lr=1.5e-3, warmup=100))
-    teacher: TrainConfig = field(default_factory=lambda: TrainConfig(samples=1000, epochs=16.0))
-    student: TrainConfig = field(default_factory=lambda: TrainConfig(samples=2000, epochs=1.0))
+    oracle: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.3, lr=1.5e-3, warmup=100))
+    # An imperfect teacher: few oracle samples, many epochs, constant learning rate (see docs/PHENOMENON.md).
+    teacher: TrainConfig = field(default_factory=lambda: TrainConfig(samples=1000, epochs=16.0, schedule="constant"))
+    student: TrainConfig = field(default_factory=lambda: TrainConfig(samples=5000, epochs=1.0))
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import transformers
+from huggingface_hub.utils import disable_progress_bars
 from transformers import PreTrainedTokenizerFast
 
 from teacherhack import config as cfg
@@ -29,6 +31,10 @@ from teacherhack.metrics import Evaluator, ReferenceSamples, draw_references, sa
 from teacherhack.models import LM, SIZES, build_model, collate_prompts, load_pretrained
 from teacherhack.sources import FixedPairs, Mixture, OnlineSamples, Source
 from teacherhack.training import distill_loss, load_checkpoint, make_optimizer, save_checkpoint, sft_loss, train
+
+
+transformers.utils.logging.disable_progress_bar()  # our own progress lines say what is happening
+disable_progress_bars()
 
 
 def log(message: str) -> None:

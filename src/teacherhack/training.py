@@ -93,7 +93,7 @@ def train(model: LM, source: Source, loss_fn: LossFn, *, steps: int, lr: float, 
                 raise NonFiniteLoss(f"{desc}: loss is {float(loss)} at step {step + 1} (batch from {batch.origin}); "
                                     f"no step was taken. Lower the learning rate or check the data.")
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(model.model.parameters(), max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,123 @@
+"""The whole pipeline on a tiny generated task: files, metric fields, cache reuse, resume, clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from teacherhack import config as cfg
+from teacherhack import lab
+from teacherhack.cli import main
+from teacherhack.metrics import Evaluator
+
+pytestmark = pytest.mark.slow
+SOURCES = ("offline", "online_teacher", "online_student")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lab_end_to_end_then_cache_reuse(tiny_config: cfg.LabConfig, tmp_path: Path):
+    out, cache = tmp_path / "lab", tmp_path / "cache"
+    summary = lab.run_lab(tiny_config, out, cache)
+
+    assert set(summary["cache"].values()) == {"built"}
+    assert cfg.from_dict(yaml.safe_load((out / "config.yaml").read_text())) == tiny_config
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert set(on_disk["runs"]) == set(SOURCES)
+    for source in SOURCES:
+        rows = read_metrics(out / source)
+        assert [r["step"] for r in rows] == [0, 4, 8, 12]
+        for row in rows:
+            for key in ("step", "epoch", "train_loss", "proxy", "proxy_se", "golden", "golden_se",
+                        "golden_reverse", "proxy_reverse"):
+                assert key in row
+            assert math.isfinite(row["golden"]) and row["golden"] >= 0 and row["golden_se"] > 0
+            assert math.isfinite(row["proxy"]) and row["proxy"] >= 0
+        assert rows[0]["train_loss"] is None and all(r["train_loss"] > 0 for r in rows[1:])
+        assert rows[-1]["proxy"] < rows[0]["proxy"], "distillation must bring the student closer to the teacher"
+        run = on_disk["runs"][source]
+        assert run["golden_final"] == rows[-1]["golden"] and isinstance(run["hacking"], bool)
+        assert run["golden_min"] == min(r["golden"] for r in rows)
+        info = json.loads((out / source / "run.json").read_text())
+        assert info["source"] == source and info["teacher_golden"] > 0
+        assert (out / source / "student" / "model.safetensors").exists()
+    assert read_metrics(out / "online_teacher")[-1]["tokens_generated"] > 0
+    assert read_metrics(out / "offline")[-1]["epoch"] == pytest.approx(12 * 8 / 32)
+    for stage in ("oracle", "teacher", "student", "references"):
+        assert stage in summary["stage_seconds"]
+
+    # A second lab that differs only in stage 2 retrains nothing upstream.
+    changed = cfg.apply_overrides(tiny_config, {"distill.loss": "reverse_kl", "distill.sources": "offline"})
+    again = lab.run_lab(changed, tmp_path / "lab2", cache)
+    assert set(again["cache"].values()) == {"reused"}, again["cache"]
+    # … while a change to the teacher retrains the teacher and what depends on it, not the oracle.
+    changed = cfg.apply_overrides(tiny_config, {"teacher.epochs": 1.0, "distill.sources": "offline"})
+    third = lab.run_lab(changed, tmp_path / "lab3", cache)
+    assert third["cache"]["oracle"] == "reused" and third["cache"]["teacher"] == "built"
+    assert third["cache"]["student"] == "reused"
+
+
+def test_killed_run_resumes_with_identical_results(tiny_config: cfg.LabConfig, tmp_path: Path, monkeypatch):
+    config = cfg.apply_overrides(tiny_config, {"distill.sources": "offline,online_student"})
+    cache = tmp_path / "cache"
+    reference = lab.run_lab(config, tmp_path / "whole", cache)
+
+    calls = {"n": 0}
+    original = Evaluator.__call__
+
+    def dies_on_third_evaluation(self, student, step):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, student, step)
+
+    monkeypatch.setattr(Evaluator, "__call__", dies_on_third_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        lab.run_lab(config, tmp_path / "killed", cache)
+    monkeypatch.setattr(Evaluator, "__call__", original)
+    assert [r["step"] for r in read_metrics(tmp_path / "killed" / "offline")] == [0, 4]
+
+    resumed = lab.run_lab(config, tmp_path / "killed", cache)
+    for source in ("offline", "online_student"):
+        whole, again = read_metrics(tmp_path / "whole" / source), read_metrics(tmp_path / "killed" / source)
+        assert [r["step"] for r in again] == [0, 4, 8, 12]
+        for a, b in zip(whole, again):
+            for key in ("golden", "proxy", "golden_reverse", "train_loss", "epoch"):
+                expected = a[key] if a[key] is None else pytest.approx(a[key], rel=1e-6, abs=1e-9)
+                assert b[key] == expected, (source, a["step"], key)
+        assert resumed["runs"][source]["golden_final"] == pytest.approx(reference["runs"][source]["golden_final"])
+
+
+def test_rerun_with_other_settings_into_same_folder_is_refused(tiny_config: cfg.LabConfig, tmp_path: Path):
+    config = cfg.apply_overrides(tiny_config, {"distill.sources": "offline", "distill.steps": 4})
+    lab.run_lab(config, tmp_path / "lab", tmp_path / "cache")
+    with pytest.raises(cfg.ConfigError, match="different configuration"):
+        lab.run_lab(cfg.apply_overrides(config, {"distill.steps": 8}), tmp_path / "lab", tmp_path / "cache")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("distil.steps=3", "unknown config key 'distil.steps'; did you mean distill.steps"),
+    ("distill.sources=offline,teleport", "unknown source 'teleport'"),
+    ("distill.loss=kl_magic", "unknown loss 'kl_magic'"),
+    ("distill.steps=many", "distill.steps: expected int"),
+])
+def test_cli_rejects_bad_config_clearly(override: str, message: str, tmp_path: Path, capsys):
+    code = main(["lab", "--preset", "quick", "--out", str(tmp_path / "x"), "--set", override])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists(), "nothing is written for a configuration that cannot run"
+
+
+def test_cli_rejects_empty_dataset(tmp_path: Path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code = main(["lab", "--preset", "quick", "--out", str(tmp_path / "x"), "--cache", str(tmp_path / "c"),
+                 "--set", f"task.spec=jsonl:{empty}"])
+    assert code == 2
+    assert "empty.jsonl" in capsys.readouterr().err

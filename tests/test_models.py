@@ -1,0 +1,356 @@
+"""The model wrapper: padding invariance, KV-cache sampling vs full-forward scoring, tempering, EOS
+handling, seeding, prompt batches, building and saving models. All models here are tiny and random."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from teacherhack import models
+from teacherhack.models import (
+    ARCHITECTURES,
+    LM,
+    Prompts,
+    build_model,
+    collate_prompts,
+    load_pretrained,
+    pad_responses,
+)
+
+VOCAB, PAD, EOS = 50, 0, 1
+PROMPTS = [[5, 6, 7, 8, 9, 3, 4], [10, 11], [12, 13, 14], [20]]
+
+
+def make_lm(arch: str = "gpt2", size: str = "xxs", *, seed: int = 0, scale: float | None = 0.3,
+            temperature: float = 1.0) -> LM:
+    """A random model. ``scale`` re-draws every parameter with that std so that attention, positions and
+    the output distribution are far from uniform (default init gives nearly flat, position-blind models,
+    which would hide padding/position bugs and make argmax ties likely)."""
+    model = build_model(arch, size, vocab_size=VOCAB, pad_id=PAD, eos_id=EOS, max_positions=64, seed=seed)
+    if scale is not None:
+        g = torch.Generator().manual_seed(seed + 1234)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    model.eval()
+    return LM(model, pad_id=PAD, eos_id=EOS, temperature=temperature)
+
+
+def greedy_full_forward(lm: LM, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding of one unpadded prompt with a full forward (no cache) for every token."""
+    prompts = collate_prompts([prompt], PAD)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            responses = torch.tensor([out + [PAD]], dtype=torch.long)  # the last entry is a placeholder
+            token = int(lm.logits(prompts, responses)[0, -1].argmax())
+            out.append(token)
+            if token == EOS:
+                break
+    return out
+
+
+def argmax_multinomial(probs, num_samples, *, generator=None, **kwargs):
+    assert num_samples == 1
+    return probs.argmax(-1, keepdim=True)
+
+
+# --- padding -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_padded_batch_scores_like_each_row_alone(arch):
+    lm = make_lm(arch, "s")  # two layers: padding garbage must not leak through a second layer either
+    prompts = collate_prompts(PROMPTS, PAD)
+    assert prompts.ids.shape == (4, 7) and not prompts.mask[1, :5].any()
+    responses = torch.tensor([[3, 4, 5, 6], [6, 7, 8, 9], [9, 10, 11, 12], [2, 2, 30, 31]])
+    with torch.no_grad():
+        batch = lm.logits(prompts, responses)
+        assert batch.shape == (4, 4, VOCAB)
+        assert torch.isfinite(batch).all()
+        for row, prompt in enumerate(PROMPTS):
+            alone = lm.logits(collate_prompts([prompt], PAD), responses[row : row + 1])
+            torch.testing.assert_close(batch[row], alone[0], atol=1e-5, rtol=0)
+        # the check is sensitive: the responses actually depend on the prompt (and on positions)
+        other = lm.logits(collate_prompts([PROMPTS[0][1:]], PAD), responses[:1])
+        assert (other[0] - batch[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_logits_entry_t_depends_only_on_prefix(arch):
+    """Entry t scores y_t given y<t: changing y_t (or later tokens) leaves entries ≤ t unchanged."""
+    lm = make_lm(arch)
+    prompts = collate_prompts(PROMPTS[:2], PAD)
+    a = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+    b = a.clone()
+    b[:, 2:] = torch.tensor([40, 41])
+    with torch.no_grad():
+        la, lb = lm.logits(prompts, a), lm.logits(prompts, b)
+    torch.testing.assert_close(la[:, :3], lb[:, :3], atol=1e-5, rtol=0)
+    assert (la[:, 3] - lb[:, 3]).abs().max() > 1e-4
+
+
+# --- KV-cache sampling ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_cached_greedy_sampling_matches_full_forward(arch, monkeypatch):
+    lm = make_lm(arch, "s")
+    monkeypatch.setattr(models.torch, "multinomial", argmax_multinomial)
+    max_new = 8
+    sampled = lm.sample(collate_prompts(PROMPTS, PAD), max_new_tokens=max_new,
+                        generator=torch.Generator().manual_seed(0))
+    expected = [greedy_full_forward(lm, prompt, max_new) for prompt in PROMPTS]
+    width = max(len(e) for e in expected)
+    assert sampled.shape == (len(PROMPTS), width)
+    assert sampled.tolist() == pad_responses(expected, PAD).tolist()
+    # the greedy continuations are prompt-dependent, so a mixed-up row or position would show
+    assert len({tuple(e) for e in expected}) > 1
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_sampling_leaves_training_mode_as_it_was(arch):
+    lm = make_lm(arch)
+    lm.model.train()
+    lm.sample(collate_prompts(PROMPTS[:1], PAD), max_new_tokens=2, generator=torch.Generator().manual_seed(0))
+    assert lm.model.training
+    lm.model.eval()
+    lm.sample(collate_prompts(PROMPTS[:1], PAD), max_new_tokens=2, generator=torch.Generator().manual_seed(0))
+    assert not lm.model.training
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_eos_pads_rows_and_stops_early(arch, monkeypatch):
+    """Scripted draws: each row's tokens after its first EOS become pad_id, and sampling stops (no more
+    draws) as soon as every row has finished."""
+    script = [  # draw t for rows 0, 1, 2
+        [7, 8, EOS],
+        [EOS, 8, 5],
+        [9, 8, 5],
+        [9, EOS, 5],
+        [9, 9, 9],
+    ]
+    calls = []
+
+    def scripted(probs, num_samples, *, generator=None, **kwargs):
+        assert probs.shape == (3, VOCAB)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(3), atol=1e-5, rtol=0)
+        calls.append(len(calls))
+        return torch.tensor(script[len(calls) - 1])[:, None]
+
+    monkeypatch.setattr(models.torch, "multinomial", scripted)
+    lm = make_lm(arch)
+    out = lm.sample(collate_prompts(PROMPTS[:3], PAD), max_new_tokens=10, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 4
+    assert out.tolist() == [[7, EOS, PAD, PAD], [8, 8, 8, EOS], [EOS, PAD, PAD, PAD]]
+
+    # a row that never draws EOS runs to max_new_tokens (truncated, no EOS)
+    calls.clear()
+    script[:] = [[EOS, 3, 4]] * 5
+    out = lm.sample(collate_prompts(PROMPTS[:3], PAD), max_new_tokens=5, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 5
+    assert out.tolist() == [[EOS] + [PAD] * 4, [3] * 5, [4] * 5]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_eos_forced_by_output_bias(arch):
+    """With the real sampler: an output layer biased towards EOS ends every row after one token."""
+    lm = make_lm(arch)
+
+    def bias(module, inputs, output):
+        output = output.clone()
+        output[..., EOS] += 1e4
+        return output
+
+    handle = lm.model.get_output_embeddings().register_forward_hook(bias)
+    try:
+        out = lm.sample(collate_prompts(PROMPTS, PAD), max_new_tokens=6, generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    assert out.tolist() == [[EOS]] * len(PROMPTS)
+
+
+def test_sampling_follows_tempered_softmax():
+    """First tokens for one prompt ~ softmax(logits/(τ·temperature)), τ = 0.5 given to LM."""
+    n = 4000
+    lm = make_lm("gpt2", scale=0.3, temperature=0.5)
+    prompt = collate_prompts([[5, 6, 7]], PAD)
+    with torch.no_grad():
+        p = torch.softmax(lm.logits(prompt, torch.tensor([[PAD]]))[0, 0].double(), -1)
+        raw = torch.softmax(LM(lm.model, pad_id=PAD, eos_id=EOS).logits(prompt, torch.tensor([[PAD]]))[0, 0].double(), -1)
+    first = lm.sample(prompt.repeat(n), max_new_tokens=1, generator=torch.Generator().manual_seed(3))[:, 0]
+    freq = torch.bincount(first, minlength=VOCAB).double() / n
+
+    def worst_z(q: torch.Tensor) -> float:  # largest standardised deviation of a frequency
+        sd = (q * (1 - q) / n).sqrt() + 1.0 / n
+        return float(((freq - q).abs() / sd).max())
+
+    def chi2(q: torch.Tensor) -> float:  # over tokens with an expected count ≥ 5, the rest pooled
+        big = q * n >= 5
+        observed = torch.cat([freq[big] * n, (freq[~big].sum() * n).reshape(1)])
+        expected = torch.cat([q[big] * n, (q[~big].sum() * n).reshape(1)])
+        keep = expected > 0
+        return float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()), int(keep.sum()) - 1
+
+    # the distribution is far from uniform and from the untempered one, so the test can tell
+    assert 0.1 < float(p.max()) < 0.9
+    assert 0.5 * (p - raw).abs().sum() > 0.1
+    assert worst_z(p) < 5.0
+    stat, dof = chi2(p)
+    assert stat < dof + 6 * math.sqrt(2 * dof)  # ~ p < 1e-5
+    assert worst_z(raw) > 8.0 and chi2(raw)[0] > 10 * dof  # sampling untempered would fail
+    # the sampling temperature multiplies τ: τ=0.5 with temperature 2 samples the raw distribution
+    first_raw = lm.sample(prompt.repeat(n), max_new_tokens=1, generator=torch.Generator().manual_seed(4),
+                          temperature=2.0)[:, 0]
+    freq = torch.bincount(first_raw, minlength=VOCAB).double() / n
+    assert worst_z(raw) < 5.0 and worst_z(p) > 8.0
+
+
+def test_lm_temperature_and_sampling_temperature_compose_exactly():
+    a, b = make_lm("gpt2", temperature=0.5), None
+    b = LM(a.model, pad_id=PAD, eos_id=EOS, temperature=1.0)
+    prompts = collate_prompts(PROMPTS, PAD)
+    ya = a.sample(prompts, max_new_tokens=6, generator=torch.Generator().manual_seed(9))
+    yb = b.sample(prompts, max_new_tokens=6, generator=torch.Generator().manual_seed(9), temperature=0.5)
+    assert torch.equal(ya, yb)
+
+
+# --- tempering and scoring -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_tempered_logits_and_logprobs(arch):
+    raw = make_lm(arch)
+    tempered = LM(raw.model, pad_id=PAD, eos_id=EOS, temperature=0.25)
+    prompts, responses = collate_prompts(PROMPTS, PAD), torch.tensor([[3, 4, EOS]] * len(PROMPTS))
+    with torch.no_grad():
+        r, t = raw.logits(prompts, responses), tempered.logits(prompts, responses)
+        torch.testing.assert_close(t, r / 0.25, atol=1e-5, rtol=1e-5)
+        logprobs = tempered.next_token_logprobs(prompts, responses)
+    assert logprobs.dtype == torch.float32 and logprobs.shape == (len(PROMPTS), 3, VOCAB)
+    torch.testing.assert_close(logprobs.exp().sum(-1), torch.ones(len(PROMPTS), 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logprobs, torch.log_softmax(r / 0.25, -1), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_invalid_temperature(temperature):
+    model = build_model("gpt2", "xxs", vocab_size=VOCAB, pad_id=PAD, eos_id=EOS, max_positions=16, seed=0)
+    with pytest.raises(ValueError, match="temperature"):
+        LM(model, pad_id=PAD, eos_id=EOS, temperature=temperature)
+
+
+def test_vocab_size_and_encoder_decoder_flags():
+    assert make_lm("gpt2").vocab_size == VOCAB and not make_lm("gpt2").encoder_decoder
+    assert make_lm("t5").vocab_size == VOCAB and make_lm("t5").encoder_decoder
+
+
+# --- seeding -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_same_seed_same_samples_different_seed_different(arch):
+    lm = make_lm(arch)
+    prompts = collate_prompts(PROMPTS, PAD)
+
+    def draw(seed: int) -> torch.Tensor:
+        return lm.sample(prompts, max_new_tokens=8, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.equal(draw(1), draw(2))
+
+
+# --- prompt batches ------------------------------------------------------------------------------
+
+
+def test_collate_prompts_left_pads():
+    p = collate_prompts([[1, 2, 3], [4], [5, 6]], pad_id=9)
+    assert p.ids.tolist() == [[1, 2, 3], [9, 9, 4], [9, 5, 6]]
+    assert p.mask.tolist() == [[True, True, True], [False, False, True], [False, True, True]]
+    assert p.ids.dtype == torch.long and p.mask.dtype == torch.bool and len(p) == 3
+
+
+@pytest.mark.parametrize("bad", [[], [[1, 2], []], [[]]])
+def test_collate_prompts_rejects_empty(bad):
+    with pytest.raises(ValueError):
+        collate_prompts(bad, pad_id=0)
+
+
+def test_pad_responses_right_pads():
+    out = pad_responses([[1, 2, 3], [4], [5, 6]], pad_id=9)
+    assert out.tolist() == [[1, 2, 3], [4, 9, 9], [5, 6, 9]] and out.dtype == torch.long
+    assert pad_responses([[], []], pad_id=9).tolist() == [[9], [9]]
+    assert pad_responses([], pad_id=9).shape == (0, 1)
+
+
+def test_prompts_getitem_drops_all_padding_columns():
+    p = collate_prompts([[1, 2, 3, 4], [5], [6, 7]], pad_id=0)
+    tail = p[1:]
+    assert tail.ids.tolist() == [[0, 5], [6, 7]]
+    assert tail.mask.tolist() == [[False, True], [True, True]]
+    one = p[torch.tensor([1])]
+    assert one.ids.tolist() == [[5]] and one.mask.tolist() == [[True]]
+    picked = p[torch.tensor([2, 0])]
+    assert picked.ids.tolist() == [[0, 0, 6, 7], [1, 2, 3, 4]]
+    boolean = p[torch.tensor([False, True, True])]
+    assert torch.equal(boolean.ids, tail.ids) and torch.equal(boolean.mask, tail.mask)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_prompts_getitem_keeps_results(arch):
+    lm = make_lm(arch)
+    p = collate_prompts(PROMPTS, PAD)
+    responses = torch.tensor([[3, 4, 5]] * len(PROMPTS))
+    with torch.no_grad():
+        full = lm.logits(p, responses)
+        for index in (slice(1, 3), torch.tensor([3, 1]), slice(0, 1)):
+            part = p[index]
+            torch.testing.assert_close(lm.logits(part, responses[index]), full[index], atol=1e-5, rtol=0)
+    assert p[1:3].ids.shape[1] == 3  # the sub-batch really was narrowed (7 → 3 columns)
+
+
+def test_prompts_repeat():
+    p = collate_prompts([[1, 2], [3]], pad_id=0).repeat(3)
+    assert p.ids.tolist() == [[1, 2]] * 3 + [[0, 3]] * 3
+    assert p.mask.tolist() == [[True, True]] * 3 + [[False, True]] * 3
+    assert isinstance(p, Prompts) and len(p) == 6
+
+
+# --- building, saving, loading -------------------------------------------------------------------
+
+
+def test_build_model_rejects_unknown_size_and_arch():
+    with pytest.raises(ValueError, match="size"):
+        build_model("gpt2", "huge", vocab_size=VOCAB, pad_id=PAD, eos_id=EOS, max_positions=16, seed=0)
+    with pytest.raises(ValueError, match="architecture"):
+        build_model("mamba", "xxs", vocab_size=VOCAB, pad_id=PAD, eos_id=EOS, max_positions=16, seed=0)
+
+
+def test_build_model_is_seeded_and_sized():
+    a = build_model("llama", "xs", vocab_size=VOCAB, pad_id=PAD, eos_id=EOS, max_positions=16, seed=3)
+    b = build_model("llama", "xs", vocab_size=VOCAB, pad_id=PAD, eos_id=EOS, max_positions=16, seed=3)
+    c = build_model("llama", "xs", vocab_size=VOCAB, pad_id=PAD, eos_id=EOS, max_positions=16, seed=4)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    assert a.config.hidden_size == models.SIZES["xs"].width
+    assert a.config.num_hidden_layers == models.SIZES["xs"].layers
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_save_and_load_pretrained_round_trip(arch, tmp_path: Path):
+    lm = make_lm(arch)
+    lm.save(tmp_path / "m")
+    names = {f.name for f in (tmp_path / "m").iterdir()}
+    assert "model.safetensors" in names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
+    loaded = LM(load_pretrained(tmp_path / "m"), pad_id=PAD, eos_id=EOS)
+    assert type(loaded.model) is type(lm.model)
+    prompts, responses = collate_prompts(PROMPTS, PAD), torch.tensor([[3, 4, EOS]] * len(PROMPTS))
+    with torch.no_grad():
+        assert torch.equal(loaded.logits(prompts, responses), lm.logits(prompts, responses))
+    out_a = lm.sample(prompts, max_new_tokens=5, generator=torch.Generator().manual_seed(0))
+    out_b = loaded.sample(prompts, max_new_tokens=5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out_a, out_b)
