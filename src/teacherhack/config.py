@@ -88,7 +88,7 @@ class EvalConfig:
     samples_per_prompt: int = 4
     estimator: str = "token_kl"
     per_token: bool = False  # nats per token instead of nats per sequence
-    reverse: bool = True  # also KL(student‖oracle) and KL(student‖teacher): costs student sampling
+    reverse_samples: int = 200  # student samples for KL(student‖oracle) and KL(student‖teacher); 0 = off
     batch_size: int = 200
 
 
@@ -128,6 +128,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "student.samples": 128, "student.epochs": 1.0, "student.warmup": 5,
         "distill.steps": 40, "distill.batch_size": 16, "distill.warmup": 5,
         "eval.every": 10, "eval.prompts": 32, "eval.samples_per_prompt": 2, "eval.batch_size": 64,
+        "eval.reverse_samples": 32,
     },
 }
 
@@ -293,5 +294,6 @@ def validate(c: LabConfig) -> None:
     require(c.teacher.samples is None or c.teacher.samples <= t.n_stage1, "teacher.samples cannot exceed task.n_stage1")
     require(c.student.samples is None or c.student.samples <= t.n_stage1, "student.samples cannot exceed task.n_stage1")
     e = c.eval
+    require(e.reverse_samples >= 0, "eval.reverse_samples must be >= 0")
     require(e.every > 0 and e.prompts > 0 and e.samples_per_prompt > 0 and e.batch_size > 0, "eval: every, prompts, samples_per_prompt, batch_size must be > 0")
     require(e.prompts <= t.n_validation, "eval.prompts cannot exceed task.n_validation")

@@ -281,7 +281,7 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
                            temperature=d.loss_temperature, chunk_size=d.chunk_size)
     t_eval = time.time()
     evaluator = Evaluator(oracle, teacher, ReferenceSamples.load(up.references), estimator=e.estimator,
-                          per_token=e.per_token, reverse=e.reverse, batch_size=e.batch_size,
+                          per_token=e.per_token, reverse_samples=e.reverse_samples, batch_size=e.batch_size,
                           max_new_tokens=c.task.max_response_len, seed=c.seed + 13)
     unit = "nats/token" if e.per_token else "nats/sequence"
     prompts_n = len(_load_ids(up.distill_prompts)[0])
@@ -298,22 +298,28 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
              "eval_seconds": 0.0}
     if checkpoint.exists():
         state = load_checkpoint(checkpoint, student, optimizer)
-        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state["step"]))
+        for path in (metrics_path, run_dir / "per_sample.jsonl"):
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state["step"]))
         if hasattr(source, "tokens_generated"):
             source.tokens_generated = state["tokens_generated"]  # type: ignore[union-attr]
         log(f"{source_name}: resuming from step {state['step']}")
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    else:
+        metrics_path.unlink(missing_ok=True)
+        (run_dir / "per_sample.jsonl").unlink(missing_ok=True)
     state["eval_seconds"] += time.time() - t_eval
     clock = {"last": time.time()}
 
     def evaluate(step: int) -> None:
         start = time.time()
         state["train_seconds"] += start - clock["last"]
+        metrics, estimates = evaluator(student, step)
         row = {"step": step, "epoch": source.epoch(step),
                "train_loss": state["loss_sum"] / state["loss_count"] if state["loss_count"] else None,
-               **evaluator(student, step), "tokens_generated": getattr(source, "tokens_generated", 0)}
+               **metrics, "tokens_generated": getattr(source, "tokens_generated", 0)}
+        with (run_dir / "per_sample.jsonl").open("a") as f:  # paired values, for the verdict's rise SE
+            f.write(json.dumps({"step": step, "golden": estimates["golden"].values.tolist(),
+                                "proxy": estimates["proxy"].values.tolist()}) + "\n")
         student.model.train()
         state["eval_seconds"] += time.time() - start
         row |= {"train_seconds": state["train_seconds"], "eval_seconds": state["eval_seconds"]}

@@ -54,42 +54,68 @@ def draw_references(oracle: LM, teacher: LM, prompts: Prompts, *, samples_per_pr
                             sample_in_batches(teacher, prompts, seed=seed + 1, **kwargs))
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class ScoredSamples:
+    """Samples of a frozen model p, in batches, with p's next-token log-probabilities computed once:
+    later KL(p‖q) estimates only need q's forward pass."""
+
+    batches: list[tuple[Prompts, Tensor, Tensor, Tensor]]  # prompts, samples, mask, log p
+
+    @staticmethod
+    @torch.no_grad()
+    def of(p: LM, prompts: Prompts, samples: Tensor, *, batch_size: int) -> "ScoredSamples":
+        batches = []
+        for start in range(0, len(prompts), batch_size):
+            rows = slice(start, start + batch_size)
+            sub_prompts, sub_samples = prompts[rows], samples[rows]
+            mask = response_mask(sub_samples, p.eos_id)
+            width = max(int(mask.sum(-1).max()), 1)  # drop columns that are padding in every row
+            sub_samples, mask = sub_samples[:, :width].to(p.device), mask[:, :width].to(p.device)
+            batches.append((sub_prompts, sub_samples, mask, p.next_token_logprobs(sub_prompts, sub_samples)))
+        return ScoredSamples(batches)
+
+    @torch.no_grad()
+    def kl_to(self, q: LM, *, estimator: str, per_token: bool) -> Estimate:
+        """KL(p‖q) from these samples of p."""
+        return Estimate.of(torch.cat([
+            kl_values(log_p, q.next_token_logprobs(prompts, samples), samples, mask, estimator=estimator,
+                      per_token=per_token)
+            for prompts, samples, mask, log_p in self.batches]))
+
+
 def kl_estimate(p: LM, q: LM, prompts: Prompts, samples: Tensor, *, estimator: str, per_token: bool,
                 batch_size: int) -> Estimate:
     """KL(p‖q) on responses ``samples`` drawn from p, scored batch by batch."""
-    values = []
-    for start in range(0, len(prompts), batch_size):
-        rows = slice(start, start + batch_size)
-        sub_prompts, sub_samples = prompts[rows], samples[rows]
-        mask = response_mask(sub_samples, p.eos_id)
-        width = max(int(mask.sum(-1).max()), 1)  # drop columns that are padding in every row
-        sub_samples, mask = sub_samples[:, :width], mask[:, :width]
-        values.append(kl_values(p.next_token_logprobs(sub_prompts, sub_samples),
-                                q.next_token_logprobs(sub_prompts, sub_samples),
-                                sub_samples.to(p.device), mask.to(p.device), estimator=estimator, per_token=per_token))
-    return Estimate.of(torch.cat(values))
+    return ScoredSamples.of(p, prompts, samples, batch_size=batch_size).kl_to(q, estimator=estimator,
+                                                                               per_token=per_token)
 
 
 class Evaluator:
-    """Computes one metrics row for the current student; the references are fixed at construction."""
+    """Computes one metrics row for the current student; the references are fixed at construction and
+    the frozen models' log-probabilities on them are computed once."""
 
     def __init__(self, oracle: LM, teacher: LM, references: ReferenceSamples, *, estimator: str, per_token: bool,
-                 reverse: bool, batch_size: int, max_new_tokens: int, seed: int):
+                 reverse_samples: int, batch_size: int, max_new_tokens: int, seed: int):
         self.oracle, self.teacher, self.refs = oracle, teacher, references
-        self.kwargs = dict(estimator=estimator, per_token=per_token, batch_size=batch_size)
-        self.reverse, self.max_new_tokens, self.seed = reverse, max_new_tokens, seed
-        self.teacher_golden = kl_estimate(oracle, teacher, references.prompts, references.oracle, **self.kwargs)
+        self.options = dict(estimator=estimator, per_token=per_token)
+        self.batch_size, self.max_new_tokens, self.seed = batch_size, max_new_tokens, seed
+        n = min(reverse_samples, len(references.prompts))  # evenly spaced rows: as many distinct prompts as possible
+        self.reverse_prompts = references.prompts[torch.arange(n) * len(references.prompts) // n] if n else None
+        self.from_oracle = ScoredSamples.of(oracle, references.prompts, references.oracle, batch_size=batch_size)
+        self.from_teacher = ScoredSamples.of(teacher, references.prompts, references.teacher, batch_size=batch_size)
+        self.teacher_golden = self.from_oracle.kl_to(teacher, **self.options)
 
-    def __call__(self, student: LM, step: int) -> dict[str, float]:
-        golden = kl_estimate(self.oracle, student, self.refs.prompts, self.refs.oracle, **self.kwargs)
-        proxy = kl_estimate(self.teacher, student, self.refs.prompts, self.refs.teacher, **self.kwargs)
-        row = {"golden": golden.mean, "golden_se": golden.se, "proxy": proxy.mean, "proxy_se": proxy.se}
-        if self.reverse:
-            samples = sample_in_batches(student, self.refs.prompts, max_new_tokens=self.max_new_tokens,
-                                        batch_size=self.kwargs["batch_size"], seed=self.seed + 7919 * step)
-            golden_r = kl_estimate(student, self.oracle, self.refs.prompts, samples, **self.kwargs)
-            proxy_r = kl_estimate(student, self.teacher, self.refs.prompts, samples, **self.kwargs)
-            row |= {"golden_reverse": golden_r.mean, "golden_reverse_se": golden_r.se,
-                    "proxy_reverse": proxy_r.mean, "proxy_reverse_se": proxy_r.se}
-        return row
+    def __call__(self, student: LM, step: int) -> tuple[dict[str, float], dict[str, Estimate]]:
+        """The metrics row, and the estimates themselves (their per-sample values pair across steps)."""
+        estimates = {"golden": self.from_oracle.kl_to(student, **self.options),
+                     "proxy": self.from_teacher.kl_to(student, **self.options)}
+        if self.reverse_prompts is not None:
+            samples = sample_in_batches(student, self.reverse_prompts, max_new_tokens=self.max_new_tokens,
+                                        batch_size=self.batch_size, seed=self.seed + 7919 * step)
+            from_student = ScoredSamples.of(student, self.reverse_prompts, samples, batch_size=self.batch_size)
+            estimates["golden_reverse"] = from_student.kl_to(self.oracle, **self.options)
+            estimates["proxy_reverse"] = from_student.kl_to(self.teacher, **self.options)
+        row = {}
+        for name, estimate in estimates.items():
+            row |= {name: estimate.mean, f"{name}_se": estimate.se}
+        return row, estimates

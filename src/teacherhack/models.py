@@ -193,7 +193,7 @@ class LM:
             if finished.all():
                 break
             if self.encoder_decoder:
-                out = self.model(encoder_outputs=encoder, attention_mask=prompts.mask.long(),
+                out = self.model(encoder_outputs=encoder,
                                  decoder_input_ids=token[:, None], past_key_values=out.past_key_values, use_cache=True)
             else:
                 mask = torch.cat([mask, torch.ones_like(token[:, None])], 1)

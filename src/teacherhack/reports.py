@@ -1,0 +1,381 @@
+"""Read run directories and show them: the paper's figures, both verdicts, a standalone HTML report.
+
+A run directory holds `metrics.jsonl` (one evaluation per line) and `run.json` (its settings); a lab
+directory holds run directories as subfolders. Every function here takes either.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display: must precede the pyplot import
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
+
+from teacherhack.detection import (  # noqa: E402
+    DetectorResult,
+    GoldenVerdict,
+    alert_step,
+    run_verdicts,
+)
+
+REQUIRED_FIELDS = ("step", "epoch", "train_loss", "proxy", "proxy_se", "golden", "golden_se")
+NULLABLE_FIELDS = {"train_loss"}  # null for the initial student (step 0)
+DPI = 120
+LINESTYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One stage-2 distillation run as written by the lab."""
+
+    name: str
+    settings: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    path: Path
+
+    def series(self, key: str) -> np.ndarray:
+        """Column `key` over the evaluations as floats; null becomes NaN."""
+        return np.array([np.nan if m.get(key) is None else float(m[key]) for m in self.metrics])
+
+    @property
+    def unit(self) -> str:
+        """The metrics' unit, short, for axis labels."""
+        return "nats/token" if self.settings.get("metric_unit") == "nats/token" else "nats/seq"
+
+
+def load_run(path: str | Path) -> Run:
+    """Load one run directory; ValueError naming the file (and line) for anything malformed."""
+    path = Path(path)
+    metrics_file = path / "metrics.jsonl"
+    if not metrics_file.is_file():
+        raise ValueError(f"{path}: no metrics.jsonl, not a run directory")
+    settings = _read_settings(path / "run.json")
+    return Run(str(settings.get("name") or path.name), settings, _read_metrics(metrics_file), path)
+
+
+def load_runs(paths: str | Path | Iterable[str | Path]) -> list[Run]:
+    """Load run directories and the run subfolders of lab directories, in the order given."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    runs = []
+    for path in map(Path, paths):
+        if (path / "metrics.jsonl").is_file():
+            runs.append(load_run(path))
+            continue
+        subdirs = sorted(d for d in path.iterdir() if (d / "metrics.jsonl").is_file()) if path.is_dir() else []
+        if not subdirs:
+            raise ValueError(f"{path}: no metrics.jsonl here or in any immediate subfolder")
+        runs.extend(load_run(d) for d in subdirs)
+    if not runs:
+        raise ValueError("no run directories given")
+    return runs
+
+
+def plot_proxy_golden(runs: Sequence[Run], path: str | Path) -> None:
+    """The paper's Figure 4: golden against proxy, in training order; teacher hacking is a U."""
+    unit = _common_unit(runs)
+    fig, ax = plt.subplots(figsize=(7, 5.2))
+    for i, run in enumerate(runs):
+        style = _style(i)
+        x, y = run.series("proxy"), run.series("golden")
+        ax.errorbar(x, y, xerr=run.series("proxy_se"), yerr=run.series("golden_se"), label=run.name,
+                    markersize=4, elinewidth=0.6, ecolor=(0, 0, 0, 0.35), capsize=0, **style)
+        # a few arrowheads, mid-segment, show the direction of training
+        for j in np.unique(np.linspace(0, len(x) - 2, min(len(x) - 1, 6)).round().astype(int)):
+            ax.annotate("", xy=(x[j] + 0.65 * (x[j + 1] - x[j]), y[j] + 0.65 * (y[j + 1] - y[j])),
+                        xytext=(x[j] + 0.35 * (x[j + 1] - x[j]), y[j] + 0.35 * (y[j + 1] - y[j])),
+                        arrowprops={"arrowstyle": "-|>", "color": style["color"], "mutation_scale": 16,
+                                    "shrinkA": 0, "shrinkB": 0}, zorder=3)
+        best = int(np.argmin(y))
+        ax.plot(x[best], y[best], "*", ms=15, mfc=style["color"], mec="black", zorder=4)
+    handles = [Line2D([], [], ls="none", marker="*", ms=12, mfc="white", mec="black", label="golden minimum")]
+    handles += _teacher_line(ax, runs, _data_range(runs, "golden"))
+    ax.set_xlabel(f"proxy KL(teacher‖student) [{unit}] ↓")
+    ax.set_ylabel(f"golden KL(oracle‖student) [{unit}] ↓")
+    ax.set_title("Proxy vs golden (arrows: training order)")
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_curves(runs: Sequence[Run], path: str | Path) -> None:
+    """The paper's Figure 5: train loss, proxy and golden against epoch, ±1 SE bands."""
+    unit = _common_unit(runs)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    panels = [
+        ("train_loss", "train loss [nats/token] ↓", "training loss"),
+        ("proxy", f"proxy KL(teacher‖student) [{unit}] ↓", "proxy"),
+        ("golden", f"golden KL(oracle‖student) [{unit}] ↓", "golden"),
+    ]
+    for ax, (key, label, title) in zip(axes, panels):
+        for i, run in enumerate(runs):
+            style = _style(i)
+            epoch, value = run.series("epoch"), run.series(key)
+            ax.plot(epoch, value, label=run.name, markersize=3.5, markevery=max(1, len(epoch) // 15), **style)
+            if key != "train_loss":
+                se = run.series(f"{key}_se")
+                ax.fill_between(epoch, value - se, value + se, color=style["color"], alpha=0.18, lw=0)
+        ax.set(xlabel="epoch (passes over the offline data or equivalent)", ylabel=label, title=title)
+        ax.grid(alpha=0.3)
+    extra = _teacher_line(axes[2], runs, _data_range(runs, "golden"))
+    axes[2].legend(handles=axes[2].get_legend_handles_labels()[0] + extra, fontsize=8)
+    _save(fig, path)
+
+
+def plot_power_law(runs: Sequence[Run], path: str | Path) -> None:
+    """Proxy against step on log-log axes with each run's early power law, extrapolated, and its flag."""
+    unit = _common_unit(runs)
+    fig, ax = plt.subplots(figsize=(7, 5.2))
+    for i, run in enumerate(runs):
+        style = _style(i)
+        steps, proxy = run.series("step"), run.series("proxy")
+        pos = steps > 0
+        ax.errorbar(steps[pos], proxy[pos], yerr=run.series("proxy_se")[pos], label=run.name,
+                    markersize=4, elinewidth=0.7, capsize=0, **style)
+        verdict, detector = run_verdicts(run.metrics)
+        if np.isnan(detector.alpha):
+            continue
+        fit = np.array(detector.fit_window, float)
+        ahead = np.geomspace(fit[-1], steps[-1], 50)
+        ax.plot(fit, detector.law(fit), color="black", lw=1.2, alpha=0.7)
+        ax.plot(ahead, detector.law(ahead), color=style["color"], lw=1.2, ls=(0, (1, 2)))
+        if detector.step is not None:
+            at = list(steps).index(detector.step)
+            ax.plot(detector.step, proxy[at], "X", ms=12, mfc=style["color"], mec="black", zorder=4)
+        if verdict.min_step > 0:
+            at = list(steps).index(verdict.min_step)
+            ax.plot(verdict.min_step, proxy[at], "*", ms=13, mfc="white", mec=style["color"], mew=1.5, zorder=4)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_minor_locator(LogLocator(subs=(2, 5)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    handles = [
+        Line2D([], [], color="black", lw=1.2, alpha=0.7, label="power law, fit window"),
+        Line2D([], [], color="grey", lw=1.2, ls=(0, (1, 2)), label="power law, extrapolated"),
+        Line2D([], [], ls="none", marker="X", ms=10, mfc="grey", mec="black", label="detector flag"),
+        Line2D([], [], ls="none", marker="*", ms=11, mfc="white", mec="grey", mew=1.5, label="golden minimum"),
+    ]
+    ax.set_xlabel("step (log)")
+    ax.set_ylabel(f"proxy KL(teacher‖student) [{unit}] ↓ (log)")
+    ax.set_title("Proxy convergence against its early power law")
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    _save(fig, path)
+
+
+def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) -> Path:
+    """Write the three figures, verdicts.json and a self-contained report.html; return the HTML path."""
+    runs = load_runs(paths)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "proxy_golden.png": (plot_proxy_golden, "Golden against proxy (the paper's Figure 4)."),
+        "curves.png": (plot_curves, "Training loss, proxy and golden against epoch, ±1 SE (the paper's Figure 5)."),
+        "power_law.png": (plot_power_law, "Proxy on log-log axes against its early power law."),
+    }
+    for name, (plot, _) in figures.items():
+        plot(runs, out / name)
+    verdicts = [(run, *run_verdicts(run.metrics), alert_step(run.metrics)) for run in runs]
+    (out / "verdicts.json").write_text(json.dumps(
+        [{"name": r.name, "path": str(r.path), "golden": v.to_dict(), "detector": d.to_dict(), "alert_step": a}
+         for r, v, d, a in verdicts], indent=2))
+    body = ["<h1>Teacher-hacking report</h1>", _overview_html(verdicts)]
+    for name, (_, caption) in figures.items():
+        data = base64.b64encode((out / name).read_bytes()).decode("ascii")
+        body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{name}">'
+                    f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    body += [_run_html(*item) for item in verdicts]
+    body.append(_RULES_HTML)
+    page = out / "report.html"
+    page.write_text(_PAGE.format(body="\n".join(body)), encoding="utf-8")
+    return page
+
+
+def summarise(runs: Sequence[Run]) -> str:
+    """A short fixed-width table for the terminal: final metrics and both verdicts per run."""
+    head = ["run", "source", "evals", "final proxy", "final golden", "best golden @step", "golden", "detector"]
+    rows = [head]
+    for run in runs:
+        verdict, detector = run_verdicts(run.metrics)
+        last, best = run.metrics[-1], run.metrics[int(np.argmin(run.series("golden")))]
+        rows.append([
+            run.name,
+            str(run.settings.get("source", "?")),
+            str(len(run.metrics)),
+            _pm(last, "proxy"),
+            _pm(last, "golden"),
+            f"{_pm(best, 'golden')} @{best['step']}",
+            "HACKING" if verdict.hacking else "no",
+            f"fired @{detector.step}" if detector.fired else "no",
+        ])
+    widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _read_settings(path: Path) -> dict[str, Any]:
+    """run.json, or no settings when a run has none (the name then falls back to the folder's)."""
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: malformed JSON: {err.msg} (line {err.lineno})") from err
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return settings
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: malformed JSON: {err.msg}") from err
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object")
+        missing = [f for f in REQUIRED_FIELDS if f not in row or (row[f] is None and f not in NULLABLE_FIELDS)]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: missing or null field(s): {', '.join(missing)}")
+        if rows and row["step"] <= rows[-1]["step"]:
+            raise ValueError(f"{path}:{lineno}: step {row['step']} does not follow step {rows[-1]['step']}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no evaluations")
+    return rows
+
+
+def _style(i: int) -> dict[str, Any]:
+    """Colour, line style and marker all vary, so that runs stay apart in greyscale."""
+    return {"color": f"C{i % 10}", "linestyle": LINESTYLES[i % len(LINESTYLES)], "marker": MARKERS[i % len(MARKERS)]}
+
+
+def _common_unit(runs: Sequence[Run]) -> str:
+    units = {run.unit for run in runs}
+    if len(units) > 1:
+        raise ValueError(f"runs mix metric units {sorted(units)}: plot them separately")
+    return units.pop()
+
+
+def _data_range(runs: Sequence[Run], key: str) -> tuple[float, float]:
+    values = np.concatenate([run.series(key) for run in runs])
+    return float(np.nanmin(values)), float(np.nanmax(values))
+
+
+def _teacher_line(ax: plt.Axes, runs: Sequence[Run], span: tuple[float, float]) -> list[Line2D]:
+    """Dashed line at each distinct KL(oracle‖teacher); one far off the data is named in the legend only."""
+    lo, hi = span
+    handles = []
+    for value in sorted({float(r.settings["teacher_golden"]) for r in runs if r.settings.get("teacher_golden") is not None}):
+        label = f"teacher's golden {value:.3g}"
+        if lo - 0.5 * (hi - lo) <= value <= hi + 0.5 * (hi - lo):
+            ax.axhline(value, color="0.35", ls=(0, (5, 3)), lw=1)
+        else:
+            label += " (off axis)"
+        handles.append(Line2D([], [], color="0.35", ls=(0, (5, 3)), lw=1, label=label))
+    return handles
+
+
+def _save(fig: plt.Figure, path: str | Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def _pm(row: dict[str, Any], key: str) -> str:
+    return f"{row[key]:.4g} ± {row[key + '_se']:.2g}"
+
+
+def _overview_html(verdicts: Sequence[tuple[Run, GoldenVerdict, DetectorResult, int | None]]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(r.name)}</td><td>{html.escape(str(r.settings.get('source', '?')))}</td>"
+        f"<td>{_verdict_cell(v.hacking, 'hacking')}</td><td>{v.min_step}</td>"
+        f"<td>{_verdict_cell(d.fired, 'fired')}</td><td>{_dash(d.step)}</td><td>{_dash(a)}</td>"
+        f"<td>{'yes' if v.hacking == d.fired else '<b>no</b>'}</td></tr>"
+        for r, v, d, a in verdicts
+    )
+    return ("<h2>Overview</h2><table><tr><th>run</th><th>source</th><th>golden verdict</th>"
+            "<th>golden min step</th><th>detector</th><th>detector step</th><th>live alert step</th>"
+            f"<th>agree</th></tr>{rows}</table>")
+
+
+def _run_html(run: Run, verdict: GoldenVerdict, detector: DetectorResult, alert: int | None) -> str:
+    s = run.settings
+    settings = [("source", s.get("source")), ("loss", s.get("loss")), ("prompts", s.get("prompts")),
+                ("generations per prompt", s.get("generations_per_prompt")), ("steps", s.get("steps")),
+                ("batch size", s.get("batch_size")), ("metric unit", run.unit),
+                ("teacher's golden KL(oracle‖teacher)", _teacher_text(s)), ("path", run.path)]
+    last = run.metrics[-1]
+    metric_rows = []
+    for key in ("proxy", "golden"):
+        best = run.metrics[int(np.argmin(run.series(key)))]
+        metric_rows.append((key, f"{_pm(last, key)} (step {last['step']})", f"{_pm(best, key)} (step {best['step']})"))
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_dash(v))}</td></tr>" for k, v in settings)
+    cells += "<tr><th>metric</th><th>final</th><th>best</th></tr>" + "".join(
+        f"<tr><th>{k}</th><td>{html.escape(f)}</td><td>{html.escape(b)}</td></tr>" for k, f, b in metric_rows)
+    cells += (f"<tr><th>golden verdict</th><td colspan=2>{_verdict_cell(verdict.hacking, 'hacking')}: "
+              f"{html.escape(verdict.reason)}</td></tr>"
+              f"<tr><th>power-law detector</th><td colspan=2>{_verdict_cell(detector.fired, 'fired')}: "
+              f"{html.escape(detector.reason)}; live alert at step {_dash(alert)}</td></tr>")
+    return f"<h2>{html.escape(run.name)}</h2><table>{cells}</table>"
+
+
+def _teacher_text(settings: dict[str, Any]) -> str | None:
+    if settings.get("teacher_golden") is None:
+        return None
+    return f"{settings['teacher_golden']:.4g} ± {settings.get('teacher_golden_se', float('nan')):.2g}"
+
+
+def _verdict_cell(flag: bool, word: str) -> str:
+    return f'<b class="alert">{word}</b>' if flag else "no"
+
+
+def _dash(value: Any) -> str:
+    return "–" if value is None else str(value)
+
+
+_RULES_HTML = """<h2>Rules</h2>
+<p><b>Golden verdict</b> (needs the oracle): teacher hacking when the golden metric's minimum has later
+evaluations, the last golden exceeds it by more than 3 combined SEs, and the last proxy is not more
+than 3 combined SEs above its value at the golden minimum (a proxy rising too is over-fitting).</p>
+<p><b>Power-law detector</b> (no oracle): fit log proxy = log C − α log step on the first third of the
+evaluations with step &gt; 0 (at least 3), extrapolate, and fire at the first of 2 consecutive later
+evaluations whose log-residual exceeds max(0.05, 3σ), σ combining the curve's noise, the fit's
+extrapolation uncertainty and the proxy's SE. A proxy that converges to a floor also bends away from
+a power law: a flag is a reason to look. The <i>live alert step</i> is when a monitor rerunning the
+detector after each evaluation would have fired.</p>"""
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Teacher-hacking report</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }}
+th {{ background: #f3f3f3; }}
+img {{ max-width: 100%; }}
+figure {{ margin: 1em 0; }}
+.alert {{ color: #b00; }}
+</style></head>
+<body>
+{body}
+</body></html>
+"""

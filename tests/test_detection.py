@@ -1,0 +1,196 @@
+"""Verdicts on synthetic curves whose answer is known by construction."""
+
+import json
+
+import numpy as np
+import pytest
+
+from teacherhack.detection import (
+    PowerLawMonitor,
+    format_validation_table,
+    golden_verdict,
+    power_law_detector,
+    validate_detector,
+)
+
+STEPS = np.arange(0, 21) * 100  # step 0 (initial student) and 20 evaluations
+
+
+def power_law(seed: int, *, alpha: float = 0.3, noise: float = 0.01, bend: int | None = None,
+              after: float = 0.0) -> np.ndarray:
+    """30·(t/100)^−α with log-normal noise; after `bend` the slope becomes −`after`·α."""
+    t = np.maximum(STEPS, 100) / 100
+    law = 30 * t**-alpha
+    if bend is not None:
+        tb = bend / 100
+        law = np.where(t <= tb, law, 30 * tb**-alpha * (t / tb) ** (-after * alpha))
+    return law * np.exp(np.random.default_rng(seed).normal(0, noise, t.size))
+
+
+def verdict(golden, proxy, se=0.2, **kw):
+    n = len(golden)
+    return golden_verdict(STEPS[:n], golden, [se] * n, proxy, [se] * n, **kw)
+
+
+# ---- golden verdict ----
+
+def test_u_shaped_golden_with_falling_proxy_is_hacking():
+    golden = 50 + 0.04 * (STEPS / 100 - 8) ** 2  # minimum at step 800
+    v = verdict(golden, power_law(0, noise=0))
+    assert v.hacking and v.min_step == 800 and v.final_step == 2000
+    assert v.rise == pytest.approx(0.04 * 144) and v.rise_z > 3 and v.proxy_change < 0
+    assert "800" in v.reason
+
+
+def test_stalled_proxy_counts_as_not_worse():
+    golden = 50 + 0.04 * (STEPS / 100 - 8) ** 2
+    proxy = np.minimum(power_law(0, noise=0), 20.0)  # flat from the middle on
+    assert verdict(golden, proxy).hacking
+
+
+def test_monotone_golden_is_not_hacking():
+    v = verdict(60 - 10 * (1 - np.exp(-STEPS / 500)), power_law(0, noise=0))
+    assert not v.hacking and v.min_step == 2000 and v.rise == 0
+
+
+def test_golden_and_proxy_rising_together_is_overfitting():
+    bowl = 0.04 * (STEPS / 100 - 8) ** 2
+    v = verdict(50 + bowl, 20 + bowl)
+    assert not v.hacking and v.rise_z > 3 and v.proxy_change_z > 3
+    assert "over-fitting" in v.reason
+
+
+def test_rise_within_its_standard_error_is_not_hacking():
+    golden = 50 + 0.01 * np.maximum(STEPS / 100 - 10, 0)  # +0.1 at the end, SE 0.2 each
+    v = verdict(golden - 1e-3 * STEPS / 100 * (STEPS <= 1000), power_law(0, noise=0))
+    assert v.min_step == 1000 and 0 < v.rise < 0.2 and not v.hacking
+
+
+def test_minimum_at_the_last_evaluation_is_not_hacking():
+    v = verdict(60 - STEPS / 100, power_law(0, noise=0))
+    assert not v.hacking and v.min_step == 2000 and "end" in v.reason
+
+
+def test_min_after_requires_later_evaluations():
+    golden = np.r_[60 - STEPS[:-1] / 100, 60.0]  # lowest at step 1900, a jump at 2000
+    assert verdict(golden, power_law(0, noise=0)).hacking
+    assert not verdict(golden, power_law(0, noise=0), min_after=2).hacking
+
+
+def test_pure_noise_rarely_gives_a_verdict():
+    """Constant golden and proxy with noise of exactly their SE: at z = 3 expect about 2% of runs."""
+    rng = np.random.default_rng(1)
+    hits = [verdict(50 + rng.normal(0, 0.2, 21), 20 + rng.normal(0, 0.2, 21)).hacking for _ in range(400)]
+    assert np.mean(hits) < 0.05
+
+
+def test_verdict_to_dict_is_strict_json_with_zero_se():
+    v = verdict(50 + 0.04 * (STEPS / 100 - 8) ** 2, power_law(0, noise=0), se=0.0)
+    assert v.hacking and v.rise_z == np.inf
+    d = json.loads(json.dumps(v.to_dict(), allow_nan=False))
+    assert d["rise_z"] is None and d["min_step"] == 800
+
+
+def test_verdict_rejects_bad_input():
+    with pytest.raises(ValueError, match="length"):
+        golden_verdict([0, 1], [1.0, 2.0], [0.1], [1.0, 2.0], [0.1, 0.1])
+    with pytest.raises(ValueError, match="at least 2"):
+        golden_verdict([0], [1.0], [0.1], [1.0], [0.1])
+
+
+# ---- power-law detector ----
+
+@pytest.mark.parametrize("use_se", [True, False])
+def test_clean_power_law_does_not_fire(use_se):
+    for seed in range(20):
+        proxy = power_law(seed, alpha=0.2 + 0.02 * seed)
+        r = power_law_detector(STEPS, proxy, 0.01 * proxy if use_se else None)
+        assert not r.fired, (seed, r.reason)
+        assert r.alpha == pytest.approx(0.2 + 0.02 * seed, abs=0.05)
+
+
+def test_noise_around_a_constant_does_not_fire():
+    rng = np.random.default_rng(2)
+    fired = [power_law_detector(STEPS, 20 * np.exp(rng.normal(0, 0.02, 21))).fired for _ in range(200)]
+    assert np.mean(fired) < 0.02
+
+
+@pytest.mark.parametrize("after", [0.0, 0.3, -0.2])  # flat, slower, rising again
+def test_bend_fires_near_the_bend(after):
+    for seed in range(10):
+        r = power_law_detector(STEPS, power_law(seed, bend=900, after=after))
+        assert r.fired, (seed, r.reason)
+        assert 900 < r.step <= 1500, (seed, r.step)
+
+
+def test_result_aligns_with_steps():
+    r = power_law_detector(STEPS, power_law(0, bend=900))
+    assert r.steps == tuple(STEPS) and r.fit_window == (100, 200, 300, 400, 500, 600, 700)
+    assert r.residuals[0] is None and all(x is not None for x in r.residuals[1:])
+    assert all(x is None for x in r.thresholds[:8]) and all(x >= 0.05 for x in r.thresholds[8:])
+    assert r.law([100, 200]) == pytest.approx(r.C * np.array([100.0, 200.0]) ** -r.alpha)
+    assert json.loads(json.dumps(r.to_dict(), allow_nan=False))["step"] == r.step
+
+
+def test_min_effect_is_the_deviation_threshold():
+    proxy = power_law(0, bend=900, after=0.7, noise=0.0)  # ends ~9% above the law
+    assert power_law_detector(STEPS, proxy).fired
+    assert not power_law_detector(STEPS, proxy, min_effect=0.15).fired
+
+
+def test_skip_first_absorbs_a_transient():
+    proxy = power_law(0, noise=0.003) * (1 + 0.3 * np.exp(-(np.maximum(STEPS, 100) - 100) / 100))
+    assert power_law_detector(STEPS, proxy).fired  # the steep start tilts the fit
+    assert not power_law_detector(STEPS, proxy, skip_first=2).fired
+
+
+def test_too_few_evaluations_does_not_fire():
+    r = power_law_detector(STEPS[:5], power_law(0)[:5])
+    assert not r.fired and "too few" in r.reason and np.isnan(r.alpha)
+    assert json.loads(json.dumps(r.to_dict(), allow_nan=False))["alpha"] is None
+
+
+def test_detector_rejects_a_nonpositive_proxy():
+    with pytest.raises(ValueError, match="positive"):
+        power_law_detector(STEPS, np.r_[power_law(0)[:-1], 0.0])
+
+
+def test_monitor_fires_once_after_the_bend():
+    proxy = power_law(3, bend=900)
+    monitor = PowerLawMonitor()
+    hits = [(s, r) for s, p in zip(STEPS, proxy) if (r := monitor.update(int(s), float(p), 0.01 * p))]
+    assert len(hits) == 1
+    when, result = hits[0]
+    assert result is monitor.alarm and result.fired and 900 < result.step <= when <= 1600
+
+
+def test_monitor_stays_quiet_on_a_clean_law():
+    for seed in range(10):
+        monitor = PowerLawMonitor(k=2)
+        assert all(monitor.update(int(s), float(p)) is None for s, p in zip(STEPS, power_law(seed)))
+        assert monitor.alarm is None
+
+
+# ---- validation on run directories ----
+
+def write_run(path, name, proxy, golden):
+    path.mkdir(parents=True)
+    rows = [{"step": int(s), "epoch": s / 50, "train_loss": None if s == 0 else 0.5, "proxy": float(p),
+             "proxy_se": 0.1, "golden": float(g), "golden_se": 0.1} for s, p, g in zip(STEPS, proxy, golden)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "run.json").write_text(json.dumps({"name": name, "source": "offline"}))
+
+
+def test_validate_detector_on_a_lab(tmp_path):
+    write_run(tmp_path / "offline", "offline", power_law(0, bend=900), 50 + 0.04 * (STEPS / 100 - 9) ** 2)
+    write_run(tmp_path / "online", "online", power_law(1), 60 - 10 * (1 - np.exp(-STEPS / 500)))
+    rows = validate_detector([tmp_path])
+    by_name = {r["name"]: r for r in rows}
+    off, on = by_name["offline"], by_name["online"]
+    assert off["golden_hacking"] and off["detector_fired"] and off["agreement"]
+    assert off["golden_min_step"] == 900 and off["lag"] == off["detector_step"] - 900
+    assert off["alert_step"] >= off["detector_step"]
+    assert not on["golden_hacking"] and not on["detector_fired"] and on["agreement"] and on["lag"] is None
+    table = format_validation_table(rows)
+    assert table.startswith("| run |") and "| offline | hacking | fired | 900 |" in table
+    assert "Agreement: 2/2 runs." in table
