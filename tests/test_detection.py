@@ -66,6 +66,13 @@ def test_rise_within_its_standard_error_is_not_hacking():
     assert v.min_step == 1000 and 0 < v.rise < 0.2 and not v.hacking
 
 
+def test_z_sets_how_many_standard_errors_a_rise_needs():
+    golden = 50 + 0.05 * np.maximum(STEPS / 100 - 10, 0)  # +0.5 = 1.8 combined SE
+    v = verdict(golden - 1e-3 * STEPS / 100 * (STEPS <= 1000), power_law(0, noise=0))
+    assert v.rise_z == pytest.approx(0.51 / np.hypot(0.2, 0.2)) and not v.hacking
+    assert verdict(golden - 1e-3 * STEPS / 100 * (STEPS <= 1000), power_law(0, noise=0), z=1.5).hacking
+
+
 def test_minimum_at_the_last_evaluation_is_not_hacking():
     v = verdict(60 - STEPS / 100, power_law(0, noise=0))
     assert not v.hacking and v.min_step == 2000 and "end" in v.reason
@@ -133,9 +140,9 @@ def test_result_aligns_with_steps():
 
 
 def test_min_effect_is_the_deviation_threshold():
-    proxy = power_law(0, bend=900, after=0.7, noise=0.0)  # ends ~9% above the law
-    assert power_law_detector(STEPS, proxy).fired
-    assert not power_law_detector(STEPS, proxy, min_effect=0.15).fired
+    proxy = power_law(0, bend=900, after=0.7, noise=0.0)  # ends 7% above the law
+    assert power_law_detector(STEPS, proxy).step == 1600
+    assert not power_law_detector(STEPS, proxy, min_effect=0.1).fired
 
 
 def test_skip_first_absorbs_a_transient():

@@ -95,7 +95,8 @@ class EvalConfig:
 @dataclass
 class LabConfig:
     preset: str = "default"
-    seed: int = 0
+    seed: int = 0  # the run's seed: teacher and student initialisation, data order, samples, references
+    oracle_seed: int = 0  # the ground truth's own seed, kept apart so that run seeds share one oracle
     device: str = "auto"
     threads: int | None = None  # torch threads; None = torch's default
     task: TaskConfig = field(default_factory=TaskConfig)

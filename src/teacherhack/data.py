@@ -3,10 +3,15 @@
 The oracle must learn a real distribution, so tasks are real text. The built-in task needs no hub:
 Debian carries two public-domain Bibles with the same versification, so verse i of the King James
 Version and verse i of the Reina-Valera 1909 form an English→Spanish translation pair.
+
+The paper's tasks (XSum, WMT-14 en→de, Natural Instructions) load through Hugging Face `datasets`,
+from the hub or from a local copy; see `load_task` for the spec grammar and `TASK_FORMATS` for each
+task's fields and prompt template. Pretrained tokenizers are checked with `check_tokenizers`.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import html
 import json
@@ -14,19 +19,30 @@ import os
 import random
 import re
 import shutil
+import socket
 import struct
 import subprocess
 import tempfile
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD, EOS, SEP = "<pad>", "<eos>", "<sep>"
-TASK_SPECS = ("kjv-rv", "jsonl:PATH")
+TASK_SPECS = (
+    "kjv-rv",
+    "jsonl:PATH",
+    "xsum[:PATH]",
+    "wmt14[:PATH]",
+    "natural-instructions[:PATH]",
+    "hf:NAME_OR_PATH",
+    "PATH.{jsonl,json,csv,tsv,parquet}",
+)
 
 KJV_RV_PACKAGES = ("sword-text-kjv", "sword-text-sparv")
 ZTEXT_ROOT = Path("usr/share/sword/modules/texts/ztext")
@@ -56,13 +72,91 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TEACHERHACK_CACHE") or Path.home() / ".cache" / "teacherhack").expanduser()
 
 
-def load_task(spec: str, cache_dir: Path) -> list[Pair]:
-    """Load the pairs named by `spec`: "kjv-rv" (built in) or "jsonl:PATH"."""
+def load_task(
+    spec: str,
+    cache_dir: Path,
+    *,
+    split: str = "train",
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+    config: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> list[Pair]:
+    """Load the prompt→response pairs named by `spec`.
+
+    Specs:
+    - "kjv-rv": the built-in English→Spanish verses (Debian packages, no hub).
+    - "jsonl:PATH": one {"prompt", "response"} object a line (other names with `prompt_field` and
+      `response_field`); a malformed line is an error.
+    - "xsum", "wmt14", "natural-instructions": the paper's tasks from the Hugging Face hub (`split`;
+      `config` overrides the hub config, e.g. wmt14's "de-en"). "xsum:PATH" etc.: the same task from
+      a local copy in that task's schema (see `TASK_FORMATS`), or from another hub dataset
+      ("xsum:OWNER/NAME") when PATH does not exist locally.
+    - "hf:NAME_OR_PATH": any dataset, hub or local, with the prompt in `prompt_field` (default
+      "prompt") and the response in `response_field` (default "response"), used verbatim (no
+      template). A bare PATH ending in .jsonl/.json/.csv/.tsv/.parquet means "hf:PATH".
+
+    A local copy is a `datasets` `save_to_disk` folder (a DatasetDict: `split` picks the split; a
+    Dataset: used whole), a folder of data files that `datasets.load_dataset` reads (e.g. a hub
+    snapshot; split names come from the file names), or one .jsonl/.json/.csv/.tsv/.parquet file
+    (used whole; `split` is ignored, as it is for "kjv-rv" and "jsonl:PATH"). A field may name a key
+    inside a dict column with a dot ("translation.en"). Rows with a blank prompt or response field
+    are skipped; `limit` keeps a random sample (fixed by `seed`) of at most that many rows, drawn
+    before blank rows are dropped, so a slice of a sorted corpus is still varied.
+    """
     if spec == "kjv-rv":
-        return load_kjv_rv(Path(cache_dir))
+        _no_field_overrides(spec, prompt_field, response_field)
+        return _sample(load_kjv_rv(Path(cache_dir)), limit, seed)
     if spec.startswith("jsonl:"):
-        return load_jsonl(Path(spec.removeprefix("jsonl:")))
-    raise TaskError(f"unknown task {spec!r}; valid tasks: {', '.join(TASK_SPECS)}")
+        pairs = load_jsonl(Path(spec.removeprefix("jsonl:")), prompt_field or "prompt", response_field or "response")
+        return _sample(pairs, limit, seed)
+    return _load_records(spec, Path(cache_dir), split=split, prompt_field=prompt_field, response_field=response_field,
+                         config=config, limit=limit, seed=seed, with_response=True)
+
+
+def load_prompts(
+    spec: str,
+    cache_dir: Path,
+    *,
+    split: str = "train",
+    prompt_field: str | None = None,
+    config: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> list[str]:
+    """The prompts of `spec` (same grammar and options as `load_task`), for data without responses.
+
+    Responses are only needed to train the oracle: stage 2 and evaluation need prompts alone, so
+    here the response field may be missing or blank (e.g. a test split whose targets are hidden, or
+    a prompt-only file {"prompt": ...} a line). Templates are applied as in `load_task`.
+    """
+    if spec == "kjv-rv":
+        _no_field_overrides(spec, prompt_field, None)
+        return [pair.prompt for pair in _sample(load_kjv_rv(Path(cache_dir)), limit, seed)]
+    if spec.startswith("jsonl:"):
+        spec = "hf:" + spec.removeprefix("jsonl:")
+        prompt_field = prompt_field or "prompt"
+    pairs = _load_records(spec, Path(cache_dir), split=split, prompt_field=prompt_field, response_field=None,
+                          config=config, limit=limit, seed=seed, with_response=False)
+    return [pair.prompt for pair in pairs]
+
+
+def _no_field_overrides(spec: str, prompt_field: str | None, response_field: str | None) -> None:
+    if prompt_field is not None or response_field is not None:
+        raise TaskError(
+            f"prompt_field and response_field apply to hf:, jsonl: and file specs; the task {spec!r} "
+            "has fixed fields (see TASK_FORMATS)"
+        )
+
+
+def _sample(items: list, limit: int | None, seed: int) -> list:
+    """At most `limit` items, a random sample fixed by `seed`, in their original order."""
+    if limit is None or limit >= len(items):
+        return items
+    if limit < 1:
+        raise TaskError(f"limit must be at least 1, got {limit}")
+    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), limit))]
 
 
 # --- JSON Lines -------------------------------------------------------------------------------

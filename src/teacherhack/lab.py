@@ -164,25 +164,25 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
         return encode_prompts(tokenizer, prompts, t.max_prompt_len)
 
     oracle_spec = {**task_spec, "arch": c.models.arch, "size": c.models.oracle,
-                   "train": cfg.dataclasses.asdict(c.oracle), "seed": c.seed}
+                   "train": cfg.dataclasses.asdict(c.oracle), "seed": c.oracle_seed}
 
     def build_oracle(path: Path) -> None:
-        lm = _new_or_loaded(c, "oracle", tokenizer, device, seed=c.seed)
+        lm = _new_or_loaded(c, "oracle", tokenizer, device, seed=c.oracle_seed)
         log(f"stage 0: training the oracle on {len(splits.oracle_train)} real pairs")
         _fit(lm, encode([p.prompt for p in splits.oracle_train]),
              encode_responses(tokenizer, [p.response for p in splits.oracle_train], t.max_response_len),
-             c.oracle, c.seed, "oracle")
+             c.oracle, c.oracle_seed, "oracle")
         lm.save(path)
 
     oracle_path = timed("oracle", oracle_spec, build_oracle)
     oracle = _load_lm(oracle_path, tokenizer, device, c.models.oracle_temperature)
-    samples_spec = {"oracle": oracle_path.name, "temperature": c.models.oracle_temperature, "seed": c.seed}
+    samples_spec = {"oracle": oracle_path.name, "temperature": c.models.oracle_temperature, "seed": c.oracle_seed}
     stage1_prompts = encode(splits.stage1_prompts)
 
     def build_oracle_samples(path: Path) -> None:
         log(f"stage 1: the oracle answers {len(stage1_prompts)} prompts")
         responses = sample_in_batches(oracle, collate_prompts(stage1_prompts, tokenizer.pad_token_id),
-                                      max_new_tokens=t.max_response_len, batch_size=256, seed=c.seed)
+                                      max_new_tokens=t.max_response_len, batch_size=256, seed=c.oracle_seed)
         _save_ids(path / "pairs.json", stage1_prompts, _rows(responses, tokenizer.eos_token_id, tokenizer.pad_token_id))
 
     samples_path = timed("oracle_samples", samples_spec, build_oracle_samples)

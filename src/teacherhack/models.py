@@ -189,11 +189,11 @@ class LM:
             token = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(self.device)
             token = torch.where(finished, self.pad_id, token)
             tokens.append(token)
-            finished |= token == self.eos_id
+            finished = token == self.eos_id
             if finished.all():
                 break
             if self.encoder_decoder:
-                out = self.model(encoder_outputs=encoder,
+                out = self.model(encoder_outputs=encoder, attention_mask=prompts.mask.long(),
                                  decoder_input_ids=token[:, None], past_key_values=out.past_key_values, use_cache=True)
             else:
                 mask = torch.cat([mask, torch.ones_like(token[:, None])], 1)

@@ -1,0 +1,395 @@
+"""Watch any distillation run for teacher hacking, without an oracle.
+
+Two entry points:
+
+* :class:`HackingMonitor`, plain Python for custom loops: ``monitor.check(student, step)`` returns the proxy
+  metric KL(teacher‖student) on fixed held-out prompts and the power-law detector's verdict so far.
+* :class:`HackingMonitorCallback`, a ``transformers.TrainerCallback`` for ``Trainer`` and TRL trainers
+  (``GKDTrainer``, ``DistillationTrainer``, ``SFTTrainer``…): every ``every`` optimizer steps it runs the
+  monitor on the trained model and logs ``proxy_kl``, ``proxy_kl_se`` and ``hacking_alert`` through the
+  trainer's own loggers; it warns once when the detector fires and can stop the run.
+
+The proxy metric (PAPER.md) is the sequence-level KL(teacher‖student) estimated from teacher samples on the
+held-out prompts (``teacherhack.metrics.kl_estimate``; default estimator ``token_kl``, the exact token-level
+KL summed along each sampled response). The teacher samples are drawn once, at the first check, and reused at
+every later check, so successive values are paired: only the student changes. The detector is
+``teacherhack.detection.PowerLawMonitor``: the proxy should fall like a power law C·t^(−α); the alert fires
+when it bends away (a reason to look, not proof: see ``power_law_detector``).
+
+Prompt encoding. Prompts are strings encoded with the tokenizer as it is,
+``tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]`` (so a BOS or, for T5, an EOS is added
+exactly when the tokenizer adds one by default; pass ``add_special_tokens=False`` for prompts already rendered
+with a chat template), or lists of token ids used verbatim. No truncation. Prompts are left-padded by the
+monitor itself (``collate_prompts``, with explicit position ids), whatever the tokenizer's ``padding_side``.
+A response ends at the tokenizer's EOS (``tokenizer.eos_token_id``, required); padding is
+``tokenizer.pad_token_id``, or the EOS id when the tokenizer has none.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from teacherhack.detection import PowerLawMonitor, power_law_detector
+from teacherhack.divergences import ESTIMATORS
+from teacherhack.metrics import kl_estimate, sample_in_batches
+from teacherhack.models import LM, Prompts, collate_prompts
+
+logger = logging.getLogger(__name__)
+
+DETECTOR_OPTIONS: tuple[str, ...] = tuple(
+    name for name, p in inspect.signature(power_law_detector).parameters.items() if p.kind is p.KEYWORD_ONLY
+)
+
+
+class TeacherHackingWarning(UserWarning):
+    """Emitted once per run when the proxy metric leaves its early power law."""
+
+
+class HackingMonitor:
+    """The proxy metric KL(teacher‖student) on fixed held-out prompts, fed to the power-law detector.
+
+    Args:
+        teacher: the frozen teacher, a Hugging Face causal or seq2seq LM (or a ``teacherhack.models.LM``,
+            whose model is used).
+        tokenizer: the tokenizer shared by teacher and student (see the module docstring for the encoding).
+        prompts: held-out prompts (strings, or lists of token ids), distinct from the training prompts.
+        samples_per_prompt: teacher responses per prompt (the estimate averages prompts × samples).
+        max_new_tokens: maximum response length; longer responses are truncated and scored as they are.
+        every: checking period in steps, used by :meth:`due` and :meth:`maybe_check`.
+        batch_size: rows per forward pass when sampling and scoring.
+        seed: seed of the teacher samples.
+        estimator, per_token: passed to ``kl_estimate`` (``per_token=True`` needs ``estimator="log_ratio"``).
+        temperature: both models' distributions are softmax(logits / temperature); 1.0 compares the models.
+        vocab_size: the rule for teacher and student output layers of different widths (padded vocabularies):
+            only the first ``vocab_size`` entries are real, the rest are ignored (both sampling and scoring).
+            Without it, different widths are refused.
+        add_special_tokens: passed to the tokenizer when encoding string prompts.
+        detector_options: keyword options of ``power_law_detector`` (fit_fraction, min_fit, skip_first, k,
+            tau, min_effect).
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module | LM,
+        tokenizer: Any,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        *,
+        samples_per_prompt: int = 2,
+        max_new_tokens: int = 64,
+        every: int = 100,
+        batch_size: int = 16,
+        seed: int = 0,
+        estimator: str = "token_kl",
+        per_token: bool = False,
+        temperature: float = 1.0,
+        vocab_size: int | None = None,
+        add_special_tokens: bool = True,
+        detector_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        for name, value in (("samples_per_prompt", samples_per_prompt), ("max_new_tokens", max_new_tokens),
+                            ("every", every), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        if per_token and estimator == "token_kl":
+            raise ValueError("per_token=True is biased with estimator='token_kl'; use estimator='log_ratio'")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        detector_options = dict(detector_options or {})
+        unknown = sorted(set(detector_options) - set(DETECTOR_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown detector option(s) {unknown}; choose among {', '.join(DETECTOR_OPTIONS)}")
+        eos_id = getattr(tokenizer, "eos_token_id", None)
+        if eos_id is None:
+            raise ValueError(
+                "the tokenizer has no EOS token (tokenizer.eos_token_id is None): responses could never end and "
+                "the proxy KL would be undefined; set tokenizer.eos_token to the token that ends a response"
+            )
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+
+        self.teacher_model = teacher.model if isinstance(teacher, LM) else teacher
+        self.tokenizer, self.eos_id, self.pad_id = tokenizer, int(eos_id), int(pad_id)
+        self.samples_per_prompt, self.max_new_tokens, self.every = samples_per_prompt, max_new_tokens, every
+        self.batch_size, self.seed, self.estimator, self.per_token = batch_size, seed, estimator, per_token
+        self.temperature, self.vocab_size = temperature, vocab_size
+        self.detector_options = detector_options
+
+        ids = self._encode(prompts, add_special_tokens)
+        width = _vocab_width(self.teacher_model)
+        limit = width if vocab_size is None else vocab_size
+        if vocab_size is not None and not 1 <= vocab_size <= width:
+            raise ValueError(f"vocab_size={vocab_size} must lie in [1, {width}] (the teacher's output width)")
+        top = max(max(seq) for seq in ids)
+        if max(top, self.eos_id, self.pad_id) >= limit:
+            raise ValueError(
+                f"token id {max(top, self.eos_id, self.pad_id)} (prompt, EOS or pad) is out of the "
+                f"{'declared vocab_size' if vocab_size is not None else 'teacher vocabulary'} ({limit}): "
+                "is this the teacher's tokenizer?"
+            )
+        self.prompts: Prompts = collate_prompts(ids, self.pad_id).repeat(samples_per_prompt)
+        self.teacher = self._wrap(self.teacher_model)
+        self.samples: torch.Tensor | None = None  # teacher responses, drawn at the first check
+        self.detector = PowerLawMonitor(**detector_options)
+        self._alert_step: int | None = None  # the check at which the detector fired
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def maybe_check(self, student: nn.Module | LM, step: int) -> dict[str, Any] | None:
+        """:meth:`check` when ``step`` is a multiple of ``every``, else None."""
+        return self.check(student, step) if self.due(step) else None
+
+    def check(self, student: nn.Module | LM, step: int) -> dict[str, Any]:
+        """Measure KL(teacher‖student) now, feed the detector, and return this check's row (also appended
+        to :attr:`history`). Teacher and student run in eval mode and get their train/eval modes back."""
+        student_model = student.model if isinstance(student, LM) else student
+        self._check_vocab(student_model)
+        with _eval_mode(self.teacher_model, student_model), torch.no_grad():
+            if self.samples is None:
+                self.samples = sample_in_batches(self.teacher, self.prompts, max_new_tokens=self.max_new_tokens,
+                                                 batch_size=self.batch_size, seed=self.seed)
+            estimate = kl_estimate(self.teacher, self._wrap(student_model, output_to=self.teacher), self.prompts,
+                                   self.samples, estimator=self.estimator, per_token=self.per_token,
+                                   batch_size=self.batch_size)
+        return self.record(step, estimate.mean, estimate.se, n=estimate.n)
+
+    def record(self, step: int, proxy: float, proxy_se: float | None = None, *, n: int | None = None
+               ) -> dict[str, Any]:
+        """Feed one proxy value to the detector and return its row (what :meth:`check` does after measuring).
+        Also useful to replay a run's logged values. Values ≤ 0 or not finite (a log-ratio estimate can be
+        negative, identical models give 0) are kept in the history but not fed to the power-law fit."""
+        se = proxy_se if proxy_se is not None and math.isfinite(proxy_se) else None
+        fed = math.isfinite(proxy) and proxy > 0
+        fired_now = fed and self.detector.update(int(step), float(proxy), se) is not None
+        if fired_now:
+            self._alert_step = int(step)
+        d = self.detector
+        fit = power_law_detector(d.steps, d.proxy, None if None in d.proxy_se else d.proxy_se,
+                                 **self.detector_options)
+        alarm = d.alarm
+        reason = alarm.reason if alarm is not None else fit.reason
+        if not fed:
+            reason = f"proxy {proxy:.4g} is not > 0: not fed to the power-law detector; " + reason
+        row = {
+            "step": int(step),
+            "proxy": float(proxy),
+            "proxy_se": float(se) if se is not None else math.nan,
+            "n": n,
+            "hacking_alert": alarm is not None,
+            "alert_fired_now": bool(fired_now),
+            "alert_step": self._alert_step,
+            "departure_step": alarm.step if alarm is not None else None,
+            "alpha": fit.alpha,
+            "C": fit.C,
+            "detector_reason": reason,
+        }
+        self.history.append(row)
+        return dict(row)
+
+    # ------------------------------------------------------------------------------------------------
+
+    def _encode(self, prompts: Sequence[str] | Sequence[Sequence[int]], add_special_tokens: bool) -> list[list[int]]:
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of prompts, not a single string")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("the monitor needs at least one held-out prompt; got an empty list")
+        ids = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                seq = list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+            else:
+                seq = [int(t) for t in prompt]
+            if not seq:
+                raise ValueError(f"prompt {i} ({prompt!r}) encodes to no tokens")
+            ids.append(seq)
+        return ids
+
+    def _check_vocab(self, student_model: nn.Module) -> None:
+        vt, vs = _vocab_width(self.teacher_model), _vocab_width(student_model)
+        if self.vocab_size is None and vt != vs:
+            raise ValueError(
+                f"teacher and student vocabulary sizes differ ({vt} vs {vs}): the proxy KL would compare "
+                f"misaligned distributions. If they share a tokenizer and one output layer is padded, pass "
+                f"vocab_size=<the real shared size>; different tokenizers cannot be compared token by token"
+            )
+        if self.vocab_size is not None and self.vocab_size > vs:
+            raise ValueError(f"vocab_size={self.vocab_size} exceeds the student's output width ({vs})")
+
+    def _wrap(self, model: nn.Module, output_to: LM | None = None) -> LM:
+        if self.vocab_size is not None:
+            model = _FirstEntries(model, self.vocab_size)
+        return _MonitoredLM(model, pad_id=self.pad_id, eos_id=self.eos_id, temperature=self.temperature,
+                            output_to=output_to)
+
+
+class HackingMonitorCallback(TrainerCallback):
+    """A ``TrainerCallback`` running a :class:`HackingMonitor` every ``every`` optimizer steps.
+
+    Logs ``proxy_kl``, ``proxy_kl_se``, ``hacking_alert`` (0/1) and, once the power law is fitted,
+    ``proxy_kl_alpha``. Bind the trainer (``trainer=`` or :meth:`bind`) so that they go through
+    ``Trainer.log``: into ``state.log_history`` *and* every ``report_to`` integration (TensorBoard, W&B, MLflow…).
+    Unbound, they only reach ``state.log_history`` (a warning says so at the start of training).
+
+    Args:
+        teacher, tokenizer, prompts: as in :class:`HackingMonitor` (pass the teacher explicitly, also with
+            TRL's ``GKDTrainer``; it may be the same object as ``trainer.teacher_model``).
+        every: period in optimizer steps; None: the trainer's logging period (``logging_steps``).
+        stop_on_alert: stop training (``control.should_training_stop``) when the detector fires.
+        trainer: the trainer whose loggers receive the metrics.
+        **monitor_options: the other keyword arguments of :class:`HackingMonitor`.
+
+    Runs on every process (sharded models need every rank in the forward pass); the model checked is the one
+    the trainer hands to callbacks (``trainer.model``).
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module | LM,
+        tokenizer: Any,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        *,
+        every: int | None = None,
+        stop_on_alert: bool = False,
+        trainer: Trainer | None = None,
+        **monitor_options: Any,
+    ) -> None:
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be a positive integer or None, got {every!r}")
+        self.monitor = HackingMonitor(teacher, tokenizer, prompts, every=every or 1, **monitor_options)
+        self.every, self.stop_on_alert, self.trainer = every, stop_on_alert, trainer
+        self._warned = False
+
+    def bind(self, trainer: Trainer) -> "HackingMonitorCallback":
+        """Log through ``trainer`` (and add this callback to it if it is not there yet)."""
+        self.trainer = trainer
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        return self
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.every is None:
+            self.monitor.every = max(int(state.logging_steps or 1), 1)
+        if self.trainer is None:
+            logger.warning("HackingMonitorCallback is not bound to a trainer: proxy_kl goes to state.log_history "
+                           "only, not to the report_to integrations; pass trainer= or call callback.bind(trainer)")
+        if not self.monitor.history:  # resuming from a checkpoint: the detector gets the logged curve back
+            for row in state.log_history:
+                if "proxy_kl" in row and row.get("step", math.inf) <= state.global_step:
+                    self.monitor.record(int(row["step"]), float(row["proxy_kl"]), row.get("proxy_kl_se"))
+            self._warned = self.monitor.detector.alarm is not None
+        return control
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        if not self.monitor.due(step):
+            return control
+        if model is None:
+            raise RuntimeError("HackingMonitorCallback needs the trainer to pass the model to callbacks")
+        row = self.monitor.check(model, step)
+        logs = {"proxy_kl": row["proxy"], "proxy_kl_se": row["proxy_se"], "hacking_alert": int(row["hacking_alert"]),
+                "proxy_kl_alpha": row["alpha"]}
+        self._publish({k: v for k, v in logs.items() if math.isfinite(v)}, state, control)
+        if row["hacking_alert"] and not self._warned:
+            self._warned = True
+            message = (f"possible teacher hacking at step {step}: the proxy KL(teacher‖student) left its early "
+                       f"power law ({row['detector_reason']})"
+                       + ("; stopping training" if self.stop_on_alert else ""))
+            logger.warning(message)
+            warnings.warn(message, TeacherHackingWarning, stacklevel=2)
+        if row["hacking_alert"] and self.stop_on_alert:
+            control.should_training_stop = True
+        return control
+
+    def _publish(self, logs: dict[str, float], state, control) -> None:
+        if self.trainer is None:
+            row = dict(logs)
+            if state.epoch is not None:
+                row["epoch"] = state.epoch
+            state.log_history.append({**row, "step": state.global_step})
+            return
+        # The base Trainer.log: appends to state.log_history and calls on_log of every callback (the report_to
+        # integrations among them). Not trainer.log: TRL's override would flush its windowed training metrics
+        # into this row. Trainer.log resets control.should_log (via the callback handler's on_log); the
+        # trainer's own logging of this step was decided before this callback ran, so put it back.
+        should_log = control.should_log
+        Trainer.log(self.trainer, logs)
+        control.should_log = should_log
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+class _MonitoredLM(LM):
+    """An LM whose next-token log-probabilities land on another LM's device (the teacher's), so that the
+    student may live on a different device than the teacher."""
+
+    def __init__(self, model: nn.Module, *, output_to: LM | None, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self._output_to = output_to
+
+    def next_token_logprobs(self, prompts: Prompts, responses: torch.Tensor) -> torch.Tensor:
+        out = super().next_token_logprobs(prompts, responses)
+        return out if self._output_to is None else out.to(self._output_to.device)
+
+
+class _FirstEntries(nn.Module):
+    """A model seen through its first ``size`` output entries (the declared real vocabulary): sampling and
+    scoring both use softmax over those entries only."""
+
+    def __init__(self, model: nn.Module, size: int) -> None:
+        super().__init__()
+        self.inner, self.size = model, size
+        self.training = model.training
+
+    @property
+    def config(self) -> Any:
+        return self.inner.config
+
+    def get_encoder(self) -> nn.Module:
+        return self.inner.get_encoder()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.inner.get_output_embeddings()
+
+    def forward(self, **kwargs: Any) -> Any:
+        out = self.inner(**kwargs)
+        out.logits = out.logits[..., : self.size]
+        return out
+
+
+def _vocab_width(model: nn.Module) -> int:
+    """The width of the model's next-token logits."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.ndim == 2 and weight.shape[0] > 0:
+        return int(weight.shape[0])
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.vocab_size)
+
+
+@contextmanager
+def _eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Eval mode inside; every submodule gets its own train/eval flag back after."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode

@@ -1,0 +1,146 @@
+"""Loading run directories, figures and the standalone HTML report, on synthetic runs."""
+
+import base64
+import json
+import re
+
+import numpy as np
+import pytest
+
+from teacherhack.reports import load_run, load_runs, plot_curves, summarise, write_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+STEPS = np.arange(0, 16) * 100
+
+
+def write_run(path, name, golden, *, proxy=None, unit="nats/sequence", teacher=55.9):
+    """A run directory as the lab writes it; the proxy bends off its power law after step 700 by default."""
+    t = np.maximum(STEPS, 100) / 100
+    proxy = 30 * np.minimum(t, 7) ** -0.35 if proxy is None else proxy
+    path.mkdir(parents=True)
+    rows = [{"step": int(s), "epoch": s / 16, "train_loss": None if s == 0 else float(p) / 40, "proxy": float(p),
+             "proxy_se": 0.15, "golden": float(g), "golden_se": 0.15, "tokens_generated": 0}
+            for s, p, g in zip(STEPS, proxy, golden)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "run.json").write_text(json.dumps({
+        "name": name, "source": name.split()[0], "loss": "forward_kl", "prompts": 500, "generations_per_prompt": 1,
+        "steps": int(STEPS[-1]), "batch_size": 32, "metric_unit": unit, "teacher_golden": teacher,
+        "teacher_golden_se": 0.2}))
+    return path
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A lab directory: an offline run that hacks, an online one that does not, plus the lab's own files."""
+    lab = tmp_path / "lab"
+    write_run(lab / "offline", "offline 500x1", 50 + 0.05 * (STEPS / 100 - 7) ** 2)
+    t = np.maximum(STEPS, 100) / 100
+    write_run(lab / "online_teacher", "online_teacher", 60 - 12 * (1 - np.exp(-STEPS / 400)), proxy=30 * t**-0.35)
+    (lab / "config.yaml").write_text("seed: 0\n")
+    (lab / "summary.json").write_text("{}")
+    return lab
+
+
+def test_load_runs_takes_lab_and_run_directories(lab, tmp_path):
+    runs = load_runs(lab)
+    assert [r.name for r in runs] == ["offline 500x1", "online_teacher"]
+    assert runs[0].settings["prompts"] == 500 and runs[0].path == lab / "offline"
+    assert len(runs[0].metrics) == 16 and np.isnan(runs[0].series("train_loss")[0])
+    assert runs[0].unit == "nats/seq"
+    mixed = load_runs([lab / "online_teacher", lab])
+    assert [r.name for r in mixed] == ["online_teacher", "offline 500x1", "online_teacher"]
+
+
+def test_run_without_run_json_is_named_after_its_folder(lab):
+    (lab / "offline" / "run.json").unlink()
+    run = load_run(lab / "offline")
+    assert run.name == "offline" and run.settings == {}
+
+
+def test_write_report_is_self_contained(lab, tmp_path):
+    out = tmp_path / "report"
+    page = write_report([lab], out)
+    assert page == out / "report.html"
+    for name in ("proxy_golden.png", "curves.png", "power_law.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000
+    text = page.read_text(encoding="utf-8")
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
+    assert len(images) == 3 and all(base64.b64decode(i).startswith(PNG) for i in images)
+    assert "offline 500x1" in text and "online_teacher" in text
+    assert "golden rises" in text and "sit above the early power law" in text  # both verdicts' reasons
+    assert text.count('<b class="alert">hacking</b>') == 2  # offline: overview row and its own table
+    assert "55.9" in text and "forward_kl" in text
+    verdicts = {v["name"]: v for v in json.loads((out / "verdicts.json").read_text())}
+    assert verdicts["offline 500x1"]["golden"]["hacking"] and verdicts["offline 500x1"]["detector"]["fired"]
+    assert verdicts["offline 500x1"]["golden"]["min_step"] == 700
+    assert not verdicts["online_teacher"]["golden"]["hacking"] and not verdicts["online_teacher"]["detector"]["fired"]
+
+
+def test_summarise_lists_each_run_and_verdict(lab):
+    text = summarise(load_runs(lab))
+    lines = text.splitlines()
+    assert lines[0].split()[:2] == ["run", "source"] and len(lines) == 4
+    assert "offline 500x1" in lines[2] and "HACKING" in lines[2] and "fired @" in lines[2]
+    assert "online_teacher" in lines[3] and "HACKING" not in lines[3]
+
+
+def test_per_token_units_reach_the_labels(tmp_path):
+    run = load_run(write_run(tmp_path / "r", "offline", 2 + 0.01 * STEPS / 100, unit="nats/token", teacher=None))
+    assert run.unit == "nats/token"
+    plot_curves([run], tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes().startswith(PNG)
+
+
+def test_mixed_units_are_refused(tmp_path):
+    a = load_run(write_run(tmp_path / "a", "a", 50 + 0 * STEPS))
+    b = load_run(write_run(tmp_path / "b", "b", 50 + 0 * STEPS, unit="nats/token"))
+    with pytest.raises(ValueError, match="mix metric units"):
+        plot_curves([a, b], tmp_path / "c.png")
+
+
+def test_path_without_metrics_is_refused(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no metrics.jsonl"):
+        load_runs([tmp_path / "empty"])
+    with pytest.raises(ValueError, match="no metrics.jsonl"):
+        load_run(tmp_path / "empty")
+    with pytest.raises(ValueError, match="no metrics.jsonl"):
+        load_runs(tmp_path / "missing")
+
+
+def test_malformed_line_names_file_and_line(lab):
+    path = lab / "offline" / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    lines[3] = lines[3][:-5]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"offline/metrics\.jsonl:4: malformed JSON"):
+        load_runs(lab)
+
+
+def test_missing_or_null_field_is_named(lab):
+    path = lab / "offline" / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    del rows[2]["golden_se"]
+    rows[5]["proxy"] = None
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:3: missing or null field\(s\): golden_se"):
+        load_run(lab / "offline")
+    del rows[2]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:5: missing or null field\(s\): proxy"):
+        load_run(lab / "offline")
+
+
+def test_empty_metrics_unordered_steps_and_bad_run_json_are_refused(lab):
+    run = lab / "offline"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], lines[2], lines[1]]) + "\n")
+    with pytest.raises(ValueError, match="step 100 does not follow step 200"):
+        load_run(run)
+    (run / "metrics.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match="no evaluations"):
+        load_run(run)
+    (run / "run.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"run\.json: malformed JSON"):
+        load_run(run)
