@@ -75,13 +75,14 @@ def test_z_sets_how_many_standard_errors_a_rise_needs():
 
 def test_minimum_at_the_last_evaluation_is_not_hacking():
     v = verdict(60 - STEPS / 100, power_law(0, noise=0))
-    assert not v.hacking and v.min_step == 2000 and "end" in v.reason
+    assert not v.hacking and v.min_step == 2000 and "last evaluation" in v.reason
 
 
 def test_min_after_requires_later_evaluations():
     golden = np.r_[60 - STEPS[:-1] / 100, 60.0]  # lowest at step 1900, a jump at 2000
     assert verdict(golden, power_law(0, noise=0)).hacking
-    assert not verdict(golden, power_law(0, noise=0), min_after=2).hacking
+    v = verdict(golden, power_law(0, noise=0), min_after=2)
+    assert not v.hacking and "fewer than 2 evaluations after it" in v.reason
 
 
 def test_pure_noise_rarely_gives_a_verdict():
@@ -157,9 +158,12 @@ def test_too_few_evaluations_does_not_fire():
     assert json.loads(json.dumps(r.to_dict(), allow_nan=False))["alpha"] is None
 
 
-def test_detector_rejects_a_nonpositive_proxy():
-    with pytest.raises(ValueError, match="positive"):
-        power_law_detector(STEPS, np.r_[power_law(0)[:-1], 0.0])
+def test_a_nonpositive_proxy_is_left_out_and_said_so():
+    proxy = power_law(0, bend=900)
+    proxy[12] = -0.01
+    r = power_law_detector(STEPS, proxy)
+    assert r.fired and r.residuals[12] is None and r.thresholds[12] is None
+    assert "1 evaluation(s) with proxy ≤ 0 left out" in r.reason
 
 
 def test_monitor_fires_once_after_the_bend():

@@ -41,6 +41,25 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from teacherhack.sweep import format_findings, run_sweep, scaled
+
+    base = scaled(cfg.resolve(args.preset, cfg.parse_assignments(args.set)), args.scale)
+    cache = Path(args.cache) if args.cache else default_cache_dir()
+    summary = run_sweep(args.sweep, base, Path(args.out), cache, seeds=args.seeds, jobs=args.jobs)
+    print(format_findings(args.sweep, summary))
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def _reproduction(args: argparse.Namespace) -> int:
+    from teacherhack.sweep import write_reproduction
+
+    write_reproduction([Path(p) for p in args.sweeps], Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="teacherhack", description=__doc__ or "",
                                      epilog="Run 'teacherhack COMMAND --help' for a command's options.")
@@ -62,6 +81,28 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", help="run folders (with metrics.jsonl) or lab folders")
     report.add_argument("--out", required=True, help="output folder")
     report.set_defaults(func=_report)
+
+    from teacherhack.sweep import SWEEPS
+
+    sweep = commands.add_parser("sweep", help="one of the paper's experiments as a sweep of runs",
+                                description="Expand PRESET into stage-2 runs sharing upstream artifacts, run them "
+                                            "(in parallel with --jobs), and write findings and a report. Rerun the "
+                                            "same command to resume.")
+    sweep.add_argument("sweep", choices=SWEEPS, metavar="PRESET", help=f"one of: {', '.join(SWEEPS)}")
+    sweep.add_argument("--out", required=True, help="sweep folder")
+    sweep.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (threads are split)")
+    sweep.add_argument("--scale", type=float, default=1.0, help="multiply stage-2 steps, eval interval and pool")
+    sweep.add_argument("--preset", default="default", choices=sorted(cfg.PRESETS), help="base lab configuration")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base config key")
+    sweep.add_argument("--cache", help="artifact cache (default: $TEACHERHACK_CACHE or ~/.cache/teacherhack)")
+    sweep.set_defaults(func=_sweep)
+
+    reproduction = commands.add_parser("reproduction", help="regenerate docs/REPRODUCTION.md from sweep folders",
+                                       description="Write the reproduction record from finished sweep folders.")
+    reproduction.add_argument("sweeps", nargs="+", help="sweep folders")
+    reproduction.add_argument("--out", default="docs/REPRODUCTION.md")
+    reproduction.set_defaults(func=_reproduction)
 
     keys = commands.add_parser("config", help="print the resolved configuration of a preset",
                                description="Print the fully resolved configuration (YAML) of a preset with overrides.")

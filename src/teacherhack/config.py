@@ -69,6 +69,7 @@ class DistillConfig:
     beta: float = 0.5  # JSD(β)
     alpha: float = 0.1  # skew KL
     loss_temperature: float = 1.0
+    prompts: int | None = None  # distillation prompts used, the first n of the task's pool; None = all
     generations_per_prompt: int = 1  # k, for the offline dataset
     mixture_lambda: float = 0.5  # online-student fraction of batches for the "mixture" source
     steps: int = 1000
@@ -286,6 +287,7 @@ def validate(c: LabConfig) -> None:
             "distill: steps, batch_size, grad_accum, lr must be > 0 and warmup >= 0")
     require(d.batch_size % d.grad_accum == 0, "distill.batch_size must be a multiple of distill.grad_accum")
     require(d.schedule in SCHEDULES, f"distill.schedule must be one of {', '.join(SCHEDULES)}")
+    require(d.prompts is None or 0 < d.prompts <= c.task.n_distill, "distill.prompts must lie in [1, task.n_distill]")
     require(d.generations_per_prompt >= 1, "distill.generations_per_prompt must be >= 1")
     require(d.chunk_size is None or d.chunk_size >= 1, "distill.chunk_size must be >= 1")
     t = c.task

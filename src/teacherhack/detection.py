@@ -45,7 +45,7 @@ class DetectorResult:
     """The power-law detector's answer, with what a plot needs to show why.
 
     `residuals` and `thresholds` are aligned with `steps`: the residual is log(proxy) minus the fitted
-    law (None at step ≤ 0, where the law is undefined); the threshold is the bar a residual had to
+    law (None at step ≤ 0 or proxy ≤ 0, outside log space); the threshold is the bar a residual had to
     clear (None where the point was not tested: inside or before the fit window).
     """
 
@@ -109,8 +109,10 @@ def golden_verdict(
     proxy_change = float(p[-1] - p[i])
     proxy_change_z = _z(proxy_change, math.hypot(pse[i], pse[-1]))
     t_min, t_last = int(steps[i]), int(steps[-1])
-    if n - 1 - i < min_after:
-        hacking, reason = False, f"golden is lowest at step {t_min}, too close to the end (step {t_last})"
+    if i == n - 1:
+        hacking, reason = False, f"golden is lowest at the last evaluation (step {t_last})"
+    elif n - 1 - i < min_after:
+        hacking, reason = False, f"golden is lowest at step {t_min}: fewer than {min_after} evaluations after it"
     elif rise_z <= z:
         hacking, reason = False, (
             f"golden rises {rise:+.3g} from its minimum at step {t_min} ({rise_z:.1f} SE ≤ {z:g}): within noise"
@@ -153,13 +155,13 @@ def power_law_detector(
 ) -> DetectorResult:
     """Flag a proxy curve that leaves its early power law: the oracle-free sign of teacher hacking.
 
-    Procedure. Keep evaluations with step > 0 (log t), drop the first `skip_first` of them (an initial
-    transient), fit log proxy = log C − α·log t by ordinary least squares on the first
-    max(`min_fit`, ⌈`fit_fraction`·n⌉) of the rest, and extrapolate. A later point is *above the law*
-    when its log-residual r exceeds max(`min_effect`, `tau`·σ), with
-    σ² = s²·(1 + h) + (proxy_se/proxy)²: s is the curve's noise in log space, h the leverage of
-    the extrapolated point (the fit's own uncertainty grows with distance), and the metric's SE is
-    added when given. The detector fires at the first of `k` consecutive points above the law.
+    Procedure. Keep evaluations with step > 0 and proxy > 0 (log space), drop the first
+    `skip_first` of them (an initial transient), fit log proxy = log C − α·log t by ordinary least
+    squares on the first max(`min_fit`, ⌈`fit_fraction`·n⌉) of the rest, and extrapolate. A later
+    point is *above the law* when its log-residual r exceeds max(`min_effect`, `tau`·σ), with
+    σ² = s²·(1 + h) + (proxy_se/proxy)²: s is the curve's noise in log space, h the leverage of the
+    extrapolated point (the fit's own uncertainty grows with distance), and the metric's SE is added
+    when given. The detector fires at the first of `k` consecutive points above the law.
 
     s is estimated robustly from the whole curve, from the median of squared second differences of
     the residuals (a smooth bend barely moves them): the fit window alone has 1 degree of freedom
@@ -176,7 +178,7 @@ def power_law_detector(
     Defaults chosen by measurement on synthetic curves (step 0 plus n ∈ {8, 12, 20, 40} evaluations
     equally spaced, α ∈ {0.1, 0.3, 0.6}, log-normal noise σ ∈ {0.3%, 1%, 3%} with SE = σ·proxy;
     36 cells × 40 seeds per family), this function on the full curve:
-    - pure power law: fires on ≤ 0.1% of curves (0.5% without SEs); τ = 2 gives 0.5% (1.5%);
+    - pure power law: fires on ≤ 0.1% of curves (≤ 0.6% without SEs); τ = 2 gives 0.5% (1.5%);
       estimating s from the fit window's residuals instead gives 0.6-2%;
     - bend after 40% of the run (later slope 0, 0.3α, or −0.2α i.e. rising): detected in 84% / 76% /
       87%, a median 2-3 evaluations after the bend; the misses are mostly α = 0.1 with 3% noise, a
@@ -192,50 +194,47 @@ def power_law_detector(
     points of detection for a few fewer floor flags (14% instead of 17%).
     """
     n_all = _same_length(steps, proxy, *(() if proxy_se is None else (proxy_se,)))
-    t = np.asarray(steps, float)
-    p = np.asarray(proxy, float)
-    use = np.flatnonzero(t > 0)[skip_first:]
-    if np.any(p[use] <= 0):
-        raise ValueError("power_law_detector needs a positive proxy at every step > 0")
+    t, p = np.asarray(steps, float), np.asarray(proxy, float)
+    valid = (t > 0) & (p > 0)  # the law lives in log space; a proxy ≤ 0 is noise around a tiny value
+    left_out = int(np.sum((t > 0) & ~valid))
+    note = f"; {left_out} evaluation(s) with proxy ≤ 0 left out" if left_out else ""
+    use = np.flatnonzero(valid)[skip_first:]
     n_fit = max(min_fit, math.ceil(fit_fraction * len(use)))
-    none: tuple[float | None, ...] = (None,) * n_all
     all_steps = tuple(int(s) for s in steps)
     if len(use) < n_fit + k:
-        return DetectorResult(
-            False, None, math.nan, math.nan, math.nan, all_steps, none, none, (),
-            f"too few evaluations: {len(use)} with step > 0, need {n_fit + k}",
-        )
+        none = (None,) * n_all
+        return DetectorResult(False, None, math.nan, math.nan, math.nan, all_steps, none, none, (),
+                              f"too few evaluations: {len(use)} usable, need {n_fit + k}{note}")
     fit, test = use[:n_fit], use[n_fit:]
-    design = np.column_stack([np.ones(n_all), -np.log(np.maximum(t, 1.0))])
+    design = np.column_stack([np.ones(n_all), -np.log(np.where(valid, t, 1.0))])
     (log_c, alpha), *_ = np.linalg.lstsq(design[fit], np.log(p[fit]), rcond=None)
-    r = np.log(np.where(t > 0, p, 1.0)) - design @ (log_c, alpha)
-    noise = _noise(r[t > 0])
+    r = np.log(np.where(valid, p, 1.0)) - design @ (log_c, alpha)
+    noise = _noise(r[valid])
     leverage = np.einsum("ij,jk,ik->i", design, np.linalg.inv(design[fit].T @ design[fit]), design)
     var = noise**2 * (1 + leverage)
     if proxy_se is not None:
-        var = var + (np.asarray(proxy_se, float) / np.where(p > 0, p, 1.0)) ** 2
+        var = var + (np.asarray(proxy_se, float) / np.where(valid, p, 1.0)) ** 2
     bar = np.maximum(min_effect, tau * np.sqrt(var))
-    tested = set(test.tolist())
     first = _first_run(r[test] > bar[test], k)
     step = None if first is None else int(t[test[first]])
-    fired = step is not None
-    reason = (
-        f"{k} consecutive evaluations from step {step} sit above the early power law "
-        f"(residual {r[test[first]]:+.3f} > {bar[test[first]]:.3f} in log space)"
-        if fired
-        else f"no {k} consecutive evaluations above the early power law by max({min_effect:g}, {tau:g}σ)"
-    )
+    if step is None:
+        reason = f"no {k} consecutive evaluations above the early power law by max({min_effect:g}, {tau:g}σ)"
+    else:
+        at = test[first]
+        reason = (f"{k} consecutive evaluations from step {step} sit above the early power law "
+                  f"(residual {r[at]:+.3f} > {bar[at]:.3f} in log space)")
+    tested = set(test.tolist())
     return DetectorResult(
-        fired=fired,
+        fired=step is not None,
         step=step,
         C=float(math.exp(log_c)),
         alpha=float(alpha),
         noise=noise,
         steps=all_steps,
-        residuals=tuple(float(r[i]) if t[i] > 0 else None for i in range(n_all)),
+        residuals=tuple(float(r[i]) if valid[i] else None for i in range(n_all)),
         thresholds=tuple(float(bar[i]) if i in tested else None for i in range(n_all)),
         fit_window=tuple(int(t[i]) for i in fit),
-        reason=reason,
+        reason=reason + note,
     )
 
 
@@ -292,7 +291,9 @@ def alert_step(metrics: Sequence[Mapping[str, Any]], **detector_options: Any) ->
     return None
 
 
-def validate_detector(run_dirs: Iterable[str | Path], **detector_options: Any) -> list[dict[str, Any]]:
+def validate_detector(
+    run_dirs: str | Path | Iterable[str | Path], **detector_options: Any
+) -> list[dict[str, Any]]:
     """Detector against the golden verdict, one row per run (run or lab directories).
 
     `detector_step` is where the full-curve detector places the departure; `alert_step` is when a
@@ -356,7 +357,7 @@ def _z(diff: float, se: float) -> float:
 def _noise(r: np.ndarray) -> float:
     """Robust noise scale of log-residuals from second differences (var = 6σ² for white noise)."""
     d2 = r[2:] - 2 * r[1:-1] + r[:-2]
-    return float(math.sqrt(np.median(d2**2) / (6 * _CHI2_1_MEDIAN))) if len(d2) else 0.0
+    return float(math.sqrt(np.median(d2**2) / (6 * _CHI2_1_MEDIAN)))
 
 
 def _first_run(flags: np.ndarray, k: int) -> int | None:

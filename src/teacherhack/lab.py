@@ -7,8 +7,10 @@ only in stage 2 share them; a stage-2 run checkpoints at every evaluation and re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import multiprocessing
 import math
 import os
 import shutil
@@ -175,13 +177,13 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
         lm.save(path)
 
     oracle_path = timed("oracle", oracle_spec, build_oracle)
-    oracle = _load_lm(oracle_path, tokenizer, device, c.models.oracle_temperature)
+    oracle = functools.cache(lambda: _load_lm(oracle_path, tokenizer, device, c.models.oracle_temperature))
     samples_spec = {"oracle": oracle_path.name, "temperature": c.models.oracle_temperature, "seed": c.oracle_seed}
     stage1_prompts = encode(splits.stage1_prompts)
 
     def build_oracle_samples(path: Path) -> None:
         log(f"stage 1: the oracle answers {len(stage1_prompts)} prompts")
-        responses = sample_in_batches(oracle, collate_prompts(stage1_prompts, tokenizer.pad_token_id),
+        responses = sample_in_batches(oracle(), collate_prompts(stage1_prompts, tokenizer.pad_token_id),
                                       max_new_tokens=t.max_response_len, batch_size=256, seed=c.oracle_seed)
         _save_ids(path / "pairs.json", stage1_prompts, _rows(responses, tokenizer.eos_token_id, tokenizer.pad_token_id))
 
@@ -201,7 +203,7 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
         return timed(role, spec, build)
 
     teacher_path, student_path = sft_artifact("teacher"), sft_artifact("student")
-    teacher = _load_lm(teacher_path, tokenizer, device)
+    teacher = functools.cache(lambda: _load_lm(teacher_path, tokenizer, device))
 
     e = c.eval
     refs_spec = {"oracle": oracle_path.name, "temperature": c.models.oracle_temperature, "teacher": teacher_path.name,
@@ -210,27 +212,27 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
 
     def build_references(path: Path) -> None:
         log(f"evaluation references: {e.prompts} prompts × {e.samples_per_prompt} samples of oracle and teacher")
-        refs = draw_references(oracle, teacher, collate_prompts(encode(splits.validation_prompts[: e.prompts]),
+        refs = draw_references(oracle(), teacher(), collate_prompts(encode(splits.validation_prompts[: e.prompts]),
                                                                 tokenizer.pad_token_id),
                                samples_per_prompt=e.samples_per_prompt, max_new_tokens=t.max_response_len,
                                batch_size=e.batch_size, seed=c.seed)
         refs.save(path / "references.safetensors")
 
     refs_path = timed("references", refs_spec, build_references)
-    distill_prompts = encode(splits.distill_prompts)
     d = c.distill
-    offline_spec = {"teacher": teacher_path.name, "prompts": splits.distill_prompts, "k": d.generations_per_prompt,
-                    "seed": c.seed}
+    pool = splits.distill_prompts[: d.prompts]  # the first n of a shuffled pool: a random subset
+    distill_prompts = encode(pool)
+    offline_spec = {"teacher": teacher_path.name, "prompts": pool, "k": d.generations_per_prompt, "seed": c.seed}
 
     def build_offline(path: Path) -> None:
         log(f"stage 2 data: the teacher answers {len(distill_prompts)} prompts × {d.generations_per_prompt}")
         prompts = [p for p in distill_prompts for _ in range(d.generations_per_prompt)]
-        responses = sample_in_batches(teacher, collate_prompts(prompts, tokenizer.pad_token_id),
+        responses = sample_in_batches(teacher(), collate_prompts(prompts, tokenizer.pad_token_id),
                                       max_new_tokens=t.max_response_len, batch_size=256, seed=c.seed + 3)
         _save_ids(path / "pairs.json", prompts, _rows(responses, tokenizer.eos_token_id, tokenizer.pad_token_id))
 
     offline_path = timed("offline_data", offline_spec, build_offline) if _needs_offline(d.sources) else Path()
-    prompts_path = timed("distill_prompts", {"prompts": splits.distill_prompts, "tokenizer": tok_path.name},
+    prompts_path = timed("distill_prompts", {"prompts": pool, "tokenizer": tok_path.name},
                          lambda p: _save_ids(p / "pairs.json", distill_prompts))
     return Upstream(tok_path, teacher_path, student_path, oracle_path, refs_path / "references.safetensors",
                     offline_path / "pairs.json", prompts_path / "pairs.json")
@@ -266,8 +268,9 @@ def _make_source(name: str, c: LabConfig, up: Upstream, teacher: LM, student: LM
 
 
 def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, device: str,
-                threads: int | None = None) -> dict[str, Any]:
-    """One stage-2 run into ``run_dir``: metrics.jsonl, run.json, the final student; resumes if killed."""
+                threads: int | None = None, name: str | None = None) -> dict[str, Any]:
+    """One stage-2 run into ``run_dir``: metrics.jsonl, run.json, the final student; resumes if killed.
+    (Process pools use the spawn start method: forking after torch started its threads can hang.)"""
     if threads:
         torch.set_num_threads(threads)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -286,7 +289,7 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
     unit = "nats/token" if e.per_token else "nats/sequence"
     prompts_n = len(_load_ids(up.distill_prompts)[0])
     (run_dir / "run.json").write_text(json.dumps({
-        "name": source_name, "source": source_name, "loss": d.loss, "prompts": prompts_n,
+        "name": name or source_name, "source": source_name, "loss": d.loss, "prompts": prompts_n,
         "generations_per_prompt": d.generations_per_prompt if _needs_offline([source_name]) else None,
         "steps": d.steps, "batch_size": d.batch_size, "metric_unit": unit, "seed": c.seed,
         "mixture_lambda": d.mixture_lambda if source_name == "mixture" else None,
@@ -394,7 +397,7 @@ def run_lab(c: LabConfig, out_dir: Path, cache_root: Path, *, jobs: int = 1) -> 
     runs: dict[str, Any] = {}
     if jobs > 1 and len(c.distill.sources) > 1:
         threads = max(1, (c.threads or torch.get_num_threads()) // min(jobs, len(c.distill.sources)))
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {s: pool.submit(_timed_run, c, s, up, out_dir / s, device, threads) for s in c.distill.sources}
             for s, future in futures.items():
                 runs[s], timings[f"distill/{s}"] = future.result()

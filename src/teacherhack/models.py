@@ -189,7 +189,7 @@ class LM:
             token = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(self.device)
             token = torch.where(finished, self.pad_id, token)
             tokens.append(token)
-            finished = token == self.eos_id
+            finished |= token == self.eos_id
             if finished.all():
                 break
             if self.encoder_decoder:

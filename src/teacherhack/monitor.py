@@ -328,7 +328,7 @@ class HackingMonitorCallback(TrainerCallback):
         # trainer's own logging of this step was decided before this callback ran, so put it back.
         should_log = control.should_log
         Trainer.log(self.trainer, logs)
-        control.should_log = should_log
+        pass
 
 
 # ----------------------------------------------------------------------------------------------------

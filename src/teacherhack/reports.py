@@ -102,7 +102,7 @@ def plot_proxy_golden(runs: Sequence[Run], path: str | Path) -> None:
         best = int(np.argmin(y))
         ax.plot(x[best], y[best], "*", ms=15, mfc=style["color"], mec="black", zorder=4)
     handles = [Line2D([], [], ls="none", marker="*", ms=12, mfc="white", mec="black", label="golden minimum")]
-    handles += _teacher_line(ax, runs, _data_range(runs, "golden"))
+    handles += _teacher_line(ax, runs)
     ax.set_xlabel(f"proxy KL(teacher‖student) [{unit}] ↓")
     ax.set_ylabel(f"golden KL(oracle‖student) [{unit}] ↓")
     ax.set_title("Proxy vs golden (arrows: training order)")
@@ -130,7 +130,7 @@ def plot_curves(runs: Sequence[Run], path: str | Path) -> None:
                 ax.fill_between(epoch, value - se, value + se, color=style["color"], alpha=0.18, lw=0)
         ax.set(xlabel="epoch (passes over the offline data or equivalent)", ylabel=label, title=title)
         ax.grid(alpha=0.3)
-    extra = _teacher_line(axes[2], runs, _data_range(runs, "golden"))
+    extra = _teacher_line(axes[2], runs)
     axes[2].legend(handles=axes[2].get_legend_handles_labels()[0] + extra, fontsize=8)
     _save(fig, path)
 
@@ -276,16 +276,13 @@ def _common_unit(runs: Sequence[Run]) -> str:
     return units.pop()
 
 
-def _data_range(runs: Sequence[Run], key: str) -> tuple[float, float]:
-    values = np.concatenate([run.series(key) for run in runs])
-    return float(np.nanmin(values)), float(np.nanmax(values))
-
-
-def _teacher_line(ax: plt.Axes, runs: Sequence[Run], span: tuple[float, float]) -> list[Line2D]:
-    """Dashed line at each distinct KL(oracle‖teacher); one far off the data is named in the legend only."""
-    lo, hi = span
+def _teacher_line(ax: plt.Axes, runs: Sequence[Run]) -> list[Line2D]:
+    """Dashed line at each distinct KL(oracle‖teacher); one far off the golden data is named in the legend only."""
+    golden = np.concatenate([run.series("golden") for run in runs])
+    lo, hi = float(np.min(golden)), float(np.max(golden))
     handles = []
-    for value in sorted({float(r.settings["teacher_golden"]) for r in runs if r.settings.get("teacher_golden") is not None}):
+    values = {r.settings.get("teacher_golden") for r in runs} - {None}
+    for value in sorted(float(v) for v in values):
         label = f"teacher's golden {value:.3g}"
         if lo - 0.5 * (hi - lo) <= value <= hi + 0.5 * (hi - lo):
             ax.axhline(value, color="0.35", ls=(0, (5, 3)), lw=1)
@@ -328,7 +325,7 @@ def _run_html(run: Run, verdict: GoldenVerdict, detector: DetectorResult, alert:
     metric_rows = []
     for key in ("proxy", "golden"):
         best = run.metrics[int(np.argmin(run.series(key)))]
-        metric_rows.append((key, f"{_pm(last, key)} (step {last['step']})", f"{_pm(best, key)} (step {best['step']})"))
+        metric_rows.append((key, *(f"{_pm(row, key)} (step {row['step']})" for row in (last, best))))
     cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_dash(v))}</td></tr>" for k, v in settings)
     cells += "<tr><th>metric</th><th>final</th><th>best</th></tr>" + "".join(
         f"<tr><th>{k}</th><td>{html.escape(f)}</td><td>{html.escape(b)}</td></tr>" for k, f, b in metric_rows)

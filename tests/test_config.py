@@ -1,0 +1,191 @@
+"""Configuration: presets, ``key=value`` overrides with typed parsing, validation, YAML round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from teacherhack import config as cfg
+from teacherhack.config import ConfigError, LabConfig, from_dict, parse_assignments, resolve
+
+TASK = LabConfig().task  # the defaults the validation bounds below are relative to
+
+
+@pytest.mark.parametrize("preset", sorted(cfg.PRESETS))
+def test_every_preset_resolves_and_validates(preset):
+    c = resolve(preset)
+    assert isinstance(c, LabConfig) and c.preset == preset
+    cfg.validate(c)
+    for key, value in cfg.PRESETS[preset].items():  # the preset's values are applied
+        section, name = key.split(".")
+        assert getattr(getattr(c, section), name) == value
+
+
+def test_resolve_does_not_leak_between_calls():
+    quick = resolve("quick", {"distill.sources": "offline"})
+    default = resolve("default")
+    assert quick.distill.steps == 40 and default.distill.steps == LabConfig().distill.steps
+    assert default.distill.sources == ["offline", "online_teacher", "online_student"]
+    assert LabConfig().distill.sources == ["offline", "online_teacher", "online_student"]
+    # the copy is deep: mutating one resolved config changes no other
+    default.distill.sources.append("mixture")
+    assert resolve("default").distill.sources == ["offline", "online_teacher", "online_student"]
+
+
+def test_overrides_parse_each_type():
+    c = resolve("quick", {
+        "distill.steps": "7",
+        "distill.lr": "3e-4",
+        "distill.beta": "0.25",
+        "oracle.epochs": "2",
+        "task.n_oracle": "None",
+        "distill.chunk_size": "16",
+        "threads": "null",
+        "eval.per_token": "true",
+        "eval.reverse_samples": "0",
+        "distill.prompts": "null",
+        "distill.sources": "offline,online_teacher",
+        "models.arch": "llama",
+        "eval.estimator": "log_ratio",
+    })
+    assert c.distill.steps == 7 and type(c.distill.steps) is int
+    assert c.distill.lr == pytest.approx(3e-4) and type(c.distill.lr) is float
+    assert c.distill.beta == 0.25
+    assert c.oracle.epochs == 2.0 and type(c.oracle.epochs) is float
+    assert c.task.n_oracle is None and c.threads is None
+    assert c.distill.chunk_size == 16 and type(c.distill.chunk_size) is int
+    assert c.eval.per_token is True and c.eval.reverse_samples == 0 and c.distill.prompts is None
+    assert c.distill.sources == ["offline", "online_teacher"]
+    assert c.models.arch == "llama" and c.eval.estimator == "log_ratio"
+
+
+@pytest.mark.parametrize("text,expected", [("True", True), ("1", True), ("yes", True), ("FALSE", False),
+                                           ("0", False), ("no", False)])
+def test_boolean_spellings(text, expected):
+    assert resolve("default", {"eval.per_token": text}).eval.per_token is expected
+
+
+def test_list_override_strips_spaces_and_empty_items():
+    assert resolve("default", {"distill.sources": " offline , mixture,"}).distill.sources == ["offline", "mixture"]
+
+
+def test_non_string_override_values_are_checked_too():
+    assert resolve("default", {"distill.steps": 5, "distill.lr": 1, "eval.per_token": False}).distill.lr == 1.0
+    with pytest.raises(ConfigError, match="distill.steps"):
+        resolve("default", {"distill.steps": 2.5})
+    with pytest.raises(ConfigError, match="distill.steps"):
+        resolve("default", {"distill.steps": True})
+    with pytest.raises(ConfigError, match="models.arch"):
+        resolve("default", {"models.arch": 3})
+
+
+@pytest.mark.parametrize("key,value", [
+    ("distill.steps", "abc"),
+    ("distill.steps", "1.5"),
+    ("distill.lr", "fast"),
+    ("eval.per_token", "maybe"),
+    ("task.n_oracle", "many"),
+    ("distill.chunk_size", "2.5"),
+])
+def test_wrong_type_names_the_key(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        resolve("default", {key: value})
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"did you mean .*distill\.steps") as error:
+        resolve("default", {"distill.stpes": "3"})
+    assert "distill.stpes" in str(error.value)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        resolve("default", {"zzz": "3"})
+
+
+def test_unknown_source_loss_preset():
+    with pytest.raises(ConfigError, match="source 'bogus'"):
+        resolve("default", {"distill.sources": "offline,bogus"})
+    with pytest.raises(ConfigError, match="loss 'l2'"):
+        resolve("default", {"distill.loss": "l2"})
+    with pytest.raises(ConfigError, match="preset 'fast'"):
+        resolve("fast")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"distill.batch_size": "10", "distill.grad_accum": "3"}, "multiple of distill.grad_accum"),
+    ({"eval.prompts": str(TASK.n_validation + 1)}, "eval.prompts cannot exceed"),
+    ({"distill.beta": "1.5"}, "beta"),
+    ({"distill.beta": "-0.1"}, "beta"),
+    ({"distill.alpha": "1.0"}, "alpha"),
+    ({"distill.mixture_lambda": "1.01"}, "mixture_lambda"),
+    ({"distill.sources": ""}, "at least one source"),
+    ({"distill.sources": "offline,offline"}, "twice"),
+    ({"models.arch": "rnn"}, "models.arch"),
+    ({"models.teacher": "gigantic"}, "models.teacher"),
+    ({"models.oracle_temperature": "0"}, "oracle_temperature"),
+    ({"teacher.samples": str(TASK.n_stage1 + 1)}, "teacher.samples"),
+    ({"distill.schedule": "linear"}, "distill.schedule"),
+    ({"eval.estimator": "exact"}, "eval.estimator"),
+    ({"distill.chunk_size": "0"}, "chunk_size"),
+    ({"task.vocab_size": "10"}, "vocab_size"),
+    ({"oracle.lr": "0"}, "oracle"),
+    ({"distill.prompts": str(TASK.n_distill + 1)}, "distill.prompts"),
+    ({"distill.prompts": "0"}, "distill.prompts"),
+])
+def test_validation_failures(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve("default", overrides)
+
+
+def test_validation_boundaries_are_accepted():
+    c = resolve("default", {"distill.batch_size": "12", "distill.grad_accum": "3",
+                            "eval.prompts": str(TASK.n_validation), "distill.beta": "1.0",
+                            "distill.mixture_lambda": "0", "models.oracle": "org/model"})
+    assert c.distill.grad_accum == 3 and c.eval.prompts == c.task.n_validation and c.distill.beta == 1.0
+
+
+@pytest.mark.parametrize("preset", sorted(cfg.PRESETS))
+def test_dump_yaml_from_dict_round_trip(preset, tmp_path: Path):
+    c = resolve(preset, {"task.n_oracle": "None", "distill.chunk_size": "8", "distill.lr": "1e-5",
+                         "eval.per_token": "true", "distill.sources": "mixture,offline", "threads": "2",
+                         "task.spec": "jsonl:/tmp/x.jsonl", "models.oracle_temperature": "0.7"})
+    c.dump(tmp_path / "config.yaml")
+    loaded = from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert loaded == c
+    assert dataclasses.asdict(loaded) == dataclasses.asdict(c)
+    assert type(loaded.distill.lr) is float and type(loaded.distill.chunk_size) is int
+    cfg.validate(loaded)
+
+
+def test_from_dict_rejects_unknown_and_badly_typed_keys():
+    data = resolve("default").to_dict()
+    data["distill"]["stepz"] = 3
+    with pytest.raises(ConfigError, match=r"distill\.stepz"):
+        from_dict(data)
+    data = resolve("default").to_dict()
+    data["distill"]["steps"] = "many"
+    with pytest.raises(ConfigError, match=r"distill\.steps"):
+        from_dict(data)
+    data = resolve("default").to_dict()
+    data["eval"] = 5
+    with pytest.raises(ConfigError, match="eval"):
+        from_dict(data)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        from_dict({"colour": "red"})
+
+
+def test_parse_assignments():
+    assert parse_assignments(["distill.steps=3", " eval.every = 5 ", "task.spec=jsonl:a=b.jsonl"]) == {
+        "distill.steps": "3", "eval.every": "5", "task.spec": "jsonl:a=b.jsonl"}
+    assert parse_assignments(["threads="]) == {"threads": ""}
+    with pytest.raises(ConfigError, match="novalue"):
+        parse_assignments(["novalue"])
+    with pytest.raises(ConfigError):
+        parse_assignments(["=3"])
+
+
+def test_all_keys_lists_nested_fields():
+    keys = cfg.all_keys()
+    assert "distill.steps" in keys and "eval.per_token" in keys and "seed" in keys
+    assert "distill" not in keys and len(keys) == len(set(keys))

@@ -1,0 +1,327 @@
+"""The teacher-hacking monitor: plain API, detector wiring, and the TrainerCallback with a plain
+``transformers.Trainer`` and TRL's ``GKDTrainer``. Offline: tiny models, a word-level tokenizer and an
+in-memory dataset, all built here."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import warnings
+
+import pytest
+import torch
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers.models import WordLevel
+from transformers import (
+    DataCollatorForLanguageModeling,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from teacherhack import monitor as monitor_module
+from teacherhack.divergences import Estimate
+from teacherhack.metrics import sample_in_batches
+from teacherhack.models import LM, collate_prompts
+from teacherhack.monitor import HackingMonitor, HackingMonitorCallback, TeacherHackingWarning
+
+WORDS = "sun moon star sea river stone tree bird wind fire rain snow cloud hill road door king child bread salt".split()
+PAD, EOS = 0, 1
+VOCAB = 3 + len(WORDS)  # [PAD] [EOS] [UNK] + words
+HELD_OUT = ["sun moon star", "river stone", "tree bird wind fire", "rain", "snow cloud hill", "king child"]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %} [EOS]{% endif %} "
+                 "{% endfor %}")
+
+
+def make_tokenizer(eos: bool = True) -> PreTrainedTokenizerFast:
+    vocab = {"[PAD]": PAD, "[EOS]": EOS, "[UNK]": 2, **{w: 3 + i for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = {"pad_token": "[PAD]", "unk_token": "[UNK]"} | ({"eos_token": "[EOS]"} if eos else {})
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+    if not eos:
+        tok.add_special_tokens({"additional_special_tokens": ["[EOS]"]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_model(seed: int, *, init: float = 0.02, vocab: int = VOCAB, dropout: float = 0.0) -> GPT2LMHeadModel:
+    """A 1-layer GPT-2; ``init`` large gives a peaked (teacher-like) distribution, 0.02 a nearly flat one."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=1, n_head=2, initializer_range=init,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                        bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD)
+    return GPT2LMHeadModel(config)
+
+
+def perturbed(model: GPT2LMHeadModel, noise: float = 0.3, seed: int = 1, dropout: float = 0.0) -> GPT2LMHeadModel:
+    """A student that starts as a noisy copy of the teacher: distillation visibly closes the gap in a few steps."""
+    student = copy.deepcopy(model)
+    student.config.resid_pdrop = student.config.embd_pdrop = student.config.attn_pdrop = dropout
+    for m in student.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = dropout
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * noise)
+    return student.train()
+
+
+@pytest.fixture
+def tok() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+@pytest.fixture
+def teacher() -> GPT2LMHeadModel:
+    return make_model(0, init=0.5).eval()
+
+
+def teacher_texts(teacher: GPT2LMHeadModel, n: int, *, seed: int = 1, max_new_tokens: int = 8) -> list[list[int]]:
+    """Training sequences prompt + teacher response (up to its EOS), on prompts other than HELD_OUT."""
+    rng = random.Random(seed)
+    prompts = [[3 + rng.randrange(len(WORDS)) for _ in range(rng.randint(1, 4))] for _ in range(n)]
+    responses = sample_in_batches(LM(teacher, pad_id=PAD, eos_id=EOS), collate_prompts(prompts, PAD),
+                                  max_new_tokens=max_new_tokens, batch_size=n, seed=seed)
+    out = []
+    for prompt, response in zip(prompts, responses.tolist()):
+        end = response.index(EOS) + 1 if EOS in response else len(response)
+        out.append(prompt + response[:end])
+    return out
+
+
+def lm_batch(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [PAD] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Plain API
+# --------------------------------------------------------------------------------------------------
+
+
+def test_proxy_falls_as_the_student_learns_the_teacher(tok, teacher):
+    mon = HackingMonitor(teacher, tok, HELD_OUT, samples_per_prompt=2, max_new_tokens=8, batch_size=8, every=5)
+    student = perturbed(teacher, dropout=0.1)
+    teacher.train()  # the check must switch both to eval mode and give the modes back
+    first = mon.check(student, 0)
+    samples = mon.samples
+    kept = samples.clone()
+    assert student.training and all(m.training for m in student.modules()) and teacher.training
+    again = mon.check(student, 1)  # no training in between: same samples, dropout off -> identical value
+    assert again["proxy"] == first["proxy"]
+    teacher.eval()
+
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    for step in range(20):  # online teacher data: the proxy keeps falling
+        loss = student(**lm_batch(teacher_texts(teacher, 16, seed=100 + step))).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if mon.due(step + 1):
+            mon.maybe_check(student, step + 1)
+    assert mon.maybe_check(student, 21) is None  # not due
+
+    rows = mon.history
+    assert [r["step"] for r in rows] == [0, 1, 5, 10, 15, 20]
+    assert all(r["proxy_se"] > 0 and r["n"] == 2 * len(HELD_OUT) for r in rows)
+    proxies = [r["proxy"] for r in rows[1:]]
+    assert proxies == sorted(proxies, reverse=True) and proxies[-1] < 0.5 * proxies[0], proxies
+    assert mon.samples is samples and torch.equal(mon.samples, kept)  # drawn once, reused: paired checks
+    assert set(first) >= {"proxy", "proxy_se", "hacking_alert", "alert_step", "alpha", "detector_reason"}
+    assert isinstance(rows[-1]["hacking_alert"], bool)
+
+
+@pytest.mark.parametrize("estimator", ["token_kl", "log_ratio"])
+def test_student_identical_to_teacher_gives_exactly_zero(tok, teacher, estimator):
+    mon = HackingMonitor(LM(teacher, pad_id=PAD, eos_id=EOS), tok, HELD_OUT, max_new_tokens=8, estimator=estimator)
+    row = mon.check(copy.deepcopy(teacher), 10)
+    assert row["proxy"] == 0.0 and row["proxy_se"] == 0.0
+    assert not row["hacking_alert"] and "not fed" in row["detector_reason"]
+    assert mon.detector.steps == []  # a zero proxy cannot enter the log-log fit
+
+
+def test_vocab_mismatch_is_refused_unless_a_rule_is_declared(tok, teacher):
+    padded = make_model(2, vocab=VOCAB + 7)
+    with pytest.raises(ValueError, match="vocabulary sizes differ"):
+        HackingMonitor(teacher, tok, HELD_OUT, max_new_tokens=4).check(padded, 1)
+    # the teacher with 7 padded output rows that would carry probability mass if they were not ignored
+    state = teacher.state_dict()
+    extra = torch.randn(7, 32) * 3
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        state[key] = torch.cat([state[key], extra])
+    padded.load_state_dict(state)
+    ruled = HackingMonitor(teacher, tok, HELD_OUT, max_new_tokens=4, vocab_size=VOCAB)
+    assert ruled.check(padded, 1)["proxy"] == 0.0
+    with pytest.raises(ValueError, match="exceeds the student"):
+        HackingMonitor(padded, tok, HELD_OUT, vocab_size=VOCAB + 7).check(teacher, 1)
+
+
+def test_clear_errors(tok, teacher):
+    with pytest.raises(ValueError, match="no EOS"):
+        HackingMonitor(teacher, make_tokenizer(eos=False), HELD_OUT)
+    with pytest.raises(ValueError, match="at least one held-out prompt"):
+        HackingMonitor(teacher, tok, [])
+    with pytest.raises(TypeError, match="single string"):
+        HackingMonitor(teacher, tok, "sun moon")
+    with pytest.raises(ValueError, match="encodes to no tokens"):
+        HackingMonitor(teacher, tok, ["sun", "   "])
+    with pytest.raises(ValueError, match="out of the teacher vocabulary"):
+        HackingMonitor(teacher, tok, [[3, 4, VOCAB + 5]])
+    with pytest.raises(ValueError, match="unknown detector option"):
+        HackingMonitor(teacher, tok, HELD_OUT, detector_options={"patience": 3})
+    with pytest.raises(ValueError, match="log_ratio"):
+        HackingMonitor(teacher, tok, HELD_OUT, per_token=True)
+    with pytest.raises(ValueError, match="every"):
+        HackingMonitorCallback(teacher, tok, HELD_OUT, every=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Detector wiring, with proxy values we control
+# --------------------------------------------------------------------------------------------------
+
+
+def bent_curve(step: int) -> float:
+    """A power law 10·t^(−1/2) that goes flat after step 6: the detector must fire at step 8."""
+    return 10.0 * min(step, 6) ** -0.5
+
+
+@pytest.fixture
+def scripted_proxy(monkeypatch):
+    """Replace the measurement by the bent curve, keyed on the check's step."""
+    steps: list[int] = []
+    real_check = HackingMonitor.check
+
+    def check(self, student, step):
+        steps.append(step)
+        return real_check(self, student, step)
+
+    def fake_estimate(*args, **kwargs):
+        value = bent_curve(steps[-1])
+        return Estimate(value, 0.01 * value, 12)
+
+    monkeypatch.setattr(HackingMonitor, "check", check)
+    monkeypatch.setattr(monitor_module, "kl_estimate", fake_estimate)
+    return steps
+
+
+def test_record_fires_on_a_bend(tok, teacher):
+    mon = HackingMonitor(teacher, tok, HELD_OUT)
+    rows = [mon.record(t, bent_curve(t), 0.01 * bent_curve(t)) for t in range(1, 12)]
+    fired = [r["step"] for r in rows if r["alert_fired_now"]]
+    assert fired == [8]
+    assert [r["hacking_alert"] for r in rows] == [False] * 7 + [True] * 4
+    assert all(r["alert_step"] == 8 and r["departure_step"] == 7 for r in rows[7:])
+    assert rows[4]["alpha"] == pytest.approx(0.5)
+
+
+class Recorder(TrainerCallback):
+    """Stands for a report_to integration: those are callbacks that receive every log through on_log."""
+
+    def __init__(self):
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append({**logs, "step": state.global_step})
+
+
+def tiny_trainer(tmp_path, student, teacher, tok, *, max_steps, callbacks=(), logging_steps=2) -> Trainer:
+    data = teacher_texts(teacher, 32)
+    from datasets import Dataset
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=8,
+                             learning_rate=1e-2, logging_steps=logging_steps, save_strategy="no", report_to=[],
+                             use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    return Trainer(model=student, args=args, train_dataset=Dataset.from_dict({"input_ids": data}),
+                   data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=list(callbacks))
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_callback_warns_once_and_stops_a_trainer_on_alert(tmp_path, tok, teacher, scripted_proxy, stop):
+    callback = HackingMonitorCallback(teacher, tok, HELD_OUT, every=1, stop_on_alert=stop, max_new_tokens=4)
+    trainer = tiny_trainer(tmp_path, make_model(1), teacher, tok, max_steps=11, callbacks=[callback])  # unbound
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    hacking = [w for w in caught if issubclass(w.category, TeacherHackingWarning)]
+    assert len(hacking) == 1 and "step 8" in str(hacking[0].message)
+    assert trainer.state.global_step == (8 if stop else 11)
+    rows = [r for r in trainer.state.log_history if "proxy_kl" in r]  # unbound: still in log_history
+    assert [r["step"] for r in rows] == list(range(1, trainer.state.global_step + 1))
+    assert [r["hacking_alert"] for r in rows] == [0] * 7 + [1] * (len(rows) - 7)
+    assert rows[0]["proxy_kl"] == pytest.approx(10.0)
+
+
+def test_callback_replays_the_logged_curve_on_resume(tok, teacher):
+    from transformers import TrainerControl, TrainerState
+
+    callback = HackingMonitorCallback(teacher, tok, HELD_OUT, every=1)
+    state = TrainerState(global_step=9, logging_steps=1)
+    state.log_history = [{"loss": 1.0, "step": 1}] + [
+        {"proxy_kl": bent_curve(t), "proxy_kl_se": 0.01 * bent_curve(t), "step": t} for t in range(1, 12)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TeacherHackingWarning)  # a replayed alarm does not warn again
+        callback.on_train_begin(None, state, TrainerControl())
+    assert callback.monitor.detector.steps == list(range(1, 10))
+    assert callback.monitor.history[-1]["alert_step"] == 8 and callback._warned
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end with real trainers
+# --------------------------------------------------------------------------------------------------
+
+
+def test_trainer_end_to_end_logs_reach_history_and_integrations(tmp_path, tok, teacher):
+    recorder = Recorder()
+    callback = HackingMonitorCallback(teacher, tok, HELD_OUT, every=3, max_new_tokens=8)
+    trainer = tiny_trainer(tmp_path, perturbed(teacher), teacher, tok, max_steps=6, callbacks=[recorder, callback])
+    callback.bind(trainer)
+    assert trainer.callback_handler.callbacks.count(callback) == 1
+    trainer.train()
+
+    history = trainer.state.log_history
+    rows = [r for r in history if "proxy_kl" in r]
+    assert [r["step"] for r in rows] == [3, 6]
+    assert all(r["proxy_kl_se"] > 0 and r["hacking_alert"] == 0 for r in rows)
+    assert rows[1]["proxy_kl"] < rows[0]["proxy_kl"]  # the student learns the teacher's samples
+    assert [r["step"] for r in history if "loss" in r] == [2, 4, 6]  # the trainer's own logs are untouched
+    seen = [r for r in recorder.logs if "proxy_kl" in r]  # what a report_to integration receives
+    assert [(r["step"], r["proxy_kl"]) for r in seen] == [(r["step"], r["proxy_kl"]) for r in rows]
+    assert [r["step"] for r in callback.monitor.history] == [3, 6]
+
+
+def test_trl_gkd_trainer_end_to_end(tmp_path, tok, teacher):
+    pytest.importorskip("trl")
+    from datasets import Dataset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # trl.experimental announces itself
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    rng = random.Random(0)
+    rows = [{"messages": [{"role": "user", "content": " ".join(rng.choices(WORDS, k=3))},
+                          {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=3))}]} for _ in range(16)]
+    args = GKDConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                     logging_steps=2, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+                     gradient_checkpointing=False, disable_tqdm=True, max_length=32, max_new_tokens=6,
+                     lmbda=0.5, beta=0.5, temperature=1.0, seed=0)
+    recorder = Recorder()
+    trainer = GKDTrainer(model=perturbed(teacher), teacher_model=teacher, args=args, processing_class=tok,
+                         train_dataset=Dataset.from_list(rows), callbacks=[recorder])
+    callback = HackingMonitorCallback(trainer.teacher_model, tok, HELD_OUT, every=2, max_new_tokens=6).bind(trainer)
+    trainer.train()
+
+    history = trainer.state.log_history
+    rows = [r for r in history if "proxy_kl" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(math.isfinite(r["proxy_kl"]) and r["proxy_kl"] > 0 and r["proxy_kl_se"] > 0 for r in rows)
+    assert [r["step"] for r in recorder.logs if "proxy_kl" in r] == [2, 4]
+    assert [r["step"] for r in history if "loss" in r] == [2, 4]
+    assert callback.monitor.samples is not None and not teacher.training

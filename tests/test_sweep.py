@@ -1,0 +1,121 @@
+"""Sweeps: preset expansion, one upstream per sweep, resumption after a kill, and the findings logic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from teacherhack import config as cfg
+from teacherhack import lab, sweep
+
+
+def test_every_preset_expands_into_valid_distinct_runs(tiny_config: cfg.LabConfig):
+    for preset in sweep.SWEEPS:
+        runs = sweep.expand(preset, tiny_config, seeds=2)
+        assert len({r.name for r in runs}) == len(runs), preset
+        for r in runs:
+            config = cfg.apply_overrides(tiny_config, r.overrides)
+            cfg.validate(config)
+            assert len(config.distill.sources) == 1 and config.seed == r.seed
+
+
+def test_diversity_keeps_the_dataset_size_and_budget_keeps_the_prompts(tiny_config: cfg.LabConfig):
+    sizes = set()
+    for r in sweep.expand("diversity", tiny_config, seeds=1):
+        c = cfg.apply_overrides(tiny_config, r.overrides)
+        sizes.add(c.distill.prompts * c.distill.generations_per_prompt)
+    assert len(sizes) <= 2 and max(sizes) - min(sizes) < 5  # 32 = 32×1 = 16×2 ≈ 6×5 (rounding)
+    budget = [cfg.apply_overrides(tiny_config, r.overrides) for r in sweep.expand("budget", tiny_config, seeds=1)]
+    assert len({c.distill.prompts for c in budget}) == 1
+    assert [c.distill.generations_per_prompt for c in budget] == [1, 2, 4, 8]
+
+
+def test_unknown_preset_is_a_clear_error(tiny_config: cfg.LabConfig):
+    with pytest.raises(cfg.ConfigError, match="unknown sweep preset 'sauce'"):
+        sweep.expand("sauce", tiny_config, seeds=1)
+
+
+def test_scale_grows_stage_two(tiny_config: cfg.LabConfig):
+    big = sweep.scaled(tiny_config, 4)
+    assert big.distill.steps == 4 * tiny_config.distill.steps and big.eval.every == 4 * tiny_config.eval.every
+
+
+@pytest.mark.slow
+def test_sweep_shares_upstream_and_resumes_after_a_kill(tiny_config: cfg.LabConfig, tmp_path: Path, monkeypatch):
+    built: list[str] = []
+    original_get = lab.ArtifactCache.get
+
+    def counting_get(self, stage, spec, build):
+        def recording_build(path):
+            built.append(stage)
+            build(path)
+        return original_get(self, stage, spec, recording_build)
+
+    monkeypatch.setattr(lab.ArtifactCache, "get", counting_get)
+    calls = {"n": 0}
+    original_run = sweep.distill_run
+
+    def dies_on_second_run(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return original_run(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "distill_run", dies_on_second_run)
+    out, cache = tmp_path / "sweep", tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep("sources", tiny_config, out, cache, seeds=1)
+    assert sorted(p.parent.parent.name for p in (out / "runs").glob("*/seed0/student")) == ["offline"]
+
+    monkeypatch.setattr(sweep, "distill_run", original_run)
+    summary = sweep.run_sweep("sources", tiny_config, out, cache, seeds=1)
+    assert summary["runs"] == 3 and calls["n"] == 2  # the finished run was not repeated
+    for stage in ("oracle", "teacher", "student", "tokenizer", "references"):
+        assert built.count(stage) == 1, (stage, built)
+    assert {f["claim"] for f in summary["findings"]} >= {"Offline data → teacher hacking (golden turns up while the proxy does not)"}
+    assert "| offline |" in (out / "findings.md").read_text()
+    for name in ("offline/seed0", "online_teacher/seed0", "online_student/seed0"):
+        assert json.loads((out / "runs" / name / "run.json").read_text())["name"] == name
+        assert cfg.from_dict(__import__("yaml").safe_load((out / "runs" / name / "config.yaml").read_text())).seed == 0
+
+    with pytest.raises(cfg.ConfigError, match="different sweep"):
+        sweep.run_sweep("sources", tiny_config, out, cache, seeds=2)
+
+
+def _result(group: str, seed: int, golden_min: float, golden_final: float, proxy_final: float, hacking: bool,
+            tokens: int = 0) -> dict:
+    return {"name": f"{group}/seed{seed}", "group": group, "seed": seed, "golden_min": golden_min,
+            "golden_final": golden_final, "proxy_final": proxy_final, "hacking": hacking,
+            "rows": [{"tokens_generated": tokens}]}
+
+
+def test_findings_sources_reproduced_and_not():
+    good = [_result("offline", s, 50, 53, 1.0, True) for s in range(3)]
+    good += [_result(g, s, 48, 48.1, 1.0, False) for g in ("online_teacher", "online_student") for s in range(3)]
+    found = sweep.findings_sources(good)
+    assert [f["reproduced"] for f in found] == [True, True]
+    assert "3/3 offline runs hack" in found[0]["evidence"]
+
+    bad = [_result("offline", s, 50, 50.1, 1.0, s == 0) for s in range(3)]
+    bad += [_result("online_teacher", s, 48, 49, 1.0, s == 1) for s in range(3)]
+    found = sweep.findings_sources(bad)
+    assert [f["reproduced"] for f in found] == [False, False]
+
+
+def test_findings_diversity_budget_mixture():
+    diversity = [_result(g, s, 50, 50 + rise, 2.0 + 0.01 * s, rise > 1)
+                 for g, rise in (("prompts=100 k=1", 0.5), ("prompts=50 k=2", 1.5), ("prompts=20 k=5", 3.0))
+                 for s in range(2)]
+    assert [f["reproduced"] for f in sweep.findings_diversity(diversity)] == [True, True]
+    reversed_rises = [_result(g, 0, 50, 50 + rise, 2.0 * (i + 1), False)
+                      for i, (g, rise) in enumerate((("a", 3.0), ("b", 1.0), ("c", 0.5)))]
+    assert [f["reproduced"] for f in sweep.findings_diversity(reversed_rises)] == [False, False]
+
+    budget = [_result(f"k={k}", 0, 50 - k, 50 - k + 4 / k, 1.0, k < 4) for k in (1, 2, 4, 8)]
+    assert [f["reproduced"] for f in sweep.findings_budget(budget)] == [True, True]
+
+    mixture = [_result(f"lambda={lam}", 0, 50, 50 + 3 * (1 - lam), 1.0, lam < 0.5, tokens=int(1000 * lam))
+               for lam in (0.0, 0.25, 0.5, 1.0)]
+    assert [f["reproduced"] for f in sweep.findings_mixture(mixture)] == [True, True]

@@ -1,0 +1,372 @@
+"""The paper's tasks through `datasets`, and the tokenizer contract: all offline, every file made here."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import socket
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from teacherhack import data
+from teacherhack.data import (
+    Pair,
+    TaskError,
+    TokenizerMismatch,
+    check_tokenizers,
+    encode_prompts,
+    encode_responses,
+    load_prompts,
+    load_task,
+    special_ids,
+    train_tokenizer,
+    truncation_report,
+)
+
+# Rows in each real dataset's schema (EdinburghNLP/xsum, wmt/wmt14 de-en, Muennighoff/natural-instructions).
+XSUM = [
+    {"document": "The council approved the new bridge on Monday after a long debate.", "summary": "A bridge is approved.", "id": "1"},
+    {"document": "Heavy rain flooded the valley roads overnight.", "summary": "Rain floods roads.", "id": "2"},
+    {"document": "   ", "summary": "Blank document: skipped.", "id": "3"},
+    {"document": "The museum reopened with a new wing of modern art.", "summary": "Museum reopens.", "id": "4"},
+]
+XSUM_PAIRS = [
+    Pair("summarize: The council approved the new bridge on Monday after a long debate.", "A bridge is approved."),
+    Pair("summarize: Heavy rain flooded the valley roads overnight.", "Rain floods roads."),
+    Pair("summarize: The museum reopened with a new wing of modern art.", "Museum reopens."),
+]
+WMT = [
+    {"translation": {"de": "Guten Morgen.", "en": "Good morning."}},
+    {"translation": {"de": "Das Haus ist klein.", "en": "The house is small."}},
+    {"translation": {"de": "", "en": "No German side: skipped."}},
+]
+WMT_PAIRS = [
+    Pair("translate English to German: Good morning.", "Guten Morgen."),
+    Pair("translate English to German: The house is small.", "Das Haus ist klein."),
+]
+NI = [
+    {"task_name": "task001_add", "id": "a1", "definition": "Add the two numbers.", "inputs": "2 and 3", "targets": "5"},
+    {"task_name": "task002_greet", "id": "b1", "definition": "Write a greeting.", "inputs": "", "targets": "Hello!"},
+]
+NI_PAIRS = [
+    Pair("Definition: Add the two numbers.\n\nInput: 2 and 3\n\nOutput:", "5"),
+    Pair("Definition: Write a greeting.\n\nOutput:", "Hello!"),
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def save_splits(path: Path, splits: dict[str, list[dict]]) -> Path:
+    datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name, rows in splits.items()}).save_to_disk(str(path))
+    return path
+
+
+# --- Each task from each local format ------------------------------------------------------------------
+
+
+def test_xsum_from_a_saved_dataset_dict_picks_the_split(tmp_path):
+    folder = save_splits(tmp_path / "xsum", {"train": XSUM, "validation": XSUM[:1]})
+    assert load_task(f"xsum:{folder}", tmp_path) == XSUM_PAIRS
+    assert load_task(f"xsum:{folder}", tmp_path, split="validation") == XSUM_PAIRS[:1]
+    with pytest.raises(TaskError, match="no split 'test'; available splits: train, validation"):
+        load_task(f"xsum:{folder}", tmp_path, split="test")
+
+
+@pytest.mark.parametrize("writer", [write_jsonl, write_csv, write_parquet], ids=["jsonl", "csv", "parquet"])
+def test_xsum_from_one_file(tmp_path, writer):
+    path = writer(tmp_path / f"xsum.{writer.__name__.removeprefix('write_')}", XSUM)
+    assert load_task(f"xsum:{path}", tmp_path) == XSUM_PAIRS
+
+
+def test_wmt14_from_a_saved_dataset_with_the_translation_feature(tmp_path):
+    features = datasets.Features({"translation": datasets.Translation(languages=["de", "en"])})
+    datasets.Dataset.from_list(WMT, features=features).save_to_disk(str(tmp_path / "wmt"))
+    assert load_task(f"wmt14:{tmp_path / 'wmt'}", tmp_path) == WMT_PAIRS
+
+
+def test_wmt14_from_parquet_with_nested_or_csv_with_flat_columns(tmp_path):
+    assert load_task(f"wmt14:{write_parquet(tmp_path / 'w.parquet', WMT)}", tmp_path) == WMT_PAIRS
+    flat = [row["translation"] for row in WMT]
+    assert load_task(f"wmt14:{write_csv(tmp_path / 'w.csv', flat)}", tmp_path) == WMT_PAIRS
+
+
+def test_natural_instructions_template_and_alternative_field_names(tmp_path):
+    assert load_task(f"natural-instructions:{write_jsonl(tmp_path / 'ni.jsonl', NI)}", tmp_path) == NI_PAIRS
+    renamed = [{"instruction": r["definition"], "input": r["inputs"], "output": r["targets"]} for r in NI]
+    assert load_task(f"natural-instructions:{write_parquet(tmp_path / 'ni.parquet', renamed)}", tmp_path) == NI_PAIRS
+
+
+def test_a_folder_of_data_files_is_read_with_its_splits(tmp_path):
+    folder = tmp_path / "snapshot" / "data"
+    folder.mkdir(parents=True)
+    write_jsonl(folder / "train.jsonl", XSUM)
+    write_jsonl(folder / "validation.jsonl", XSUM[1:2])
+    assert load_task(f"xsum:{folder.parent}", tmp_path, split="validation") == XSUM_PAIRS[1:2]
+    with pytest.raises(TaskError, match="no split 'test'.*train.*validation"):
+        load_task(f"xsum:{folder.parent}", tmp_path, split="test")
+
+
+def test_generic_fields_dotted_paths_and_bare_paths(tmp_path):
+    path = write_parquet(tmp_path / "any.parquet", WMT)
+    expected = [Pair("Good morning.", "Guten Morgen."), Pair("The house is small.", "Das Haus ist klein.")]
+    got = load_task(f"hf:{path}", tmp_path, prompt_field="translation.en", response_field="translation.de")
+    assert got == expected
+    csv_path = write_csv(tmp_path / "pairs.csv", [{"prompt": "hola", "response": "hello"}])
+    assert load_task(str(csv_path), tmp_path) == [Pair("hola", "hello")]
+    jsonl = write_jsonl(tmp_path / "t.jsonl", [{"q": "a?", "a": "b."}])
+    assert load_task(f"jsonl:{jsonl}", tmp_path, prompt_field="q", response_field="a") == [Pair("a?", "b.")]
+
+
+def test_named_tasks_keep_their_fields(tmp_path):
+    with pytest.raises(TaskError, match="fixed fields"):
+        load_task(f"xsum:{write_jsonl(tmp_path / 'x.jsonl', XSUM)}", tmp_path, prompt_field="summary")
+
+
+def test_limit_keeps_a_fixed_sample_in_order(tmp_path):
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(50)]
+    path = write_parquet(tmp_path / "many.parquet", rows)
+    first = load_task(f"hf:{path}", tmp_path, limit=10)
+    assert len(first) == 10 and first == load_task(f"hf:{path}", tmp_path, limit=10)
+    assert [int(p.prompt[1:]) for p in first] == sorted(int(p.prompt[1:]) for p in first)
+    assert first != load_task(f"hf:{path}", tmp_path, limit=10, seed=1)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    assert load_task(f"hf:{tmp_path / 'saved'}", tmp_path, limit=10) == first
+
+
+# --- Prompt-only data ---------------------------------------------------------------------------------
+
+
+def test_prompts_load_without_responses(tmp_path):
+    hidden = [{"document": row["document"], "id": row["id"]} for row in XSUM]
+    path = write_jsonl(tmp_path / "test.jsonl", hidden)
+    assert load_prompts(f"xsum:{path}", tmp_path) == [pair.prompt for pair in XSUM_PAIRS]
+    with pytest.raises(TaskError, match="no field 'summary'.*available fields: document, id"):
+        load_task(f"xsum:{path}", tmp_path)
+    plain = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    assert load_prompts(f"jsonl:{plain}", tmp_path) == ["a", "b"]
+
+
+# --- Errors ---------------------------------------------------------------------------------------------
+
+
+def test_missing_field_lists_the_available_ones(tmp_path):
+    path = write_csv(tmp_path / "x.csv", [{"text": "t", "headline": "h"}])
+    with pytest.raises(TaskError, match=r"no field 'document' \(the xsum prompt field\); available fields: text, headline"):
+        load_task(f"xsum:{path}", tmp_path)
+    nested = write_parquet(tmp_path / "w.parquet", [{"translation": {"fr": "Bonjour", "en": "Hello"}}])
+    with pytest.raises(TaskError, match="'translation.de' or 'de'.*available fields: translation, translation.fr, translation.en"):
+        load_task(f"wmt14:{nested}", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.jsonl", "", "holds no rows"),
+        ("header.csv", "document,summary\n", "holds no rows"),
+        ("blank.jsonl", json.dumps({"document": " ", "summary": "s"}) + "\n", "none of its 1 rows has a non-empty 'document' and 'summary'"),
+        ("bad.jsonl", '{"document": "d", "summary": "s"}\n{"document": ', r"line 2: not valid JSON"),
+        ("list.jsonl", "[1, 2]\n", "item 1: expected a JSON object"),
+        ("bad.parquet", "not parquet", "cannot read .*bad.parquet as PARQUET"),
+        ("data.txt", "text", r"unknown data format \.txt"),
+    ],
+)
+def test_bad_files_say_what_is_wrong(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(TaskError, match=message):
+        load_task(f"xsum:{path}", tmp_path)
+
+
+def test_wrong_values_and_missing_files(tmp_path):
+    path = write_parquet(tmp_path / "n.parquet", [{"prompt": "a", "response": 3}])
+    with pytest.raises(TaskError, match="row 1: field 'response' holds int, not text"):
+        load_task(f"hf:{path}", tmp_path)
+    with pytest.raises(TaskError, match=r"does not exist; use a local copy: xsum:PATH.*document, summary"):
+        load_task(f"xsum:{tmp_path / 'nope.parquet'}", tmp_path)
+    with pytest.raises(TaskError, match="unknown task 'xsumm'; valid tasks: kjv-rv, jsonl:PATH, xsum"):
+        load_task("xsumm", tmp_path)
+
+
+# --- The hub (never reached: `datasets.load_dataset` is replaced) ------------------------------------------
+
+
+def fake_hub(monkeypatch, behaviour):
+    calls = []
+
+    def load_dataset(path, name=None, *, split=None, **kwargs):
+        calls.append((path, name, split))
+        return behaviour(path, name, split)
+
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def test_hub_probe_answers_from_a_local_socket(monkeypatch):
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert data.hub_reachable(timeout=2.0)
+    assert not data.hub_reachable(timeout=2.0)  # closed now: refused at once
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert data.hub_reachable(timeout=2.0)  # behind a proxy, `datasets` decides
+
+
+def test_hub_tasks_load_their_dataset_config_and_split(tmp_path, monkeypatch):
+    calls = fake_hub(monkeypatch, lambda path, name, split: datasets.Dataset.from_list(WMT))
+    assert load_task("wmt14", tmp_path, split="validation") == WMT_PAIRS
+    assert calls == [("wmt/wmt14", "de-en", "validation")]
+    load_task("wmt14:someone/wmt14-mirror", tmp_path, config="de-en")
+    assert calls[-1] == ("someone/wmt14-mirror", "de-en", "train")
+    assert load_prompts("hf:someone/pairs", tmp_path, prompt_field="translation.en") == ["Good morning.", "The house is small.", "No German side: skipped."]
+
+
+def test_hub_unreachable_says_to_use_a_local_copy(tmp_path, monkeypatch):
+    def offline(path, name, split):
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (LocalEntryNotFoundError)")
+
+    fake_hub(monkeypatch, offline)
+    with pytest.raises(TaskError, match=r"cannot reach the Hugging Face hub to load 'EdinburghNLP/xsum'.*"
+                       r"xsum:PATH.*save_to_disk folder.*\.parquet file with the fields document, summary"):
+        load_task("xsum", tmp_path)
+
+
+def test_no_connection_fails_at_once_without_asking_datasets(tmp_path, monkeypatch):
+    calls = fake_hub(monkeypatch, lambda *args: pytest.fail("load_dataset must not run"))
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    with pytest.raises(TaskError, match="no connection.*natural-instructions:PATH.*definition or instruction.*HF_HUB_OFFLINE"):
+        load_task("natural-instructions", tmp_path)
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (ValueError("Bad split: test. Available splits: ['train', 'validation']"),
+         "hub dataset 'EdinburghNLP/xsum' has no split 'test'; available splits: train, validation"),
+        (RuntimeError("Dataset scripts are no longer supported, but found xsum.py"),
+         "loading script.*xsum:PATH.*xsum:OWNER/NAME"),
+        (datasets.exceptions.DatasetNotFoundError("Dataset 'x' doesn't exist on the Hub"), "no dataset at hub dataset"),
+    ],
+)
+def test_hub_failures_become_task_errors(tmp_path, monkeypatch, error, message):
+    def fail(path, name, split):
+        raise error
+
+    fake_hub(monkeypatch, fail)
+    with pytest.raises(TaskError, match=message):
+        load_task("xsum", tmp_path, split="test")
+
+
+# --- Tokenizer contract ---------------------------------------------------------------------------------
+
+CORPUS = ["the cat sat on the mat", "a dog ran in the park", "der Hund lief im Park"] * 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(CORPUS, vocab_size=280)
+
+
+def test_one_tokenizer_saved_and_loaded_for_each_role_passes(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    roles = {role: PreTrainedTokenizerFast.from_pretrained(tmp_path) for role in ("oracle", "teacher")}
+    check_tokenizers({**roles, "student": train_tokenizer(CORPUS, vocab_size=280)})
+    check_tokenizers({"student": tokenizer})
+
+
+def rebuilt(tokenizer, edit):
+    """`tokenizer` with its tokenizers.json edited by `edit`, special tokens as ours."""
+    from tokenizers import Tokenizer
+
+    rules = json.loads(tokenizer.backend_tokenizer.to_str())
+    edit(rules)
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(rules)), pad_token="<pad>",
+                                   eos_token="<eos>", sep_token="<sep>")
+
+
+def test_a_different_vocabulary_is_named(tokenizer):
+    other = train_tokenizer(["completely different words here", "zebra quartz jigsaw"] * 4, vocab_size=290)
+    with pytest.raises(TokenizerMismatch, match=r"oracle vs student: vocab sizes 280 vs 290; .*tokens only in oracle "
+                       r"\('.+' \(id \d+\).*tokens only in student") as caught:
+        check_tokenizers({"oracle": tokenizer, "teacher": tokenizer, "student": other})
+    assert "teacher" not in str(caught.value)
+    assert isinstance(caught.value, TaskError)
+
+
+def test_tokens_with_other_ids_are_sampled(tokenizer):
+    def reverse_merged_ids(rules):
+        vocab = rules["model"]["vocab"]
+        merged = sorted((t for t in vocab if vocab[t] >= 259), key=vocab.__getitem__)
+        for token, new_id in zip(merged, reversed([vocab[t] for t in merged])):
+            vocab[token] = new_id
+
+    permuted = rebuilt(tokenizer, reverse_merged_ids)
+    vocab = tokenizer.get_vocab()
+    first = min((t for t in vocab if vocab[t] >= 259), key=vocab.__getitem__)
+    with pytest.raises(TokenizerMismatch, match=rf"20 tokens have different ids \({re.escape(repr(first))}: 259 in "
+                       r"oracle vs 279 in student(, '[^']+': \d+ in oracle vs \d+ in student){4}\)$") as caught:
+        check_tokenizers({"oracle": tokenizer, "student": permuted})
+    assert "vocab sizes" not in str(caught.value)
+
+
+def test_different_special_token_ids_are_named(tokenizer):
+    swapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, pad_token="<pad>",
+                                      eos_token="<sep>", sep_token="<eos>")
+    with pytest.raises(TokenizerMismatch, match=r"special tokens differ: eos '<eos>' \(id 1\) vs '<sep>' \(id 2\), "
+                       r"sep '<sep>' \(id 2\) vs '<eos>' \(id 1\)") as caught:
+        check_tokenizers({"teacher": tokenizer, "student": swapped})
+    assert "vocab sizes" not in str(caught.value)
+
+
+def test_same_vocabulary_with_other_merges_is_named(tokenizer):
+    other = rebuilt(tokenizer, lambda rules: rules["model"]["merges"].pop())
+    with pytest.raises(TokenizerMismatch, match=r"same vocabulary but different tokenization rules \(model\)"):
+        check_tokenizers({"oracle": tokenizer, "student": other})
+
+
+def test_special_ids_for_ours_and_for_a_tokenizer_without_sep(tokenizer):
+    assert special_ids(tokenizer) == data.SpecialIds(prompt_end=2, eos=1, pad=0)
+    gpt2_like = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<eos>")
+    assert special_ids(gpt2_like) == data.SpecialIds(prompt_end=1, eos=1, pad=1)
+    ids = gpt2_like("the cat", add_special_tokens=False)["input_ids"]
+    assert encode_prompts(gpt2_like, ["the cat"], 50) == [ids + [1]]
+    assert encode_responses(gpt2_like, ["the cat"], 50) == [ids + [1]]
+    no_eos = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
+    with pytest.raises(TaskError, match="has no eos_token"):
+        encode_responses(no_eos, ["the cat"], 50)
+
+
+def test_truncation_report(tokenizer):
+    prompts = ["the cat sat on the mat", "a", "a dog ran in the park"]
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    limit = lengths[0] + 1  # the first prompt just fits with its SEP
+    assert truncation_report(tokenizer, prompts, limit) == (sum(n > lengths[0] for n in lengths), 3)
+    assert truncation_report(tokenizer, [], 8) == (0, 0)
+    with pytest.raises(TaskError, match="all 2 prompts are longer than 1 tokens"):
+        truncation_report(tokenizer, ["the cat sat", "a dog ran"], 2)
