@@ -191,7 +191,7 @@ def test_kjv_rv_reports_a_failed_download(tmp_path, monkeypatch):
 
 def test_unknown_task_lists_the_valid_ones(tmp_path):
     with pytest.raises(TaskError, match="kjv-rv, jsonl:PATH"):
-        load_task("wmt14", tmp_path)
+        load_task("nope", tmp_path)
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):

@@ -205,3 +205,24 @@ def test_validate_detector_on_a_lab(tmp_path):
     table = format_validation_table(rows)
     assert table.startswith("| run |") and "| offline | hacking | fired | 900 |" in table
     assert "Agreement: 2/2 runs." in table
+
+
+def test_paired_values_detect_a_rise_that_unpaired_ses_call_noise():
+    """The lab scores the same reference samples at every evaluation: sample difficulty is shared between
+    two evaluations, so the SE of their difference is much smaller than the two SEs combined."""
+    rng = np.random.default_rng(0)
+    difficulty = rng.gamma(2.0, 25.0, size=800)  # per-sample golden values spread widely
+    shift = [0.0, -2.0, -3.0, -2.2, -1.6]  # golden falls, then turns up by 1.4 nats
+    values = [difficulty + s + rng.normal(0, 0.5, 800) for s in shift]
+    steps = [0, 100, 200, 300, 400]
+    golden = [float(v.mean()) for v in values]
+    golden_se = [float(v.std(ddof=1) / np.sqrt(v.size)) for v in values]
+    proxy, proxy_se = [5.0, 3.0, 2.0, 1.8, 1.7], [0.05] * 5
+    proxy_values = [np.full(800, p) + rng.normal(0, 0.05, 800) for p in proxy]
+
+    unpaired = golden_verdict(steps, golden, golden_se, proxy, proxy_se)
+    paired = golden_verdict(steps, golden, golden_se, proxy, proxy_se, golden_values=values,
+                            proxy_values=proxy_values)
+    assert not unpaired.hacking and unpaired.rise_z < 3
+    assert paired.hacking and paired.paired and paired.rise_z > 10 * unpaired.rise_z
+    assert paired.min_step == 200 and paired.rise == pytest.approx(unpaired.rise)

@@ -26,7 +26,7 @@ from transformers import (
 from teacherhack import monitor as monitor_module
 from teacherhack.divergences import Estimate
 from teacherhack.metrics import sample_in_batches
-from teacherhack.models import LM, collate_prompts
+from teacherhack.models import LM, build_model, collate_prompts
 from teacherhack.monitor import HackingMonitor, HackingMonitorCallback, TeacherHackingWarning
 
 WORDS = "sun moon star sea river stone tree bird wind fire rain snow cloud hill road door king child bread salt".split()
@@ -146,6 +146,15 @@ def test_student_identical_to_teacher_gives_exactly_zero(tok, teacher, estimator
     assert row["proxy"] == 0.0 and row["proxy_se"] == 0.0
     assert not row["hacking_alert"] and "not fed" in row["detector_reason"]
     assert mon.detector.steps == []  # a zero proxy cannot enter the log-log fit
+
+
+def test_encoder_decoder_teacher(tok):
+    t5 = build_model("t5", "xxs", vocab_size=VOCAB, pad_id=PAD, eos_id=EOS, max_positions=64, seed=0).eval()
+    mon = HackingMonitor(t5, tok, HELD_OUT, max_new_tokens=6)
+    assert mon.check(copy.deepcopy(t5), 1)["proxy"] == 0.0
+    other = build_model("t5", "xxs", vocab_size=VOCAB, pad_id=PAD, eos_id=EOS, max_positions=64, seed=1)
+    row = mon.check(other, 2)
+    assert row["proxy"] > 0 and row["proxy_se"] > 0 and other.training
 
 
 def test_vocab_mismatch_is_refused_unless_a_rule_is_declared(tok, teacher):
@@ -303,7 +312,10 @@ def test_trl_gkd_trainer_end_to_end(tmp_path, tok, teacher):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # trl.experimental announces itself
-        from trl.experimental.gkd import GKDConfig, GKDTrainer
+        try:  # TRL 1.x moved GKD to trl.experimental
+            from trl.experimental.gkd import GKDConfig, GKDTrainer
+        except ImportError:
+            from trl import GKDConfig, GKDTrainer
 
     rng = random.Random(0)
     rows = [{"messages": [{"role": "user", "content": " ".join(rng.choices(WORDS, k=3))},
@@ -315,7 +327,8 @@ def test_trl_gkd_trainer_end_to_end(tmp_path, tok, teacher):
     recorder = Recorder()
     trainer = GKDTrainer(model=perturbed(teacher), teacher_model=teacher, args=args, processing_class=tok,
                          train_dataset=Dataset.from_list(rows), callbacks=[recorder])
-    callback = HackingMonitorCallback(trainer.teacher_model, tok, HELD_OUT, every=2, max_new_tokens=6).bind(trainer)
+    # every=None: the trainer's logging period (2)
+    callback = HackingMonitorCallback(trainer.teacher_model, tok, HELD_OUT, max_new_tokens=6).bind(trainer)
     trainer.train()
 
     history = trainer.state.log_history

@@ -77,6 +77,14 @@ def test_write_report_is_self_contained(lab, tmp_path):
     assert not verdicts["online_teacher"]["golden"]["hacking"] and not verdicts["online_teacher"]["detector"]["fired"]
 
 
+def test_report_on_a_run_too_short_for_the_detector(tmp_path):
+    run = write_run(tmp_path / "short", "offline", 50 + 0 * STEPS)
+    lines = (run / "metrics.jsonl").read_text().splitlines()[:4]  # steps 0-300: no power law to fit
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    text = write_report(run, tmp_path / "out").read_text(encoding="utf-8")
+    assert "too few evaluations" in text and (tmp_path / "out" / "power_law.png").read_bytes().startswith(PNG)
+
+
 def test_summarise_lists_each_run_and_verdict(lab):
     text = summarise(load_runs(lab))
     lines = text.splitlines()

@@ -30,7 +30,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class TaskConfig:
-    spec: str = "kjv-rv"  # "kjv-rv" (built-in English→Spanish verses) or "jsonl:PATH"
+    # "kjv-rv" (built in), "jsonl:PATH", "xsum", "wmt14", "natural-instructions" (hub, or "xsum:PATH" for a
+    # local copy), "hf:NAME_OR_PATH" or a .jsonl/.csv/.parquet path (with prompt_field/response_field)
+    spec: str = "kjv-rv"
+    split: str = "train"
+    hub_config: str | None = None  # the hub dataset's configuration (e.g. "de-en" for wmt14)
+    prompt_field: str | None = None  # for generic datasets; named tasks have their own mapping
+    response_field: str | None = None
+    limit: int | None = None  # keep a fixed random sample of at most this many pairs
     n_validation: int = 200
     n_distill: int = 500
     n_stage1: int = 5000
@@ -253,10 +260,6 @@ def parse_assignments(assignments: list[str]) -> dict[str, str]:
     return overrides
 
 
-def _is_size_or_path(value: str) -> bool:
-    return value in SIZES or "/" in value or Path(value).exists()
-
-
 def validate(c: LabConfig) -> None:
     def require(ok: bool, message: str) -> None:
         if not ok:
@@ -265,7 +268,7 @@ def validate(c: LabConfig) -> None:
     require(c.models.arch in ARCHITECTURES, f"models.arch must be one of {', '.join(ARCHITECTURES)}, got {c.models.arch!r}")
     for role in ("oracle", "teacher", "student"):
         value = getattr(c.models, role)
-        require(_is_size_or_path(value), f"models.{role} must be a size preset ({', '.join(SIZES)}) or a model folder / hub id, got {value!r}")
+        require(bool(value.strip()), f"models.{role} must name a size preset ({', '.join(SIZES)}) or a model folder / hub id")
     require(c.models.oracle_temperature > 0, "models.oracle_temperature must be > 0")
     require(bool(c.distill.sources), "distill.sources must name at least one source")
     for source in c.distill.sources:

@@ -152,11 +152,17 @@ def _no_field_overrides(spec: str, prompt_field: str | None, response_field: str
 
 def _sample(items: list, limit: int | None, seed: int) -> list:
     """At most `limit` items, a random sample fixed by `seed`, in their original order."""
-    if limit is None or limit >= len(items):
-        return items
-    if limit < 1:
+    keep = _sample_indices(len(items), limit, seed)
+    return items if keep is None else [items[i] for i in keep]
+
+
+def _sample_indices(size: int, limit: int | None, seed: int) -> list[int] | None:
+    """Sorted indices of a `seed`-fixed sample of `limit` out of `size`; None to keep everything."""
+    if limit is not None and limit < 1:
         raise TaskError(f"limit must be at least 1, got {limit}")
-    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), limit))]
+    if limit is None or limit >= size:
+        return None
+    return sorted(random.Random(seed).sample(range(size), limit))
 
 
 # --- JSON Lines -------------------------------------------------------------------------------
@@ -688,12 +694,9 @@ def _records_to_pairs(source: _Source, fmt: TaskFormat, *, limit: int | None, se
             )
         chosen[slot] = found
     rows = source.rows
-    if limit is not None:
-        if limit < 1:
-            raise TaskError(f"limit must be at least 1, got {limit}")
-        if limit < len(rows):
-            keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
-            rows = [rows[i] for i in keep] if isinstance(rows, list) else rows.select(keep)
+    keep = _sample_indices(len(rows), limit, seed)
+    if keep is not None:
+        rows = [rows[i] for i in keep] if isinstance(rows, list) else rows.select(keep)
     if not isinstance(rows, list):
         top = list(dict.fromkeys(c if c in rows.column_names else c.partition(".")[0] for c in chosen.values()))
         rows = rows.select_columns(top).to_list()

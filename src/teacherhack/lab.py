@@ -23,13 +23,23 @@ from typing import Any, Callable
 import torch
 import transformers
 from huggingface_hub.utils import disable_progress_bars
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from teacherhack import config as cfg
 from teacherhack.config import LabConfig
-from teacherhack.data import Splits, encode_prompts, encode_responses, load_task, split_task, train_tokenizer
-from teacherhack.detection import golden_verdict, power_law_detector
+from teacherhack.data import (
+    Splits,
+    check_tokenizers,
+    encode_prompts,
+    encode_responses,
+    load_task,
+    special_ids,
+    split_task,
+    train_tokenizer,
+    truncation_report,
+)
 from teacherhack.metrics import Evaluator, ReferenceSamples, draw_references, sample_in_batches
+from teacherhack.reports import load_run
 from teacherhack.models import LM, SIZES, build_model, collate_prompts, load_pretrained
 from teacherhack.sources import FixedPairs, Mixture, OnlineSamples, Source
 from teacherhack.training import distill_loss, load_checkpoint, make_optimizer, save_checkpoint, sft_loss, train
@@ -98,20 +108,49 @@ def _steps(samples: int, epochs: float, batch_size: int) -> int:
     return max(1, math.ceil(samples * epochs / batch_size)) if epochs > 0 else 0
 
 
-def _load_lm(path: Path, tokenizer: PreTrainedTokenizerFast, device: str, temperature: float = 1.0) -> LM:
-    model = load_pretrained(path).to(device)
-    return LM(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, temperature=temperature)
+def _wrap(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: str, temperature: float = 1.0) -> LM:
+    ids = special_ids(tokenizer)
+    return LM(model.to(device), pad_id=ids.pad, eos_id=ids.eos, temperature=temperature)
 
 
-def _new_or_loaded(c: LabConfig, role: str, tokenizer: PreTrainedTokenizerFast, device: str, seed: int) -> LM:
+def _load_lm(path: Path, tokenizer: PreTrainedTokenizerBase, device: str, temperature: float = 1.0) -> LM:
+    return _wrap(load_pretrained(path), tokenizer, device, temperature)
+
+
+def _new_or_loaded(c: LabConfig, role: str, tokenizer: PreTrainedTokenizerBase, device: str, seed: int) -> LM:
+    """A fresh model of a size preset, or the pretrained weights named for this role."""
     name = getattr(c.models, role)
-    if name in SIZES:
-        model = build_model(c.models.arch, name, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id,
-                            eos_id=tokenizer.eos_token_id, max_positions=c.task.max_prompt_len + c.task.max_response_len,
-                            seed=seed)
-    else:
-        model = load_pretrained(name)
-    return LM(model.to(device), pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+    if name not in SIZES:
+        return _wrap(_pretrained(role, name, load_pretrained), tokenizer, device)
+    ids = special_ids(tokenizer)
+    return _wrap(build_model(c.models.arch, name, vocab_size=len(tokenizer), pad_id=ids.pad, eos_id=ids.eos,
+                             max_positions=c.task.max_prompt_len + c.task.max_response_len, seed=seed),
+                 tokenizer, device)
+
+
+def _pretrained(role: str, name: str, load: Callable[[str], Any]) -> Any:
+    try:
+        return load(name)
+    except OSError as error:
+        raise cfg.ConfigError(f"models.{role}={name!r} is neither a size preset ({', '.join(SIZES)}) nor a model "
+                              f"folder or reachable hub id: {error}") from error
+
+
+def _pretrained_roles(c: LabConfig) -> dict[str, str]:
+    return {role: name for role in ("oracle", "teacher", "student") if (name := getattr(c.models, role)) not in SIZES}
+
+
+def _build_tokenizer(c: LabConfig, splits: Splits, path: Path) -> None:
+    """The tokenizer all three models share: the pretrained models' own (checked to be one and the same),
+    or a byte-level BPE trained on the task's text when every model is built from a size preset."""
+    pretrained = _pretrained_roles(c)
+    if pretrained:
+        tokenizers = {role: _pretrained(role, name, AutoTokenizer.from_pretrained) for role, name in pretrained.items()}
+        check_tokenizers(tokenizers)
+        next(iter(tokenizers.values())).save_pretrained(path)
+        return
+    texts = (x for pair in splits.oracle_train for x in (pair.prompt, pair.response))
+    train_tokenizer(texts, c.task.vocab_size).save_pretrained(path)
 
 
 def _fit(lm: LM, prompts: list[list[int]], responses: list[list[int]], t: cfg.TrainConfig, seed: int,
@@ -134,7 +173,7 @@ def _load_ids(path: Path) -> tuple[list[list[int]], list[list[int]] | None]:
     return data["prompts"], data["responses"]
 
 
-def _rows(responses: torch.Tensor, eos_id: int, pad_id: int) -> list[list[int]]:
+def _rows(responses: torch.Tensor, eos_id: int) -> list[list[int]]:
     """Sampled [B, T] responses back to lists, cut after the first EOS."""
     out = []
     for row in responses.tolist():
@@ -145,11 +184,12 @@ def _rows(responses: torch.Tensor, eos_id: int, pad_id: int) -> list[list[int]]:
 def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: dict[str, float]) -> Upstream:
     """Stages 0 and 1 and the evaluation references, each built once and cached."""
     t0 = time.time()
-    pairs = load_task(c.task.spec, cache.root)
     t = c.task
+    pairs = load_task(t.spec, cache.root, split=t.split, prompt_field=t.prompt_field,
+                      response_field=t.response_field, config=t.hub_config, limit=t.limit, seed=t.seed)
     splits: Splits = split_task(pairs, n_stage1=t.n_stage1, n_distill=t.n_distill, n_validation=t.n_validation,
                                 n_oracle=t.n_oracle, seed=t.seed)
-    task_spec = {"task": cfg.dataclasses.asdict(t), "pairs": len(pairs)}
+    task_spec = {"task": cfg.dataclasses.asdict(t), "pairs": len(pairs), "pretrained": _pretrained_roles(c)}
     timings["data"] = time.time() - t0
 
     def timed(stage: str, spec: dict[str, Any], build: Callable[[Path], None]) -> Path:
@@ -158,9 +198,12 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
         timings[stage] = time.time() - start
         return path
 
-    tok_path = timed("tokenizer", task_spec, lambda p: train_tokenizer(
-        (x for pair in splits.oracle_train for x in (pair.prompt, pair.response)), t.vocab_size).save_pretrained(p))
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_path)
+    tok_path = timed("tokenizer", task_spec, lambda p: _build_tokenizer(c, splits, p))
+    tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    cut, total = truncation_report(tokenizer, splits.validation_prompts, t.max_prompt_len)
+    if cut:
+        log(f"{cut} of {total} validation prompts are longer than task.max_prompt_len={t.max_prompt_len} and are cut")
+    ids = special_ids(tokenizer)
 
     def encode(prompts: list[str]) -> list[list[int]]:
         return encode_prompts(tokenizer, prompts, t.max_prompt_len)
@@ -183,9 +226,9 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
 
     def build_oracle_samples(path: Path) -> None:
         log(f"stage 1: the oracle answers {len(stage1_prompts)} prompts")
-        responses = sample_in_batches(oracle(), collate_prompts(stage1_prompts, tokenizer.pad_token_id),
+        responses = sample_in_batches(oracle(), collate_prompts(stage1_prompts, ids.pad),
                                       max_new_tokens=t.max_response_len, batch_size=256, seed=c.oracle_seed)
-        _save_ids(path / "pairs.json", stage1_prompts, _rows(responses, tokenizer.eos_token_id, tokenizer.pad_token_id))
+        _save_ids(path / "pairs.json", stage1_prompts, _rows(responses, ids.eos))
 
     samples_path = timed("oracle_samples", samples_spec, build_oracle_samples)
     _, oracle_responses = _load_ids(samples_path / "pairs.json")
@@ -213,7 +256,7 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
     def build_references(path: Path) -> None:
         log(f"evaluation references: {e.prompts} prompts × {e.samples_per_prompt} samples of oracle and teacher")
         refs = draw_references(oracle(), teacher(), collate_prompts(encode(splits.validation_prompts[: e.prompts]),
-                                                                tokenizer.pad_token_id),
+                                                                ids.pad),
                                samples_per_prompt=e.samples_per_prompt, max_new_tokens=t.max_response_len,
                                batch_size=e.batch_size, seed=c.seed)
         refs.save(path / "references.safetensors")
@@ -227,9 +270,9 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
     def build_offline(path: Path) -> None:
         log(f"stage 2 data: the teacher answers {len(distill_prompts)} prompts × {d.generations_per_prompt}")
         prompts = [p for p in distill_prompts for _ in range(d.generations_per_prompt)]
-        responses = sample_in_batches(teacher(), collate_prompts(prompts, tokenizer.pad_token_id),
+        responses = sample_in_batches(teacher(), collate_prompts(prompts, ids.pad),
                                       max_new_tokens=t.max_response_len, batch_size=256, seed=c.seed + 3)
-        _save_ids(path / "pairs.json", prompts, _rows(responses, tokenizer.eos_token_id, tokenizer.pad_token_id))
+        _save_ids(path / "pairs.json", prompts, _rows(responses, ids.eos))
 
     offline_path = timed("offline_data", offline_spec, build_offline) if _needs_offline(d.sources) else Path()
     prompts_path = timed("distill_prompts", {"prompts": pool, "tokenizer": tok_path.name},
@@ -274,7 +317,7 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
     if threads:
         torch.set_num_threads(threads)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(up.tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(up.tokenizer)
     oracle = _load_lm(up.oracle, tokenizer, device, c.models.oracle_temperature)
     teacher = _load_lm(up.teacher, tokenizer, device)
     student = _load_lm(up.student, tokenizer, device)
@@ -351,11 +394,11 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
 
 
 def summarise_run(run_dir: Path) -> dict[str, Any]:
-    """The run's line in summary.json: best and final metrics with the golden verdict and the detector."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    series = {k: [r[k] for r in rows] for k in ("step", "golden", "golden_se", "proxy", "proxy_se")}
-    verdict = golden_verdict(series["step"], series["golden"], series["golden_se"], series["proxy"], series["proxy_se"])
-    detector = power_law_detector(series["step"], series["proxy"], series["proxy_se"])
+    """The run's line in summary.json: best and final metrics with the golden verdict (paired SEs) and the
+    oracle-free detector."""
+    run = load_run(run_dir)
+    verdict, detector = run.verdicts()
+    rows = run.metrics
     best = min(range(len(rows)), key=lambda i: rows[i]["golden"])
     last = rows[-1]
     return {"golden_min": rows[best]["golden"], "golden_min_se": rows[best]["golden_se"],

@@ -54,40 +54,42 @@ def draw_references(oracle: LM, teacher: LM, prompts: Prompts, *, samples_per_pr
                             sample_in_batches(teacher, prompts, seed=seed + 1, **kwargs))
 
 
-@dataclass(frozen=True)
 class ScoredSamples:
-    """Samples of a frozen model p, in batches, with p's next-token log-probabilities computed once:
-    later KL(p‖q) estimates only need q's forward pass."""
+    """Samples of a frozen model p, in batches. p's next-token log-probabilities are kept after the first
+    use when they fit in ``cache_bytes`` (the lab's 1k vocabulary: yes; a 150k one: no), so later
+    KL(p‖q) estimates need only q's forward pass; otherwise each estimate recomputes them batch by batch."""
 
-    batches: list[tuple[Prompts, Tensor, Tensor, Tensor]]  # prompts, samples, mask, log p
-
-    @staticmethod
-    @torch.no_grad()
-    def of(p: LM, prompts: Prompts, samples: Tensor, *, batch_size: int) -> "ScoredSamples":
-        batches = []
+    def __init__(self, p: LM, prompts: Prompts, samples: Tensor, *, batch_size: int, cache_bytes: int = 1 << 30):
+        self.p, self.batches = p, []
         for start in range(0, len(prompts), batch_size):
             rows = slice(start, start + batch_size)
-            sub_prompts, sub_samples = prompts[rows], samples[rows]
-            mask = response_mask(sub_samples, p.eos_id)
+            mask = response_mask(samples[rows], p.eos_id)
             width = max(int(mask.sum(-1).max()), 1)  # drop columns that are padding in every row
-            sub_samples, mask = sub_samples[:, :width].to(p.device), mask[:, :width].to(p.device)
-            batches.append((sub_prompts, sub_samples, mask, p.next_token_logprobs(sub_prompts, sub_samples)))
-        return ScoredSamples(batches)
+            self.batches.append((prompts[rows], samples[rows, :width].to(p.device), mask[:, :width].to(p.device)))
+        size = sum(mask.numel() for _, _, mask in self.batches) * p.vocab_size * 4
+        self.cache: list[Tensor] | None = [] if size <= cache_bytes else None
 
     @torch.no_grad()
     def kl_to(self, q: LM, *, estimator: str, per_token: bool) -> Estimate:
         """KL(p‖q) from these samples of p."""
-        return Estimate.of(torch.cat([
-            kl_values(log_p, q.next_token_logprobs(prompts, samples), samples, mask, estimator=estimator,
-                      per_token=per_token)
-            for prompts, samples, mask, log_p in self.batches]))
+        values = []
+        for index, (prompts, samples, mask) in enumerate(self.batches):
+            if self.cache is not None and index < len(self.cache):
+                log_p = self.cache[index]
+            else:
+                log_p = self.p.next_token_logprobs(prompts, samples)
+                if self.cache is not None:
+                    self.cache.append(log_p)
+            values.append(kl_values(log_p, q.next_token_logprobs(prompts, samples), samples, mask,
+                                    estimator=estimator, per_token=per_token))
+        return Estimate.of(torch.cat(values))
 
 
 def kl_estimate(p: LM, q: LM, prompts: Prompts, samples: Tensor, *, estimator: str, per_token: bool,
                 batch_size: int) -> Estimate:
-    """KL(p‖q) on responses ``samples`` drawn from p, scored batch by batch."""
-    return ScoredSamples.of(p, prompts, samples, batch_size=batch_size).kl_to(q, estimator=estimator,
-                                                                               per_token=per_token)
+    """KL(p‖q) on responses ``samples`` drawn from p, scored batch by batch (nothing kept)."""
+    return ScoredSamples(p, prompts, samples, batch_size=batch_size, cache_bytes=0).kl_to(
+        q, estimator=estimator, per_token=per_token)
 
 
 class Evaluator:
@@ -101,8 +103,8 @@ class Evaluator:
         self.batch_size, self.max_new_tokens, self.seed = batch_size, max_new_tokens, seed
         n = min(reverse_samples, len(references.prompts))  # evenly spaced rows: as many distinct prompts as possible
         self.reverse_prompts = references.prompts[torch.arange(n) * len(references.prompts) // n] if n else None
-        self.from_oracle = ScoredSamples.of(oracle, references.prompts, references.oracle, batch_size=batch_size)
-        self.from_teacher = ScoredSamples.of(teacher, references.prompts, references.teacher, batch_size=batch_size)
+        self.from_oracle = ScoredSamples(oracle, references.prompts, references.oracle, batch_size=batch_size)
+        self.from_teacher = ScoredSamples(teacher, references.prompts, references.teacher, batch_size=batch_size)
         self.teacher_golden = self.from_oracle.kl_to(teacher, **self.options)
 
     def __call__(self, student: LM, step: int) -> tuple[dict[str, float], dict[str, Estimate]]:
@@ -112,7 +114,7 @@ class Evaluator:
         if self.reverse_prompts is not None:
             samples = sample_in_batches(student, self.reverse_prompts, max_new_tokens=self.max_new_tokens,
                                         batch_size=self.batch_size, seed=self.seed + 7919 * step)
-            from_student = ScoredSamples.of(student, self.reverse_prompts, samples, batch_size=self.batch_size)
+            from_student = ScoredSamples(student, self.reverse_prompts, samples, batch_size=self.batch_size)
             estimates["golden_reverse"] = from_student.kl_to(self.oracle, **self.options)
             estimates["proxy_reverse"] = from_student.kl_to(self.teacher, **self.options)
         row = {}

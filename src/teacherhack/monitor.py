@@ -4,10 +4,10 @@ Two entry points:
 
 * :class:`HackingMonitor`, plain Python for custom loops: ``monitor.check(student, step)`` returns the proxy
   metric KL(teacher‖student) on fixed held-out prompts and the power-law detector's verdict so far.
-* :class:`HackingMonitorCallback`, a ``transformers.TrainerCallback`` for ``Trainer`` and TRL trainers
-  (``GKDTrainer``, ``DistillationTrainer``, ``SFTTrainer``…): every ``every`` optimizer steps it runs the
-  monitor on the trained model and logs ``proxy_kl``, ``proxy_kl_se`` and ``hacking_alert`` through the
-  trainer's own loggers; it warns once when the detector fires and can stop the run.
+* :class:`HackingMonitorCallback`, a ``transformers.TrainerCallback`` for ``Trainer`` and its subclasses
+  (tested with ``Trainer`` and TRL 1.16's ``trl.experimental.gkd.GKDTrainer``): every ``every`` optimizer
+  steps it runs the monitor on the trained model and logs ``proxy_kl``, ``proxy_kl_se`` and ``hacking_alert``
+  through the trainer's own loggers; it warns once when the detector fires and can stop the run.
 
 The proxy metric (PAPER.md) is the sequence-level KL(teacher‖student) estimated from teacher samples on the
 held-out prompts (``teacherhack.metrics.kl_estimate``; default estimator ``token_kl``, the exact token-level
@@ -118,7 +118,7 @@ class HackingMonitor:
             )
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
 
-        self.teacher_model = teacher.model if isinstance(teacher, LM) else teacher
+        self.teacher_model = _unwrap(teacher)
         self.tokenizer, self.eos_id, self.pad_id = tokenizer, int(eos_id), int(pad_id)
         self.samples_per_prompt, self.max_new_tokens, self.every = samples_per_prompt, max_new_tokens, every
         self.batch_size, self.seed, self.estimator, self.per_token = batch_size, seed, estimator, per_token
@@ -156,7 +156,7 @@ class HackingMonitor:
     def check(self, student: nn.Module | LM, step: int) -> dict[str, Any]:
         """Measure KL(teacher‖student) now, feed the detector, and return this check's row (also appended
         to :attr:`history`). Teacher and student run in eval mode and get their train/eval modes back."""
-        student_model = student.model if isinstance(student, LM) else student
+        student_model = _unwrap(student)
         self._check_vocab(student_model)
         with _eval_mode(self.teacher_model, student_model), torch.no_grad():
             if self.samples is None:
@@ -328,7 +328,7 @@ class HackingMonitorCallback(TrainerCallback):
         # trainer's own logging of this step was decided before this callback ran, so put it back.
         should_log = control.should_log
         Trainer.log(self.trainer, logs)
-        pass
+        control.should_log = should_log
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -370,6 +370,14 @@ class _FirstEntries(nn.Module):
         out = self.inner(**kwargs)
         out.logits = out.logits[..., : self.size]
         return out
+
+
+def _unwrap(model: nn.Module | LM) -> nn.Module:
+    """The Hugging Face model inside an LM or a DistributedDataParallel-style wrapper (``.module``)."""
+    model = model.model if isinstance(model, LM) else model
+    while not hasattr(model, "config") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
 
 
 def _vocab_width(model: nn.Module) -> int:

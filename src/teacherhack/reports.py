@@ -45,6 +45,11 @@ class Run:
     settings: dict[str, Any]
     metrics: list[dict[str, Any]]
     path: Path
+    per_sample: list[dict[str, Any]] | None = None  # paired per-sample values (per_sample.jsonl), if saved
+
+    def verdicts(self) -> tuple[GoldenVerdict, DetectorResult]:
+        """The golden verdict (with paired SEs when per-sample values exist) and the detector."""
+        return run_verdicts(self.metrics, self.per_sample)
 
     def series(self, key: str) -> np.ndarray:
         """Column `key` over the evaluations as floats; null becomes NaN."""
@@ -63,7 +68,14 @@ def load_run(path: str | Path) -> Run:
     if not metrics_file.is_file():
         raise ValueError(f"{path}: no metrics.jsonl, not a run directory")
     settings = _read_settings(path / "run.json")
-    return Run(str(settings.get("name") or path.name), settings, _read_metrics(metrics_file), path)
+    metrics = _read_metrics(metrics_file)
+    per_sample_file = path / "per_sample.jsonl"
+    per_sample = None
+    if per_sample_file.is_file():
+        per_sample = [json.loads(line) for line in per_sample_file.read_text().splitlines() if line.strip()]
+        if [r["step"] for r in per_sample] != [m["step"] for m in metrics]:
+            per_sample = None  # written by an interrupted run that did not resume: fall back to unpaired SEs
+    return Run(str(settings.get("name") or path.name), settings, metrics, path, per_sample)
 
 
 def load_runs(paths: str | Path | Iterable[str | Path]) -> list[Run]:
@@ -145,7 +157,7 @@ def plot_power_law(runs: Sequence[Run], path: str | Path) -> None:
         pos = steps > 0
         ax.errorbar(steps[pos], proxy[pos], yerr=run.series("proxy_se")[pos], label=run.name,
                     markersize=4, elinewidth=0.7, capsize=0, **style)
-        verdict, detector = run_verdicts(run.metrics)
+        verdict, detector = run.verdicts()
         if np.isnan(detector.alpha):
             continue
         fit = np.array(detector.fit_window, float)
@@ -190,7 +202,7 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) 
     }
     for name, (plot, _) in figures.items():
         plot(runs, out / name)
-    verdicts = [(run, *run_verdicts(run.metrics), alert_step(run.metrics)) for run in runs]
+    verdicts = [(run, *run.verdicts(), alert_step(run.metrics)) for run in runs]
     (out / "verdicts.json").write_text(json.dumps(
         [{"name": r.name, "path": str(r.path), "golden": v.to_dict(), "detector": d.to_dict(), "alert_step": a}
          for r, v, d, a in verdicts], indent=2))
@@ -211,7 +223,7 @@ def summarise(runs: Sequence[Run]) -> str:
     head = ["run", "source", "evals", "final proxy", "final golden", "best golden @step", "golden", "detector"]
     rows = [head]
     for run in runs:
-        verdict, detector = run_verdicts(run.metrics)
+        verdict, detector = run.verdicts()
         last, best = run.metrics[-1], run.metrics[int(np.argmin(run.series("golden")))]
         rows.append([
             run.name,

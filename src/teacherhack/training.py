@@ -106,12 +106,16 @@ def save_checkpoint(path: Path, model: LM, optimizer: torch.optim.Optimizer, sta
     """Write model (safetensors), optimiser state and loop state, atomically: a kill mid-write leaves the
     previous checkpoint intact."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)  # a save killed mid-write
+    tmp.mkdir(parents=True)
     model.save(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state))
     old = path.with_name(path.name + ".old")
     if path.exists():
+        if old.exists():
+            shutil.rmtree(old)  # left by a save killed after moving its folder in (rename onto it would fail)
         path.rename(old)
     tmp.rename(path)
     if old.exists():

@@ -1,0 +1,409 @@
+"""The training loop and the batch sources: schedules, epoch shuffling, online samples, mixtures,
+gradient accumulation, the NaN guard and checkpoints. Tiny random models only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from teacherhack.divergences import response_mask
+from teacherhack.models import LM, build_model, collate_prompts
+from teacherhack.sources import Batch, FixedPairs, Mixture, OnlineSamples, seeded_generator
+from teacherhack.training import (
+    NonFiniteLoss,
+    distill_loss,
+    learning_rate,
+    load_checkpoint,
+    make_optimizer,
+    save_checkpoint,
+    sft_loss,
+    train,
+)
+
+VOCAB, PAD, EOS = 50, 0, 1
+
+
+def make_lm(arch: str = "gpt2", size: str = "xxs", seed: int = 0) -> LM:
+    model = build_model(arch, size, vocab_size=VOCAB, pad_id=PAD, eos_id=EOS, max_positions=32, seed=seed)
+    return LM(model, pad_id=PAD, eos_id=EOS)
+
+
+def params(lm: LM) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def pairs(n: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Item i: a prompt of 1–3 tokens, a response whose first token is i + 2 (so items can be identified)
+    and whose length varies (1–4 tokens, the last an EOS)."""
+    prompts = [[2 + (i * 7) % 40] * (1 + i % 3) for i in range(n)]
+    responses = [[i + 2] + [3 + (i + j) % 40 for j in range(i % 3)] + [EOS] for i in range(n)]
+    return prompts, responses
+
+
+def item_ids(batch: Batch) -> list[int]:
+    return [int(t) - 2 for t in batch.responses[:, 0]]
+
+
+# --- learning rate ---------------------------------------------------------------------------------
+
+
+def test_learning_rate_warmup_is_linear_then_constant():
+    got = [learning_rate(s, lr=2.0, warmup=4, total=20, schedule="constant") for s in range(8)]
+    assert got == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.0, 2.0, 2.0, 2.0])
+    assert learning_rate(100, lr=2.0, warmup=4, total=20, schedule="constant") == 2.0
+    assert learning_rate(0, lr=2.0, warmup=0, total=20, schedule="constant") == 2.0
+
+
+def test_learning_rate_cosine_decays_to_ten_percent():
+    lr = lambda s: learning_rate(s, lr=1.0, warmup=4, total=20, schedule="cosine")  # noqa: E731
+    assert [lr(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # warm-up first
+    assert lr(4) == pytest.approx(1.0)
+    assert lr(12) == pytest.approx(0.55)  # half-way: 0.1 + 0.9 · 0.5
+    assert lr(20) == pytest.approx(0.1) and lr(50) == pytest.approx(0.1)
+    decay = [lr(s) for s in range(4, 21)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert min(decay) == pytest.approx(0.1)
+
+
+# --- fixed pairs -----------------------------------------------------------------------------------
+
+
+def test_fixed_pairs_visit_every_item_once_per_epoch():
+    n, size = 10, 3  # batches straddle epoch boundaries
+    source = FixedPairs(*pairs(n), batch_size=size, seed=1, pad_id=PAD, origin="offline")
+    order = [i for step in range(10) for i in item_ids(source.batch(step))]  # 30 items = 3 epochs
+    epochs = [order[k * n : (k + 1) * n] for k in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(n))
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]  # reshuffled every epoch
+    assert epochs[0] != list(range(n))  # and shuffled at all
+    assert source.epoch(10) == pytest.approx(3.0) and source.epoch(5) == pytest.approx(1.5)
+    assert len(source) == n
+
+
+def test_fixed_pairs_batch_contents_and_origin():
+    prompts, responses = pairs(6)
+    source = FixedPairs(prompts, responses, batch_size=4, seed=0, pad_id=PAD, origin="real")
+    batch = source.batch(0)
+    assert batch.origin == "real" and len(batch.prompts) == 4
+    for row, i in enumerate(item_ids(batch)):
+        real = batch.prompts.ids[row][batch.prompts.mask[row]].tolist()
+        assert real == prompts[i]
+        assert batch.responses[row, : len(responses[i])].tolist() == responses[i]
+        assert (batch.responses[row, len(responses[i]):] == PAD).all()
+
+
+def test_fixed_pairs_are_a_pure_function_of_step_and_seed():
+    a = FixedPairs(*pairs(10), batch_size=4, seed=7, pad_id=PAD, origin="offline")
+    b = FixedPairs(*pairs(10), batch_size=4, seed=7, pad_id=PAD, origin="offline")
+    c = FixedPairs(*pairs(10), batch_size=4, seed=8, pad_id=PAD, origin="offline")
+    in_order = [item_ids(a.batch(s)) for s in range(8)]
+    reverse = [item_ids(b.batch(s)) for s in reversed(range(8))][::-1]  # out of order, as after a resume
+    assert in_order == reverse
+    assert in_order != [item_ids(c.batch(s)) for s in range(8)]
+    assert torch.equal(a.batch(5).responses, b.batch(5).responses)
+
+
+def test_fixed_pairs_length_mismatch():
+    prompts, responses = pairs(4)
+    with pytest.raises(ValueError, match="4 prompts but 3 responses"):
+        FixedPairs(prompts, responses[:3], batch_size=2, seed=0, pad_id=PAD, origin="offline")
+    with pytest.raises(ValueError):
+        FixedPairs([], [], batch_size=2, seed=0, pad_id=PAD, origin="offline")
+
+
+def test_seeded_generator_is_stable_and_distinguishes_seed_tuples():
+    draw = lambda *s: torch.randint(0, 2**30, (4,), generator=seeded_generator(*s)).tolist()  # noqa: E731
+    assert draw(1, 2) == draw(1, 2)
+    assert len({tuple(draw(*s)) for s in [(1, 2), (2, 1), (1, 3), (1,), (1, 2, 0)]}) == 5
+
+
+# --- online samples --------------------------------------------------------------------------------
+
+
+def eos_prone_lm(seed: int = 0) -> LM:
+    """A random model that ends a response early often (EOS boosted) and never samples PAD."""
+    lm = make_lm(seed=seed)
+
+    def hook(module, inputs, output):
+        output = output.clone()
+        output[..., EOS] += 3.0
+        output[..., PAD] = -1e4
+        return output
+
+    lm.model.get_output_embeddings().register_forward_hook(hook)
+    return lm
+
+
+def test_online_samples_are_a_pure_function_of_step():
+    lm = eos_prone_lm()
+    prompts = pairs(12)[0]
+    make = lambda: OnlineSamples(prompts, lm, batch_size=4, seed=5, pad_id=PAD, max_new_tokens=6,  # noqa: E731
+                                 origin="online_teacher")
+    source = make()
+    first = source.batch(3)
+    assert first.origin == "online_teacher" and first.responses.shape[0] == 4
+    source.batch(0)
+    again = source.batch(3)
+    assert torch.equal(first.prompts.ids, again.prompts.ids) and torch.equal(first.responses, again.responses)
+    fresh = make().batch(3)
+    assert torch.equal(first.responses, fresh.responses)
+    other = source.batch(4)
+    assert not (other.prompts.ids.shape == first.prompts.ids.shape and torch.equal(other.prompts.ids, first.prompts.ids)
+                and other.responses.shape == first.responses.shape and torch.equal(other.responses, first.responses))
+    assert source.epoch(6) == pytest.approx(2.0)
+
+
+def test_online_samples_count_generated_tokens():
+    lm = eos_prone_lm()
+    source = OnlineSamples(pairs(12)[0], lm, batch_size=4, seed=5, pad_id=PAD, max_new_tokens=6,
+                           origin="online_student")
+    assert source.tokens_generated == 0
+    expected, padded = 0, 0
+    for step in range(4):
+        responses = source.batch(step).responses
+        expected += int(response_mask(responses, EOS).sum())  # tokens up to and including the first EOS
+        padded += int((responses == PAD).sum())
+        assert source.tokens_generated == expected
+    assert padded > 0  # some rows ended early, so counting padding too would be caught
+
+
+# --- mixture ---------------------------------------------------------------------------------------
+
+
+class StubSource:
+    def __init__(self, origin: str):
+        self.origin, self.steps, self.tokens_generated = origin, [], 17
+
+    def batch(self, step: int) -> Batch:
+        self.steps.append(step)
+        return Batch(collate_prompts([[2, 3]], PAD), torch.tensor([[step % 40 + 2, EOS]]), self.origin)
+
+    def epoch(self, steps_done: int) -> float:
+        return steps_done / 10
+
+
+def mixture_origins(fraction: float, seed: int = 0, steps: int = 2000) -> list[str]:
+    other, online = StubSource("offline"), StubSource("online_student")
+    mixture = Mixture(other, online, fraction=fraction, seed=seed)
+    origins = []
+    for step in range(steps):
+        batch = mixture.batch(step)
+        origins.append(batch.origin)
+        assert int(batch.responses[0, 0]) == step % 40 + 2  # the chosen source got this very step
+    assert sorted(other.steps + online.steps) == list(range(steps))
+    return origins
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.8])
+def test_mixture_online_fraction(fraction):
+    origins = mixture_origins(fraction)
+    assert set(origins) == {"offline", "online_student"}
+    assert origins.count("online_student") / len(origins) == pytest.approx(fraction, abs=0.04)
+    assert mixture_origins(fraction) == origins  # deterministic
+    assert mixture_origins(fraction, seed=1) != origins
+
+
+def test_mixture_extremes():
+    assert set(mixture_origins(0.0, steps=300)) == {"offline"}
+    assert set(mixture_origins(1.0, steps=300)) == {"online_student"}
+
+
+def test_mixture_with_real_sources():
+    lm = eos_prone_lm()
+    prompts, responses = pairs(8)
+    offline = FixedPairs(prompts, responses, batch_size=2, seed=0, pad_id=PAD, origin="offline")
+    online = OnlineSamples(prompts, lm, batch_size=2, seed=0, pad_id=PAD, max_new_tokens=4, origin="online_student")
+    mixture = Mixture(offline, online, fraction=0.5, seed=3)
+    origins = [mixture.batch(step).origin for step in range(16)]
+    assert set(origins) == {"offline", "online_student"}
+    assert mixture.tokens_generated == online.tokens_generated > 0
+    assert mixture.epoch(8) == pytest.approx(2.0)
+
+
+# --- losses and gradient accumulation ----------------------------------------------------------------
+
+
+def accumulation_batch() -> FixedPairs:
+    prompts, responses = pairs(4)  # responses of 1–3 tokens + EOS: micro-batches hold different token counts
+    return FixedPairs(prompts, responses, batch_size=4, seed=0, pad_id=PAD, origin="offline")
+
+
+def one_step(loss_name: str, grad_accum: int, *, wrong: bool = False, chunk_size: int | None = None) -> dict:
+    student, teacher = make_lm(seed=0), make_lm(seed=1)
+    if loss_name == "sft":
+        loss_fn = sft_loss(student)
+    else:
+        loss_fn = distill_loss(student, teacher, loss=loss_name, beta=0.5, alpha=0.1, temperature=1.0,
+                               chunk_size=chunk_size)
+    if wrong:  # normalise each micro-batch by its own sequence count instead of the window's
+        right = loss_fn
+        loss_fn = lambda batch, denominator: right(batch, float(len(batch.prompts)))  # noqa: E731
+    # plain SGD, no clipping: the update is proportional to the gradient, so any scale error shows
+    # (AdamW's first step is nearly sign(g) and would hide one)
+    optimizer = torch.optim.SGD(student.model.parameters(), lr=1.0)
+    train(student, accumulation_batch(), loss_fn, steps=1, lr=1.0, warmup=0, schedule="constant",
+          grad_accum=grad_accum, max_grad_norm=1e9, optimizer=optimizer)
+    return params(student)
+
+
+@pytest.mark.parametrize("loss_name,chunk_size", [("sft", None), ("forward_kl", None), ("forward_kl", 2)])
+def test_gradient_accumulation_matches_one_big_batch(loss_name, chunk_size):
+    start = params(make_lm(seed=0))
+    full = one_step(loss_name, 1, chunk_size=chunk_size)
+    assert max_diff(full, start) > 1e-3  # a real step was taken
+    for accum in (2, 4):
+        assert max_diff(one_step(loss_name, accum, chunk_size=chunk_size), full) < 1e-6
+    # sensitivity: the classic mistake (each micro-batch normalised on its own) moves the parameters elsewhere
+    assert max_diff(one_step(loss_name, 2, wrong=True, chunk_size=chunk_size), full) > 1e-4
+
+
+def test_hard_ce_is_sft():
+    student, teacher = make_lm(seed=0), make_lm(seed=1)
+    batch = accumulation_batch().batch(0)
+    hard = distill_loss(student, teacher, loss="hard_ce", beta=0.5, alpha=0.1, temperature=1.0, chunk_size=None)
+    a, b = hard(batch, 4.0), sft_loss(student)(batch, 4.0)
+    assert float(a) == pytest.approx(float(b), abs=1e-7) and float(a) > 0
+    soft = distill_loss(student, teacher, loss="forward_kl", beta=0.5, alpha=0.1, temperature=1.0, chunk_size=None)
+    assert abs(float(soft(batch, 4.0)) - float(b)) > 1e-3  # a different loss does differ
+
+
+def test_sft_loss_is_mean_nll_of_response_tokens_up_to_eos():
+    lm = make_lm()
+    batch = accumulation_batch().batch(0)
+    with torch.no_grad():
+        logprobs = lm.next_token_logprobs(batch.prompts, batch.responses)
+        loss = sft_loss(lm)(batch, float(len(batch.prompts)))
+    mask = response_mask(batch.responses, EOS)
+    nll = -logprobs.gather(-1, batch.responses[..., None])[..., 0]
+    expected = ((nll * mask).sum(-1) / mask.sum(-1)).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_on_step_and_resume_from_a_step_are_exact():
+    calls = []
+    a, b = make_lm(seed=0), make_lm(seed=0)
+    source = FixedPairs(*pairs(6), batch_size=2, seed=0, pad_id=PAD, origin="offline")
+    train(a, source, sft_loss(a), steps=4, lr=1e-2, warmup=2, schedule="cosine",
+          on_step=lambda step, loss: calls.append((step, loss)))
+    assert [s for s, _ in calls] == [1, 2, 3, 4] and all(loss > 0 for _, loss in calls)
+    optimizer = train(b, source, sft_loss(b), steps=2, lr=1e-2, warmup=2, schedule="cosine")
+    train(b, source, sft_loss(b), steps=4, lr=1e-2, warmup=2, schedule="cosine", start_step=2, optimizer=optimizer)
+    assert max_diff(params(a), params(b)) < 1e-7
+
+
+# --- NaN guard -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad_call", [0, 1])  # the first or the second micro-batch of the window
+def test_non_finite_loss_takes_no_step(bad, bad_call):
+    lm = make_lm()
+    before = params(lm)
+    base, calls = sft_loss(lm), []
+
+    def loss_fn(batch: Batch, denominator: float) -> torch.Tensor:
+        calls.append(1)
+        value = base(batch, denominator)
+        return value * bad if len(calls) - 1 == bad_call else value
+
+    optimizer = make_optimizer(lm, 1e-2)
+    with pytest.raises(NonFiniteLoss, match="no step was taken"):
+        train(lm, accumulation_batch(), loss_fn, steps=3, lr=1e-2, warmup=0, schedule="constant", grad_accum=2,
+              optimizer=optimizer)
+    assert max_diff(params(lm), before) == 0.0
+    assert not optimizer.state  # AdamW never stepped
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+
+def trained(steps: int, seed: int = 0) -> tuple[LM, torch.optim.Optimizer, FixedPairs]:
+    lm = make_lm(seed=seed)
+    source = FixedPairs(*pairs(6), batch_size=2, seed=0, pad_id=PAD, origin="offline")
+    optimizer = train(lm, source, sft_loss(lm), steps=steps, lr=1e-2, warmup=1, schedule="cosine")
+    return lm, optimizer, source
+
+
+def test_checkpoint_round_trip_resumes_exactly(tmp_path: Path):
+    lm, optimizer, source = trained(2)
+    assert lm.model.lm_head.weight is lm.model.transformer.wte.weight  # GPT-2 ties its embeddings
+    save_checkpoint(tmp_path / "ckpt", lm, optimizer, {"step": 2, "note": "x"})
+
+    fresh = make_lm(seed=9)
+    fresh_optimizer = make_optimizer(fresh, 1e-2)
+    assert max_diff(params(fresh), params(lm)) > 1e-3
+    state = load_checkpoint(tmp_path / "ckpt", fresh, fresh_optimizer)
+    assert state == {"step": 2, "note": "x"}
+    assert max_diff(params(fresh), params(lm)) == 0.0
+    assert fresh.model.lm_head.weight is fresh.model.transformer.wte.weight  # still tied
+    saved, loaded = optimizer.state_dict(), fresh_optimizer.state_dict()
+    assert saved["param_groups"] == loaded["param_groups"]
+    assert saved["state"].keys() == loaded["state"].keys() and saved["state"]
+    for k in saved["state"]:
+        for name, value in saved["state"][k].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(loaded["state"][k][name])), name
+
+    # two more steps from the checkpoint = two more steps of the uninterrupted run
+    train(lm, source, sft_loss(lm), steps=4, lr=1e-2, warmup=1, schedule="cosine", start_step=2, optimizer=optimizer)
+    train(fresh, source, sft_loss(fresh), steps=4, lr=1e-2, warmup=1, schedule="cosine", start_step=2,
+          optimizer=fresh_optimizer)
+    assert max_diff(params(fresh), params(lm)) < 1e-7
+
+
+def test_checkpoint_folder_holds_no_pickled_model(tmp_path: Path):
+    lm, optimizer, _ = trained(1)
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, lm, optimizer, {"step": 1})
+    names = {p.name for p in path.iterdir()}
+    assert {"model.safetensors", "optimizer.pt", "state.json"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pth", ".pkl", ".pickle"))]
+    assert torch.load(path / "optimizer.pt", weights_only=True)["state"]
+    assert json.loads((path / "state.json").read_text()) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no .tmp / .old left behind
+
+
+def test_checkpoint_overwrite_replaces_the_previous_one(tmp_path: Path):
+    path = tmp_path / "ckpt"
+    lm, optimizer, source = trained(1)
+    save_checkpoint(path, lm, optimizer, {"step": 1})
+    train(lm, source, sft_loss(lm), steps=2, lr=1e-2, warmup=1, schedule="cosine", start_step=1, optimizer=optimizer)
+    save_checkpoint(path, lm, optimizer, {"step": 2})
+    fresh = make_lm(seed=9)
+    assert load_checkpoint(path, fresh, make_optimizer(fresh, 1e-2)) == {"step": 2}
+    assert max_diff(params(fresh), params(lm)) == 0.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_checkpoint_survives_leftovers_of_a_killed_save(tmp_path: Path):
+    """A kill after the new folder was moved in but before the old one was deleted leaves ``ckpt.old``
+    (and one mid-write leaves ``ckpt.tmp``); the next save must still succeed and be clean."""
+    path = tmp_path / "ckpt"
+    lm, optimizer, _ = trained(1)
+    save_checkpoint(path, lm, optimizer, {"step": 1})
+    for leftover in ("ckpt.old", "ckpt.tmp"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "stale.txt").write_text("stale")
+    save_checkpoint(path, lm, optimizer, {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert not (path / "stale.txt").exists()
+    fresh = make_lm(seed=9)
+    assert load_checkpoint(path, fresh, make_optimizer(fresh, 1e-2)) == {"step": 2}
+
+
+def test_checkpoint_from_another_architecture_is_refused(tmp_path: Path):
+    lm, optimizer, _ = trained(1)
+    save_checkpoint(tmp_path / "ckpt", lm, optimizer, {"step": 1})
+    other = make_lm("llama")
+    before = params(other)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        load_checkpoint(tmp_path / "ckpt", other, make_optimizer(other, 1e-2))
+    assert max_diff(params(other), before) == 0.0
