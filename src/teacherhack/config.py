@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from teacherhack.divergences import DIVERGENCES, ESTIMATORS
+from teacherhack.generation import BACKENDS
 from teacherhack.models import ARCHITECTURES, SIZES
 
 SOURCES: tuple[str, ...] = ("offline", "online_teacher", "online_student", "mixture")
@@ -86,6 +87,8 @@ class DistillConfig:
     warmup: int = 100
     schedule: str = "constant"
     chunk_size: int | None = None  # chunk the loss along the sequence (memory)
+    generation: str = "auto"  # online sampling backend: "hf", "vllm", or "auto" (vLLM when installed on a GPU)
+    sync_every: int = 1  # steps between student-weight syncs into a separate sampler (vLLM)
     max_grad_norm: float = 1.0
 
 
@@ -293,6 +296,8 @@ def validate(c: LabConfig) -> None:
     require(d.prompts is None or 0 < d.prompts <= c.task.n_distill, "distill.prompts must lie in [1, task.n_distill]")
     require(d.generations_per_prompt >= 1, "distill.generations_per_prompt must be >= 1")
     require(d.chunk_size is None or d.chunk_size >= 1, "distill.chunk_size must be >= 1")
+    require(d.generation in BACKENDS, f"distill.generation must be one of {', '.join(BACKENDS)}")
+    require(d.sync_every >= 1, "distill.sync_every must be >= 1")
     t = c.task
     require(min(t.n_validation, t.n_distill, t.n_stage1) > 0, "task: n_validation, n_distill and n_stage1 must be > 0")
     require(t.max_prompt_len >= 2 and t.max_response_len >= 2, "task: max_prompt_len and max_response_len must be >= 2")

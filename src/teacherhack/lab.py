@@ -38,6 +38,7 @@ from teacherhack.data import (
     train_tokenizer,
     truncation_report,
 )
+from teacherhack.generation import make_sampler
 from teacherhack.metrics import Evaluator, ReferenceSamples, draw_references, sample_in_batches
 from teacherhack.reports import load_run
 from teacherhack.models import LM, SIZES, build_model, collate_prompts, load_pretrained
@@ -295,18 +296,21 @@ def _make_source(name: str, c: LabConfig, up: Upstream, teacher: LM, student: LM
     seed = c.seed + 11
     prompts, _ = _load_ids(up.distill_prompts)
 
-    def online(model: LM, origin: str) -> OnlineSamples:
-        return OnlineSamples(prompts, model, batch_size=d.batch_size, seed=seed, pad_id=pad,
-                             max_new_tokens=c.task.max_response_len, origin=origin)
+    def online(model: LM, saved: Path, origin: str) -> OnlineSamples:
+        sampler = make_sampler(model, d.generation, saved)
+        log(f"{name}: {origin} samples from the {sampler.name} backend")
+        return OnlineSamples(prompts, sampler, batch_size=d.batch_size, seed=seed, pad_id=pad,
+                             max_new_tokens=c.task.max_response_len, origin=origin,
+                             sync_from=student if model is student else None, sync_every=d.sync_every)
 
     if name == "online_teacher":
-        return online(teacher, "online_teacher")
+        return online(teacher, up.teacher, "online_teacher")
     if name == "online_student":
-        return online(student, "online_student")
+        return online(student, up.student, "online_student")
     offline_prompts, offline_responses = _load_ids(up.offline)
     offline = FixedPairs(offline_prompts, offline_responses, batch_size=d.batch_size, seed=seed, pad_id=pad,
                          origin="offline")
-    return offline if name == "offline" else Mixture(offline, online(student, "online_student"),
+    return offline if name == "offline" else Mixture(offline, online(student, up.student, "online_student"),
                                                      fraction=d.mixture_lambda, seed=seed)
 
 

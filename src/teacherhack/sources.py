@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from teacherhack.generation import Sampler
 from teacherhack.models import LM, Prompts, collate_prompts, pad_responses
 
 
@@ -76,19 +77,26 @@ class FixedPairs:
 
 
 class OnlineSamples:
-    """Fresh responses from ``model`` (the teacher, or the current student) for every batch."""
+    """Fresh responses for every batch from a sampler of the teacher, or of the current student.
 
-    def __init__(self, prompts: list[list[int]], model: LM, *, batch_size: int, seed: int, pad_id: int,
-                 max_new_tokens: int, origin: str):
-        self.prompts, self.model, self.origin = prompts, model, origin
+    ``sync_from``: the model being trained, whose weights the sampler receives on the first batch of every
+    block of ``sync_every`` steps (a no-op for the HF sampler, which reads the live model)."""
+
+    def __init__(self, prompts: list[list[int]], sampler: Sampler, *, batch_size: int, seed: int, pad_id: int,
+                 max_new_tokens: int, origin: str, sync_from: LM | None = None, sync_every: int = 1):
+        self.prompts, self.sampler, self.origin = prompts, sampler, origin
         self.batch_size, self.pad_id, self.max_new_tokens, self.seed = batch_size, pad_id, max_new_tokens, seed
+        self.sync_from, self.sync_every, self._synced_block = sync_from, sync_every, None
         self._cycle = _Cycler(len(prompts), seed)
         self.tokens_generated = 0
 
     def batch(self, step: int) -> Batch:
+        if self.sync_from is not None and step // self.sync_every != self._synced_block:
+            self.sampler.sync(self.sync_from)
+            self._synced_block = step // self.sync_every
         prompts = collate_prompts([self.prompts[i] for i in self._cycle.take(step, self.batch_size)], self.pad_id)
-        responses = self.model.sample(prompts, max_new_tokens=self.max_new_tokens,
-                                      generator=seeded_generator(self.seed, 1 << 20, step))
+        responses = self.sampler.sample(prompts, max_new_tokens=self.max_new_tokens,
+                                        generator=seeded_generator(self.seed, 1 << 20, step))
         self.tokens_generated += int((responses != self.pad_id).sum())
         return Batch(prompts, responses, self.origin)
 

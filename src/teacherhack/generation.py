@@ -1,0 +1,98 @@
+"""Sampling backends for online data: batched Hugging Face generation with a KV cache (always available)
+or vLLM (when installed, on a GPU), behind one small interface so the sources do not care which."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from teacherhack.models import LM, Prompts, pad_responses
+
+BACKENDS: tuple[str, ...] = ("auto", "hf", "vllm")
+
+
+class Sampler(Protocol):
+    """Draws responses for a batch of prompts; ``sync`` brings a sampler's copy of the weights up to date
+    with the model being trained (a no-op for a sampler that uses the live model)."""
+
+    name: str
+
+    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator) -> Tensor: ...
+
+    def sync(self, model: LM) -> None: ...
+
+
+class HFSampler:
+    """The model's own batched sampling with a KV cache (:meth:`LM.sample`), on the live weights."""
+
+    name = "hf"
+
+    def __init__(self, model: LM):
+        self.model = model
+
+    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator) -> Tensor:
+        return self.model.sample(prompts, max_new_tokens=max_new_tokens, generator=generator)
+
+    def sync(self, model: LM) -> None:
+        """Nothing to do: the sampler reads the live model."""
+
+
+class VLLMSampler:
+    """vLLM on a saved copy of the model (token ids in, token ids out; no tokenizer). Sampling matches
+    :meth:`LM.sample`: softmax(logits/τ), no top-k or top-p, stop at EOS. ``sync`` loads the trained
+    model's current weights into the engine in place (vLLM ≥ 0.9, ``LLM.apply_model``)."""
+
+    name = "vllm"
+
+    def __init__(self, path: Path, model: LM, *, gpu_memory_utilization: float = 0.3, dtype: str = "auto"):
+        from vllm import LLM  # imported here: an optional dependency
+
+        self.eos_id, self.pad_id, self.temperature = model.eos_id, model.pad_id, model.temperature
+        self.llm = LLM(model=str(path), skip_tokenizer_init=True, gpu_memory_utilization=gpu_memory_utilization,
+                       dtype=dtype, enforce_eager=True)
+
+    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator) -> Tensor:
+        from vllm import SamplingParams
+
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        params = SamplingParams(temperature=self.temperature, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,
+                                seed=seed, stop_token_ids=[self.eos_id], detokenize=False)
+        requests = [{"prompt_token_ids": ids[mask].tolist()} for ids, mask in zip(prompts.ids, prompts.mask)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        rows = [_end_at_eos(list(out.outputs[0].token_ids), out.outputs[0].finish_reason, self.eos_id)
+                for out in outputs]
+        return pad_responses(rows, self.pad_id)
+
+    def sync(self, model: LM) -> None:
+        weights = [(name, tensor.detach()) for name, tensor in model.model.state_dict().items()]
+        self.llm.apply_model(lambda engine_model: engine_model.load_weights(weights))
+
+
+def _end_at_eos(tokens: list[int], finish_reason: str | None, eos_id: int) -> list[int]:
+    """Our response convention: cut after the first EOS; a stop without a visible EOS gets one."""
+    if eos_id in tokens:
+        return tokens[: tokens.index(eos_id) + 1]
+    return tokens + [eos_id] if finish_reason == "stop" else tokens
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def make_sampler(model: LM, backend: str, saved_path: Path | None = None) -> Sampler:
+    """``hf``, ``vllm`` (a clear error where it cannot run) or ``auto`` (vLLM when installed on a GPU and
+    the model has a saved copy to start from, else HF)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown generation backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "vllm" or (backend == "auto" and vllm_available() and saved_path is not None):
+        if not vllm_available():
+            raise RuntimeError("generation backend 'vllm' needs the vllm package and a CUDA GPU; "
+                               "install vllm or use distill.generation=hf")
+        if saved_path is None:
+            raise ValueError("the vllm backend starts from a saved model folder; none was given")
+        return VLLMSampler(saved_path, model)
+    return HFSampler(model)
