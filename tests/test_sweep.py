@@ -119,3 +119,15 @@ def test_findings_diversity_budget_mixture():
     mixture = [_result(f"lambda={lam}", 0, 50, 50 + 3 * (1 - lam), 1.0, lam < 0.5, tokens=int(1000 * lam))
                for lam in (0.0, 0.25, 0.5, 1.0)]
     assert [f["reproduced"] for f in sweep.findings_mixture(mixture)] == [True, True]
+
+
+def test_findings_tasks_are_judged_per_task():
+    results = []
+    for task, offline_hacks in (("kjv-rv", True), ("wordnet", False)):
+        results += [_result(f"{task} offline", s, 50, 53 if offline_hacks else 50.1, 1.0, offline_hacks) for s in range(2)]
+        results += [_result(f"{task} {src}", s, 48, 48.1, 1.0, False) for src in ("online_teacher", "online_student")
+                    for s in range(2)]
+    found = {f["claim"]: f["reproduced"] for f in sweep.findings_tasks(results)}
+    assert found["kjv-rv: Offline data → teacher hacking (golden turns up while the proxy does not)"] is True
+    assert found["wordnet: Offline data → teacher hacking (golden turns up while the proxy does not)"] is False
+    assert found["wordnet: Online data → no teacher hacking"] is True

@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class TaskConfig:
-    # "kjv-rv" (built in), "jsonl:PATH", "xsum", "wmt14", "natural-instructions" (hub, or "xsum:PATH" for a
+    # built in: "kjv-rv" (translation), "debian-descriptions" (summarisation), "wordnet" (definitions); "jsonl:PATH", "xsum", "wmt14", "natural-instructions" (hub, or "xsum:PATH" for a
     # local copy), "hf:NAME_OR_PATH" or a .jsonl/.csv/.parquet path (with prompt_field/response_field)
     spec: str = "kjv-rv"
     split: str = "train"

@@ -1,8 +1,13 @@
 """Data layer: real prompt→response tasks, disjoint splits and a small byte-level BPE tokenizer.
 
-The oracle must learn a real distribution, so tasks are real text. The built-in task needs no hub:
-Debian carries two public-domain Bibles with the same versification, so verse i of the King James
-Version and verse i of the Reina-Valera 1909 form an English→Spanish translation pair.
+The oracle must learn a real distribution, so tasks are real text. Three built-in tasks need no hub,
+one for each kind of task in the paper, all from Debian's archive:
+- "kjv-rv" (translation): Debian carries two public-domain Bibles with the same versification, so
+  verse i of the King James Version and verse i of the Reina-Valera 1909 form an English→Spanish pair.
+- "debian-descriptions" (summarisation, XSum-like): a package's long description → its one-line
+  synopsis, from the archive metadata that `apt-get update` fetches.
+- "wordnet" (instruction-style generation): "Define: WORD (POS)" → the WordNet 3.0 definition.
+Each is built once and then read from a snapshot with a checksum (see `write_snapshot`).
 
 The paper's tasks (XSum, WMT-14 en→de, Natural Instructions) load through Hugging Face `datasets`,
 from the hub or from a local copy; see `load_task` for the spec grammar and `TASK_FORMATS` for each
@@ -11,10 +16,13 @@ task's fields and prompt template. Pretrained tokenizers are checked with `check
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import hashlib
 import html
 import json
+import lzma
 import os
 import random
 import re
@@ -23,8 +31,9 @@ import socket
 import struct
 import subprocess
 import tempfile
+import warnings
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +49,8 @@ TASK_SPECS = (
     "xsum[:PATH]",
     "wmt14[:PATH]",
     "natural-instructions[:PATH]",
+    "debian-descriptions",
+    "wordnet",
     "hf:NAME_OR_PATH",
     "PATH.{jsonl,json,csv,tsv,parquet}",
 )
@@ -47,6 +58,7 @@ TASK_SPECS = (
 KJV_RV_PACKAGES = ("sword-text-kjv", "sword-text-sparv")
 ZTEXT_ROOT = Path("usr/share/sword/modules/texts/ztext")
 KJV_MODULE, RV_MODULE = "engKJV2006eb", "spaRV1909eb"
+BUILTIN_TASKS = ("kjv-rv", "debian-descriptions", "wordnet")  # built from Debian's archive, no hub
 
 
 class TaskError(ValueError):
@@ -87,6 +99,10 @@ def load_task(
 
     Specs:
     - "kjv-rv": the built-in English→Spanish verses (Debian packages, no hub).
+    - "debian-descriptions": built-in summaries, package long description → synopsis (Debian's
+      archive metadata, no hub); see `load_debian_descriptions`.
+    - "wordnet": built-in definitions, "Define: WORD (POS)" → WordNet gloss (Debian package, no
+      hub); see `load_wordnet`.
     - "jsonl:PATH": one {"prompt", "response"} object a line (other names with `prompt_field` and
       `response_field`); a malformed line is an error.
     - "xsum", "wmt14", "natural-instructions": the paper's tasks from the Hugging Face hub (`split`;
@@ -100,14 +116,14 @@ def load_task(
     A local copy is a `datasets` `save_to_disk` folder (a DatasetDict: `split` picks the split; a
     Dataset: used whole), a folder of data files that `datasets.load_dataset` reads (e.g. a hub
     snapshot; split names come from the file names), or one .jsonl/.json/.csv/.tsv/.parquet file
-    (used whole; `split` is ignored, as it is for "kjv-rv" and "jsonl:PATH"). A field may name a key
+    (used whole; `split` is ignored, as it is for the built-in tasks and "jsonl:PATH"). A field may name a key
     inside a dict column with a dot ("translation.en"). Rows with a blank prompt or response field
     are skipped; `limit` keeps a random sample (fixed by `seed`) of at most that many rows, drawn
     before blank rows are dropped, so a slice of a sorted corpus is still varied.
     """
-    if spec == "kjv-rv":
+    if spec in BUILTIN_TASKS:
         _no_field_overrides(spec, prompt_field, response_field)
-        return _sample(load_kjv_rv(Path(cache_dir)), limit, seed)
+        return _sample(_load_builtin(spec, Path(cache_dir)), limit, seed)
     if spec.startswith("jsonl:"):
         pairs = load_jsonl(Path(spec.removeprefix("jsonl:")), prompt_field or "prompt", response_field or "response")
         return _sample(pairs, limit, seed)
@@ -131,15 +147,24 @@ def load_prompts(
     here the response field may be missing or blank (e.g. a test split whose targets are hidden, or
     a prompt-only file {"prompt": ...} a line). Templates are applied as in `load_task`.
     """
-    if spec == "kjv-rv":
+    if spec in BUILTIN_TASKS:
         _no_field_overrides(spec, prompt_field, None)
-        return [pair.prompt for pair in _sample(load_kjv_rv(Path(cache_dir)), limit, seed)]
+        return [pair.prompt for pair in _sample(_load_builtin(spec, Path(cache_dir)), limit, seed)]
     if spec.startswith("jsonl:"):
         spec = "hf:" + spec.removeprefix("jsonl:")
         prompt_field = prompt_field or "prompt"
     pairs = _load_records(spec, Path(cache_dir), split=split, prompt_field=prompt_field, response_field=None,
                           config=config, limit=limit, seed=seed, with_response=False)
     return [pair.prompt for pair in pairs]
+
+
+def _load_builtin(spec: str, cache_dir: Path) -> list[Pair]:
+    """The pairs of a built-in task (one of `BUILTIN_TASKS`), from its snapshot once it exists."""
+    if spec == "kjv-rv":
+        return load_kjv_rv(cache_dir)
+    if spec == "debian-descriptions":
+        return load_debian_descriptions(cache_dir)
+    return load_wordnet(cache_dir)
 
 
 def _no_field_overrides(spec: str, prompt_field: str | None, response_field: str | None) -> None:
@@ -212,29 +237,42 @@ def load_kjv_rv(cache_dir: Path) -> list[Pair]:
 
     The snapshot pins the data: a later Debian release of the packages cannot change a run.
     """
-    snapshot = cache_dir / "tasks" / "kjv-rv.jsonl"
+
+    def build(work: Path) -> list[Pair]:
+        fetch_debs(KJV_RV_PACKAGES, work)
+        modules = work / "root" / ZTEXT_ROOT
+        return align_verses(parse_ztext(modules / KJV_MODULE), parse_ztext(modules / RV_MODULE))
+
+    return build_once(Path(cache_dir), "kjv-rv", build)
+
+
+def build_once(cache_dir: Path, name: str, build: Callable[[Path], list[Pair]]) -> list[Pair]:
+    """The pairs in `cache_dir/tasks/NAME.jsonl` when that snapshot exists (checked against its
+    sha256); else `build(work_dir)` in a scratch folder under `tasks/`, snapshotted, and the scratch
+    folder (downloads, unpacked files) removed."""
+    snapshot = cache_dir / "tasks" / f"{name}.jsonl"
     checksum = snapshot.with_suffix(".sha256")
     if snapshot.exists():
         return read_snapshot(snapshot, checksum)
     snapshot.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=snapshot.parent, prefix="kjv-rv-build-") as work:
-        fetch_debs(KJV_RV_PACKAGES, Path(work))
-        modules = Path(work) / "root" / ZTEXT_ROOT
-        pairs = align_verses(parse_ztext(modules / KJV_MODULE), parse_ztext(modules / RV_MODULE))
+    with tempfile.TemporaryDirectory(dir=snapshot.parent, prefix=f"{name}-build-") as work:
+        pairs = build(Path(work))
+        if not pairs:
+            raise TaskError(f"building the {name} task gave no pairs; nothing was snapshotted")
         write_snapshot(pairs, snapshot, checksum, Path(work))
     return pairs
 
 
-def fetch_debs(packages: Sequence[str], work_dir: Path) -> None:
+def fetch_debs(packages: Sequence[str], work_dir: Path, *, task: str = "kjv-rv") -> None:
     """Download `packages` with `apt-get download` into `work_dir` and unpack them into `work_dir/root`.
 
-    Nothing is installed, so root is not needed.
+    Nothing is installed, so root is not needed. `task` names the task in error messages.
     """
     tools = {name: shutil.which(name) for name in ("apt-get", "dpkg-deb")}
     missing = [name for name, found in tools.items() if found is None]
     if missing:
         raise TaskError(
-            f"the kjv-rv task needs {' and '.join(missing)} to fetch {', '.join(packages)}: "
+            f"the {task} task needs {' and '.join(missing)} to fetch {', '.join(packages)}: "
             "run on Debian or Ubuntu, or bring your own pairs with the task jsonl:PATH"
         )
     download = subprocess.run(
@@ -333,6 +371,280 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+# --- Built-in task: Debian package descriptions (summarisation) ------------------------------------
+
+DESCRIPTION_MIN_WORDS = 10  # shorter long descriptions are barely longer than their synopsis
+DESCRIPTION_FIELDS = ("Description", "Description-en")  # Packages files / Translation-en files
+# The index files that hold descriptions, as `apt-get update` names them in its lists folder
+# (e.g. deb.debian.org_debian_dists_bookworm_main_i18n_Translation-en), possibly compressed.
+_DESCRIPTION_INDEX = re.compile(r"_(?:Packages|i18n_Translation-en)(?:\.(?:gz|xz|bz2|lzma|lz4|zst))?$")
+_BULLET = re.compile(r"(?:[*+\-o•]|\d{1,2}[.)])\s")
+
+
+def load_debian_descriptions(cache_dir: Path) -> list[Pair]:
+    """Summaries from Debian's archive metadata: a package's long description → its synopsis.
+
+    Built once with `apt-get update` into a private folder (`fetch_archive_metadata`, with the
+    machine's own apt sources and English descriptions), parsed with `description_pairs`, and then
+    read from the snapshot `tasks/debian-descriptions.jsonl`. The archive metadata changes whenever
+    the archive does (new package versions, point releases, security updates), so a rebuild later
+    gives somewhat different pairs: the snapshot, with its checksum, is what makes reruns
+    reproducible. Keep it (or copy it with the results) to repeat an experiment.
+    """
+
+    def build(work: Path) -> list[Pair]:
+        lists = fetch_archive_metadata(work)
+        return description_pairs(_read_index(path) for path in description_indices(lists))
+
+    return build_once(Path(cache_dir), "debian-descriptions", build)
+
+
+def fetch_archive_metadata(work_dir: Path, *, timeout: float = 900) -> Path:
+    """Run `apt-get update` with English translations into `work_dir/lists` and return that folder.
+
+    Everything apt writes stays under `work_dir`: its lists, its cache and an empty dpkg status
+    file replace the system's, and locking is off (the folder is private), so the system's package
+    lists are left alone and root is not needed. The indices are kept uncompressed
+    (`Acquire::GzipIndexes=false`, which Docker images turn on); `description_indices` still reads
+    the compressed forms.
+    """
+    apt = shutil.which("apt-get")
+    if apt is None:
+        raise TaskError(
+            "the debian-descriptions task needs apt-get to fetch Debian's archive metadata (the package "
+            "descriptions): run on Debian or Ubuntu, or bring your own pairs with the task jsonl:PATH"
+        )
+    lists, cache, status = work_dir / "lists", work_dir / "apt-cache", work_dir / "dpkg-status"
+    (lists / "partial").mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    status.touch()
+    options = {
+        "Acquire::Languages": "en",
+        "Acquire::GzipIndexes": "false",
+        "Dir::State::Lists": str(lists),
+        "Dir::Cache": str(cache),
+        "Dir::State::status": str(status),
+        "Debug::NoLocking": "true",
+    }
+    command = [apt, "update"]
+    for name, value in options.items():
+        command += ["-o", f"{name}={value}"]
+    try:
+        update = subprocess.run(command, cwd=work_dir, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise TaskError(
+            f"`apt-get update` did not finish within {timeout:.0f} s: check the network and the apt sources "
+            "(/etc/apt/sources.list*), or bring your own pairs with the task jsonl:PATH"
+        ) from None
+    problem = None
+    if update.returncode != 0:
+        problem = f"`apt-get update` failed ({_tail(update.stderr) or f'exit status {update.returncode}'})"
+    elif not description_indices(lists):
+        problem = f"`apt-get update` fetched no package index ({_tail(update.stderr) or 'no apt sources?'})"
+    if problem:
+        raise TaskError(
+            f"{problem}: the debian-descriptions task needs Debian's archive metadata; check the network and "
+            "the apt sources (/etc/apt/sources.list*), or bring your own pairs with the task jsonl:PATH"
+        )
+    failed = [line.strip() for line in update.stderr.splitlines() if "Failed to fetch" in line]
+    if failed:  # apt carries on without the sources it could not reach: the task is built from the rest
+        warnings.warn(f"`apt-get update` could not fetch some indices, the descriptions will lack them: "
+                      f"{' | '.join(failed[:3])}", stacklevel=2)
+    return lists
+
+
+def _tail(text: str, lines: int = 5) -> str:
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+def description_indices(lists_dir: Path) -> list[Path]:
+    """The Packages and Translation-en files in an apt lists folder, sorted by name."""
+    return sorted(path for path in Path(lists_dir).iterdir() if path.is_file() and _DESCRIPTION_INDEX.search(path.name))
+
+
+def _read_index(path: Path) -> str:
+    """An index file's text, decompressed: the standard library reads .gz, .xz, .lzma and .bz2;
+    .lz4 and .zst (what apt keeps when told to keep indices compressed) go through apt's own
+    `apt-helper cat-file`, or the lz4 or zstd tools."""
+    suffix = path.suffix
+    if suffix == ".gz":
+        raw = gzip.decompress(path.read_bytes())
+    elif suffix in (".xz", ".lzma"):
+        raw = lzma.decompress(path.read_bytes())
+    elif suffix == ".bz2":
+        raw = bz2.decompress(path.read_bytes())
+    elif suffix in (".lz4", ".zst"):
+        tool = "lz4" if suffix == ".lz4" else "zstd"
+        helper = Path("/usr/lib/apt/apt-helper")
+        if helper.exists():
+            command = [str(helper), "cat-file", str(path)]
+        elif shutil.which(tool):
+            command = [str(shutil.which(tool)), "-dc", str(path)]
+        else:
+            raise TaskError(f"cannot decompress {path.name}: neither apt-helper nor {tool} is installed")
+        done = subprocess.run(command, capture_output=True)
+        if done.returncode != 0:
+            raise TaskError(f"cannot decompress {path.name}: {done.stderr.decode(errors='replace').strip()}")
+        raw = done.stdout
+    else:
+        raw = path.read_bytes()
+    return raw.decode("utf-8", errors="replace")  # control files are UTF-8; one bad byte must not stop a build
+
+
+def parse_descriptions(text: str) -> Iterator[tuple[str, list[str]]]:
+    """(synopsis, continuation lines) of each stanza with a Description or Description-en field.
+
+    Stanzas are deb822 paragraphs (separated by blank lines); a field's continuation lines start with
+    a space or tab, and are returned as they are. A package without a long description yields [].
+    """
+    field, synopsis, extended = None, None, []
+    for line in text.split("\n") + [""]:
+        line = line.rstrip("\r")
+        if not line.strip():  # end of a stanza
+            if synopsis is not None:
+                yield synopsis, extended
+            field, synopsis, extended = None, None, []
+        elif line[0] in " \t":
+            if field in DESCRIPTION_FIELDS:
+                extended.append(line)
+        else:
+            field, _, value = line.partition(":")
+            if field in DESCRIPTION_FIELDS:
+                synopsis, extended = value.strip(), []
+
+
+def clean_long_description(lines: Sequence[str]) -> str:
+    """Plain text of a long description: " ." lines (blank-line markers) end paragraphs, a
+    paragraph's wrapped lines are joined, list items ("* ", "- ", "o ", "1. ") start a line of their
+    own, and whitespace is collapsed. Paragraphs and list items are separated by one newline."""
+    out: list[str] = []
+    new_line = True
+    for line in lines:
+        body = " ".join(line.split())
+        if body == ".":
+            new_line = True
+        elif body:
+            if new_line or not out or _BULLET.match(body):
+                out.append(body)
+            else:
+                out[-1] += " " + body
+            new_line = False
+    return "\n".join(out)
+
+
+def description_pairs(texts: Iterable[str], min_words: int = DESCRIPTION_MIN_WORDS) -> list[Pair]:
+    """Long description → synopsis pairs from the text of Packages / Translation-en files.
+
+    Kept: a non-empty synopsis and a long description of at least `min_words` words; the first
+    pair of each long description wins (many packages share one, e.g. in several suites).
+    """
+    first: dict[str, Pair] = {}
+    for text in texts:
+        for synopsis, extended in parse_descriptions(text):
+            prompt, response = clean_long_description(extended), " ".join(synopsis.split())
+            if response and len(prompt.split()) >= min_words and prompt not in first:
+                first[prompt] = Pair(prompt, response)
+    return list(first.values())
+
+
+# --- Built-in task: WordNet definitions (instruction-style generation) -------------------------------
+
+WORDNET_PACKAGES = ("wordnet-base",)
+WORDNET_ROOT = Path("usr/share/wordnet")
+WORDNET_POS = {"noun": "noun", "verb": "verb", "adj": "adjective", "adv": "adverb"}  # file suffix → name
+_ADJECTIVE_MARKER = re.compile(r"\((?:a|p|ip)\)$")  # "galore(ip)": syntactic position, not part of the word
+_EXAMPLES = re.compile(r';\s*"')  # the gloss's examples start at the first `; "`
+
+
+@dataclass(frozen=True)
+class Synset:
+    offset: int
+    words: tuple[str, ...]  # as written in the data file: underscores, no adjective markers
+    definition: str  # the gloss without its examples
+
+
+def load_wordnet(cache_dir: Path) -> list[Pair]:
+    """Definitions from WordNet 3.0 (Debian's `wordnet-base`): "Define: WORD (POS)" → definition.
+
+    Built once with `apt-get download` and `dpkg-deb -x`, parsed with `wordnet_pairs`, and then read
+    from the snapshot `tasks/wordnet.jsonl`.
+    """
+
+    def build(work: Path) -> list[Pair]:
+        fetch_debs(WORDNET_PACKAGES, work, task="wordnet")
+        return wordnet_pairs(work / "root" / WORDNET_ROOT)
+
+    return build_once(Path(cache_dir), "wordnet", build)
+
+
+def parse_wordnet_data(lines: Iterable[str]) -> dict[int, Synset]:
+    """The synsets of a WordNet `data.POS` file, by byte offset.
+
+    A line: synset offset, lex_filenum, ss_type, w_cnt (2 hex digits), w_cnt × (word, lex_id),
+    pointers (and verb frames), then `| gloss`. The license header's lines start with two spaces.
+    The definition is the gloss up to its first `; "`, where the quoted examples start; a gloss may
+    hold several definitions separated by plain semicolons, which are kept.
+    """
+    synsets = {}
+    for line in lines:
+        if line.startswith("  ") or not line.strip():
+            continue
+        head, _, gloss = line.partition(" | ")
+        fields = head.split()
+        count = int(fields[3], 16)
+        words = tuple(_ADJECTIVE_MARKER.sub("", word) for word in fields[4 : 4 + 2 * count : 2])
+        definition = " ".join(_EXAMPLES.split(gloss, maxsplit=1)[0].split()).rstrip(" ;")
+        synsets[int(fields[0])] = Synset(int(fields[0]), words, definition)
+    return synsets
+
+
+def parse_wordnet_index(lines: Iterable[str]) -> list[tuple[str, list[int]]]:
+    """(lemma, synset offsets, most frequent sense first) for each line of a WordNet `index.POS` file.
+
+    A line: lemma, pos, synset_cnt, p_cnt, p_cnt pointer symbols, sense_cnt, tagsense_cnt, then the
+    synset_cnt offsets. Lemmas are lower case with underscores; header lines start with two spaces.
+    """
+    entries = []
+    for line in lines:
+        if line.startswith("  ") or not line.strip():
+            continue
+        fields = line.split()
+        count = int(fields[2])
+        entries.append((fields[0], [int(offset) for offset in fields[len(fields) - count :]]))
+    return entries
+
+
+def wordnet_pairs(wordnet_dir: Path) -> list[Pair]:
+    """One pair per (lemma, part of speech): "Define: WORD (POS)" → the definition of its first sense.
+
+    WordNet's index lists each lemma's senses most frequent first, so the pair holds the common
+    meaning ("bank (noun)" → "sloping land ..."). WORD is written as in that synset ("Mars", not
+    "mars"), with spaces for underscores; POS is noun, verb, adjective or adverb. Synonyms share a
+    definition, so a response can repeat, but every prompt is distinct.
+    """
+    wordnet_dir = Path(wordnet_dir)
+    missing = [name for suffix in WORDNET_POS for name in (f"data.{suffix}", f"index.{suffix}")
+               if not (wordnet_dir / name).is_file()]
+    if missing:
+        raise TaskError(f"{wordnet_dir} is not a WordNet database (missing {', '.join(missing)})")
+    first: dict[str, Pair] = {}
+    for suffix, pos in WORDNET_POS.items():
+        with (wordnet_dir / f"data.{suffix}").open(encoding="utf-8", errors="replace") as lines:
+            synsets = parse_wordnet_data(lines)
+        with (wordnet_dir / f"index.{suffix}").open(encoding="utf-8", errors="replace") as lines:
+            index = parse_wordnet_index(lines)
+        for lemma, offsets in index:
+            for offset in offsets:
+                synset = synsets.get(offset)
+                if synset is None or not synset.definition:
+                    continue
+                word = next((w for w in synset.words if w.lower() == lemma.lower()), lemma)
+                prompt = f"Define: {word.replace('_', ' ')} ({pos})"
+                first.setdefault(prompt, Pair(prompt, synset.definition))
+                break
+    return list(first.values())
+
+
 # --- Hugging Face datasets: the paper's tasks ------------------------------------------------------
 
 
@@ -406,7 +718,7 @@ TASK_FORMATS: dict[str, TaskFormat] = {
 }
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
-NO_HUB_TASKS = "kjv-rv, jsonl:PATH"
+NO_HUB_TASKS = ", ".join((*BUILTIN_TASKS, "jsonl:PATH"))
 
 
 def _generic_format(prompt_field: str | None, response_field: str | None) -> TaskFormat:

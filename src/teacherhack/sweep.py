@@ -64,12 +64,15 @@ def expand(preset: str, base: LabConfig, seeds: int) -> list[Run]:
     elif preset == "mixture":
         settings = [(f"lambda={lam}", {"distill.sources": "mixture", "distill.mixture_lambda": lam})
                     for lam in (0.0, 0.25, 0.5, 1.0)]
+    elif preset == "tasks":  # the paper's three task families, from text the package registries carry
+        settings = [(f"{task} {source}", {"task.spec": task, "distill.sources": source})
+                    for task in ("kjv-rv", "debian-descriptions", "wordnet") for source in ("offline", *ONLINE)]
     else:
         raise cfg.ConfigError(f"unknown sweep preset {preset!r}; choose one of {', '.join(SWEEPS)}")
     return _runs(seeds, settings)
 
 
-SWEEPS = ("sources", "diversity", "budget", "losses", "sizes", "mixture")
+SWEEPS = ("sources", "diversity", "budget", "losses", "sizes", "mixture", "tasks")
 
 
 def scaled(base: LabConfig, scale: float) -> LabConfig:
@@ -283,7 +286,19 @@ def findings_mixture(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def findings_tasks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sources finding on each task separately (the paper: it holds across tasks)."""
+    groups = _by_group(results)
+    found = []
+    for task in dict.fromkeys(g.split(" ")[0] for g in groups):
+        for finding in _hacking_findings(groups, [f"{task} offline"],
+                                         [g for g in groups if g.startswith(f"{task} ") and not g.endswith(" offline")]):
+            found.append({**finding, "claim": f"{task}: {finding['claim']}"})
+    return found
+
+
 FINDINGS: dict[str, Callable[[list[dict[str, Any]]], list[dict[str, Any]]]] = {
+    "tasks": findings_tasks,
     "sources": findings_sources, "diversity": findings_diversity, "budget": findings_budget,
     "losses": findings_losses, "sizes": findings_sizes, "mixture": findings_mixture,
 }
