@@ -325,8 +325,8 @@ def test_bf16_inputs(divergence, beta, alpha, reduction):
 @pytest.mark.parametrize("divergence,beta,alpha", CONFIGS, ids=CONFIG_IDS)
 def test_nonnegative_zero_iff_equal(divergence, beta, alpha):
     kw = dict(divergence=divergence, beta=beta, alpha=alpha, reduction="sum", compute_dtype=torch.float64)
-    for seed in range(5):
-        t, s, mask = make(seed=100 + seed, scale=0.5 + seed)
+    for seed in range(3):
+        t, s, mask = make(seed=100 + seed, scale=0.5 + 1.5 * seed)
         rows_mask = torch.zeros_like(mask)
         for b in range(mask.shape[0]):
             for tt in range(mask.shape[1]):
@@ -429,7 +429,7 @@ def test_chunked_equals_unchunked(divergence, beta, alpha, reduction, with_inf):
         s[..., 2] = -INF
         if divergence != "reverse_kl":
             t[1, :, 6] = -INF
-    for dtype in (torch.float64, torch.float32):
+    for dtype in (torch.float64, torch.float32) if reduction == "sequence_mean" else (torch.float64,):
         kw = dict(divergence=divergence, beta=beta, alpha=alpha, reduction=reduction, compute_dtype=dtype)
         tol = dict(rtol=1e-13, atol=1e-15) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-7)
         base = loss_and_grads(lambda t, s: token_divergence(t, s, mask, **kw), t, s, grad_teacher=True)

@@ -180,7 +180,8 @@ def test_sampling_follows_tempered_softmax():
     prompt = collate_prompts([[5, 6, 7]], PAD)
     with torch.no_grad():
         p = torch.softmax(lm.logits(prompt, torch.tensor([[PAD]]))[0, 0].double(), -1)
-        raw = torch.softmax(LM(lm.model, pad_id=PAD, eos_id=EOS).logits(prompt, torch.tensor([[PAD]]))[0, 0].double(), -1)
+        untempered = LM(lm.model, pad_id=PAD, eos_id=EOS)
+        raw = torch.softmax(untempered.logits(prompt, torch.tensor([[PAD]]))[0, 0].double(), -1)
 
     def frequencies(seed: int, temperature: float) -> torch.Tensor:
         first = lm.sample(prompt.repeat(n), max_new_tokens=1, generator=torch.Generator().manual_seed(seed),

@@ -188,12 +188,13 @@ def test_outcome_space_and_sampler_match_enumeration():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("sample_seed", [0, 1])
 @pytest.mark.parametrize("seed,sharpness,how", PAIRS)
-def test_estimators_within_4_se_of_truth(seed, sharpness, how):
+def test_estimators_within_4_se_of_truth(seed, sharpness, how, sample_seed):
     p, q = make_pair(seed, sharpness, how)
     truth = truths(p, q, N_PROMPTS)
-    prompts_p, samples_p = draw(p, seed=10 + seed)
-    prompts_q, samples_q = draw(q, seed=20 + seed)
+    prompts_p, samples_p = draw(p, seed=10 + seed + 100 * sample_seed)
+    prompts_q, samples_q = draw(q, seed=20 + seed + 100 * sample_seed)
 
     checks: dict[str, tuple[Estimate, float]] = {}
     for est in ("token_kl", "log_ratio"):

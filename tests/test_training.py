@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from teacherhack.divergences import response_mask
-from teacherhack.models import LM, build_model, collate_prompts
+from teacherhack.generation import HFSampler
+from teacherhack.models import ARCHITECTURES, LM, build_model, collate_prompts
 from teacherhack.sources import Batch, FixedPairs, Mixture, OnlineSamples, seeded_generator
 from teacherhack.training import (
     NonFiniteLoss,
@@ -146,8 +147,11 @@ def eos_prone_lm(seed: int = 0) -> LM:
 def test_online_samples_are_a_pure_function_of_step():
     lm = eos_prone_lm()
     prompts = pairs(12)[0]
-    make = lambda: OnlineSamples(prompts, lm, batch_size=4, seed=5, pad_id=PAD, max_new_tokens=6,  # noqa: E731
-                                 origin="online_teacher")
+
+    def make() -> OnlineSamples:
+        return OnlineSamples(prompts, HFSampler(lm), batch_size=4, seed=5, pad_id=PAD, max_new_tokens=6,
+                             origin="online_teacher")
+
     source = make()
     first = source.batch(3)
     assert first.origin == "online_teacher" and first.responses.shape[0] == 4
@@ -156,15 +160,22 @@ def test_online_samples_are_a_pure_function_of_step():
     assert torch.equal(first.prompts.ids, again.prompts.ids) and torch.equal(first.responses, again.responses)
     fresh = make().batch(3)
     assert torch.equal(first.responses, fresh.responses)
-    other = source.batch(4)
-    assert not (other.prompts.ids.shape == first.prompts.ids.shape and torch.equal(other.prompts.ids, first.prompts.ids)
-                and other.responses.shape == first.responses.shape and torch.equal(other.responses, first.responses))
     assert source.epoch(6) == pytest.approx(2.0)
+
+
+def test_online_samples_draw_afresh_at_every_step():
+    lm = eos_prone_lm()
+    source = OnlineSamples([[5, 6]] * 4, HFSampler(lm), batch_size=4, seed=5, pad_id=PAD, max_new_tokens=6,
+                           origin="online_student")
+    draws = [source.batch(step).responses for step in range(3)]
+    assert all(torch.equal(source.batch(s).responses, d) for s, d in enumerate(draws))
+    distinct = {tuple(map(tuple, d.tolist())) for d in draws}
+    assert len(distinct) == 3  # same prompts, different step: different samples
 
 
 def test_online_samples_count_generated_tokens():
     lm = eos_prone_lm()
-    source = OnlineSamples(pairs(12)[0], lm, batch_size=4, seed=5, pad_id=PAD, max_new_tokens=6,
+    source = OnlineSamples(pairs(12)[0], HFSampler(lm), batch_size=4, seed=5, pad_id=PAD, max_new_tokens=6,
                            origin="online_student")
     assert source.tokens_generated == 0
     expected, padded = 0, 0
@@ -174,6 +185,38 @@ def test_online_samples_count_generated_tokens():
         padded += int((responses == PAD).sum())
         assert source.tokens_generated == expected
     assert padded > 0  # some rows ended early, so counting padding too would be caught
+
+
+class CountingSampler:
+    name = "stub"
+
+    def __init__(self):
+        self.synced, self.sampled = [], 0
+
+    def sample(self, prompts, *, max_new_tokens, generator):
+        self.sampled += 1
+        return torch.tensor([[7, EOS]]).repeat(len(prompts), 1)
+
+    def sync(self, model):
+        self.synced.append((self.sampled, model))
+
+
+def test_online_samples_sync_the_sampler_once_per_block():
+    student = make_lm()
+    sampler = CountingSampler()
+    source = OnlineSamples(pairs(6)[0], sampler, batch_size=2, seed=0, pad_id=PAD, max_new_tokens=2,
+                           origin="online_student", sync_from=student, sync_every=3)
+    for step in range(7):
+        source.batch(step)
+    # synced before the batches of steps 0, 3 and 6, each time from the student being trained
+    assert [n for n, _ in sampler.synced] == [0, 3, 6]
+    assert all(model is student for _, model in sampler.synced)
+    resumed = OnlineSamples(pairs(6)[0], sampler, batch_size=2, seed=0, pad_id=PAD, max_new_tokens=2,
+                            origin="online_student", sync_from=student, sync_every=3)
+    sampler.synced.clear()
+    for step in range(4, 7):  # a resumed run syncs on its first batch whatever the step
+        resumed.batch(step)
+    assert [n for n, _ in sampler.synced] == [7, 9]
 
 
 # --- mixture ---------------------------------------------------------------------------------------
@@ -221,7 +264,8 @@ def test_mixture_with_real_sources():
     lm = eos_prone_lm()
     prompts, responses = pairs(8)
     offline = FixedPairs(prompts, responses, batch_size=2, seed=0, pad_id=PAD, origin="offline")
-    online = OnlineSamples(prompts, lm, batch_size=2, seed=0, pad_id=PAD, max_new_tokens=4, origin="online_student")
+    online = OnlineSamples(prompts, HFSampler(lm), batch_size=2, seed=0, pad_id=PAD, max_new_tokens=4,
+                           origin="online_student")
     mixture = Mixture(offline, online, fraction=0.5, seed=3)
     origins = [mixture.batch(step).origin for step in range(16)]
     assert set(origins) == {"offline", "online_student"}
@@ -250,8 +294,14 @@ def one_step(loss_name: str, grad_accum: int, *, wrong: bool = False, chunk_size
     # plain SGD, no clipping: the update is proportional to the gradient, so any scale error shows
     # (AdamW's first step is nearly sign(g) and would hide one)
     optimizer = torch.optim.SGD(student.model.parameters(), lr=1.0)
+    with torch.no_grad():  # the loss of the whole batch at once, normalised by its own sequence count
+        big = (sft_loss(student) if loss_name == "sft" else loss_fn)(accumulation_batch().batch(0), 4.0).item()
+    reported = []
     train(student, accumulation_batch(), loss_fn, steps=1, lr=1.0, warmup=0, schedule="constant",
-          grad_accum=grad_accum, max_grad_norm=1e9, optimizer=optimizer)
+          grad_accum=grad_accum, max_grad_norm=1e9, optimizer=optimizer,
+          on_step=lambda step, loss: reported.append(loss))
+    if not wrong:  # the summed micro-batch losses are the big batch's loss
+        assert reported == [pytest.approx(big, rel=1e-5)]
     return params(student)
 
 
@@ -271,9 +321,13 @@ def test_hard_ce_is_sft():
     batch = accumulation_batch().batch(0)
     hard = distill_loss(student, teacher, loss="hard_ce", beta=0.5, alpha=0.1, temperature=1.0, chunk_size=None)
     a, b = hard(batch, 4.0), sft_loss(student)(batch, 4.0)
-    assert float(a) == pytest.approx(float(b), abs=1e-7) and float(a) > 0
+    assert a.item() == pytest.approx(b.item(), abs=1e-7) and a.item() > 0
+    ga = torch.autograd.grad(a, list(student.model.parameters()))
+    gb = torch.autograd.grad(b, list(student.model.parameters()))
+    assert all(torch.equal(x, y) for x, y in zip(ga, gb))
     soft = distill_loss(student, teacher, loss="forward_kl", beta=0.5, alpha=0.1, temperature=1.0, chunk_size=None)
-    assert abs(float(soft(batch, 4.0)) - float(b)) > 1e-3  # a different loss does differ
+    with torch.no_grad():
+        assert abs(soft(batch, 4.0).item() - b.item()) > 1e-3  # a different loss does differ
 
 
 def test_sft_loss_is_mean_nll_of_response_tokens_up_to_eos():
@@ -326,25 +380,30 @@ def test_non_finite_loss_takes_no_step(bad, bad_call):
 # --- checkpoints -----------------------------------------------------------------------------------
 
 
-def trained(steps: int, seed: int = 0) -> tuple[LM, torch.optim.Optimizer, FixedPairs]:
-    lm = make_lm(seed=seed)
+def trained(steps: int, seed: int = 0, arch: str = "gpt2") -> tuple[LM, torch.optim.Optimizer, FixedPairs]:
+    lm = make_lm(arch, seed=seed)
     source = FixedPairs(*pairs(6), batch_size=2, seed=0, pad_id=PAD, origin="offline")
     optimizer = train(lm, source, sft_loss(lm), steps=steps, lr=1e-2, warmup=1, schedule="cosine")
     return lm, optimizer, source
 
 
-def test_checkpoint_round_trip_resumes_exactly(tmp_path: Path):
-    lm, optimizer, source = trained(2)
-    assert lm.model.lm_head.weight is lm.model.transformer.wte.weight  # GPT-2 ties its embeddings
+def tied(lm: LM) -> bool:
+    return lm.model.get_output_embeddings().weight is lm.model.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_checkpoint_round_trip_resumes_exactly(arch, tmp_path: Path):
+    lm, optimizer, source = trained(2, arch=arch)
+    assert tied(lm)  # all three tie their embeddings (GPT-2 always): only one copy is saved
     save_checkpoint(tmp_path / "ckpt", lm, optimizer, {"step": 2, "note": "x"})
 
-    fresh = make_lm(seed=9)
+    fresh = make_lm(arch, seed=9)
     fresh_optimizer = make_optimizer(fresh, 1e-2)
     assert max_diff(params(fresh), params(lm)) > 1e-3
     state = load_checkpoint(tmp_path / "ckpt", fresh, fresh_optimizer)
     assert state == {"step": 2, "note": "x"}
     assert max_diff(params(fresh), params(lm)) == 0.0
-    assert fresh.model.lm_head.weight is fresh.model.transformer.wte.weight  # still tied
+    assert tied(fresh)  # still tied
     saved, loaded = optimizer.state_dict(), fresh_optimizer.state_dict()
     assert saved["param_groups"] == loaded["param_groups"]
     assert saved["state"].keys() == loaded["state"].keys() and saved["state"]
@@ -399,6 +458,19 @@ def test_checkpoint_survives_leftovers_of_a_killed_save(tmp_path: Path):
     assert load_checkpoint(path, fresh, make_optimizer(fresh, 1e-2)) == {"step": 2}
 
 
+def test_checkpoint_with_extra_tensors_is_refused(tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    lm, optimizer, _ = trained(1)
+    save_checkpoint(tmp_path / "ckpt", lm, optimizer, {"step": 1})
+    tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
+    tensors["transformer.h.1.attn.c_attn.weight"] = torch.zeros(2, 2)
+    save_file(tensors, tmp_path / "ckpt" / "model.safetensors", metadata={"format": "pt"})
+    fresh = make_lm(seed=0)
+    with pytest.raises(ValueError, match="unexpected"):
+        load_checkpoint(tmp_path / "ckpt", fresh, make_optimizer(fresh, 1e-2))
+
+
 def test_checkpoint_from_another_architecture_is_refused(tmp_path: Path):
     lm, optimizer, _ = trained(1)
     save_checkpoint(tmp_path / "ckpt", lm, optimizer, {"step": 1})
@@ -407,3 +479,17 @@ def test_checkpoint_from_another_architecture_is_refused(tmp_path: Path):
     with pytest.raises(ValueError, match="does not fit the model"):
         load_checkpoint(tmp_path / "ckpt", other, make_optimizer(other, 1e-2))
     assert max_diff(params(other), before) == 0.0
+
+
+def test_resume_falls_back_to_the_previous_checkpoint_after_a_kill_between_renames(tmp_path):
+    from teacherhack.training import latest_checkpoint
+
+    path = tmp_path / "checkpoint"
+    assert latest_checkpoint(path) is None
+    old = tmp_path / "checkpoint.old"
+    old.mkdir()
+    (old / "state.json").write_text("{}")
+    assert latest_checkpoint(path) == old
+    path.mkdir()
+    (path / "state.json").write_text("{}")
+    assert latest_checkpoint(path) == path

@@ -43,7 +43,7 @@ from teacherhack.metrics import Evaluator, ReferenceSamples, draw_references, sa
 from teacherhack.reports import load_run
 from teacherhack.models import LM, SIZES, build_model, collate_prompts, load_pretrained
 from teacherhack.sources import FixedPairs, Mixture, OnlineSamples, Source
-from teacherhack.training import distill_loss, load_checkpoint, make_optimizer, save_checkpoint, sft_loss, train
+from teacherhack.training import distill_loss, latest_checkpoint, load_checkpoint, make_optimizer, save_checkpoint, sft_loss, train
 
 
 transformers.utils.logging.disable_progress_bar()  # our own progress lines say what is happening
@@ -346,8 +346,8 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
     metrics_path, checkpoint = run_dir / "metrics.jsonl", run_dir / "checkpoint"
     state = {"step": 0, "loss_sum": 0.0, "loss_count": 0, "tokens_generated": 0, "train_seconds": 0.0,
              "eval_seconds": 0.0}
-    if checkpoint.exists():
-        state = load_checkpoint(checkpoint, student, optimizer)
+    if (resume_from := latest_checkpoint(checkpoint)) is not None:
+        state = load_checkpoint(resume_from, student, optimizer)
         for path in (metrics_path, run_dir / "per_sample.jsonl"):
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state["step"]))

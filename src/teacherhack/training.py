@@ -90,7 +90,7 @@ def train(model: LM, source: Source, loss_fn: LossFn, *, steps: int, lr: float, 
             micro_batch = Batch(batch.prompts[micro], batch.responses[micro], batch.origin)
             loss = loss_fn(micro_batch, denominator)
             if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"{desc}: loss is {float(loss)} at step {step + 1} (batch from {batch.origin}); "
+                raise NonFiniteLoss(f"{desc}: loss is {float(loss.detach())} at step {step + 1} (batch from {batch.origin}); "
                                     f"no step was taken. Lower the learning rate or check the data.")
             loss.backward()
             total += float(loss.detach())
@@ -120,6 +120,15 @@ def save_checkpoint(path: Path, model: LM, optimizer: torch.optim.Optimizer, sta
     tmp.rename(path)
     if old.exists():
         shutil.rmtree(old)
+
+
+def latest_checkpoint(path: Path) -> Path | None:
+    """The checkpoint to resume from: ``path``, or its previous version when a kill struck between the
+    two renames of :func:`save_checkpoint`."""
+    for candidate in (path, path.with_name(path.name + ".old")):
+        if (candidate / "state.json").exists():
+            return candidate
+    return None
 
 
 def load_checkpoint(path: Path, model: LM, optimizer: torch.optim.Optimizer) -> dict:
