@@ -98,7 +98,7 @@ class EvalConfig:
     prompts: int = 200  # validation prompts used (≤ task.n_validation)
     samples_per_prompt: int = 4
     estimator: str = "token_kl"
-    per_token: bool = False  # nats per token instead of nats per sequence
+    per_token: bool = False  # nats per token instead of nats per sequence (needs estimator=log_ratio)
     reverse_samples: int = 200  # student samples for KL(student‖oracle) and KL(student‖teacher); 0 = off
     batch_size: int = 200
 
@@ -306,5 +306,8 @@ def validate(c: LabConfig) -> None:
     require(c.student.samples is None or c.student.samples <= t.n_stage1, "student.samples cannot exceed task.n_stage1")
     e = c.eval
     require(e.reverse_samples >= 0, "eval.reverse_samples must be >= 0")
+    require(not (e.per_token and e.estimator == "token_kl"),
+            "eval.per_token=true needs eval.estimator=log_ratio: dividing the token-level KL sum by a length that "
+            "depends on later tokens is biased")
     require(e.every > 0 and e.prompts > 0 and e.samples_per_prompt > 0 and e.batch_size > 0, "eval: every, prompts, samples_per_prompt, batch_size must be > 0")
     require(e.prompts <= t.n_validation, "eval.prompts cannot exceed task.n_validation")

@@ -26,6 +26,7 @@ from huggingface_hub.utils import disable_progress_bars
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from teacherhack import config as cfg
+from teacherhack import distributed
 from teacherhack.config import LabConfig
 from teacherhack.data import (
     Splits,
@@ -51,7 +52,8 @@ disable_progress_bars()
 
 
 def log(message: str) -> None:
-    print(f"[teacherhack {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    if distributed.is_main():
+        print(f"[teacherhack {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -71,18 +73,27 @@ class ArtifactCache:
         blob = json.dumps({"stage": stage, **spec}, sort_keys=True, default=str)
         return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
-    def get(self, stage: str, spec: dict[str, Any], build: Callable[[Path], None]) -> Path:
+    def get(self, stage: str, spec: dict[str, Any], build: Callable[[Path], None], *, collective: bool = False) -> Path:
+        """The artifact's folder, built first if missing. Under several processes a ``collective`` build
+        (training) runs on every process and the main one keeps its result; any other build runs on the
+        main process alone while the others wait."""
         path = self.root / "artifacts" / self.key(stage, spec)
         if (path / "spec.json").exists():
             self.events[stage] = "reused"
             return path
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        build(tmp)
-        (tmp / "spec.json").write_text(json.dumps({"stage": stage, **spec}, indent=1, sort_keys=True, default=str))
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
+        if collective or distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            build(tmp)
+        distributed.barrier()
+        if distributed.is_main():
+            (tmp / "spec.json").write_text(json.dumps({"stage": stage, **spec}, indent=1, sort_keys=True, default=str))
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+        elif collective:
+            shutil.rmtree(tmp, ignore_errors=True)
+        distributed.barrier()
         self.events[stage] = "built"
         return path
 
@@ -193,9 +204,9 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
     task_spec = {"task": cfg.dataclasses.asdict(t), "pairs": len(pairs), "pretrained": _pretrained_roles(c)}
     timings["data"] = time.time() - t0
 
-    def timed(stage: str, spec: dict[str, Any], build: Callable[[Path], None]) -> Path:
+    def timed(stage: str, spec: dict[str, Any], build: Callable[[Path], None], collective: bool = False) -> Path:
         start = time.time()
-        path = cache.get(stage, spec, build)
+        path = cache.get(stage, spec, build, collective=collective)
         timings[stage] = time.time() - start
         return path
 
@@ -220,7 +231,7 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
              c.oracle, c.oracle_seed, "oracle")
         lm.save(path)
 
-    oracle_path = timed("oracle", oracle_spec, build_oracle)
+    oracle_path = timed("oracle", oracle_spec, build_oracle, collective=True)
     oracle = functools.cache(lambda: _load_lm(oracle_path, tokenizer, device, c.models.oracle_temperature))
     samples_spec = {"oracle": oracle_path.name, "temperature": c.models.oracle_temperature, "seed": c.oracle_seed}
     stage1_prompts = encode(splits.stage1_prompts)
@@ -244,7 +255,7 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
             _fit(lm, stage1_prompts, oracle_responses, getattr(c, role), c.seed, role)
             lm.save(path)
 
-        return timed(role, spec, build)
+        return timed(role, spec, build, collective=True)
 
     teacher_path, student_path = sft_artifact("teacher"), sft_artifact("student")
     teacher = functools.cache(lambda: _load_lm(teacher_path, tokenizer, device))
@@ -335,7 +346,8 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
                           max_new_tokens=c.task.max_response_len, seed=c.seed + 13)
     unit = "nats/token" if e.per_token else "nats/sequence"
     prompts_n = len(_load_ids(up.distill_prompts)[0])
-    (run_dir / "run.json").write_text(json.dumps({
+    main = distributed.is_main()  # under several processes, only the main one writes files
+    main and (run_dir / "run.json").write_text(json.dumps({
         "name": name or source_name, "source": source_name, "loss": d.loss, "prompts": prompts_n,
         "generations_per_prompt": d.generations_per_prompt if _needs_offline([source_name]) else None,
         "steps": d.steps, "batch_size": d.batch_size, "metric_unit": unit, "seed": c.seed,
@@ -346,15 +358,16 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
     metrics_path, checkpoint = run_dir / "metrics.jsonl", run_dir / "checkpoint"
     state = {"step": 0, "loss_sum": 0.0, "loss_count": 0, "tokens_generated": 0, "train_seconds": 0.0,
              "eval_seconds": 0.0}
-    if (resume_from := latest_checkpoint(checkpoint)) is not None:
+    resume_from = latest_checkpoint(checkpoint)
+    if resume_from is not None:
         state = load_checkpoint(resume_from, student, optimizer)
-        for path in (metrics_path, run_dir / "per_sample.jsonl"):
+        for path in (metrics_path, run_dir / "per_sample.jsonl") if main else ():
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state["step"]))
-        if hasattr(source, "tokens_generated"):
-            source.tokens_generated = state["tokens_generated"]  # type: ignore[union-attr]
+        if hasattr(source, "tokens_generated"):  # the global count, carried on by the main process
+            source.tokens_generated = state["tokens_generated"] if main else 0  # type: ignore[union-attr]
         log(f"{source_name}: resuming from step {state['step']}")
-    else:
+    elif main:
         metrics_path.unlink(missing_ok=True)
         (run_dir / "per_sample.jsonl").unlink(missing_ok=True)
     state["eval_seconds"] += time.time() - t_eval
@@ -366,19 +379,21 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
         metrics, estimates = evaluator(student, step)
         row = {"step": step, "epoch": source.epoch(step),
                "train_loss": state["loss_sum"] / state["loss_count"] if state["loss_count"] else None,
-               **metrics, "tokens_generated": getattr(source, "tokens_generated", 0)}
-        with (run_dir / "per_sample.jsonl").open("a") as f:  # paired values, for the verdict's rise SE
-            f.write(json.dumps({"step": step, "golden": estimates["golden"].values.tolist(),
-                                "proxy": estimates["proxy"].values.tolist()}) + "\n")
+               **metrics, "tokens_generated": int(distributed.all_sum(getattr(source, "tokens_generated", 0)))}
+        state["tokens_generated"] = row["tokens_generated"]
         student.model.train()
         state["eval_seconds"] += time.time() - start
         row |= {"train_seconds": state["train_seconds"], "eval_seconds": state["eval_seconds"]}
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if main:
+            with (run_dir / "per_sample.jsonl").open("a") as f:  # paired values, for the verdict's rise SE
+                f.write(json.dumps({"step": step, "golden": estimates["golden"].values.tolist(),
+                                    "proxy": estimates["proxy"].values.tolist()}) + "\n")
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
         log(f"{source_name} step {step}/{d.steps} epoch {row['epoch']:.1f}: proxy {row['proxy']:.2f}±{row['proxy_se']:.2f}"
             f"  golden {row['golden']:.2f}±{row['golden_se']:.2f}  ({unit})")
-        state.update(step=step, loss_sum=0.0, loss_count=0, tokens_generated=row["tokens_generated"])
-        save_checkpoint(checkpoint, student, optimizer, state)
+        state.update(step=step, loss_sum=0.0, loss_count=0)
+        main and save_checkpoint(checkpoint, student, optimizer, state)
         clock["last"] = time.time()
 
     def on_step(step: int, loss: float) -> None:
@@ -387,13 +402,14 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
         if step % e.every == 0 or step == d.steps:
             evaluate(step)
 
-    if state["step"] == 0 and not metrics_path.exists():
+    if resume_from is None:
         evaluate(0)
     if state["step"] < d.steps:
         train(student, source, loss_fn, steps=d.steps, lr=d.lr, warmup=d.warmup, schedule=d.schedule,
               grad_accum=d.grad_accum, max_grad_norm=d.max_grad_norm, start_step=state["step"],
               optimizer=optimizer, desc=source_name, on_step=on_step)
-    student.save(run_dir / "student")
+    main and student.save(run_dir / "student")
+    distributed.barrier()
     return summarise_run(run_dir)
 
 
@@ -425,6 +441,9 @@ def run_lab(c: LabConfig, out_dir: Path, cache_root: Path, *, jobs: int = 1) -> 
     """Run the lab into ``out_dir``; rerunning with the same directory and config resumes it."""
     start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.launched() and jobs > 1:
+        raise cfg.ConfigError("--jobs runs stage-2 runs in parallel processes; under a distributed launcher the "
+                              "processes already share each run: use --jobs 1")
     saved = out_dir / "config.yaml"
     if saved.exists():
         import yaml
@@ -433,7 +452,8 @@ def run_lab(c: LabConfig, out_dir: Path, cache_root: Path, *, jobs: int = 1) -> 
         if previous.to_dict() != c.to_dict():
             raise cfg.ConfigError(f"{out_dir} holds a run with a different configuration ({saved}); "
                                   f"choose another --out or rerun with the same settings to resume it")
-    c.dump(saved)
+    distributed.barrier()  # every process has compared with the saved config before it is rewritten
+    distributed.is_main() and c.dump(saved)
     if c.threads:
         torch.set_num_threads(c.threads)
     device = resolve_device(c.device)
@@ -453,7 +473,7 @@ def run_lab(c: LabConfig, out_dir: Path, cache_root: Path, *, jobs: int = 1) -> 
             runs[s], timings[f"distill/{s}"] = _timed_run(c, s, up, out_dir / s, device, None)
     summary = {"runs": runs, "wall_seconds": time.time() - start, "stage_seconds": timings,
                "cache": dict(cache.events), "preset": c.preset}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    distributed.is_main() and (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from teacherhack import distributed
 from teacherhack.divergences import Estimate, kl_values, response_mask
 from teacherhack.models import LM, Prompts
 from teacherhack.sources import seeded_generator
@@ -82,7 +83,7 @@ class ScoredSamples:
                     self.cache.append(log_p)
             values.append(kl_values(log_p, q.next_token_logprobs(prompts, samples), samples, mask,
                                     estimator=estimator, per_token=per_token))
-        return Estimate.of(torch.cat(values))
+        return Estimate.of(distributed.gather(torch.cat(values)))  # every process's shard, in rank order
 
 
 def kl_estimate(p: LM, q: LM, prompts: Prompts, samples: Tensor, *, estimator: str, per_token: bool,
@@ -98,11 +99,15 @@ class Evaluator:
 
     def __init__(self, oracle: LM, teacher: LM, references: ReferenceSamples, *, estimator: str, per_token: bool,
                  reverse_samples: int, batch_size: int, max_new_tokens: int, seed: int):
-        self.oracle, self.teacher, self.refs = oracle, teacher, references
+        self.oracle, self.teacher = oracle, teacher
         self.options = dict(estimator=estimator, per_token=per_token)
-        self.batch_size, self.max_new_tokens, self.seed = batch_size, max_new_tokens, seed
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.seed = seed + 104_729 * distributed.rank()  # each process samples its own reverse-KL responses
         n = min(reverse_samples, len(references.prompts))  # evenly spaced rows: as many distinct prompts as possible
-        self.reverse_prompts = references.prompts[torch.arange(n) * len(references.prompts) // n] if n else None
+        reverse_rows = torch.tensor(distributed.shard(torch.arange(n) * len(references.prompts) // n), dtype=torch.long)
+        self.reverse_prompts = references.prompts[reverse_rows] if n else None
+        rows = torch.tensor(distributed.shard(range(len(references.prompts))), dtype=torch.long)
+        references = ReferenceSamples(references.prompts[rows], references.oracle[rows], references.teacher[rows])
         self.from_oracle = ScoredSamples(oracle, references.prompts, references.oracle, batch_size=batch_size)
         self.from_teacher = ScoredSamples(teacher, references.prompts, references.teacher, batch_size=batch_size)
         self.teacher_golden = self.from_oracle.kl_to(teacher, **self.options)

@@ -136,6 +136,7 @@ class LM:
         if temperature <= 0:
             raise ValueError(f"model temperature must be > 0, got {temperature}")
         self.model, self.pad_id, self.eos_id, self.temperature = model, pad_id, eos_id, temperature
+        self.module: torch.nn.Module = model  # what scoring calls: the model, or its DDP/FSDP wrapper in training
         self.encoder_decoder = bool(model.config.is_encoder_decoder)
 
     @property
@@ -151,13 +152,13 @@ class LM:
         prompts, responses = prompts.to(self.device), responses.to(self.device)
         if self.encoder_decoder:
             start = torch.full_like(responses[:, :1], self.model.config.decoder_start_token_id)
-            out = self.model(input_ids=prompts.ids, attention_mask=prompts.mask.long(),
-                             decoder_input_ids=torch.cat([start, responses[:, :-1]], 1), use_cache=False)
+            out = self.module(input_ids=prompts.ids, attention_mask=prompts.mask.long(),
+                              decoder_input_ids=torch.cat([start, responses[:, :-1]], 1), use_cache=False)
             return out.logits / self.temperature
         ids = torch.cat([prompts.ids, responses[:, :-1]], 1)
         mask = torch.cat([prompts.mask, torch.ones_like(responses[:, :-1], dtype=torch.bool)], 1)
         positions = (mask.long().cumsum(1) - 1).clamp_min(0)
-        out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False)
+        out = self.module(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False)
         return out.logits[:, prompts.ids.shape[1] - 1:] / self.temperature
 
     def next_token_logprobs(self, prompts: Prompts, responses: Tensor) -> Tensor:

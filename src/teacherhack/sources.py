@@ -2,7 +2,8 @@
 model (online teacher or online student), or a mixture.
 
 Each source's batch is a pure function of the step number and the seed, so a resumed run sees exactly the
-batches an uninterrupted one would, and every batch records which source produced it.
+batches an uninterrupted one would, and every batch records which source produced it. Under several
+processes each one gets its shard of the global batch (and samples only that shard).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from teacherhack import distributed
 from teacherhack.generation import Sampler
 from teacherhack.models import LM, Prompts, collate_prompts, pad_responses
 
@@ -68,7 +70,7 @@ class FixedPairs:
         return len(self.prompts)
 
     def batch(self, step: int) -> Batch:
-        rows = self._cycle.take(step, self.batch_size)
+        rows = distributed.shard(self._cycle.take(step, self.batch_size))
         return Batch(collate_prompts([self.prompts[i] for i in rows], self.pad_id),
                      pad_responses([self.responses[i] for i in rows], self.pad_id), self.origin)
 
@@ -94,9 +96,10 @@ class OnlineSamples:
         if self.sync_from is not None and step // self.sync_every != self._synced_block:
             self.sampler.sync(self.sync_from)
             self._synced_block = step // self.sync_every
-        prompts = collate_prompts([self.prompts[i] for i in self._cycle.take(step, self.batch_size)], self.pad_id)
-        responses = self.sampler.sample(prompts, max_new_tokens=self.max_new_tokens,
-                                        generator=seeded_generator(self.seed, 1 << 20, step))
+        rows = distributed.shard(self._cycle.take(step, self.batch_size))
+        prompts = collate_prompts([self.prompts[i] for i in rows], self.pad_id)
+        generator = seeded_generator(self.seed, 1 << 20, step, *([distributed.rank()] if distributed.launched() else []))
+        responses = self.sampler.sample(prompts, max_new_tokens=self.max_new_tokens, generator=generator)
         self.tokens_generated += int((responses != self.pad_id).sum())
         return Batch(prompts, responses, self.origin)
 
@@ -120,6 +123,10 @@ class Mixture:
     @property
     def tokens_generated(self) -> int:
         return self.online.tokens_generated
+
+    @tokens_generated.setter
+    def tokens_generated(self, value: int) -> None:
+        self.online.tokens_generated = value
 
 
 Source = FixedPairs | OnlineSamples | Mixture

@@ -3,6 +3,7 @@ with the losses that plug into it and the checkpoint that lets a killed run resu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from teacherhack import distributed
 from teacherhack.divergences import response_mask, token_cross_entropy, token_divergence
 from teacherhack.models import LM
 from teacherhack.sources import Batch, Source
@@ -72,33 +74,45 @@ def train(model: LM, source: Source, loss_fn: LossFn, *, steps: int, lr: float, 
           grad_accum: int = 1, max_grad_norm: float = 1.0, start_step: int = 0,
           optimizer: torch.optim.Optimizer | None = None, desc: str = "train",
           on_step: Callable[[int, float], None] | None = None) -> torch.optim.Optimizer:
-    """Run optimiser steps ``start_step+1 … steps``. Each step takes ``source.batch(step)``, splits it into
-    ``grad_accum`` micro-batches and normalises the loss over the whole window (the loss of one big batch).
-    ``on_step(step, loss)`` runs after each step (evaluation, checkpoints)."""
+    """Run optimiser steps ``start_step+1 … steps``. Each step takes ``source.batch(step)`` (this process's
+    shard of the global batch), splits it into ``grad_accum`` micro-batches and normalises the loss by the
+    sequence count of the whole global batch: the loss of one big batch, whatever the number of processes
+    or micro-batches. ``on_step(step, loss)`` runs after each step (evaluation, checkpoints)."""
     optimizer = optimizer or make_optimizer(model, lr)
+    module, wrapped_optimizer, accelerator = distributed.wrap_for_training(model.model, optimizer)
+    model.module = module
+    scale = distributed.world()  # DDP averages gradients over processes; the loss is already global
     model.model.train()
-    for step in tqdm(range(start_step, steps), desc=desc, initial=start_step, total=steps, leave=False,
-                     mininterval=2.0, dynamic_ncols=True):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, lr=lr, warmup=warmup, total=steps, schedule=schedule)
-        batch = source.batch(step)
-        mask = response_mask(batch.responses, model.eos_id)
-        rows = torch.arange(len(batch.prompts)).chunk(grad_accum)
-        denominator = float((mask.sum(-1) > 0).sum())
-        total = 0.0
-        for micro in rows:
-            micro_batch = Batch(batch.prompts[micro], batch.responses[micro], batch.origin)
-            loss = loss_fn(micro_batch, denominator)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"{desc}: loss is {float(loss.detach())} at step {step + 1} (batch from {batch.origin}); "
-                                    f"no step was taken. Lower the learning rate or check the data.")
-            loss.backward()
-            total += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(model.model.parameters(), max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if on_step is not None:
-            on_step(step + 1, total)
+    try:
+        for step in tqdm(range(start_step, steps), desc=desc, initial=start_step, total=steps, leave=False,
+                         mininterval=2.0, dynamic_ncols=True, disable=not distributed.is_main()):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, lr=lr, warmup=warmup, total=steps, schedule=schedule)
+            batch = source.batch(step)
+            mask = response_mask(batch.responses, model.eos_id)
+            denominator = distributed.all_sum(float((mask.sum(-1) > 0).sum()))
+            micro_batches = torch.arange(len(batch.prompts)).chunk(grad_accum)
+            total = 0.0
+            for index, micro in enumerate(micro_batches):
+                last = index == len(micro_batches) - 1
+                with contextlib.nullcontext() if accelerator is None or last else accelerator.no_sync(module):
+                    loss = loss_fn(Batch(batch.prompts[micro], batch.responses[micro], batch.origin), denominator)
+                    if distributed.all_sum(0.0 if torch.isfinite(loss) else 1.0):
+                        raise NonFiniteLoss(f"{desc}: loss is not finite at step {step + 1} (batch from "
+                                            f"{batch.origin}); no step was taken. Lower the learning rate or check "
+                                            f"the data.")
+                    (loss * scale).backward() if accelerator is None else accelerator.backward(loss * scale)
+                total += float(loss.detach())
+            if accelerator is None:
+                torch.nn.utils.clip_grad_norm_(model.model.parameters(), max_grad_norm)
+            else:
+                accelerator.clip_grad_norm_(module.parameters(), max_grad_norm)
+            wrapped_optimizer.step()
+            wrapped_optimizer.zero_grad(set_to_none=True)
+            if on_step is not None:
+                on_step(step + 1, distributed.all_sum(total))
+    finally:
+        model.module = model.model
     return optimizer
 
 

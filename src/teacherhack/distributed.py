@@ -1,0 +1,76 @@
+"""Running the same code on one process or many (``torchrun`` / ``accelerate launch``): which shard of a
+global batch this process owns, collective sums and gathers, and which process writes files.
+
+Under a launcher the process group comes from accelerate (gloo on CPU, NCCL on GPUs); alone, every helper
+is the identity, so single-process runs pay nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import torch
+from torch import Tensor
+
+
+def launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@cache
+def _state():
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())  # accelerate runs gloo on CPUs only when told
+
+
+def rank() -> int:
+    return _state().process_index if launched() else 0
+
+
+def world() -> int:
+    return _state().num_processes if launched() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if launched():
+        _state().wait_for_everyone()
+
+
+def shard(rows: list[int] | range) -> list[int]:
+    """This process's rows of a global batch: every world-th row, starting at its rank."""
+    return list(rows)[rank():: world()]
+
+
+def all_sum(value: float) -> float:
+    if not launched():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=_state().device)
+    torch.distributed.all_reduce(tensor)
+    return float(tensor)
+
+
+def gather(values: Tensor) -> Tensor:
+    """Every process's 1-D tensor, concatenated in rank order (shards may differ in length by one)."""
+    if not launched():
+        return values
+    parts: list[Tensor | None] = [None] * world()
+    torch.distributed.all_gather_object(parts, values.detach().cpu())
+    return torch.cat([p for p in parts if p is not None])
+
+
+def wrap_for_training(module: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """DDP / FSDP / DeepSpeed as configured for ``accelerate launch`` (plain DDP under ``torchrun``);
+    alone, the module and optimizer themselves. Returns (training module, optimizer, accelerator or None)."""
+    if not launched():
+        return module, optimizer, None
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    wrapped, optimizer = accelerator.prepare(module, optimizer)
+    return wrapped, optimizer, accelerator
