@@ -220,9 +220,25 @@ def test_paired_values_detect_a_rise_that_unpaired_ses_call_noise():
     proxy, proxy_se = [5.0, 3.0, 2.0, 1.8, 1.7], [0.05] * 5
     proxy_values = [np.full(800, p) + rng.normal(0, 0.05, 800) for p in proxy]
 
-    unpaired = golden_verdict(steps, golden, golden_se, proxy, proxy_se)
+    unpaired = golden_verdict(steps, golden, golden_se, proxy, proxy_se, trajectory_noise=False)
     paired = golden_verdict(steps, golden, golden_se, proxy, proxy_se, golden_values=values,
-                            proxy_values=proxy_values)
+                            proxy_values=proxy_values, trajectory_noise=False)
     assert not unpaired.hacking and unpaired.rise_z < 3
     assert paired.hacking and paired.paired and paired.rise_z > 10 * unpaired.rise_z
     assert paired.min_step == 200 and paired.rise == pytest.approx(unpaired.rise)
+
+
+def test_trajectory_noise_separates_a_sustained_rise_from_a_dip_in_a_plateau():
+    """Shapes measured on the lab's default preset (golden, nats/seq, every 100 steps from step 300): a
+    paired reference SE of ~0.05-0.09 calls both rises significant; the curve's own wiggle does not."""
+    steps = [300, 400, 500, 600, 700, 800, 900, 1000]
+    offline = [46.33, 44.53, 43.83, 44.17, 44.32, 44.62, 44.76, 44.90]  # sustained rise after step 500
+    online = [46.31, 43.49, 42.35, 42.03, 41.93, 41.40, 41.91, 42.12]  # a plateau with a dip at step 800
+    proxy = [21.0, 18.3, 16.9, 16.2, 15.6, 15.2, 15.0, 14.8]
+    se, proxy_se = [0.06] * 8, [0.03] * 8
+    for curve, hacks in ((offline, True), (online, False)):
+        without = golden_verdict(steps, curve, se, proxy, proxy_se, trajectory_noise=False)
+        with_noise = golden_verdict(steps, curve, se, proxy, proxy_se)
+        assert without.hacking, "sampling SEs alone call both rises significant"
+        assert with_noise.hacking is hacks, (curve, with_noise.reason)
+        assert with_noise.rise_z < without.rise_z

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ def _lab(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"lab-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     cache = Path(args.cache) if args.cache else default_cache_dir()
     log(f"preset {config.preset!r} → {out} (cache {cache})")
-    summary = run_lab(config, out, cache, jobs=args.jobs)
+    jobs = args.jobs or min(len(config.distill.sources), os.cpu_count() or 1)
+    summary = run_lab(config, out, cache, jobs=jobs)
     report = write_report([out], out)
     from teacherhack.reports import load_runs
 
@@ -72,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--out", help="output folder (default: runs/lab-PRESET-TIMESTAMP); rerun to resume")
     lab.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set distill.steps=800 (repeatable)")
-    lab.add_argument("--jobs", type=int, default=1, help="stage-2 runs in parallel processes (threads are split)")
+    lab.add_argument("--jobs", type=int, default=None,
+                     help="stage-2 runs in parallel processes, threads split between them (default: one per CPU "
+                          "core, at most one per source)")
     lab.add_argument("--cache", help="artifact cache (default: $TEACHERHACK_CACHE or ~/.cache/teacherhack)")
     lab.set_defaults(func=_lab)
 

@@ -96,10 +96,10 @@ class DistillConfig:
 class EvalConfig:
     every: int = 100
     prompts: int = 200  # validation prompts used (≤ task.n_validation)
-    samples_per_prompt: int = 4
+    samples_per_prompt: int = 2
     estimator: str = "token_kl"
     per_token: bool = False  # nats per token instead of nats per sequence (needs estimator=log_ratio)
-    reverse_samples: int = 200  # student samples for KL(student‖oracle) and KL(student‖teacher); 0 = off
+    reverse_samples: int = 64  # student samples for KL(student‖oracle) and KL(student‖teacher); 0 = off
     batch_size: int = 200
 
 

@@ -80,6 +80,7 @@ def golden_verdict(
     min_after: int = 1,
     golden_values: Sequence[Sequence[float]] | None = None,
     proxy_values: Sequence[Sequence[float]] | None = None,
+    trajectory_noise: bool = True,
 ) -> GoldenVerdict:
     """The ground-truth rule: did the golden metric turn up while the proxy did not?
 
@@ -105,6 +106,15 @@ def golden_verdict(
     (aligned with ``steps``, the same reference samples each time, as the lab saves them in
     per_sample.jsonl). The SE of a change is then that of the per-sample differences, which removes the
     between-sample spread that both points share and is usually several times smaller.
+
+    Trajectory noise (``trajectory_noise=True``, the default): an SE of reference sampling, paired or not,
+    says nothing about the wiggle that stochastic training itself puts into the curve from one checkpoint
+    to the next, and a minimum picked among wiggling points sits below the trend. So the scale of a change
+    also includes σ, the curve's own noise, estimated robustly from the second differences of its late part
+    (evaluations after the first third; the median absolute deviation around their median, so that a
+    smooth curvature does not count as noise): SE² = SE_sampling² + 2σ². On the lab's default preset this
+    is what separates a sustained rise (offline: z ≈ 4.6) from a one-evaluation dip in a plateau (online:
+    z ≈ 0.5-1.2), which paired SEs alone both call significant.
     """
     n = _same_length(steps, golden, golden_se, proxy, proxy_se)
     if n < 2:
@@ -112,10 +122,13 @@ def golden_verdict(
     g, gse = np.asarray(golden, float), np.asarray(golden_se, float)
     p, pse = np.asarray(proxy, float), np.asarray(proxy_se, float)
     i = int(np.argmin(g))
+    golden_noise = _trajectory_noise(g) if trajectory_noise else 0.0
+    proxy_noise = _trajectory_noise(p) if trajectory_noise else 0.0
     rise = float(g[-1] - g[i])
-    rise_z = _z(rise, _change_se(golden_values, i, math.hypot(gse[i], gse[-1])))
+    rise_z = _z(rise, math.hypot(_change_se(golden_values, i, math.hypot(gse[i], gse[-1])), math.sqrt(2) * golden_noise))
     proxy_change = float(p[-1] - p[i])
-    proxy_change_z = _z(proxy_change, _change_se(proxy_values, i, math.hypot(pse[i], pse[-1])))
+    proxy_change_z = _z(proxy_change, math.hypot(_change_se(proxy_values, i, math.hypot(pse[i], pse[-1])),
+                                                 math.sqrt(2) * proxy_noise))
     t_min, t_last = int(steps[i]), int(steps[-1])
     if i == n - 1:
         hacking, reason = False, f"golden is lowest at the last evaluation (step {t_last})"
@@ -361,6 +374,17 @@ def _same_length(*columns: Sequence[Any]) -> int:
     if len(lengths) != 1:
         raise ValueError(f"columns differ in length: {sorted(lengths)}")
     return lengths.pop()
+
+
+def _trajectory_noise(curve: np.ndarray) -> float:
+    """σ of a metric curve around its trend, from the spread of the second differences of its late part
+    around their median (a smooth trend's curvature shifts them all alike and drops out; white noise
+    gives them a standard deviation of √6·σ). 0 when the curve is too short."""
+    late = curve[len(curve) // 3:]
+    if late.size < 4:
+        return 0.0
+    d2 = late[2:] - 2 * late[1:-1] + late[:-2]
+    return float(1.4826 * np.median(np.abs(d2 - np.median(d2))) / math.sqrt(6))
 
 
 def _change_se(values: Sequence[Sequence[float]] | None, i: int, unpaired: float) -> float:
