@@ -10,21 +10,22 @@ from pathlib import Path
 
 from teacherhack import config as cfg
 from teacherhack.data import TaskError, default_cache_dir
+from teacherhack.distributed import is_main, launched
 
 
 def _lab(args: argparse.Namespace) -> int:
     from teacherhack.lab import log, run_lab
-    from teacherhack.reports import summarise, write_report
+    from teacherhack.reports import load_runs, summarise, write_report
 
-    config = cfg.resolve(args.preset, cfg.parse_assignments(args.set))
+    config = cfg.resolve("paper" if args.scale == "paper" else args.preset, cfg.parse_assignments(args.set))
     out = Path(args.out) if args.out else Path("runs") / f"lab-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     cache = Path(args.cache) if args.cache else default_cache_dir()
     log(f"preset {config.preset!r} → {out} (cache {cache})")
-    jobs = args.jobs or min(len(config.distill.sources), os.cpu_count() or 1)
+    jobs = 1 if launched() else args.jobs or min(len(config.distill.sources), os.cpu_count() or 1)
     summary = run_lab(config, out, cache, jobs=jobs)
+    if not is_main():
+        return 0
     report = write_report([out], out)
-    from teacherhack.reports import load_runs
-
     print(summarise(load_runs([out])))
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in summary["stage_seconds"].items())
     print(f"\nwall time {summary['wall_seconds']:.0f}s ({stages})")
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--out", help="output folder (default: runs/lab-PRESET-TIMESTAMP); rerun to resume")
     lab.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set distill.steps=800 (repeatable)")
+    lab.add_argument("--scale", choices=("laptop", "paper"), default="laptop",
+                     help="paper: the paper's Table 1 on GPUs (the same as --preset paper)")
     lab.add_argument("--jobs", type=int, default=None,
                      help="stage-2 runs in parallel processes, threads split between them (default: one per CPU "
                           "core, at most one per source)")

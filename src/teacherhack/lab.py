@@ -133,7 +133,8 @@ def _new_or_loaded(c: LabConfig, role: str, tokenizer: PreTrainedTokenizerBase, 
     """A fresh model of a size preset, or the pretrained weights named for this role."""
     name = getattr(c.models, role)
     if name not in SIZES:
-        return _wrap(_pretrained(role, name, load_pretrained), tokenizer, device)
+        dtype = getattr(torch, c.models.dtype)
+        return _wrap(_pretrained(role, name, lambda n: load_pretrained(n, dtype=dtype)), tokenizer, device)
     ids = special_ids(tokenizer)
     return _wrap(build_model(c.models.arch, name, vocab_size=len(tokenizer), pad_id=ids.pad, eos_id=ids.eos,
                              max_positions=c.task.max_prompt_len + c.task.max_response_len, seed=seed),
