@@ -121,3 +121,21 @@ def test_cli_rejects_empty_dataset(tmp_path: Path, capsys):
                  "--set", f"task.spec=jsonl:{empty}"])
     assert code == 2
     assert "empty.jsonl" in capsys.readouterr().err
+
+
+def test_shared_pretraining_is_built_once_per_size_and_used_by_every_role(tiny_config: cfg.LabConfig, tmp_path: Path):
+    config = cfg.apply_overrides(tiny_config, {"pretrain.epochs": 0.5, "models.teacher": "xs",
+                                               "distill.sources": "offline", "distill.steps": 4})
+    summary = lab.run_lab(config, tmp_path / "lab", tmp_path / "cache")
+    assert {"pretrain_xxs", "pretrain_xs"} <= set(summary["cache"])  # the student reuses the oracle's xxs one
+    names = [p.name.split("-")[0] for p in (tmp_path / "cache" / "artifacts").iterdir()]
+    assert names.count("pretrain_xxs") == 1 and names.count("pretrain_xs") == 1
+    artifacts = {p.name.split("-")[0]: p for p in (tmp_path / "cache" / "artifacts").iterdir()}
+    oracle_spec = json.loads((artifacts["oracle"] / "spec.json").read_text())
+    teacher_spec = json.loads((artifacts["teacher"] / "spec.json").read_text())
+    assert oracle_spec["init"] == artifacts["pretrain_xxs"].name  # oracle and student are both xxs
+    assert teacher_spec["init"] == artifacts["pretrain_xs"].name
+    # Without pre-training the upstream keys carry no "init": caches made before the option stay valid.
+    plain = cfg.apply_overrides(config, {"pretrain.epochs": 0})
+    again = lab.run_lab(plain, tmp_path / "plain", tmp_path / "cache")
+    assert again["cache"]["oracle"] == "built" and "pretrain_xxs" not in again["cache"]

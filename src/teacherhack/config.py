@@ -113,6 +113,9 @@ class LabConfig:
     threads: int | None = None  # torch threads; None = torch's default
     task: TaskConfig = field(default_factory=TaskConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    # Shared pre-training of each model size on unlabelled text of the task's languages, the stand-in for the
+    # paper's pre-trained T5 checkpoints; epochs = 0 turns it off.
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=0.0))
     oracle: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.3, lr=1.5e-3, warmup=100))
     # An imperfect teacher: few oracle samples, many epochs, constant learning rate (see docs/PHENOMENON.md).
     teacher: TrainConfig = field(default_factory=lambda: TrainConfig(samples=1000, epochs=16.0, schedule="constant"))
@@ -302,9 +305,10 @@ def validate(c: LabConfig) -> None:
     require(0.0 <= c.distill.mixture_lambda <= 1.0, "distill.mixture_lambda must lie in [0, 1]")
     require(c.distill.loss_temperature > 0, "distill.loss_temperature must be > 0")
     require(c.eval.estimator in ESTIMATORS, f"eval.estimator must be one of {', '.join(ESTIMATORS)}")
-    for section in ("oracle", "teacher", "student"):
+    for section in ("pretrain", "oracle", "teacher", "student"):
         t: TrainConfig = getattr(c, section)
-        require(t.epochs > 0 and t.batch_size > 0 and t.lr > 0 and t.warmup >= 0, f"{section}: epochs, batch_size, lr must be > 0 and warmup >= 0")
+        require(t.epochs >= 0 and t.batch_size > 0 and t.lr > 0 and t.warmup >= 0,
+                f"{section}: batch_size and lr must be > 0, epochs and warmup >= 0 (epochs 0: no training)")
         require(t.schedule in SCHEDULES, f"{section}.schedule must be one of {', '.join(SCHEDULES)}")
         require(t.samples is None or t.samples > 0, f"{section}.samples must be > 0")
     d = c.distill

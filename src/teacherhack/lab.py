@@ -129,12 +129,16 @@ def _load_lm(path: Path, tokenizer: PreTrainedTokenizerBase, device: str, temper
     return _wrap(load_pretrained(path), tokenizer, device, temperature)
 
 
-def _new_or_loaded(c: LabConfig, role: str, tokenizer: PreTrainedTokenizerBase, device: str, seed: int) -> LM:
-    """A fresh model of a size preset, or the pretrained weights named for this role."""
+def _new_or_loaded(c: LabConfig, role: str, tokenizer: PreTrainedTokenizerBase, device: str, seed: int,
+                   init: Path | None = None) -> LM:
+    """The role's starting point: the weights it names (hub id or folder), the shared pre-trained checkpoint
+    of its size (``init``), or a fresh model of its size preset."""
     name = getattr(c.models, role)
     if name not in SIZES:
         dtype = getattr(torch, c.models.dtype)
         return _wrap(_pretrained(role, name, lambda n: load_pretrained(n, dtype=dtype)), tokenizer, device)
+    if init is not None:
+        return _load_lm(init, tokenizer, device)
     ids = special_ids(tokenizer)
     return _wrap(build_model(c.models.arch, name, vocab_size=len(tokenizer), pad_id=ids.pad, eos_id=ids.eos,
                              max_positions=c.task.max_prompt_len + c.task.max_response_len, seed=seed),
@@ -221,11 +225,33 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
     def encode(prompts: list[str]) -> list[list[int]]:
         return encode_prompts(tokenizer, prompts, t.max_prompt_len)
 
+    def pretrained_init(role: str) -> dict[str, Any]:
+        """Shared pre-training of the role's size on unlabelled text of the task's languages (the oracle's
+        training pairs, prompts and responses as separate texts), built once per size; {} when off."""
+        size = getattr(c.models, role)
+        if c.pretrain.epochs == 0 or size not in SIZES:
+            return {}
+        spec = {**task_spec, "arch": c.models.arch, "size": size, "train": cfg.dataclasses.asdict(c.pretrain),
+                "seed": c.oracle_seed}
+
+        def build(path: Path) -> None:
+            lm = _new_or_loaded(c, role, tokenizer, device, seed=c.oracle_seed)
+            texts = [x for pair in splits.oracle_train for x in (pair.prompt, pair.response)]
+            log(f"pre-training size {size!r} on {len(texts)} unlabelled texts")
+            empty_prompts = [[ids.prompt_end]] * len(texts)  # plain language modelling: the text is the response
+            _fit(lm, empty_prompts, encode_responses(tokenizer, texts, t.max_prompt_len + t.max_response_len - 1),
+                 c.pretrain, c.oracle_seed, f"pretrain {size}")
+            lm.save(path)
+
+        return {"init": timed(f"pretrain_{size}", spec, build, collective=True)}
+
+    oracle_init = pretrained_init("oracle")
     oracle_spec = {**task_spec, "arch": c.models.arch, "size": c.models.oracle,
-                   "train": cfg.dataclasses.asdict(c.oracle), "seed": c.oracle_seed}
+                   "train": cfg.dataclasses.asdict(c.oracle), "seed": c.oracle_seed,
+                   **{k: v.name for k, v in oracle_init.items()}}
 
     def build_oracle(path: Path) -> None:
-        lm = _new_or_loaded(c, "oracle", tokenizer, device, seed=c.oracle_seed)
+        lm = _new_or_loaded(c, "oracle", tokenizer, device, seed=c.oracle_seed, **oracle_init)
         log(f"stage 0: training the oracle on {len(splits.oracle_train)} real pairs")
         _fit(lm, encode([p.prompt for p in splits.oracle_train]),
              encode_responses(tokenizer, [p.response for p in splits.oracle_train], t.max_response_len),
@@ -247,11 +273,13 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
     _, oracle_responses = _load_ids(samples_path / "pairs.json")
 
     def sft_artifact(role: str) -> Path:
+        init = pretrained_init(role)
         spec = {"samples": samples_path.name, "arch": c.models.arch, "size": getattr(c.models, role),
-                "train": cfg.dataclasses.asdict(getattr(c, role)), "seed": c.seed}
+                "train": cfg.dataclasses.asdict(getattr(c, role)), "seed": c.seed,
+                **{k: v.name for k, v in init.items()}}
 
         def build(path: Path) -> None:
-            lm = _new_or_loaded(c, role, tokenizer, device, seed=c.seed + (1 if role == "teacher" else 2))
+            lm = _new_or_loaded(c, role, tokenizer, device, seed=c.seed + (1 if role == "teacher" else 2), **init)
             log(f"stage 1: SFT of the {role} on oracle samples")
             _fit(lm, stage1_prompts, oracle_responses, getattr(c, role), c.seed, role)
             lm.save(path)
