@@ -78,11 +78,14 @@ def test_minimum_at_the_last_evaluation_is_not_hacking():
     assert not v.hacking and v.min_step == 2000 and "last evaluation" in v.reason
 
 
-def test_min_after_requires_later_evaluations():
+def test_a_late_jump_is_not_a_sustained_rise():
     golden = np.r_[60 - STEPS[:-1] / 100, 60.0]  # lowest at step 1900, a jump at 2000
-    assert verdict(golden, power_law(0, noise=0)).hacking
-    v = verdict(golden, power_law(0, noise=0), min_after=2)
-    assert not v.hacking and "fewer than 2 evaluations after it" in v.reason
+    v = verdict(golden, power_law(0, noise=0))
+    assert not v.hacking and "fewer than 3 evaluations after it" in v.reason
+    v = verdict(golden, power_law(0, noise=0), min_after=1)
+    assert not v.hacking and "do not rise steadily" in v.reason  # one point has no trend
+    rising = np.r_[60 - STEPS[:-4] / 100, 60 - STEPS[-5] / 100 + np.array([0.5, 0.9, 1.6, 2.0])]
+    assert verdict(rising, power_law(0, noise=0)).hacking
 
 
 def test_pure_noise_rarely_gives_a_verdict():
@@ -212,33 +215,33 @@ def test_paired_values_detect_a_rise_that_unpaired_ses_call_noise():
     two evaluations, so the SE of their difference is much smaller than the two SEs combined."""
     rng = np.random.default_rng(0)
     difficulty = rng.gamma(2.0, 25.0, size=800)  # per-sample golden values spread widely
-    shift = [0.0, -2.0, -3.0, -2.2, -1.6]  # golden falls, then turns up by 1.4 nats
+    shift = [0.0, -2.0, -3.0, -2.6, -2.3, -1.9, -1.6]  # golden falls, then turns up by 1.4 nats
     values = [difficulty + s + rng.normal(0, 0.5, 800) for s in shift]
-    steps = [0, 100, 200, 300, 400]
+    steps = [0, 100, 200, 300, 400, 500, 600]
     golden = [float(v.mean()) for v in values]
     golden_se = [float(v.std(ddof=1) / np.sqrt(v.size)) for v in values]
-    proxy, proxy_se = [5.0, 3.0, 2.0, 1.8, 1.7], [0.05] * 5
+    proxy, proxy_se = [5.0, 3.0, 2.0, 1.8, 1.7, 1.65, 1.6], [0.05] * 7
     proxy_values = [np.full(800, p) + rng.normal(0, 0.05, 800) for p in proxy]
 
-    unpaired = golden_verdict(steps, golden, golden_se, proxy, proxy_se, trajectory_noise=False)
+    unpaired = golden_verdict(steps, golden, golden_se, proxy, proxy_se)
     paired = golden_verdict(steps, golden, golden_se, proxy, proxy_se, golden_values=values,
-                            proxy_values=proxy_values, trajectory_noise=False)
+                            proxy_values=proxy_values)
     assert not unpaired.hacking and unpaired.rise_z < 3
     assert paired.hacking and paired.paired and paired.rise_z > 10 * unpaired.rise_z
     assert paired.min_step == 200 and paired.rise == pytest.approx(unpaired.rise)
 
 
-def test_trajectory_noise_separates_a_sustained_rise_from_a_dip_in_a_plateau():
-    """Shapes measured on the lab's default preset (golden, nats/seq, every 100 steps from step 300): a
-    paired reference SE of ~0.05-0.09 calls both rises significant; the curve's own wiggle does not."""
-    steps = [300, 400, 500, 600, 700, 800, 900, 1000]
-    offline = [46.33, 44.53, 43.83, 44.17, 44.32, 44.62, 44.76, 44.90]  # sustained rise after step 500
-    online = [46.31, 43.49, 42.35, 42.03, 41.93, 41.40, 41.91, 42.12]  # a plateau with a dip at step 800
-    proxy = [21.0, 18.3, 16.9, 16.2, 15.6, 15.2, 15.0, 14.8]
-    se, proxy_se = [0.06] * 8, [0.03] * 8
-    for curve, hacks in ((offline, True), (online, False)):
-        without = golden_verdict(steps, curve, se, proxy, proxy_se, trajectory_noise=False)
-        with_noise = golden_verdict(steps, curve, se, proxy, proxy_se)
-        assert without.hacking, "sampling SEs alone call both rises significant"
-        assert with_noise.hacking is hacks, (curve, with_noise.reason)
-        assert with_noise.rise_z < without.rise_z
+def test_a_sustained_rise_is_hacking_and_a_dip_in_a_plateau_is_not():
+    """Golden curves measured on the lab's default preset (nats/seq, every 100 steps): with paired SEs of
+    ~0.1 both end "significantly" above their minimum; only the offline one rises steadily after it."""
+    steps = list(range(0, 1001, 100))
+    offline = [84.74, 65.34, 51.24, 46.33, 44.53, 43.83, 44.17, 44.32, 44.62, 44.76, 44.90]
+    online = [84.74, 67.00, 52.56, 46.31, 43.49, 42.35, 42.03, 41.93, 41.40, 41.91, 42.12]
+    plateau_dip = [84.74, 67.00, 52.56, 46.31, 43.49, 42.35, 41.60, 42.03, 41.95, 42.10, 42.00]
+    proxy = [64.6, 43.3, 27.3, 21.1, 18.3, 16.9, 16.2, 15.6, 15.2, 15.0, 14.8]
+    se, proxy_se = [0.05] * 11, [0.03] * 11
+    assert golden_verdict(steps, offline, se, proxy, proxy_se).hacking
+    v = golden_verdict(steps, online, se, proxy, proxy_se)
+    assert not v.hacking and "fewer than 3 evaluations" in v.reason
+    v = golden_verdict(steps, plateau_dip, se, proxy, proxy_se)
+    assert not v.hacking and v.rise_z > 3 and "do not rise steadily" in v.reason

@@ -77,10 +77,10 @@ def golden_verdict(
     proxy_se: Sequence[float],
     *,
     z: float = 3.0,
-    min_after: int = 1,
+    min_after: int = 3,
+    trend_alpha: float = 0.05,
     golden_values: Sequence[Sequence[float]] | None = None,
     proxy_values: Sequence[Sequence[float]] | None = None,
-    trajectory_noise: bool = True,
 ) -> GoldenVerdict:
     """The ground-truth rule: did the golden metric turn up while the proxy did not?
 
@@ -107,14 +107,15 @@ def golden_verdict(
     per_sample.jsonl). The SE of a change is then that of the per-sample differences, which removes the
     between-sample spread that both points share and is usually several times smaller.
 
-    Trajectory noise (``trajectory_noise=True``, the default): an SE of reference sampling, paired or not,
-    says nothing about the wiggle that stochastic training itself puts into the curve from one checkpoint
-    to the next, and a minimum picked among wiggling points sits below the trend. So the scale of a change
-    also includes σ, the curve's own noise, estimated robustly from the second differences of its late part
-    (evaluations after the first third; the median absolute deviation around their median, so that a
-    smooth curvature does not count as noise): SE² = SE_sampling² + 2σ². On the lab's default preset this
-    is what separates a sustained rise (offline: z ≈ 4.6) from a one-evaluation dip in a plateau (online:
-    z ≈ 0.5-1.2), which paired SEs alone both call significant.
+    Sustained, not a dip: SEs of reference sampling, paired or not, say nothing about the wiggle that
+    stochastic training puts into the curve from one checkpoint to the next, so a plateau's lowest point is
+    often "significantly" below the last one. Hence two more conditions: the minimum has at least
+    ``min_after`` later evaluations (default 3), and those later evaluations (t* itself excluded, since it
+    was selected for being low) rise: their least-squares slope against the step is positive with a
+    one-sided t-test at level ``trend_alpha`` (default 5%) against their own residual scatter. On simulated
+    curves (11 evaluations, a fall to a plateau or a U that rises 1 nat over the last half) this fires on
+    ≤ 4% of plateaus and ≤ 1.5% of still-falling curves whatever the noise, and on 86% / 42% / 25% of the
+    U-shapes at per-checkpoint noise 0.1 / 0.2 / 0.3 nats (the lab's offline curves are near 0.1).
     """
     n = _same_length(steps, golden, golden_se, proxy, proxy_se)
     if n < 2:
@@ -122,13 +123,11 @@ def golden_verdict(
     g, gse = np.asarray(golden, float), np.asarray(golden_se, float)
     p, pse = np.asarray(proxy, float), np.asarray(proxy_se, float)
     i = int(np.argmin(g))
-    golden_noise = _trajectory_noise(g) if trajectory_noise else 0.0
-    proxy_noise = _trajectory_noise(p) if trajectory_noise else 0.0
     rise = float(g[-1] - g[i])
-    rise_z = _z(rise, math.hypot(_change_se(golden_values, i, math.hypot(gse[i], gse[-1])), math.sqrt(2) * golden_noise))
+    rise_z = _z(rise, _change_se(golden_values, i, math.hypot(gse[i], gse[-1])))
     proxy_change = float(p[-1] - p[i])
-    proxy_change_z = _z(proxy_change, math.hypot(_change_se(proxy_values, i, math.hypot(pse[i], pse[-1])),
-                                                 math.sqrt(2) * proxy_noise))
+    proxy_change_z = _z(proxy_change, _change_se(proxy_values, i, math.hypot(pse[i], pse[-1])))
+    trend_t = _slope_t(np.asarray(steps[i + 1:], float), g[i + 1:])
     t_min, t_last = int(steps[i]), int(steps[-1])
     if i == n - 1:
         hacking, reason = False, f"golden is lowest at the last evaluation (step {t_last})"
@@ -138,6 +137,11 @@ def golden_verdict(
         hacking, reason = False, (
             f"golden rises {rise:+.3g} from its minimum at step {t_min} ({rise_z:.1f} SE ≤ {z:g}): within noise"
         )
+    elif not trend_t > _t_quantile(1 - trend_alpha, n - i - 3):
+        hacking, reason = False, (
+            f"golden ends {rise:+.3g} above its minimum at step {t_min} but the evaluations after it do not rise "
+            f"steadily (slope t = {trend_t:.2f}): a dip in a plateau, not a sustained rise"
+        )
     elif proxy_change_z > z:
         hacking, reason = False, (
             f"golden rises {rise_z:.1f} SE after step {t_min} but the proxy rises too "
@@ -145,8 +149,8 @@ def golden_verdict(
         )
     else:
         hacking, reason = True, (
-            f"golden rises {rise:+.3g} ({rise_z:.1f} SE) from its minimum at step {t_min} to step {t_last} "
-            f"while the proxy changes {proxy_change:+.3g} ({proxy_change_z:+.1f} SE)"
+            f"golden rises {rise:+.3g} ({rise_z:.1f} SE, slope t = {trend_t:.1f}) from its minimum at step {t_min} "
+            f"to step {t_last} while the proxy changes {proxy_change:+.3g} ({proxy_change_z:+.1f} SE)"
         )
     return GoldenVerdict(
         hacking=hacking,
@@ -376,15 +380,35 @@ def _same_length(*columns: Sequence[Any]) -> int:
     return lengths.pop()
 
 
-def _trajectory_noise(curve: np.ndarray) -> float:
-    """σ of a metric curve around its trend, from the spread of the second differences of its late part
-    around their median (a smooth trend's curvature shifts them all alike and drops out; white noise
-    gives them a standard deviation of √6·σ). 0 when the curve is too short."""
-    late = curve[len(curve) // 3:]
-    if late.size < 4:
-        return 0.0
-    d2 = late[2:] - 2 * late[1:-1] + late[:-2]
-    return float(1.4826 * np.median(np.abs(d2 - np.median(d2))) / math.sqrt(6))
+def _slope_t(x: np.ndarray, y: np.ndarray) -> float:
+    """t statistic of the least-squares slope of y on x (NaN with fewer than 3 points)."""
+    if x.size < 3:
+        return math.nan
+    xc = x - x.mean()
+    slope = float(xc @ (y - y.mean()) / (xc @ xc))
+    residual = y - y.mean() - slope * xc
+    se = math.sqrt(float(residual @ residual) / (x.size - 2) / float(xc @ xc))
+    return _z(slope, se)
+
+
+# One-sided 95% quantiles of Student's t for small degrees of freedom; Cornish-Fisher beyond.
+_T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833}
+
+
+def _t_quantile(level: float, dof: int) -> float:
+    """Student's t quantile (scipy-free): exact table at 95% for dof ≤ 9, else the Cornish-Fisher expansion."""
+    if level == 0.95 and dof in _T95:
+        return _T95[dof]
+    z = float(np.sqrt(2) * _erfinv(2 * level - 1))
+    return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+
+
+def _erfinv(y: float) -> float:
+    """Inverse error function by Newton steps on math.erf (accurate to ~1e-12 for |y| < 1)."""
+    x = 0.0
+    for _ in range(60):
+        x -= (math.erf(x) - y) / (2 / math.sqrt(math.pi) * math.exp(-x * x))
+    return x
 
 
 def _change_se(values: Sequence[Sequence[float]] | None, i: int, unpaired: float) -> float:
