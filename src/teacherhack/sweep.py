@@ -64,6 +64,20 @@ def expand(preset: str, base: LabConfig, seeds: int) -> list[Run]:
     elif preset == "mixture":
         settings = [(f"lambda={lam}", {"distill.sources": "mixture", "distill.mixture_lambda": lam})
                     for lam in (0.0, 0.25, 0.5, 1.0)]
+    elif preset == "factors":  # one factor at a time around the base, offline data: what makes hacking here
+        variants = {
+            "base": {},
+            "teacher less over-fitted (4 epochs)": {"teacher.epochs": 4.0},
+            "teacher more over-fitted (32 epochs)": {"teacher.epochs": 32.0},
+            "hard-label loss": {"distill.loss": "hard_ce"},
+            "bigger student (s)": {"models.student": "s"},
+            "student starts better (3 SFT epochs)": {"student.epochs": 3.0},
+            "sharper oracle (tau 0.6)": {"models.oracle_temperature": 0.6},
+            "smaller pool (half)": {"distill.prompts": _split(n, 2)},
+            "lower learning rate (3e-4)": {"distill.lr": 3e-4},
+            "per-token metrics": {"eval.per_token": True, "eval.estimator": "log_ratio"},
+        }
+        settings = [(name, {"distill.sources": "offline", **overrides}) for name, overrides in variants.items()]
     elif preset == "tasks":  # the paper's three task families, from text the package registries carry
         settings = [(f"{task} {source}", {"task.spec": task, "distill.sources": source})
                     for task in ("kjv-rv", "debian-descriptions", "wordnet") for source in ("offline", *ONLINE)]
@@ -72,7 +86,7 @@ def expand(preset: str, base: LabConfig, seeds: int) -> list[Run]:
     return _runs(seeds, settings)
 
 
-SWEEPS = ("sources", "diversity", "budget", "losses", "sizes", "mixture", "tasks")
+SWEEPS = ("sources", "diversity", "budget", "losses", "sizes", "mixture", "tasks", "factors")
 
 
 def scaled(base: LabConfig, scale: float) -> LabConfig:
@@ -297,7 +311,23 @@ def findings_tasks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return found
 
 
+def findings_factors(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Which single changes to the base keep offline hacking and which remove it."""
+    groups = _by_group(results)
+    base = groups.get("base")
+    found = []
+    for name, g in groups.items():
+        if name == "base":
+            continue
+        keeps = g["hacking"] * 2 > g["seeds"]
+        found.append(_finding(f"offline still hacks with: {name}", keeps,
+                              f"{g['hacking']}/{g['seeds']} hack, rise {g['rise']:+.2f} ± {g['rise_sd']:.2f}"
+                              + (f" (base {base['rise']:+.2f})" if base else "")))
+    return found
+
+
 FINDINGS: dict[str, Callable[[list[dict[str, Any]]], list[dict[str, Any]]]] = {
+    "factors": findings_factors,
     "tasks": findings_tasks,
     "sources": findings_sources, "diversity": findings_diversity, "budget": findings_budget,
     "losses": findings_losses, "sizes": findings_sizes, "mixture": findings_mixture,
