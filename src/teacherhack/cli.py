@@ -63,6 +63,13 @@ def _reproduction(args: argparse.Namespace) -> int:
     return 0
 
 
+def _detect(args: argparse.Namespace) -> int:
+    from teacherhack.detection import format_validation_table, validate_detector
+
+    print(format_validation_table(validate_detector([Path(p) for p in args.runs])))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="teacherhack", description=__doc__ or "",
                                      epilog="Run 'teacherhack COMMAND --help' for a command's options.")
@@ -110,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     reproduction.add_argument("sweeps", nargs="+", help="sweep folders")
     reproduction.add_argument("--out", default="docs/REPRODUCTION.md")
     reproduction.set_defaults(func=_reproduction)
+
+    detect = commands.add_parser("detect", help="the oracle-free detector against the golden verdict, per run",
+                                 description="Print a table of runs × (golden verdict, detector verdict, golden "
+                                             "minimum step, detector step) for run or lab folders.")
+    detect.add_argument("runs", nargs="+", help="run folders (with metrics.jsonl) or lab / sweep run folders")
+    detect.set_defaults(func=_detect)
 
     keys = commands.add_parser("config", help="print the resolved configuration of a preset",
                                description="Print the fully resolved configuration (YAML) of a preset with overrides.")

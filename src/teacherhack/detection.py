@@ -336,7 +336,7 @@ def validate_detector(
 
     rows = []
     for run in load_runs(run_dirs):
-        verdict, detector = run_verdicts(run.metrics, **detector_options)
+        verdict, detector = run_verdicts(run.metrics, run.per_sample, **detector_options)
         both = verdict.hacking and detector.fired
         rows.append(
             {
