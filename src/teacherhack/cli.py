@@ -17,7 +17,11 @@ def _lab(args: argparse.Namespace) -> int:
     from teacherhack.lab import log, run_lab
     from teacherhack.reports import load_runs, summarise, write_report
 
-    config = cfg.resolve("paper" if args.scale == "paper" else args.preset, cfg.parse_assignments(args.set))
+    shortcuts = {"models.oracle": args.oracle, "models.teacher": args.teacher, "models.student": args.student,
+                  "task.spec": args.task}
+    overrides = {key: value for key, value in shortcuts.items() if value is not None}
+    config = cfg.resolve("paper" if args.scale == "paper" else args.preset,
+                         overrides | cfg.parse_assignments(args.set))
     out = Path(args.out) if args.out else Path("runs") / f"lab-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     cache = Path(args.cache) if args.cache else default_cache_dir()
     log(f"preset {config.preset!r} → {out} (cache {cache})")
@@ -82,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--out", help="output folder (default: runs/lab-PRESET-TIMESTAMP); rerun to resume")
     lab.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set distill.steps=800 (repeatable)")
+    for role in ("oracle", "teacher", "student"):
+        lab.add_argument(f"--{role}", metavar="SIZE|PATH|HUB_ID",
+                         help=f"the {role}: a size preset or a model folder / hub id (= --set models.{role}=...)")
+    lab.add_argument("--task", metavar="SPEC", help="kjv-rv, debian-descriptions, wordnet, xsum, wmt14, "
+                     "natural-instructions (hub, or NAME:PATH for a local copy), jsonl:FILE, hf:NAME_OR_PATH "
+                     "(= --set task.spec=...)")
     lab.add_argument("--scale", choices=("laptop", "paper"), default="laptop",
                      help="paper: the paper's Table 1 on GPUs (the same as --preset paper)")
     lab.add_argument("--jobs", type=int, default=None,
