@@ -72,7 +72,7 @@ def test_overrides_parse_each_type():
 @pytest.mark.parametrize("text,expected", [("True", True), ("1", True), ("yes", True), ("FALSE", False),
                                            ("0", False), ("no", False)])
 def test_boolean_spellings(text, expected):
-    assert resolve("default", {"eval.per_token": text}).eval.per_token is expected
+    assert resolve("default", {"eval.per_token": text, "eval.estimator": "log_ratio"}).eval.per_token is expected
 
 
 def test_list_override_strips_spaces_and_empty_items():
@@ -155,7 +155,8 @@ def test_validation_boundaries_are_accepted():
 @pytest.mark.parametrize("preset", sorted(cfg.PRESETS))
 def test_dump_yaml_from_dict_round_trip(preset, tmp_path: Path):
     c = resolve(preset, {"task.n_oracle": "None", "distill.chunk_size": "8", "distill.lr": "1e-5",
-                         "eval.per_token": "true", "distill.sources": "mixture,offline", "threads": "2",
+                         "eval.per_token": "true", "eval.estimator": "log_ratio", "distill.sources": "mixture,offline",
+                         "threads": "2",
                          "task.spec": "jsonl:/tmp/x.jsonl", "models.oracle_temperature": "0.7"})
     c.dump(tmp_path / "config.yaml")
     loaded = from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
@@ -196,3 +197,8 @@ def test_all_keys_lists_nested_fields():
     keys = cfg.all_keys()
     assert "distill.steps" in keys and "eval.per_token" in keys and "seed" in keys
     assert "distill" not in keys and len(keys) == len(set(keys))
+
+
+def test_per_token_metrics_need_the_log_ratio_estimator():
+    with pytest.raises(ConfigError, match="needs eval.estimator=log_ratio"):
+        resolve("default", {"eval.per_token": "true"})

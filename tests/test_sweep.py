@@ -47,11 +47,11 @@ def test_sweep_shares_upstream_and_resumes_after_a_kill(tiny_config: cfg.LabConf
     built: list[str] = []
     original_get = lab.ArtifactCache.get
 
-    def counting_get(self, stage, spec, build):
+    def counting_get(self, stage, spec, build, **options):
         def recording_build(path):
             built.append(stage)
             build(path)
-        return original_get(self, stage, spec, recording_build)
+        return original_get(self, stage, spec, recording_build, **options)
 
     monkeypatch.setattr(lab.ArtifactCache, "get", counting_get)
     calls = {"n": 0}
