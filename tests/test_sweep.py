@@ -131,3 +131,20 @@ def test_findings_tasks_are_judged_per_task():
     assert found["kjv-rv: Offline data → teacher hacking (golden turns up while the proxy does not)"] is True
     assert found["wordnet: Offline data → teacher hacking (golden turns up while the proxy does not)"] is False
     assert found["wordnet: Online data → no teacher hacking"] is True
+
+
+def test_sweep_report_separates_metric_units(tmp_path: Path):
+    """A sweep whose runs measure in different units (per-token metrics) still writes its reports."""
+    dirs = []
+    for name, unit, scale in (("run-in-nats-per-seq", "nats/sequence", 40.0), ("run-in-nats-per-tok", "nats/token", 1.0)):
+        run_dir = tmp_path / "runs" / name
+        run_dir.mkdir(parents=True)
+        (run_dir / "run.json").write_text(json.dumps({"name": name, "source": "offline", "metric_unit": unit}))
+        rows = [{"step": s, "epoch": s / 100, "train_loss": None if s == 0 else 1.0, "golden": scale * (2 - s / 400),
+                 "golden_se": 0.01, "proxy": scale * (1 - s / 500), "proxy_se": 0.01} for s in range(0, 401, 100)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dirs.append(run_dir)
+    sweep.write_reports(dirs, tmp_path)
+    assert (tmp_path / "report.html").exists() and (tmp_path / "per_token" / "report.html").exists()
+    html = (tmp_path / "report.html").read_text()
+    assert "run-in-nats-per-seq" in html and "run-in-nats-per-tok" not in html

@@ -167,8 +167,18 @@ def run_sweep(preset: str, base: LabConfig, out: Path, cache_root: Path, *, seed
                "findings": found, "groups": group_table(results)}
     (out / "findings.json").write_text(json.dumps(summary, indent=1))
     (out / "findings.md").write_text(format_findings(preset, summary))
-    write_report([out / "runs" / r.name for r in runs], out)
+    write_reports([out / "runs" / r.name for r in runs], out)
     return summary
+
+
+def write_reports(run_dirs: list[Path], out: Path) -> None:
+    """The sweep's report; runs measured in another unit (e.g. per-token metrics) get their own, in a subfolder."""
+    by_unit: dict[str, list[Path]] = {}
+    for run_dir in run_dirs:
+        unit = json.loads((run_dir / "run.json").read_text()).get("metric_unit", "nats/sequence")
+        by_unit.setdefault(unit, []).append(run_dir)
+    for index, (unit, dirs) in enumerate(sorted(by_unit.items(), key=lambda item: item[0] != "nats/sequence")):
+        write_report(dirs, out if index == 0 else out / unit.replace("/", "_per_").replace("nats_per_", "per_"))
 
 
 def collect(out: Path, runs: list[Run]) -> list[dict[str, Any]]:
