@@ -376,12 +376,13 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
     unit = "nats/token" if e.per_token else "nats/sequence"
     prompts_n = len(_load_ids(up.distill_prompts)[0])
     main = distributed.is_main()  # under several processes, only the main one writes files
-    main and (run_dir / "run.json").write_text(json.dumps({
-        "name": name or source_name, "source": source_name, "loss": d.loss, "prompts": prompts_n,
-        "generations_per_prompt": d.generations_per_prompt if _needs_offline([source_name]) else None,
-        "steps": d.steps, "batch_size": d.batch_size, "metric_unit": unit, "seed": c.seed,
-        "mixture_lambda": d.mixture_lambda if source_name == "mixture" else None,
-        "teacher_golden": evaluator.teacher_golden.mean, "teacher_golden_se": evaluator.teacher_golden.se}, indent=1))
+    if main:
+        (run_dir / "run.json").write_text(json.dumps({
+            "name": name or source_name, "source": source_name, "loss": d.loss, "prompts": prompts_n,
+            "generations_per_prompt": d.generations_per_prompt if _needs_offline([source_name]) else None,
+            "steps": d.steps, "batch_size": d.batch_size, "metric_unit": unit, "seed": c.seed,
+            "mixture_lambda": d.mixture_lambda if source_name == "mixture" else None,
+            "teacher_golden": evaluator.teacher_golden.mean, "teacher_golden_se": evaluator.teacher_golden.se}, indent=1))
 
     optimizer = make_optimizer(student, d.lr)
     metrics_path, checkpoint = run_dir / "metrics.jsonl", run_dir / "checkpoint"
@@ -422,7 +423,8 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
         log(f"{source_name} step {step}/{d.steps} epoch {row['epoch']:.1f}: proxy {row['proxy']:.2f}±{row['proxy_se']:.2f}"
             f"  golden {row['golden']:.2f}±{row['golden_se']:.2f}  ({unit})")
         state.update(step=step, loss_sum=0.0, loss_count=0)
-        main and save_checkpoint(checkpoint, student, optimizer, state)
+        if main:
+            save_checkpoint(checkpoint, student, optimizer, state)
         clock["last"] = time.time()
 
     def on_step(step: int, loss: float) -> None:
@@ -437,7 +439,8 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
         train(student, source, loss_fn, steps=d.steps, lr=d.lr, warmup=d.warmup, schedule=d.schedule,
               grad_accum=d.grad_accum, max_grad_norm=d.max_grad_norm, start_step=state["step"],
               optimizer=optimizer, desc=source_name, on_step=on_step)
-    main and student.save(run_dir / "student")
+    if main:
+        student.save(run_dir / "student")
     distributed.barrier()
     return summarise_run(run_dir)
 
@@ -482,7 +485,8 @@ def run_lab(c: LabConfig, out_dir: Path, cache_root: Path, *, jobs: int = 1) -> 
             raise cfg.ConfigError(f"{out_dir} holds a run with a different configuration ({saved}); "
                                   f"choose another --out or rerun with the same settings to resume it")
     distributed.barrier()  # every process has compared with the saved config before it is rewritten
-    distributed.is_main() and c.dump(saved)
+    if distributed.is_main():
+        c.dump(saved)
     if c.threads:
         torch.set_num_threads(c.threads)
     device = resolve_device(c.device)
@@ -502,7 +506,8 @@ def run_lab(c: LabConfig, out_dir: Path, cache_root: Path, *, jobs: int = 1) -> 
             runs[s], timings[f"distill/{s}"] = _timed_run(c, s, up, out_dir / s, device, None)
     summary = {"runs": runs, "wall_seconds": time.time() - start, "stage_seconds": timings,
                "cache": dict(cache.events), "preset": c.preset}
-    distributed.is_main() and (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if distributed.is_main():
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
