@@ -41,7 +41,7 @@ from teacherhack.data import (
 )
 from teacherhack.generation import make_sampler
 from teacherhack.metrics import Evaluator, ReferenceSamples, draw_references, sample_in_batches
-from teacherhack.reports import load_run
+from teacherhack.reports import Run, load_run
 from teacherhack.models import LM, SIZES, build_model, collate_prompts, load_pretrained
 from teacherhack.sources import FixedPairs, Mixture, OnlineSamples, Source
 from teacherhack.training import distill_loss, latest_checkpoint, load_checkpoint, make_optimizer, save_checkpoint, sft_loss, train
@@ -446,9 +446,12 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
 
 
 def summarise_run(run_dir: Path) -> dict[str, Any]:
-    """The run's line in summary.json: best and final metrics with the golden verdict (paired SEs) and the
-    oracle-free detector."""
-    run = load_run(run_dir)
+    """The run's line in summary.json (see :func:`summarise`)."""
+    return summarise(load_run(run_dir))
+
+
+def summarise(run: Run) -> dict[str, Any]:
+    """Best and final metrics with the golden verdict (paired SEs) and the oracle-free detector."""
     verdict, detector = run.verdicts()
     rows = run.metrics
     best = min(range(len(rows)), key=lambda i: rows[i]["golden"])

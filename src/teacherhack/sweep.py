@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
 
 from teacherhack import config as cfg
 from teacherhack.config import LabConfig
-from teacherhack.reports import write_report
-from teacherhack.lab import ArtifactCache, distill_run, log, prepare_upstream, resolve_device, summarise_run
+from teacherhack.reports import load_run, write_report
+from teacherhack.lab import ArtifactCache, distill_run, log, prepare_upstream, resolve_device, summarise
 
 
 @dataclass(frozen=True)
@@ -185,10 +184,8 @@ def collect(out: Path, runs: list[Run]) -> list[dict[str, Any]]:
     """Each run's summary line with its group and seed, and its metric rows."""
     results = []
     for r in runs:
-        run_dir = out / "runs" / r.name
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        results.append({"name": r.name, "group": r.group, "seed": r.seed, **summarise_run(run_dir), "rows": rows,
-                        "config": yaml.safe_load((run_dir / "config.yaml").read_text())})
+        run = load_run(out / "runs" / r.name)
+        results.append({"name": r.name, "group": r.group, "seed": r.seed, **summarise(run), "rows": run.metrics})
     return results
 
 
