@@ -46,6 +46,10 @@ def test_lab_end_to_end_then_cache_reuse(tiny_config: cfg.LabConfig, tmp_path: P
         assert run["golden_min"] == min(r["golden"] for r in rows)
         info = json.loads((out / source / "run.json").read_text())
         assert info["source"] == source and info["teacher_golden"] > 0
+        # the offline dataset's tokens count as this run's data cost (the online ones count as they come)
+        (offline_data,) = (cache / "artifacts").glob("offline_data-*/pairs.json")
+        offline_tokens = sum(map(len, json.loads(offline_data.read_text())["responses"]))
+        assert info["offline_tokens"] == (offline_tokens if source == "offline" else 0) and offline_tokens > 0
         assert (out / source / "student" / "model.safetensors").exists()
     assert read_metrics(out / "online_teacher")[-1]["tokens_generated"] > 0
     assert read_metrics(out / "offline")[-1]["epoch"] == pytest.approx(12 * 8 / 32)

@@ -13,19 +13,20 @@ PNG = b"\x89PNG\r\n\x1a\n"
 STEPS = np.arange(0, 16) * 100
 
 
-def write_run(path, name, golden, *, proxy=None, unit="nats/sequence", teacher=55.9):
+def write_run(path, name, golden, *, proxy=None, unit="nats/sequence", teacher=55.9, tokens=None, offline_tokens=0):
     """A run directory as the lab writes it; the proxy bends off its power law after step 700 by default."""
     t = np.maximum(STEPS, 100) / 100
     proxy = 30 * np.minimum(t, 7) ** -0.35 if proxy is None else proxy
     path.mkdir(parents=True)
     rows = [{"step": int(s), "epoch": s / 16, "train_loss": None if s == 0 else float(p) / 40, "proxy": float(p),
-             "proxy_se": 0.15, "golden": float(g), "golden_se": 0.15, "tokens_generated": 0}
-            for s, p, g in zip(STEPS, proxy, golden)]
+             "proxy_se": 0.15, "golden": float(g), "golden_se": 0.15, "tokens_generated": int(n),
+             "train_seconds": 0.6 * s, "eval_seconds": 0.1 * s}
+            for s, p, g, n in zip(STEPS, proxy, golden, np.zeros_like(STEPS) if tokens is None else tokens)]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (path / "run.json").write_text(json.dumps({
         "name": name, "source": name.split()[0], "loss": "forward_kl", "prompts": 500, "generations_per_prompt": 1,
         "steps": int(STEPS[-1]), "batch_size": 32, "metric_unit": unit, "teacher_golden": teacher,
-        "teacher_golden_se": 0.2}))
+        "teacher_golden_se": 0.2, "offline_tokens": offline_tokens}))
     return path
 
 
@@ -61,12 +62,12 @@ def test_write_report_is_self_contained(lab, tmp_path):
     out = tmp_path / "report"
     page = write_report([lab], out)
     assert page == out / "report.html"
-    for name in ("proxy_golden.png", "curves.png", "power_law.png"):
+    for name in ("proxy_golden.png", "curves.png", "power_law.png", "cost.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000
     text = page.read_text(encoding="utf-8")
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
-    assert len(images) == 3 and all(base64.b64decode(i).startswith(PNG) for i in images)
+    assert len(images) == 4 and all(base64.b64decode(i).startswith(PNG) for i in images)
     assert "offline 500x1" in text and "online_teacher" in text
     assert "golden rises" in text and "sit above the early power law" in text  # both verdicts' reasons
     assert text.count('<b class="alert">hacking</b>') == 2  # offline: overview row and its own table
@@ -152,3 +153,10 @@ def test_empty_metrics_unordered_steps_and_bad_run_json_are_refused(lab):
     (run / "run.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"run\.json: malformed JSON"):
         load_run(run)
+
+
+def test_data_tokens_count_the_offline_dataset_up_front_and_online_samples_as_they_come(tmp_path):
+    offline = load_run(write_run(tmp_path / "a", "offline", np.full(16, 50.0), offline_tokens=8000))
+    online = load_run(write_run(tmp_path / "b", "online", np.full(16, 50.0), tokens=STEPS * 32))
+    assert offline.data_tokens().tolist() == [8000.0] * 16
+    assert online.data_tokens().tolist() == (STEPS * 32).astype(float).tolist()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
+from conftest import TINY
 from teacherhack import config as cfg
 from teacherhack import lab, sweep
+from teacherhack.cli import main
 
 
 def test_every_preset_expands_into_valid_distinct_runs(tiny_config: cfg.LabConfig):
@@ -19,6 +22,10 @@ def test_every_preset_expands_into_valid_distinct_runs(tiny_config: cfg.LabConfi
             config = cfg.apply_overrides(tiny_config, r.overrides)
             cfg.validate(config)
             assert len(config.distill.sources) == 1 and config.seed == r.seed
+
+
+def test_default_seeds_cover_every_preset_with_three_for_sources():
+    assert set(sweep.DEFAULT_SEEDS) == set(sweep.SWEEPS) and sweep.DEFAULT_SEEDS["sources"] >= 3
 
 
 def test_diversity_keeps_the_dataset_size_and_budget_keeps_the_prompts(tiny_config: cfg.LabConfig):
@@ -68,10 +75,12 @@ def test_sweep_shares_upstream_and_resumes_after_a_kill(tiny_config: cfg.LabConf
     with pytest.raises(KeyboardInterrupt):
         sweep.run_sweep("sources", tiny_config, out, cache, seeds=1)
     assert sorted(p.parent.parent.name for p in (out / "runs").glob("*/seed0/student")) == ["offline"]
+    first_wall = json.loads((out / "timing.json").read_text())["wall_seconds"]
 
     monkeypatch.setattr(sweep, "distill_run", original_run)
     summary = sweep.run_sweep("sources", tiny_config, out, cache, seeds=1)
     assert summary["runs"] == 3 and calls["n"] == 2  # the finished run was not repeated
+    assert summary["wall_seconds"] > first_wall > 0 and "CPU cores" in summary["machine"]
     for stage in ("oracle", "teacher", "student", "tokenizer", "references"):
         assert built.count(stage) == 1, (stage, built)
     assert {f["claim"] for f in summary["findings"]} >= {"Offline data → teacher hacking (golden turns up while the proxy does not)"}
@@ -81,14 +90,43 @@ def test_sweep_shares_upstream_and_resumes_after_a_kill(tiny_config: cfg.LabConf
         assert cfg.from_dict(__import__("yaml").safe_load((out / "runs" / name / "config.yaml").read_text())).seed == 0
 
     with pytest.raises(cfg.ConfigError, match="different sweep"):
-        sweep.run_sweep("sources", tiny_config, out, cache, seeds=2)
+        sweep.run_sweep("sources", cfg.apply_overrides(tiny_config, {"distill.lr": 1e-4}), out, cache, seeds=1)
+
+    # The reproduction record: command, machine, wall time, hand-written notes, figures and findings.
+    docs = tmp_path / "docs"
+    (docs / "reproduction" / "sources").mkdir(parents=True)
+    (docs / "reproduction" / "sources" / "NOTES.md").write_text("Tried twice; see the issue.")
+    sweep.write_reproduction([out], docs / "REPRODUCTION.md")
+    record = (docs / "REPRODUCTION.md").read_text()
+    assert "`teacherhack sweep sources --seeds 1 --out sweep`" in record and summary["machine"] in record
+    assert "Tried twice; see the issue." in record and "| offline | 1 |" in record
+    assert f"| [`sources`](#sources) | 3 | 1 | {summary['wall_seconds'] / 60:.0f} min | " in record
+    assert "![cost](reproduction/sources/cost.png)" in record
+    assert (docs / "reproduction" / "sources" / "cost.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_sweep_resumes_with_more_seeds_or_a_newer_schema_but_not_another_base(tiny_config: cfg.LabConfig):
+    def plan(config: cfg.LabConfig, seeds: int) -> dict:
+        runs = [dataclasses.asdict(r) for r in sweep.expand("sources", config, seeds)]
+        return json.loads(json.dumps({"preset": "sources", "seeds": seeds, "base": config.to_dict(), "runs": runs}))
+
+    saved = plan(tiny_config, 2)
+    assert sweep._extends(saved, plan(tiny_config, 3))
+    assert not sweep._extends(saved, plan(tiny_config, 1))  # runs of the saved sweep would be dropped
+    assert not sweep._extends(saved, plan(cfg.apply_overrides(tiny_config, {"distill.steps": 7}), 2))
+    assert not sweep._extends({**saved, "preset": "losses"}, plan(tiny_config, 2))
+    older = json.loads(json.dumps(saved))
+    del older["base"]["pretrain"]  # written before the schema had this section; it now sits at its defaults
+    assert sweep._extends(older, plan(tiny_config, 2))
+    older["base"]["retired_key"] = 1
+    assert not sweep._extends(older, plan(tiny_config, 2))
 
 
 def _result(group: str, seed: int, golden_min: float, golden_final: float, proxy_final: float, hacking: bool,
             tokens: int = 0) -> dict:
     return {"name": f"{group}/seed{seed}", "group": group, "seed": seed, "golden_min": golden_min,
             "golden_final": golden_final, "proxy_final": proxy_final, "hacking": hacking,
-            "rows": [{"tokens_generated": tokens}]}
+            "data_tokens": float(tokens)}
 
 
 def test_findings_sources_reproduced_and_not():
@@ -148,3 +186,23 @@ def test_sweep_report_separates_metric_units(tmp_path: Path):
     assert (tmp_path / "report.html").exists() and (tmp_path / "per_token" / "report.html").exists()
     html = (tmp_path / "report.html").read_text()
     assert "run-in-nats-per-seq" in html and "run-in-nats-per-tok" not in html
+
+
+@pytest.mark.slow
+def test_cli_sweep_in_parallel_processes_then_the_reproduction_record(tiny_task: Path, tmp_path: Path, capsys):
+    settings = [arg for key, value in {**TINY, "task.spec": f"jsonl:{tiny_task}"}.items()
+                for arg in ("--set", f"{key}={value}")]
+    out = tmp_path / "budget"
+    code = main(["sweep", "budget", "--preset", "quick", "--seeds", "1", "--jobs", "2", "--out", str(out),
+                 "--cache", str(tmp_path / "cache"), *settings])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "More generations per prompt improves the golden metric" in printed and "| k=8 | 1 |" in printed
+    assert sorted(p.parent.parent.name for p in (out / "runs").glob("*/seed0/student")) == ["k=1", "k=2", "k=4", "k=8"]
+    tokens = [json.loads((out / "runs" / f"k={k}" / "seed0" / "run.json").read_text())["offline_tokens"]
+              for k in (1, 2, 4, 8)]
+    assert tokens == sorted(tokens) and tokens[0] > 0  # more generations per prompt: a bigger offline dataset
+
+    record = tmp_path / "docs" / "REPRODUCTION.md"
+    assert main(["reproduction", str(out), "--out", str(record)]) == 0
+    assert "## `budget`" in record.read_text() and (record.parent / "reproduction" / "budget" / "cost.png").exists()

@@ -49,11 +49,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from teacherhack.sweep import format_findings, run_sweep, scaled
+    from teacherhack.sweep import DEFAULT_SEEDS, format_findings, run_sweep, scaled
 
     base = scaled(cfg.resolve(args.preset, cfg.parse_assignments(args.set)), args.scale)
     cache = Path(args.cache) if args.cache else default_cache_dir()
-    summary = run_sweep(args.sweep, base, Path(args.out), cache, seeds=args.seeds, jobs=args.jobs)
+    summary = run_sweep(args.sweep, base, Path(args.out), cache, seeds=args.seeds or DEFAULT_SEEDS[args.sweep],
+                        jobs=args.jobs)
     print(format_findings(args.sweep, summary))
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0
@@ -114,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "same command to resume.")
     sweep.add_argument("sweep", choices=SWEEPS, metavar="PRESET", help=f"one of: {', '.join(SWEEPS)}")
     sweep.add_argument("--out", required=True, help="sweep folder")
-    sweep.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
+    sweep.add_argument("--seeds", type=int, help="seeds per setting (default: as many as fit in an hour on 2 "
+                       "cores, 1-3 by preset)")
     sweep.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (threads are split)")
     sweep.add_argument("--scale", type=float, default=1.0, help="multiply stage-2 steps, eval interval and pool")
     sweep.add_argument("--preset", default="default", choices=sorted(cfg.PRESETS), help="base lab configuration")

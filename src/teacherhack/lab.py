@@ -375,13 +375,15 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
                           max_new_tokens=c.task.max_response_len, seed=c.seed + 13)
     unit = "nats/token" if e.per_token else "nats/sequence"
     prompts_n = len(_load_ids(up.distill_prompts)[0])
+    # the teacher generated the offline dataset once, up front: part of what this run's data cost
+    offline_tokens = sum(map(len, _load_ids(up.offline)[1] or [])) if _needs_offline([source_name]) else 0
     main = distributed.is_main()  # under several processes, only the main one writes files
     if main:
         (run_dir / "run.json").write_text(json.dumps({
             "name": name or source_name, "source": source_name, "loss": d.loss, "prompts": prompts_n,
             "generations_per_prompt": d.generations_per_prompt if _needs_offline([source_name]) else None,
             "steps": d.steps, "batch_size": d.batch_size, "metric_unit": unit, "seed": c.seed,
-            "mixture_lambda": d.mixture_lambda if source_name == "mixture" else None,
+            "mixture_lambda": d.mixture_lambda if source_name == "mixture" else None, "offline_tokens": offline_tokens,
             "teacher_golden": evaluator.teacher_golden.mean, "teacher_golden_se": evaluator.teacher_golden.se}, indent=1))
 
     optimizer = make_optimizer(student, d.lr)

@@ -55,6 +55,11 @@ class Run:
         """Column `key` over the evaluations as floats; null becomes NaN."""
         return np.array([np.nan if m.get(key) is None else float(m[key]) for m in self.metrics])
 
+    def data_tokens(self) -> np.ndarray:
+        """Tokens generated for training up to each evaluation: the offline dataset (generated once, up
+        front) plus the online samples so far. What a budget-matched comparison puts on its x axis."""
+        return float(self.settings.get("offline_tokens") or 0) + self.series("tokens_generated")
+
     @property
     def unit(self) -> str:
         """The metrics' unit, short, for axis labels."""
@@ -190,6 +195,27 @@ def plot_power_law(runs: Sequence[Run], path: str | Path) -> None:
     _save(fig, path)
 
 
+def plot_cost(runs: Sequence[Run], path: str | Path) -> None:
+    """Golden against what the data cost: generated tokens (offline dataset + online samples) and stage-2
+    wall time. Offline data is paid up front (a vertical line); online data is paid as training goes."""
+    unit = _common_unit(runs)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for i, run in enumerate(runs):
+        style = _style(i)
+        golden = run.series("golden")
+        seconds = run.series("train_seconds") + run.series("eval_seconds")
+        for ax, x in zip(axes, (run.data_tokens(), seconds / 60)):
+            ax.plot(x, golden, label=run.name, markersize=3.5, **style)
+    axes[0].set_xlabel("tokens generated for training (offline dataset + online samples)")
+    axes[1].set_xlabel("stage-2 wall time [min] (training, online generation, evaluation)")
+    for ax, title in zip(axes, ("golden against generated tokens", "golden against wall time")):
+        ax.set(ylabel=f"golden KL(oracle‖student) [{unit}] ↓", title=title)
+        ax.grid(alpha=0.3)
+    extra = _teacher_line(axes[1], runs)
+    axes[1].legend(handles=axes[1].get_legend_handles_labels()[0] + extra, fontsize=8)
+    _save(fig, path)
+
+
 def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) -> Path:
     """Write the three figures, verdicts.json and a self-contained report.html; return the HTML path."""
     runs = load_runs(paths)
@@ -199,6 +225,7 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) 
         "proxy_golden.png": (plot_proxy_golden, "Golden against proxy (the paper's Figure 4)."),
         "curves.png": (plot_curves, "Training loss, proxy and golden against epoch, ±1 SE (the paper's Figure 5)."),
         "power_law.png": (plot_power_law, "Proxy on log-log axes against its early power law."),
+        "cost.png": (plot_cost, "Golden against the cost of the data: generated tokens and wall time."),
     }
     for name, (plot, _) in figures.items():
         plot(runs, out / name)

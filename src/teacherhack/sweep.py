@@ -86,6 +86,10 @@ def expand(preset: str, base: LabConfig, seeds: int) -> list[Run]:
 
 
 SWEEPS = ("sources", "diversity", "budget", "losses", "sizes", "mixture", "tasks", "factors")
+# Seeds per setting by default: as many as keep the preset within an hour at 2 jobs on 2 CPU cores, from the
+# measured stage-2 minutes per run (offline about 4, online student 6.5, online teacher 11, single-threaded).
+DEFAULT_SEEDS = {"sources": 3, "diversity": 3, "budget": 3, "losses": 2, "sizes": 2, "mixture": 3, "tasks": 1,
+                 "factors": 1}
 
 
 def scaled(base: LabConfig, scale: float) -> LabConfig:
@@ -115,10 +119,12 @@ def run_sweep(preset: str, base: LabConfig, out: Path, cache_root: Path, *, seed
     plan = {"preset": preset, "seeds": seeds, "base": base.to_dict(), "runs": [asdict(r) for r in runs]}
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "sweep.json"
-    if plan_path.exists() and json.loads(plan_path.read_text()) != json.loads(json.dumps(plan)):
-        raise cfg.ConfigError(f"{out} holds a different sweep ({plan_path}); choose another --out or rerun the "
-                              f"same command to resume it")
+    if plan_path.exists() and not _extends(json.loads(plan_path.read_text()), plan):
+        raise cfg.ConfigError(f"{out} holds a different sweep ({plan_path}); choose another --out, or rerun the "
+                              f"same command (more --seeds are fine) to resume it")
     plan_path.write_text(json.dumps(plan, indent=1))
+    timing_path = out / "timing.json"  # wall time summed over the invocations that ran this sweep
+    before = json.loads(timing_path.read_text())["wall_seconds"] if timing_path.exists() else 0.0
     configs = {r.name: cfg.apply_overrides(base, r.overrides) for r in runs}
     for config in configs.values():
         cfg.validate(config)
@@ -138,7 +144,13 @@ def run_sweep(preset: str, base: LabConfig, out: Path, cache_root: Path, *, seed
     threads = max(1, torch.get_num_threads() // max(1, min(jobs, len(todo) or 1)))
     finished, began = len(runs) - len(todo), time.time()
 
+    def wall_seconds() -> float:
+        total = before + time.time() - start
+        timing_path.write_text(json.dumps({"wall_seconds": total}))
+        return total
+
     def report_progress() -> None:
+        wall_seconds()
         done_now = finished - (len(runs) - len(todo))
         eta = (time.time() - began) / done_now * (len(runs) - finished) if done_now else float("nan")
         progress(f"sweep {preset}: {finished}/{len(runs)} runs done, ETA {eta / 60:.0f} min")
@@ -162,12 +174,31 @@ def run_sweep(preset: str, base: LabConfig, out: Path, cache_root: Path, *, seed
 
     results = collect(out, runs)
     found = FINDINGS[preset](results)
-    summary = {"preset": preset, "seeds": seeds, "runs": len(runs), "wall_seconds": time.time() - start,
-               "findings": found, "groups": group_table(results)}
+    summary = {"preset": preset, "seeds": seeds, "runs": len(runs), "wall_seconds": wall_seconds(),
+               "machine": _machine(), "findings": found, "groups": group_table(results)}
     (out / "findings.json").write_text(json.dumps(summary, indent=1))
     (out / "findings.md").write_text(format_findings(preset, summary))
     write_reports([out / "runs" / r.name for r in runs], out)
     return summary
+
+
+def _extends(saved: dict[str, Any], plan: dict[str, Any]) -> bool:
+    """Whether ``plan`` continues the saved sweep: the same preset and base configuration (keys added to the
+    schema since then count at their defaults), and every saved run still in it (e.g. more seeds)."""
+    try:
+        same_base = cfg.from_dict(saved["base"]) == cfg.from_dict(plan["base"])
+    except cfg.ConfigError:  # a key since removed or renamed
+        return False
+    runs = {json.dumps(r, sort_keys=True) for r in json.loads(json.dumps(plan["runs"]))}
+    return (saved["preset"] == plan["preset"] and same_base
+            and all(json.dumps(r, sort_keys=True) in runs for r in saved["runs"]))
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
 def write_reports(run_dirs: list[Path], out: Path) -> None:
@@ -185,7 +216,8 @@ def collect(out: Path, runs: list[Run]) -> list[dict[str, Any]]:
     results = []
     for r in runs:
         run = load_run(out / "runs" / r.name)
-        results.append({"name": r.name, "group": r.group, "seed": r.seed, **summarise(run), "rows": run.metrics})
+        results.append({"name": r.name, "group": r.group, "seed": r.seed, **summarise(run), "rows": run.metrics,
+                        "data_tokens": float(run.data_tokens()[-1])})
     return results
 
 
@@ -203,8 +235,13 @@ def _rise(result: dict[str, Any]) -> float:
     return result["golden_final"] - result["golden_min"]
 
 
+def _minutes(result: dict[str, Any]) -> float:
+    return ((result.get("train_seconds") or 0.0) + (result.get("eval_seconds") or 0.0)) / 60
+
+
 def group_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per group, over seeds: hacking count, golden rise, final golden and proxy (mean ± sd)."""
+    """Per group, over seeds: hacking count, golden rise, final golden and proxy, and what the data cost in
+    generated tokens and stage-2 minutes (mean ± sd)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         groups.setdefault(r["group"], []).append(r)
@@ -212,7 +249,8 @@ def group_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for group, members in groups.items():
         row = {"group": group, "seeds": len(members), "hacking": sum(bool(m["hacking"]) for m in members)}
         for key, fn in (("rise", _rise), ("golden_final", lambda m: m["golden_final"]),
-                        ("golden_min", lambda m: m["golden_min"]), ("proxy_final", lambda m: m["proxy_final"])):
+                        ("golden_min", lambda m: m["golden_min"]), ("proxy_final", lambda m: m["proxy_final"]),
+                        ("data_tokens", lambda m: m["data_tokens"]), ("minutes", _minutes)):
             row[key], row[f"{key}_sd"] = _mean_sd([fn(m) for m in members])
         table.append(row)
     return table
@@ -296,14 +334,12 @@ def findings_sizes(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def findings_mixture(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups = list(_by_group(results).values())  # λ = 0, 0.25, 0.5, 1
     rises = [g["rise"] for g in groups]
-    cost = {}
-    for r in results:
-        cost.setdefault(r["group"], []).append(r["rows"][-1].get("tokens_generated", 0))
     return [
         _finding("More online-student data (higher λ) weakens hacking", rises[-1] < rises[0],
                  "golden rise " + ", ".join(f"{g['group']}: {g['rise']:+.2f} ± {g['rise_sd']:.2f}" for g in groups)),
-        _finding("…at the price of generated tokens", _monotone([statistics.fmean(c) for c in cost.values()], True),
-                 "tokens generated " + ", ".join(f"{k}: {statistics.fmean(v):,.0f}" for k, v in cost.items())),
+        _finding("…at the price of generated tokens", _monotone([g["data_tokens"] for g in groups], True),
+                 "tokens generated (offline dataset + online samples) " + ", ".join(
+                     f"{g['group']}: {g['data_tokens']:,.0f}, {g['minutes']:.1f} min" for g in groups)),
     ]
 
 
@@ -347,32 +383,39 @@ def format_findings(preset: str, summary: dict[str, Any]) -> str:
              "| finding (paper) | reproduced here | evidence |", "| --- | --- | --- |"]
     lines += [f"| {f['claim']} | {'yes' if f['reproduced'] else '**no**'} | {f['evidence']} |"
               for f in summary["findings"]]
-    lines += ["", "| setting | seeds | hacking | golden rise | final golden | final proxy |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| setting | seeds | hacking | golden rise | final golden | final proxy | tokens generated "
+              "| stage-2 min |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {g['group']} | {g['seeds']} | {g['hacking']}/{g['seeds']} | {g['rise']:+.2f} ± {g['rise_sd']:.2f} | "
-              f"{g['golden_final']:.2f} ± {g['golden_final_sd']:.2f} | {g['proxy_final']:.2f} ± {g['proxy_final_sd']:.2f} |"
-              for g in summary["groups"]]
+              f"{g['golden_final']:.2f} ± {g['golden_final_sd']:.2f} | {g['proxy_final']:.2f} ± {g['proxy_final_sd']:.2f} "
+              f"| {g['data_tokens']:,.0f} | {g['minutes']:.1f} |" for g in summary["groups"]]
     return "\n".join(lines) + "\n"
 
 
 def write_reproduction(sweep_dirs: list[Path], path: Path, command_prefix: str = "teacherhack sweep") -> None:
     """docs/REPRODUCTION.md from finished sweeps: per preset the command, machine, wall time, figures and
     findings, exactly as measured (regenerate it rather than edit it)."""
-    import os
-    import platform
     import shutil
 
     figures = path.parent / "reproduction"
+    sweeps = [(d, json.loads((d / "sweep.json").read_text()), json.loads((d / "findings.json").read_text()))
+              for d in sweep_dirs]
     lines = ["# Reproduction record", "",
-             "Generated by `teacherhack reproduction` from the sweep folders; do not edit by hand.", ""]
-    for sweep_dir in sweep_dirs:
-        plan = json.loads((sweep_dir / "sweep.json").read_text())
-        summary = json.loads((sweep_dir / "findings.json").read_text())
+             "Generated by `teacherhack reproduction` from the sweep folders; do not edit by hand.", "",
+             "| preset | runs | seeds | wall time | findings reproduced |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| [`{plan['preset']}`](#{plan['preset']}) | {summary['runs']} | {plan['seeds']} | "
+              f"{summary['wall_seconds'] / 60:.0f} min | "
+              f"{sum(f['reproduced'] for f in summary['findings'])}/{len(summary['findings'])} |"
+              for _, plan, summary in sweeps]
+    lines.append("")
+    for sweep_dir, plan, summary in sweeps:
         preset = plan["preset"]
         lines += [f"## `{preset}`", "", f"Command: `{command_prefix} {preset} --seeds {plan['seeds']} "
                   f"--out {sweep_dir.name}` (base preset `{plan['base']['preset']}`)", "",
-                  f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; "
-                  f"wall time {summary['wall_seconds'] / 60:.0f} min.", ""]
+                  f"Machine: {summary.get('machine', 'not recorded')}; wall time {summary['wall_seconds'] / 60:.0f} min.",
+                  ""]
+        notes = figures / preset / "NOTES.md"  # hand-written context: what was tried, what a result means
+        if notes.exists():
+            lines += [notes.read_text().strip(), ""]
         for png in sorted(sweep_dir.glob("*.png")):
             target = figures / preset / png.name
             target.parent.mkdir(parents=True, exist_ok=True)
