@@ -75,15 +75,15 @@ def test_z_sets_how_many_standard_errors_a_rise_needs():
 
 def test_minimum_at_the_last_evaluation_is_not_hacking():
     v = verdict(60 - STEPS / 100, power_law(0, noise=0))
-    assert not v.hacking and v.min_step == 2000 and "last evaluation" in v.reason
+    assert not v.hacking and v.min_step == 2000 and "last evaluation" in v.reason and v.judged
 
 
 def test_a_late_jump_is_not_a_sustained_rise():
     golden = np.r_[60 - STEPS[:-1] / 100, 60.0]  # lowest at step 1900, a jump at 2000
     v = verdict(golden, power_law(0, noise=0))
-    assert not v.hacking and "fewer than 3 evaluations after it" in v.reason
+    assert not v.hacking and "fewer than 3 evaluations after it" in v.reason and not v.judged  # not yet known
     v = verdict(golden, power_law(0, noise=0), min_after=1)
-    assert not v.hacking and "do not rise steadily" in v.reason  # one point has no trend
+    assert not v.hacking and "do not rise steadily" in v.reason and v.judged  # one point has no trend
     rising = np.r_[60 - STEPS[:-4] / 100, 60 - STEPS[-5] / 100 + np.array([0.5, 0.9, 1.6, 2.0])]
     assert verdict(rising, power_law(0, noise=0)).hacking
 

@@ -39,6 +39,14 @@ def test_diversity_keeps_the_dataset_size_and_budget_keeps_the_prompts(tiny_conf
     assert [c.distill.generations_per_prompt for c in budget] == [1, 2, 4, 8]
 
 
+def test_tasks_match_oracle_budgets_and_share_kjv_rv_with_sources(tiny_config: cfg.LabConfig):
+    base = cfg.apply_overrides(tiny_config, {"task.spec": "kjv-rv"})
+    tasks = {r.name: cfg.apply_overrides(base, r.overrides) for r in sweep.expand("tasks", base, seeds=1)}
+    sources = {r.name: cfg.apply_overrides(base, r.overrides) for r in sweep.expand("sources", base, seeds=1)}
+    assert tasks["kjv-rv offline/seed0"] == sources["offline/seed0"]  # one upstream for both presets
+    assert {c.task.n_oracle for name, c in tasks.items() if not name.startswith("kjv-rv")} == {25_000}
+
+
 def test_unknown_preset_is_a_clear_error(tiny_config: cfg.LabConfig):
     with pytest.raises(cfg.ConfigError, match="unknown sweep preset 'sauce'"):
         sweep.expand("sauce", tiny_config, seeds=1)
@@ -123,10 +131,11 @@ def test_a_sweep_resumes_with_more_seeds_or_a_newer_schema_but_not_another_base(
 
 
 def _result(group: str, seed: int, golden_min: float, golden_final: float, proxy_final: float, hacking: bool,
-            tokens: int = 0) -> dict:
+            tokens: int = 0, judged: bool = True, unit: str = "nats/seq") -> dict:
     return {"name": f"{group}/seed{seed}", "group": group, "seed": seed, "golden_min": golden_min,
             "golden_final": golden_final, "proxy_final": proxy_final, "hacking": hacking,
-            "data_tokens": float(tokens)}
+            "data_tokens": float(tokens), "unit": unit,
+            "verdict": {"judged": judged, "reason": "hacks" if hacking else "within noise"}}
 
 
 def test_findings_sources_reproduced_and_not():
@@ -141,6 +150,14 @@ def test_findings_sources_reproduced_and_not():
     found = sweep.findings_sources(bad)
     assert [f["reproduced"] for f in found] == [False, False]
 
+    # No online run flagged, but only because their minima came too late to judge, and their golden turns up
+    # as much as offline: not "no hacking"
+    late = good[:3] + [_result("online_student", s, 48, 51 + 0.1 * s, 1.0, False, judged=False) for s in range(3)]
+    found = sweep.findings_sources(late)
+    assert [f["reproduced"] for f in found] == [True, False]
+    assert "0/3 online runs hack (3 with the golden minimum too close to the end to judge)" in found[1]["evidence"]
+    assert "not above every online one by 2 SE" in found[1]["evidence"]
+
 
 def test_findings_diversity_budget_mixture():
     diversity = [_result(g, s, 50, 50 + rise, 2.0 + 0.01 * s, rise > 1)
@@ -150,9 +167,19 @@ def test_findings_diversity_budget_mixture():
     reversed_rises = [_result(g, 0, 50, 50 + rise, 2.0 * (i + 1), False)
                       for i, (g, rise) in enumerate((("a", 3.0), ("b", 1.0), ("c", 0.5)))]
     assert [f["reproduced"] for f in sweep.findings_diversity(reversed_rises)] == [False, False]
+    # rises in order but within their spread over seeds; the proxy moves more than the golden metric does
+    noisy = [_result(g, s, 50, 50 + rise + (-1) ** s, 2.0 + 3 * i, True)
+             for i, (g, rise) in enumerate((("a", 1.0), ("b", 1.2), ("c", 1.4))) for s in range(2)]
+    found = sweep.findings_diversity(noisy)
+    assert [f["reproduced"] for f in found] == [False, False]
+    assert "a: +1.00 ± 1.00" in found[0]["evidence"] and "(range 6.00)" in found[1]["evidence"]
 
-    budget = [_result(f"k={k}", 0, 50 - k, 50 - k + 4 / k, 1.0, k < 4) for k in (1, 2, 4, 8)]
-    assert [f["reproduced"] for f in sweep.findings_budget(budget)] == [True, True]
+    budget = [_result(f"k={k}", 0, 50 - k, 50 - k + 4 / k, 10.0 / k, k < 4) for k in (1, 2, 4, 8)]
+    found = sweep.findings_budget(budget)
+    assert [f["reproduced"] for f in found] == [True, True]
+    assert "k=1: +4.00, k=2: +2.00" in found[1]["evidence"]  # one seed: means without a spread
+    flat_proxy = [{**r, "proxy_final": 1.0} for r in budget]  # the paper: both metrics improve
+    assert [f["reproduced"] for f in sweep.findings_budget(flat_proxy)] == [False, True]
 
     mixture = [_result(f"lambda={lam}", 0, 50, 50 + 3 * (1 - lam), 1.0, lam < 0.5, tokens=int(1000 * lam))
                for lam in (0.0, 0.25, 0.5, 1.0)]
@@ -169,6 +196,24 @@ def test_findings_tasks_are_judged_per_task():
     assert found["kjv-rv: Offline data → teacher hacking (golden turns up while the proxy does not)"] is True
     assert found["wordnet: Offline data → teacher hacking (golden turns up while the proxy does not)"] is False
     assert found["wordnet: Online data → no teacher hacking"] is True
+
+
+def test_findings_factors_give_the_unit_and_the_reason():
+    results = [_result("base", 0, 40, 41, 1.0, True), _result("per-token metrics", 0, 1.0, 1.0, 0.1, False,
+                                                              unit="nats/token")]
+    (found,) = sweep.findings_factors(results)
+    assert not found["reproduced"]
+    assert found["evidence"] == "0/1 hack, rise +0.00 nats/token (base +1.00); not flagged: within noise"
+    table = sweep.format_findings("factors", {"runs": 2, "seeds": 1, "wall_seconds": 60, "findings": [found],
+                                              "groups": sweep.group_table(results)})
+    assert "question (not a paper finding)" in table and "| per-token metrics (nats/token) | 1 |" in table
+
+
+def test_the_record_refuses_an_unfinished_sweep(tmp_path: Path):
+    (tmp_path / "sweep.json").write_text(json.dumps({"preset": "budget", "seeds": 3}))
+    (tmp_path / "findings.json").write_text(json.dumps({"preset": "budget", "seeds": 1}))
+    with pytest.raises(cfg.ConfigError, match="unfinished: planned 3 seeds, results for 1"):
+        sweep.write_reproduction([tmp_path], tmp_path / "REPRODUCTION.md")
 
 
 def test_sweep_report_separates_metric_units(tmp_path: Path):

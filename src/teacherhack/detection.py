@@ -36,6 +36,9 @@ class GoldenVerdict:
     proxy_change_z: float
     paired: bool  # whether the SEs of the changes came from paired per-sample differences
     reason: str
+    # False when the minimum has fewer than `min_after` later evaluations: too close to the end for the rule
+    # to tell a turn from a dip, so "not hacking" means "not yet known" (a minimum at the last one is judged)
+    judged: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -164,6 +167,7 @@ def golden_verdict(
         proxy_change_z=proxy_change_z,
         paired=golden_values is not None,
         reason=reason,
+        judged=i == n - 1 or n - 1 - i >= min_after,
     )
 
 

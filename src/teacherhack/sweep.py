@@ -5,6 +5,7 @@ findings the preset tests, whether it reproduced here."""
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import statistics
 import time
@@ -39,6 +40,13 @@ def _runs(seeds: int, settings: list[tuple[str, dict[str, Any]]]) -> list[Run]:
 
 def _split(n: int, parts: int) -> int:
     return max(1, n // parts)
+
+
+# The tasks preset gives every task's oracle about the training budget of the default kjv-rv oracle (the ~25k
+# pairs that task leaves it): the tasks then differ in their text, not in oracle compute, and the preset fits the
+# hour (WordNet's 150k pairs alone took 24 minutes). kjv-rv keeps the default, sharing its upstream with `sources`.
+TASK_ORACLE_PAIRS: dict[str, dict[str, Any]] = {
+    "kjv-rv": {}, "debian-descriptions": {"task.n_oracle": 25_000}, "wordnet": {"task.n_oracle": 25_000}}
 
 
 def expand(preset: str, base: LabConfig, seeds: int) -> list[Run]:
@@ -78,8 +86,8 @@ def expand(preset: str, base: LabConfig, seeds: int) -> list[Run]:
         }
         settings = [(name, {"distill.sources": "offline", **overrides}) for name, overrides in variants.items()]
     elif preset == "tasks":  # the paper's three task families, from text the package registries carry
-        settings = [(f"{task} {source}", {"task.spec": task, "distill.sources": source})
-                    for task in ("kjv-rv", "debian-descriptions", "wordnet") for source in ("offline", *ONLINE)]
+        settings = [(f"{task} {source}", {"task.spec": task, "distill.sources": source, **oracle_pairs})
+                    for task, oracle_pairs in TASK_ORACLE_PAIRS.items() for source in ("offline", *ONLINE)]
     else:
         raise cfg.ConfigError(f"unknown sweep preset {preset!r}; choose one of {', '.join(SWEEPS)}")
     return _runs(seeds, settings)
@@ -88,7 +96,7 @@ def expand(preset: str, base: LabConfig, seeds: int) -> list[Run]:
 SWEEPS = ("sources", "diversity", "budget", "losses", "sizes", "mixture", "tasks", "factors")
 # Seeds per setting by default: as many as keep the preset within an hour at 2 jobs on 2 CPU cores, from the
 # measured stage-2 minutes per run (offline about 4, online student 6.5, online teacher 11, single-threaded).
-DEFAULT_SEEDS = {"sources": 3, "diversity": 3, "budget": 3, "losses": 2, "sizes": 2, "mixture": 3, "tasks": 1,
+DEFAULT_SEEDS = {"sources": 3, "diversity": 3, "budget": 3, "losses": 2, "sizes": 2, "mixture": 3, "tasks": 2,
                  "factors": 1}
 
 
@@ -217,7 +225,7 @@ def collect(out: Path, runs: list[Run]) -> list[dict[str, Any]]:
     for r in runs:
         run = load_run(out / "runs" / r.name)
         results.append({"name": r.name, "group": r.group, "seed": r.seed, **summarise(run), "rows": run.metrics,
-                        "data_tokens": float(run.data_tokens()[-1])})
+                        "data_tokens": float(run.data_tokens()[-1]), "unit": run.unit})
     return results
 
 
@@ -226,8 +234,23 @@ def collect(out: Path, runs: list[Run]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def _mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error over seeds; no SE from a single seed (its spread is unknown, not zero)."""
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return statistics.fmean(values), se
+
+
+def _pm(row: dict[str, Any], key: str, sign: str = "") -> str:
+    """``mean ± se`` of a group-table entry, or the bare mean for one seed."""
+    se = row[f"{key}_se"]
+    return f"{row[key]:{sign}.2f}" + ("" if se is None else f" ± {se:.2f}")
+
+
+def _below(a: dict[str, Any], b: dict[str, Any], key: str) -> bool:
+    """Whether group a's mean is below group b's by more than 2 combined standard errors over seeds (with
+    one seed per group there is no spread to test against, and plain order decides)."""
+    se = math.hypot(a[f"{key}_se"] or 0.0, b[f"{key}_se"] or 0.0)
+    return a[key] + 2 * se < b[key]
 
 
 def _rise(result: dict[str, Any]) -> float:
@@ -240,18 +263,21 @@ def _minutes(result: dict[str, Any]) -> float:
 
 
 def group_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per group, over seeds: hacking count, golden rise, final golden and proxy, and what the data cost in
-    generated tokens and stage-2 minutes (mean ± sd)."""
+    """Per group, over seeds: hacking count (and runs too close to the end to judge), golden rise, final golden
+    and proxy, and what the data cost in generated tokens and stage-2 minutes (mean ± standard error)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         groups.setdefault(r["group"], []).append(r)
     table = []
     for group, members in groups.items():
-        row = {"group": group, "seeds": len(members), "hacking": sum(bool(m["hacking"]) for m in members)}
+        row = {"group": group, "seeds": len(members), "hacking": sum(bool(m["hacking"]) for m in members),
+               "undecided": sum(not m.get("verdict", {}).get("judged", True) for m in members),
+               "unit": members[0].get("unit", "nats/seq"),
+               "reason": next((m["verdict"]["reason"] for m in members if not m["hacking"] and "verdict" in m), "")}
         for key, fn in (("rise", _rise), ("golden_final", lambda m: m["golden_final"]),
                         ("golden_min", lambda m: m["golden_min"]), ("proxy_final", lambda m: m["proxy_final"]),
                         ("data_tokens", lambda m: m["data_tokens"]), ("minutes", _minutes)):
-            row[key], row[f"{key}_sd"] = _mean_sd([fn(m) for m in members])
+            row[key], row[f"{key}_se"] = _mean_se([fn(m) for m in members])
         table.append(row)
     return table
 
@@ -264,21 +290,45 @@ def _by_group(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {row["group"]: row for row in group_table(results)}
 
 
+def _counts(groups: dict[str, dict[str, Any]], names: list[str], kind: str) -> str:
+    hacked, total = sum(groups[g]["hacking"] for g in names), sum(groups[g]["seeds"] for g in names)
+    undecided = sum(groups[g]["undecided"] for g in names)
+    late = f" ({undecided} with the golden minimum too close to the end to judge)" if undecided else ""
+    return f"{hacked}/{total} {kind} runs hack{late}"
+
+
+def _offline_partner(group: str) -> str:
+    """The offline group an online one is compared with: the same setting with offline data."""
+    return f"{group.rsplit(' ', 1)[0]} offline" if " " in group else "offline"
+
+
+def _hacks(row: dict[str, Any]) -> bool:
+    return row["hacking"] * 2 > row["seeds"]
+
+
 def _hacking_findings(groups: dict[str, dict[str, Any]], offline: list[str], online: list[str]) -> list[dict]:
+    """Offline: most runs hack. Online: no run hacks and, where the same setting hacks offline, the golden rise
+    is below the offline one by 2 standard errors: a verdict cannot judge a run whose golden minimum comes
+    in the last few evaluations, but the rise still shows whether the curve turned up as the offline one did."""
     found = []
     if offline:
         hacked = sum(groups[g]["hacking"] for g in offline)
         total = sum(groups[g]["seeds"] for g in offline)
         found.append(_finding("Offline data → teacher hacking (golden turns up while the proxy does not)",
-                              hacked * 2 > total, f"{hacked}/{total} offline runs hack: " + "; ".join(
-                                  f"{g}: {groups[g]['hacking']}/{groups[g]['seeds']}, rise {groups[g]['rise']:+.2f}"
-                                  f" ± {groups[g]['rise_sd']:.2f}" for g in offline)))
+                              hacked * 2 > total, _counts(groups, offline, "offline") + ": " + "; ".join(
+                                  f"{g}: {groups[g]['hacking']}/{groups[g]['seeds']}, rise {_pm(groups[g], 'rise', '+')}"
+                                  for g in offline)))
     if online:
+        compared = [(g, groups[_offline_partner(g)]) for g in online
+                    if _offline_partner(g) in groups and _hacks(groups[_offline_partner(g)])]
+        smaller = all(_below(groups[g], partner, "rise") for g, partner in compared)
         hacked = sum(groups[g]["hacking"] for g in online)
-        total = sum(groups[g]["seeds"] for g in online)
-        found.append(_finding("Online data → no teacher hacking", hacked == 0, f"{hacked}/{total} online runs hack: "
-                              + "; ".join(f"{g}: rise {groups[g]['rise']:+.2f} ± {groups[g]['rise_sd']:.2f}"
-                                          for g in online)))
+        found.append(_finding("Online data → no teacher hacking", hacked == 0 and smaller,
+                              _counts(groups, online, "online") + ": " + "; ".join(
+                                  f"{g}: rise {_pm(groups[g], 'rise', '+')}" for g in online)
+                              + ("" if not compared else "; offline rise " + ", ".join(
+                                  dict.fromkeys(f"{_pm(p, 'rise', '+')}" for _, p in compared))
+                                 + f" ({'' if smaller else 'not '}above every online one by 2 SE)")))
     return found
 
 
@@ -292,30 +342,34 @@ def findings_sources(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return _hacking_findings(groups, [g for g in groups if g == "offline"], [g for g in groups if g in ONLINE])
 
 
+def _spread(groups: list[dict[str, Any]], key: str) -> float:
+    return max(g[key] for g in groups) - min(g[key] for g in groups)
+
+
 def findings_diversity(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Worse hacking: the rise grows with k, and from k = 1 to the last by 2 SE. The proxy "nearly unchanged":
+    the settings' final proxies differ by less than their final golden metrics do (both in the run's unit)."""
     groups = list(_by_group(results).values())  # in expansion order: k = 1, 2, 5
-    rises = [g["rise"] for g in groups]
-    proxies = [g["proxy_final"] for g in groups]
-    spread = (max(proxies) - min(proxies)) / max(abs(statistics.fmean(proxies)), 1e-12)
+    proxy, golden = _spread(groups, "proxy_final"), _spread(groups, "golden_final")
     return [
         _finding("At a fixed dataset size, fewer prompts × more generations makes hacking worse",
-                 _monotone(rises, increasing=True),
-                 "golden rise " + ", ".join(f"{g['group']}: {g['rise']:+.2f} ± {g['rise_sd']:.2f}" for g in groups)),
-        _finding("…while the proxy curves stay nearly unchanged", spread < 0.25,
-                 f"final proxy {', '.join(f'{p:.2f}' for p in proxies)} (spread {100 * spread:.0f}% of the mean)"),
+                 _monotone([g["rise"] for g in groups], increasing=True) and _below(groups[0], groups[-1], "rise"),
+                 "golden rise " + ", ".join(f"{g['group']}: {_pm(g, 'rise', '+')}" for g in groups)),
+        _finding("…while the proxy curves stay nearly unchanged", proxy < golden,
+                 f"final proxy {', '.join(_pm(g, 'proxy_final') for g in groups)} (range {proxy:.2f}) against final "
+                 f"golden {', '.join(_pm(g, 'golden_final') for g in groups)} (range {golden:.2f})"),
     ]
 
 
 def findings_budget(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups = list(_by_group(results).values())  # k = 1, 2, 4, 8
-    finals = [g["golden_final"] for g in groups]
-    rises = [g["rise"] for g in groups]
+    improves = all(_monotone([g[key] for g in groups], increasing=False) for key in ("golden_final", "proxy_final"))
     return [
-        _finding("More generations per prompt improves the golden metric", _monotone(finals, increasing=False),
-                 "final golden " + ", ".join(f"{g['group']}: {g['golden_final']:.2f} ± {g['golden_final_sd']:.2f}"
-                                             for g in groups)),
-        _finding("…and weakens hacking", rises[-1] < rises[0],
-                 "golden rise " + ", ".join(f"{g['group']}: {g['rise']:+.2f}" for g in groups)),
+        _finding("More generations per prompt improves both metrics", improves,
+                 "final golden " + ", ".join(f"{g['group']}: {_pm(g, 'golden_final')}" for g in groups)
+                 + "; final proxy " + ", ".join(_pm(g, "proxy_final") for g in groups)),
+        _finding("…and weakens hacking", _below(groups[-1], groups[0], "rise"),
+                 "golden rise " + ", ".join(f"{g['group']}: {_pm(g, 'rise', '+')}" for g in groups)),
     ]
 
 
@@ -333,10 +387,9 @@ def findings_sizes(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def findings_mixture(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups = list(_by_group(results).values())  # λ = 0, 0.25, 0.5, 1
-    rises = [g["rise"] for g in groups]
     return [
-        _finding("More online-student data (higher λ) weakens hacking", rises[-1] < rises[0],
-                 "golden rise " + ", ".join(f"{g['group']}: {g['rise']:+.2f} ± {g['rise_sd']:.2f}" for g in groups)),
+        _finding("More online-student data (higher λ) weakens hacking", _below(groups[-1], groups[0], "rise"),
+                 "golden rise " + ", ".join(f"{g['group']}: {_pm(g, 'rise', '+')}" for g in groups)),
         _finding("…at the price of generated tokens", _monotone([g["data_tokens"] for g in groups], True),
                  "tokens generated (offline dataset + online samples) " + ", ".join(
                      f"{g['group']}: {g['data_tokens']:,.0f}, {g['minutes']:.1f} min" for g in groups)),
@@ -355,17 +408,18 @@ def findings_tasks(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def findings_factors(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Which single changes to the base keep offline hacking and which remove it."""
+    """Which single changes to the base keep offline hacking and which remove it, and if not, why not."""
     groups = _by_group(results)
     base = groups.get("base")
     found = []
     for name, g in groups.items():
         if name == "base":
             continue
-        keeps = g["hacking"] * 2 > g["seeds"]
-        found.append(_finding(f"offline still hacks with: {name}", keeps,
-                              f"{g['hacking']}/{g['seeds']} hack, rise {g['rise']:+.2f} ± {g['rise_sd']:.2f}"
-                              + (f" (base {base['rise']:+.2f})" if base else "")))
+        unit = "" if base is None or g["unit"] == base["unit"] else f" {g['unit']}"
+        found.append(_finding(f"offline still hacks with: {name}", _hacks(g),
+                              f"{g['hacking']}/{g['seeds']} hack, rise {_pm(g, 'rise', '+')}{unit}"
+                              + (f" (base {_pm(base, 'rise', '+')})" if base else "")
+                              + (f"; not flagged: {g['reason']}" if not _hacks(g) and g["reason"] else "")))
     return found
 
 
@@ -377,17 +431,25 @@ FINDINGS: dict[str, Callable[[list[dict[str, Any]]], list[dict[str, Any]]]] = {
 }
 
 
+# Presets that ask questions of this lab rather than test the paper's findings.
+EXPLORATORY = ("factors",)
+
+
 def format_findings(preset: str, summary: dict[str, Any]) -> str:
+    head = "| question (not a paper finding) | answer |" if preset in EXPLORATORY else "| finding (paper) | reproduced here |"
+    units = {g["unit"] for g in summary["groups"]}
+    unit = next(iter(units)) if len(units) == 1 else "marked"
     lines = [f"### `{preset}`: {summary['runs']} runs, {summary['seeds']} seed(s), "
-             f"{summary['wall_seconds'] / 60:.0f} min", "",
-             "| finding (paper) | reproduced here | evidence |", "| --- | --- | --- |"]
+             f"{summary['wall_seconds'] / 60:.0f} min", "", f"{head} evidence |", "| --- | --- | --- |"]
     lines += [f"| {f['claim']} | {'yes' if f['reproduced'] else '**no**'} | {f['evidence']} |"
               for f in summary["findings"]]
-    lines += ["", "| setting | seeds | hacking | golden rise | final golden | final proxy | tokens generated "
-              "| stage-2 min |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {g['group']} | {g['seeds']} | {g['hacking']}/{g['seeds']} | {g['rise']:+.2f} ± {g['rise_sd']:.2f} | "
-              f"{g['golden_final']:.2f} ± {g['golden_final_sd']:.2f} | {g['proxy_final']:.2f} ± {g['proxy_final_sd']:.2f} "
-              f"| {g['data_tokens']:,.0f} | {g['minutes']:.1f} |" for g in summary["groups"]]
+    lines += ["", f"Metrics in {unit}; ± is the standard error over seeds (none with one seed). A run too close to "
+              "the end to judge has its golden minimum within the verdict's last 3 evaluations.", "",
+              "| setting | seeds | hacking | too close to judge | golden rise | final golden | final proxy "
+              "| tokens generated | stage-2 min |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {g['group'] if len(units) == 1 else g['group'] + ' (' + g['unit'] + ')'} | {g['seeds']} | "
+              f"{g['hacking']}/{g['seeds']} | {g['undecided']} | {_pm(g, 'rise', '+')} | {_pm(g, 'golden_final')} | "
+              f"{_pm(g, 'proxy_final')} | {g['data_tokens']:,.0f} | {g['minutes']:.1f} |" for g in summary["groups"]]
     return "\n".join(lines) + "\n"
 
 
@@ -402,10 +464,15 @@ def write_reproduction(sweep_dirs: list[Path], path: Path, command_prefix: str =
     lines = ["# Reproduction record", "",
              "Generated by `teacherhack reproduction` from the sweep folders; do not edit by hand.", "",
              "| preset | runs | seeds | wall time | findings reproduced |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| [`{plan['preset']}`](#{plan['preset']}) | {summary['runs']} | {plan['seeds']} | "
+    for sweep_dir, plan, summary in sweeps:
+        if summary["seeds"] != plan["seeds"]:
+            raise cfg.ConfigError(f"{sweep_dir} is unfinished: planned {plan['seeds']} seeds, results for "
+                                  f"{summary['seeds']}; rerun its sweep command to finish it")
+    lines += [f"| [`{summary['preset']}`](#{summary['preset']}) | {summary['runs']} | {summary['seeds']} | "
               f"{summary['wall_seconds'] / 60:.0f} min | "
-              f"{sum(f['reproduced'] for f in summary['findings'])}/{len(summary['findings'])} |"
-              for _, plan, summary in sweeps]
+              + ("exploratory" if summary["preset"] in EXPLORATORY else
+                 f"{sum(f['reproduced'] for f in summary['findings'])}/{len(summary['findings'])}") + " |"
+              for _, _, summary in sweeps]
     lines.append("")
     for sweep_dir, plan, summary in sweeps:
         preset = plan["preset"]
