@@ -242,7 +242,7 @@ def test_cli_sweep_in_parallel_processes_then_the_reproduction_record(tiny_task:
                  "--cache", str(tmp_path / "cache"), *settings])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "More generations per prompt improves the golden metric" in printed and "| k=8 | 1 |" in printed
+    assert "More generations per prompt improves both metrics" in printed and "| k=8 | 1 |" in printed
     assert sorted(p.parent.parent.name for p in (out / "runs").glob("*/seed0/student")) == ["k=1", "k=2", "k=4", "k=8"]
     tokens = [json.loads((out / "runs" / f"k={k}" / "seed0" / "run.json").read_text())["offline_tokens"]
               for k in (1, 2, 4, 8)]
