@@ -95,7 +95,8 @@ def expand(preset: str, base: LabConfig, seeds: int) -> list[Run]:
 
 SWEEPS = ("sources", "diversity", "budget", "losses", "sizes", "mixture", "tasks", "factors")
 # Seeds per setting by default: as many as keep the preset within an hour at 2 jobs on 2 CPU cores, from the
-# measured stage-2 minutes per run (offline about 4, online student 6.5, online teacher 11, single-threaded).
+# measured stage-2 minutes per run (offline about 4, online student 6.5, online teacher 11, single-threaded);
+# `tasks` takes 71 minutes from an empty cache with 2, kept because one seed has no spread to report.
 DEFAULT_SEEDS = {"sources": 3, "diversity": 3, "budget": 3, "losses": 2, "sizes": 2, "mixture": 3, "tasks": 2,
                  "factors": 1}
 
