@@ -291,11 +291,12 @@ def _by_group(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {row["group"]: row for row in group_table(results)}
 
 
-def _counts(groups: dict[str, dict[str, Any]], names: list[str], kind: str) -> str:
+def _counts(groups: dict[str, dict[str, Any]], names: list[str], kind: str) -> tuple[int, int, str]:
+    """Runs that hack, runs in all, and both said in words with the runs too close to the end to judge."""
     hacked, total = sum(groups[g]["hacking"] for g in names), sum(groups[g]["seeds"] for g in names)
     undecided = sum(groups[g]["undecided"] for g in names)
     late = f" ({undecided} with the golden minimum too close to the end to judge)" if undecided else ""
-    return f"{hacked}/{total} {kind} runs hack{late}"
+    return hacked, total, f"{hacked}/{total} {kind} runs hack{late}"
 
 
 def _offline_partner(group: str) -> str:
@@ -313,19 +314,18 @@ def _hacking_findings(groups: dict[str, dict[str, Any]], offline: list[str], onl
     in the last few evaluations, but the rise still shows whether the curve turned up as the offline one did."""
     found = []
     if offline:
-        hacked = sum(groups[g]["hacking"] for g in offline)
-        total = sum(groups[g]["seeds"] for g in offline)
+        hacked, total, counts = _counts(groups, offline, "offline")
         found.append(_finding("Offline data → teacher hacking (golden turns up while the proxy does not)",
-                              hacked * 2 > total, _counts(groups, offline, "offline") + ": " + "; ".join(
+                              hacked * 2 > total, counts + ": " + "; ".join(
                                   f"{g}: {groups[g]['hacking']}/{groups[g]['seeds']}, "
                                   f"rise {_pm(groups[g], 'rise', '+')}" for g in offline)))
     if online:
-        compared = [(g, groups[_offline_partner(g)]) for g in online
-                    if _offline_partner(g) in groups and _hacks(groups[_offline_partner(g)])]
+        partners = {g: groups.get(_offline_partner(g)) for g in online}
+        compared = [(g, p) for g, p in partners.items() if p is not None and _hacks(p)]
         smaller = all(_below(groups[g], partner, "rise") for g, partner in compared)
-        hacked = sum(groups[g]["hacking"] for g in online)
+        hacked, _, counts = _counts(groups, online, "online")
         found.append(_finding("Online data → no teacher hacking", hacked == 0 and smaller,
-                              _counts(groups, online, "online") + ": " + "; ".join(
+                              counts + ": " + "; ".join(
                                   f"{g}: rise {_pm(groups[g], 'rise', '+')}" for g in online)
                               + ("" if not compared else "; offline rise " + ", ".join(
                                   dict.fromkeys(f"{_pm(p, 'rise', '+')}" for _, p in compared))
