@@ -193,6 +193,21 @@ def test_parse_assignments():
         parse_assignments(["=3"])
 
 
+def test_assignments_are_the_settings_that_rebuild_a_config_from_its_preset():
+    assert cfg.assignments(resolve("quick")) == []
+    overrides = {"distill.sources": "offline,online_student", "distill.chunk_size": 16, "eval.per_token": True,
+                 "eval.estimator": "log_ratio", "models.oracle_temperature": 0.6, "distill.steps": 2000}
+    config = resolve("default", overrides)
+    settings = cfg.assignments(config)
+    assert settings == ["models.oracle_temperature=0.6", "distill.sources=offline,online_student",
+                        "distill.steps=2000", "distill.chunk_size=16", "eval.estimator=log_ratio",
+                        "eval.per_token=true"]
+    assert resolve("default", parse_assignments(settings)) == config
+    unset = resolve("default", {"teacher.samples": None})  # the preset's 1,000 back to every sample
+    assert cfg.assignments(unset) == ["teacher.samples=none"]
+    assert resolve("default", parse_assignments(cfg.assignments(unset))) == unset
+
+
 def test_all_keys_lists_nested_fields():
     keys = cfg.all_keys()
     assert "distill.steps" in keys and "eval.per_token" in keys and "seed" in keys

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -39,12 +40,12 @@ def test_diversity_keeps_the_dataset_size_and_budget_keeps_the_prompts(tiny_conf
     assert [c.distill.generations_per_prompt for c in budget] == [1, 2, 4, 8]
 
 
-def test_tasks_match_oracle_budgets_and_share_kjv_rv_with_sources(tiny_config: cfg.LabConfig):
+def test_tasks_cap_oracle_budgets_and_share_kjv_rv_with_sources(tiny_config: cfg.LabConfig):
     base = cfg.apply_overrides(tiny_config, {"task.spec": "kjv-rv"})
     tasks = {r.name: cfg.apply_overrides(base, r.overrides) for r in sweep.expand("tasks", base, seeds=1)}
     sources = {r.name: cfg.apply_overrides(base, r.overrides) for r in sweep.expand("sources", base, seeds=1)}
     assert tasks["kjv-rv offline/seed0"] == sources["offline/seed0"]  # one upstream for both presets
-    assert {c.task.n_oracle for name, c in tasks.items() if not name.startswith("kjv-rv")} == {25_000}
+    assert {c.task.n_oracle for name, c in tasks.items() if not name.startswith("kjv-rv")} == {12_500}
 
 
 def test_unknown_preset_is_a_clear_error(tiny_config: cfg.LabConfig):
@@ -102,15 +103,18 @@ def test_sweep_shares_upstream_and_resumes_after_a_kill(tiny_config: cfg.LabConf
 
     # The reproduction record: command, machine, wall time, hand-written notes, figures and findings.
     docs = tmp_path / "docs"
-    (docs / "reproduction" / "sources").mkdir(parents=True)
-    (docs / "reproduction" / "sources" / "NOTES.md").write_text("Tried twice; see the issue.")
+    (docs / "reproduction" / "sweep").mkdir(parents=True)  # notes and figures go by the sweep's folder
+    (docs / "reproduction" / "sweep" / "NOTES.md").write_text("Tried twice; see the issue.")
     sweep.write_reproduction([out], docs / "REPRODUCTION.md")
     record = (docs / "REPRODUCTION.md").read_text()
-    assert "`teacherhack sweep sources --seeds 1 --out sweep`" in record and summary["machine"] in record
-    assert "Tried twice; see the issue." in record and "| offline | 1 |" in record
-    assert f"| [`sources`](#sources) | 3 | 1 | {summary['wall_seconds'] / 60:.0f} min | " in record
-    assert "![cost](reproduction/sources/cost.png)" in record
-    assert (docs / "reproduction" / "sources" / "cost.png").read_bytes().startswith(b"\x89PNG")
+    command = next(line for line in record.splitlines() if line.startswith("Command: "))
+    assert command.startswith("Command: `teacherhack sweep sources --seeds 1 --out sweep --preset quick --set ")
+    settings = shlex.split(command.split("--preset quick", 1)[1].split("`", 1)[0])[1::2]
+    assert cfg.apply_overrides(cfg.resolve("quick"), cfg.parse_assignments(settings)) == tiny_config  # rerunnable
+    assert summary["machine"] in record and "Tried twice; see the issue." in record and "| offline | 1 |" in record
+    assert f"| [`sweep`](#sweep) | 3 | 1 | {summary['wall_seconds'] / 60:.0f} min | " in record
+    assert "![cost](reproduction/sweep/cost.png)" in record
+    assert (docs / "reproduction" / "sweep" / "cost.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_a_sweep_resumes_with_more_seeds_or_a_newer_schema_but_not_another_base(tiny_config: cfg.LabConfig):
@@ -157,6 +161,10 @@ def test_findings_sources_reproduced_and_not():
     assert [f["reproduced"] for f in found] == [True, False]
     assert "0/3 online runs hack (3 with the golden minimum too close to the end to judge)" in found[1]["evidence"]
     assert "not above every online one by 2 SE" in found[1]["evidence"]
+
+    # One seed: no spread to test against, and the evidence says the order is by the mean alone
+    single = [r for r in good if r["seed"] == 0]
+    assert "(above every online one by its mean; one seed, no SE)" in sweep.findings_sources(single)[1]["evidence"]
 
 
 def test_findings_diversity_budget_mixture():

@@ -274,6 +274,26 @@ def resolve(preset: str = "default", overrides: dict[str, Any] | None = None) ->
     return config
 
 
+def assignments(config: LabConfig) -> list[str]:
+    """The ``key=value`` settings (as ``--set`` takes them) that turn ``config.preset`` into ``config``."""
+    def flat(c: LabConfig) -> dict[str, Any]:
+        values = {}
+        for key in all_keys():
+            target: Any = c
+            for part in key.split("."):
+                target = getattr(target, part)
+            values[key] = target
+        return values
+
+    def text(value: Any) -> str:
+        if isinstance(value, list):
+            return ",".join(text(v) for v in value)
+        return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    preset = flat(resolve(config.preset))
+    return [f"{key}={text(value)}" for key, value in flat(config).items() if value != preset[key]]
+
+
 def parse_assignments(assignments: list[str]) -> dict[str, str]:
     overrides = {}
     for item in assignments:

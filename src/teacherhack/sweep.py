@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import shlex
+import shutil
 import statistics
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -42,11 +44,11 @@ def _split(n: int, parts: int) -> int:
     return max(1, n // parts)
 
 
-# The tasks preset gives every task's oracle about the training budget of the default kjv-rv oracle (the ~25k
-# pairs that task leaves it): the tasks then differ in their text, not in oracle compute, and the preset fits the
-# hour (WordNet's 150k pairs alone took 24 minutes). kjv-rv keeps the default, sharing its upstream with `sources`.
+# The tasks preset trains the Debian and WordNet oracles on 12.5k pairs each, half the ~25k the default kjv-rv
+# oracle gets: at 25k the preset took 71 minutes (WordNet's full 150k alone took 24). kjv-rv keeps the default, so
+# its runs are the `sources` runs of the same seeds and reuse the upstream `make lab` leaves in the cache.
 TASK_ORACLE_PAIRS: dict[str, dict[str, Any]] = {
-    "kjv-rv": {}, "debian-descriptions": {"task.n_oracle": 25_000}, "wordnet": {"task.n_oracle": 25_000}}
+    "kjv-rv": {}, "debian-descriptions": {"task.n_oracle": 12_500}, "wordnet": {"task.n_oracle": 12_500}}
 
 
 def expand(preset: str, base: LabConfig, seeds: int) -> list[Run]:
@@ -96,7 +98,7 @@ def expand(preset: str, base: LabConfig, seeds: int) -> list[Run]:
 SWEEPS = ("sources", "diversity", "budget", "losses", "sizes", "mixture", "tasks", "factors")
 # Seeds per setting by default: as many as keep the preset within an hour at 2 jobs on 2 CPU cores, from the
 # measured stage-2 minutes per run (offline about 4, online student 6.5, online teacher 11, single-threaded);
-# `tasks` takes 71 minutes from an empty cache with 2, kept because one seed has no spread to report.
+# `tasks` keeps 2 because one seed has no spread to report.
 DEFAULT_SEEDS = {"sources": 3, "diversity": 3, "budget": 3, "losses": 2, "sizes": 2, "mixture": 3, "tasks": 2,
                  "factors": 1}
 
@@ -323,13 +325,15 @@ def _hacking_findings(groups: dict[str, dict[str, Any]], offline: list[str], onl
         partners = {g: groups.get(_offline_partner(g)) for g in online}
         compared = [(g, p) for g, p in partners.items() if p is not None and _hacks(p)]
         smaller = all(_below(groups[g], partner, "rise") for g, partner in compared)
+        tested = all(None not in (groups[g]["rise_se"], p["rise_se"]) for g, p in compared)
         hacked, _, counts = _counts(groups, online, "online")
         found.append(_finding("Online data → no teacher hacking", hacked == 0 and smaller,
                               counts + ": " + "; ".join(
                                   f"{g}: rise {_pm(groups[g], 'rise', '+')}" for g in online)
                               + ("" if not compared else "; offline rise " + ", ".join(
                                   dict.fromkeys(f"{_pm(p, 'rise', '+')}" for _, p in compared))
-                                 + f" ({'' if smaller else 'not '}above every online one by 2 SE)")))
+                                 + f" ({'' if smaller else 'not '}above every online one "
+                                   + ("by 2 SE)" if tested else "by its mean; one seed, no SE)"))))
     return found
 
 
@@ -456,10 +460,9 @@ def format_findings(preset: str, summary: dict[str, Any]) -> str:
 
 
 def write_reproduction(sweep_dirs: list[Path], path: Path, command_prefix: str = "teacherhack sweep") -> None:
-    """docs/REPRODUCTION.md from finished sweeps: per preset the command, machine, wall time, figures and
-    findings, exactly as measured (regenerate it rather than edit it)."""
-    import shutil
-
+    """docs/REPRODUCTION.md from finished sweeps: per sweep folder the command (with every ``--set`` its base
+    configuration needs), machine, wall time, figures and findings, exactly as measured (regenerate it rather
+    than edit it). Hand-written notes come from ``reproduction/FOLDER/NOTES.md`` next to the record."""
     figures = path.parent / "reproduction"
     sweeps = [(d, json.loads((d / "sweep.json").read_text()), json.loads((d / "findings.json").read_text()))
               for d in sweep_dirs]
@@ -472,23 +475,26 @@ def write_reproduction(sweep_dirs: list[Path], path: Path, command_prefix: str =
         if summary["seeds"] != plan["seeds"]:
             raise cfg.ConfigError(f"{sweep_dir} is unfinished: planned {plan['seeds']} seeds, results for "
                                   f"{summary['seeds']}; rerun its sweep command to finish it")
-    lines += [f"| [`{summary['preset']}`](#{summary['preset']}) | {summary['runs']} | {summary['seeds']} | "
+    lines += [f"| [`{sweep_dir.name}`](#{sweep_dir.name}) | {summary['runs']} | {summary['seeds']} | "
               f"{summary['wall_seconds'] / 60:.0f} min | "
               + ("exploratory" if summary["preset"] in EXPLORATORY else
                  f"{sum(f['reproduced'] for f in summary['findings'])}/{len(summary['findings'])}") + " |"
-              for _, _, summary in sweeps]
+              for sweep_dir, _, summary in sweeps]
     lines.append("")
-    for sweep_dir, plan, summary in sweeps:
-        preset = plan["preset"]
-        lines += [f"## `{preset}`", "", f"Command: `{command_prefix} {preset} --seeds {plan['seeds']} "
-                  f"--out {sweep_dir.name}` (base preset `{plan['base']['preset']}`)", "",
+    for sweep_dir, plan, summary in sweeps:  # a section per folder: a preset may be swept twice (e.g. longer)
+        base = cfg.from_dict(plan["base"])
+        options = ([f"--preset {base.preset}"] if base.preset != "default" else []) + [
+            f"--set {shlex.quote(setting)}" for setting in cfg.assignments(base)]
+        command = " ".join([command_prefix, plan["preset"], f"--seeds {plan['seeds']}", f"--out {sweep_dir.name}",
+                            *options])
+        lines += [f"## `{sweep_dir.name}`", "", f"Command: `{command}` (base preset `{base.preset}`)", "",
                   f"Machine: {summary.get('machine', 'not recorded')}; wall time {summary['wall_seconds'] / 60:.0f} min.",
                   ""]
-        notes = figures / preset / "NOTES.md"  # hand-written context: what was tried, what a result means
+        notes = figures / sweep_dir.name / "NOTES.md"  # hand-written context: what was tried, what a result means
         if notes.exists():
             lines += [notes.read_text().strip(), ""]
         for png in sorted(sweep_dir.glob("*.png")):
-            target = figures / preset / png.name
+            target = figures / sweep_dir.name / png.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(png, target)
             lines += [f"![{png.stem}]({target.relative_to(path.parent).as_posix()})", ""]
