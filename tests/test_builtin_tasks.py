@@ -11,21 +11,16 @@ import subprocess
 
 import pytest
 
-from teacherhack import data
-from teacherhack.data import (
-    Pair,
-    TaskError,
+from teacherhack.tasks import TASK_SPECS, Pair, Task, TaskError, debian, hub, load_prompts, load_task, wordnet
+from teacherhack.tasks.debian import description_indices
+from teacherhack.tasks.debian_descriptions import (
+    _read_index,
     clean_long_description,
-    description_indices,
     description_pairs,
-    load_prompts,
-    load_task,
     parse_descriptions,
-    parse_wordnet_data,
-    parse_wordnet_index,
-    wordnet_pairs,
-    write_jsonl,
 )
+from teacherhack.tasks.snapshot import sha256, write_jsonl
+from teacherhack.tasks.wordnet import parse_wordnet_data, parse_wordnet_index, wordnet_pairs
 
 # --- Debian descriptions: formats ---------------------------------------------------------------------
 
@@ -159,7 +154,7 @@ def test_description_indices_and_compressed_files(tmp_path):
         "example.org_debian_dists_stable_main_binary-amd64_Packages.gz",
         plain,
     ]
-    texts = [data._read_index(path) for path in found]
+    texts = [_read_index(path) for path in found]
     assert texts == [TRANSLATION_EN, TRANSLATION_EN, PACKAGES, TRANSLATION_EN]
     assert description_pairs(texts) == [ALPHA, EPSILON]
 
@@ -192,7 +187,8 @@ def test_debian_descriptions_builds_a_snapshot_once_then_reads_it(tmp_path, monk
     apt, args = fake_apt(tmp_path, f"cp '{source}' \"$lists/{LIST_NAME}\"\n")
     monkeypatch.setattr("shutil.which", lambda name: str(apt) if name == "apt-get" else None)
     cache = tmp_path / "cache"
-    assert load_task("debian-descriptions", cache) == [ALPHA, EPSILON]
+    expected = Task([ALPHA, EPSILON], {}, f"debian-descriptions (snapshot {cache / 'tasks' / 'debian-descriptions.jsonl'})")
+    assert load_task("debian-descriptions", cache) == expected
     options = args.read_text().split("\n")
     assert options[0] == "update"
     assert "Acquire::Languages=en" in options and "Debug::NoLocking=true" in options
@@ -202,9 +198,9 @@ def test_debian_descriptions_builds_a_snapshot_once_then_reads_it(tmp_path, monk
     tasks = cache / "tasks"
     assert sorted(p.name for p in tasks.iterdir()) == ["debian-descriptions.jsonl", "debian-descriptions.sha256"]
     args.unlink()
-    assert load_task("debian-descriptions", cache) == [ALPHA, EPSILON]
+    assert load_task("debian-descriptions", cache) == expected
     assert not args.exists()  # apt was not run again
-    assert load_prompts("debian-descriptions", cache) == [ALPHA.prompt, EPSILON.prompt]
+    assert load_prompts("debian-descriptions", cache).pairs == [ALPHA, EPSILON]
 
 
 def test_debian_descriptions_reports_a_failed_update(tmp_path, monkeypatch):
@@ -303,7 +299,7 @@ def test_parse_wordnet_data_reads_words_and_definitions():
     assert synsets[9213565].definition == "sloping land (especially the slope beside a body of water)"
     adjectives = parse_wordnet_data(DATA_ADJ.splitlines())
     assert adjectives[14358].words == ("abounding", "galore")  # the (ip) marker is dropped
-    assert adjectives[19731] == data.Synset(19731, ("handy", "ready_to_hand"), "easy to reach")
+    assert adjectives[19731] == wordnet.Synset(19731, ("handy", "ready_to_hand"), "easy to reach")
     verb = parse_wordnet_data(DATA_VERB.splitlines())[1926311]  # verb frames before the gloss
     assert verb.words == ("run",) and verb.definition.startswith("move fast") and '"' not in verb.definition
 
@@ -331,14 +327,14 @@ def test_wordnet_builds_a_snapshot_once_then_reads_it(tmp_path, monkeypatch):
 
     def fetch(packages, work_dir, *, task="kjv-rv"):
         calls.append((tuple(packages), task))
-        root = work_dir / "root" / data.WORDNET_ROOT
+        root = work_dir / "root" / wordnet.WORDNET_ROOT
         root.mkdir(parents=True)
         for name, text in WORDNET_FILES.items():
             (root / name).write_text(text, encoding="utf-8")
 
-    monkeypatch.setattr(data, "fetch_debs", fetch)
-    assert load_task("wordnet", tmp_path) == WORDNET_PAIRS
-    assert load_task("wordnet", tmp_path) == WORDNET_PAIRS
+    monkeypatch.setattr(debian, "fetch_debs", fetch)
+    assert load_task("wordnet", tmp_path).pairs == WORDNET_PAIRS
+    assert load_task("wordnet", tmp_path).pairs == WORDNET_PAIRS
     assert calls == [(("wordnet-base",), "wordnet")]
     assert sorted(p.name for p in (tmp_path / "tasks").iterdir()) == ["wordnet.jsonl", "wordnet.sha256"]
     assert load_task("wordnet", tmp_path, limit=3, seed=1) == load_task("wordnet", tmp_path, limit=3, seed=1)
@@ -357,9 +353,9 @@ def test_a_prewritten_snapshot_is_read_without_apt(tmp_path, monkeypatch, spec, 
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     write_jsonl(pairs, tasks / f"{spec}.jsonl")
-    (tasks / f"{spec}.sha256").write_text(f"{data._sha256(tasks / f'{spec}.jsonl')}  {spec}.jsonl\n")
-    assert load_task(spec, tmp_path) == pairs
-    assert load_prompts(spec, tmp_path) == [pair.prompt for pair in pairs]
+    (tasks / f"{spec}.sha256").write_text(f"{sha256((tasks / f'{spec}.jsonl').read_bytes())}  {spec}.jsonl\n")
+    assert load_task(spec, tmp_path).pairs == pairs
+    assert [pair.prompt for pair in load_prompts(spec, tmp_path).pairs] == [pair.prompt for pair in pairs]
     (tasks / f"{spec}.jsonl").write_text("{}\n")  # damaged: refused, not rebuilt
     with pytest.raises(TaskError, match="delete both files"):
         load_task(spec, tmp_path)
@@ -378,8 +374,8 @@ def test_builtin_tasks_are_listed_and_take_no_field_overrides(tmp_path):
         load_task("wordnett", tmp_path)
     with pytest.raises(TaskError, match="fixed fields"):
         load_task("wordnet", tmp_path, prompt_field="word")
-    assert {"debian-descriptions", "wordnet"} <= set(data.TASK_SPECS)
-    assert "debian-descriptions" in data.NO_HUB_TASKS and "wordnet" in data.NO_HUB_TASKS
+    assert {"debian-descriptions", "wordnet"} <= set(TASK_SPECS)
+    assert "debian-descriptions" in hub.NO_HUB_TASKS and "wordnet" in hub.NO_HUB_TASKS
 
 
 def test_debian_descriptions_warns_about_sources_apt_could_not_fetch(tmp_path, monkeypatch):
@@ -389,4 +385,4 @@ def test_debian_descriptions_warns_about_sources_apt_could_not_fetch(tmp_path, m
                                 "echo 'W: Failed to fetch http://example.org/other/InRelease' >&2\n")
     monkeypatch.setattr("shutil.which", lambda name: str(apt) if name == "apt-get" else None)
     with pytest.warns(UserWarning, match="could not fetch some indices.*example.org/other"):
-        assert load_task("debian-descriptions", tmp_path / "cache") == [ALPHA]
+        assert load_task("debian-descriptions", tmp_path / "cache").pairs == [ALPHA]

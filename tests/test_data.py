@@ -1,7 +1,11 @@
-"""Data layer tests: all offline; the SWORD modules are tiny ones written here."""
+"""Tasks, splits and our tokenizer: offline except the one test that rebuilds the shipped kjv-rv pairs
+with apt; the SWORD modules are tiny ones written here."""
 
+import dataclasses
 import json
+import lzma
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -11,23 +15,10 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from teacherhack import data
-from teacherhack.data import (
-    EOS,
-    PAD,
-    SEP,
-    Pair,
-    TaskError,
-    align_verses,
-    encode_prompts,
-    encode_responses,
-    load_jsonl,
-    load_task,
-    parse_ztext,
-    split_task,
-    train_tokenizer,
-    write_jsonl,
-)
+from teacherhack.tasks import Pair, Task, TaskError, debian, kjv_rv, load_task, split_task
+from teacherhack.tasks.kjv_rv import align_verses, parse_ztext, rebuild_kjv_rv, write_shipped
+from teacherhack.tasks.snapshot import load_jsonl, sha256, write_jsonl
+from teacherhack.tokenizer import EOS, PAD, SEP, encode_prompts, encode_responses, train_tokenizer
 
 # --- SWORD zText ---------------------------------------------------------------------------------
 
@@ -114,7 +105,7 @@ def test_align_verses_keeps_pairs_with_text_on_both_sides():
         align_verses(["a"], ["A", "B"])
 
 
-# --- kjv-rv: fetching and snapshot -----------------------------------------------------------------
+# --- kjv-rv: the shipped pairs, and rebuilding them with apt -------------------------------------------
 
 
 def fake_fetch(calls):
@@ -122,9 +113,9 @@ def fake_fetch(calls):
 
     def fetch(packages, work_dir):
         calls.append(tuple(packages))
-        modules = work_dir / "root" / data.ZTEXT_ROOT
-        write_ztext(modules / data.KJV_MODULE, ENGLISH)
-        write_ztext(modules / data.RV_MODULE, SPANISH)
+        modules = work_dir / "root" / kjv_rv.ZTEXT_ROOT
+        write_ztext(modules / kjv_rv.KJV_MODULE, ENGLISH)
+        write_ztext(modules / kjv_rv.RV_MODULE, SPANISH)
         (work_dir / "sword-text-kjv_1_all.deb").write_bytes(b"deb")
 
     return fetch
@@ -136,69 +127,81 @@ EXPECTED_PAIRS = [
     Pair("Blessed LORD.", "Bienaventurado"),
     Pair("Jesus wept.", "Y lloró Jesús."),
 ]
+SHIPPED_PAIRS = 31_084  # KJV verses with a Reina-Valera counterpart, both non-empty
 
 
-def test_kjv_rv_builds_a_snapshot_once_then_reads_it(tmp_path, monkeypatch):
+def test_kjv_rv_rebuild_then_ship_then_load(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(data, "fetch_debs", fake_fetch(calls))
-    assert load_task("kjv-rv", tmp_path) == EXPECTED_PAIRS
+    monkeypatch.setattr(debian, "fetch_debs", fake_fetch(calls))
+    (tmp_path / "work").mkdir()
+    assert rebuild_kjv_rv(tmp_path / "work") == EXPECTED_PAIRS
     assert calls == [("sword-text-kjv", "sword-text-sparv")]
-    tasks = tmp_path / "tasks"
-    assert sorted(p.name for p in tasks.iterdir()) == ["kjv-rv.jsonl", "kjv-rv.sha256"]  # downloads gone
-    assert load_jsonl(tasks / "kjv-rv.jsonl") == EXPECTED_PAIRS
-    assert load_task("kjv-rv", tmp_path) == EXPECTED_PAIRS
+    write_shipped(EXPECTED_PAIRS, tmp_path / "data")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["kjv-rv.jsonl.xz", "kjv-rv.sha256"]
+    monkeypatch.setattr(kjv_rv, "SHIPPED_DIR", tmp_path / "data")
+    assert load_task("kjv-rv", tmp_path / "cache") == Task(EXPECTED_PAIRS, {}, "kjv-rv (shipped snapshot)")
+    assert not (tmp_path / "cache").exists()  # nothing to build, nothing cached
     assert len(calls) == 1
 
 
-def test_kjv_rv_reads_a_prewritten_snapshot_without_apt(tmp_path, monkeypatch):
-    monkeypatch.setattr("shutil.which", lambda name: None)
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    write_jsonl(EXPECTED_PAIRS, tasks / "kjv-rv.jsonl")
-    digest = data._sha256(tasks / "kjv-rv.jsonl")
-    (tasks / "kjv-rv.sha256").write_text(f"{digest}  kjv-rv.jsonl\n")
-    assert load_task("kjv-rv", tmp_path) == EXPECTED_PAIRS
+def test_the_shipped_kjv_rv_loads_without_apt(tmp_path, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("apt must not be looked for or run for the shipped task")
+
+    monkeypatch.setattr(shutil, "which", forbidden)
+    monkeypatch.setattr(subprocess, "run", forbidden)
+    task = load_task("kjv-rv", tmp_path)
+    assert len(task.pairs) == SHIPPED_PAIRS and task.skipped == {} and task.source == "kjv-rv (shipped snapshot)"
+    assert task.pairs[0] == Pair("In the beginning God created the heaven and the earth.",
+                                 "EN el principio crió Dios los cielos y la tierra.")
+    assert task.pairs[-1].prompt.startswith("The grace of our Lord Jesus Christ")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None,
+                    reason="rebuilding kjv-rv needs apt-get and dpkg-deb (Debian or Ubuntu)")
+def test_rebuilding_kjv_rv_with_apt_gives_the_shipped_checksum(tmp_path):
+    pairs = rebuild_kjv_rv(tmp_path)
+    write_jsonl(pairs, tmp_path / "kjv-rv.jsonl")
+    shipped = (kjv_rv.SHIPPED_DIR / kjv_rv.SHIPPED_CHECKSUM).read_text(encoding="utf-8")
+    assert f"{sha256((tmp_path / 'kjv-rv.jsonl').read_bytes())}  kjv-rv.jsonl\n" == shipped
+    assert len(pairs) == SHIPPED_PAIRS
 
 
 @pytest.mark.parametrize("damage", ["edit", "no checksum"])
-def test_kjv_rv_rejects_a_damaged_snapshot(tmp_path, monkeypatch, damage):
-    monkeypatch.setattr(data, "fetch_debs", fake_fetch([]))
-    load_task("kjv-rv", tmp_path)
-    snapshot = tmp_path / "tasks" / "kjv-rv.jsonl"
+def test_kjv_rv_rejects_a_damaged_shipped_file(tmp_path, monkeypatch, damage):
+    write_shipped(EXPECTED_PAIRS, tmp_path)
+    monkeypatch.setattr(kjv_rv, "SHIPPED_DIR", tmp_path)
+    shipped = tmp_path / "kjv-rv.jsonl.xz"
     if damage == "edit":
-        snapshot.write_text(snapshot.read_text(encoding="utf-8").replace("wept", "slept"), encoding="utf-8")
+        text = lzma.decompress(shipped.read_bytes()).decode("utf-8")
+        shipped.write_bytes(lzma.compress(text.replace("wept", "slept").encode("utf-8")))
     else:
-        snapshot.with_suffix(".sha256").unlink()
-    with pytest.raises(TaskError, match="delete both files"):
+        (tmp_path / "kjv-rv.sha256").unlink()
+    with pytest.raises(TaskError, match="shipped kjv-rv snapshot .* does not match its checksum .*reinstall"):
         load_task("kjv-rv", tmp_path)
 
 
-def test_kjv_rv_without_apt_says_what_to_do(tmp_path, monkeypatch):
+def test_kjv_rv_rebuild_without_apt_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(TaskError, match="apt-get and dpkg-deb.*Debian or Ubuntu.*jsonl:PATH"):
-        load_task("kjv-rv", tmp_path)
-    assert list((tmp_path / "tasks").iterdir()) == []
+        rebuild_kjv_rv(tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_kjv_rv_reports_a_failed_download(tmp_path, monkeypatch):
+def test_kjv_rv_rebuild_reports_a_failed_download(tmp_path, monkeypatch):
     apt = tmp_path / "apt-get"
     apt.write_text("#!/bin/sh\necho 'E: Unable to locate package sword-text-kjv' >&2\nexit 100\n")
     apt.chmod(0o755)
     monkeypatch.setattr("shutil.which", lambda name: str(apt) if name == "apt-get" else "/bin/true")
+    (tmp_path / "work").mkdir()
     with pytest.raises(TaskError, match="Unable to locate package.*apt-get update"):
-        load_task("kjv-rv", tmp_path / "cache")
+        rebuild_kjv_rv(tmp_path / "work")
 
 
 def test_unknown_task_lists_the_valid_ones(tmp_path):
     with pytest.raises(TaskError, match="kjv-rv, jsonl:PATH"):
         load_task("nope", tmp_path)
-
-
-def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("TEACHERHACK_CACHE", str(tmp_path))
-    assert data.default_cache_dir() == tmp_path
-    monkeypatch.delenv("TEACHERHACK_CACHE")
-    assert data.default_cache_dir() == Path.home() / ".cache" / "teacherhack"
 
 
 # --- JSON Lines ----------------------------------------------------------------------------------
@@ -217,12 +220,24 @@ def test_jsonl_task_loads_pairs_and_skips_blank_ones(tmp_path):
         json.dumps({"prompt": "  ", "response": "nothing to learn"}),
         json.dumps({"prompt": "¿qué?", "response": "what?"}, ensure_ascii=False),
     )
-    assert load_task(f"jsonl:{path}", tmp_path) == [Pair("hola", "hello"), Pair("¿qué?", "what?")]
+    task = load_task(f"jsonl:{path}", tmp_path)
+    assert task == Task([Pair("hola", "hello"), Pair("¿qué?", "what?")], {"blank prompt or response": 1}, str(path))
+
+
+def test_jsonl_blank_pairs_are_counted_and_a_sample_keeps_the_counts(tmp_path):
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(10)]
+    rows += [{"prompt": "", "response": "r"}, {"prompt": " \t", "response": "r"}, {"prompt": "p", "response": "\n"}]
+    path = write_lines(tmp_path / "t.jsonl", *(json.dumps(row) for row in rows))
+    assert load_jsonl(path).skipped == {"blank prompt or response": 3}
+    sample = load_task(f"jsonl:{path}", tmp_path, limit=4, seed=2)
+    assert len(sample.pairs) == 4 and sample.skipped == {"blank prompt or response": 3}
+    clean = write_lines(tmp_path / "clean.jsonl", *(json.dumps(row) for row in rows[:10]))
+    assert load_task(f"jsonl:{clean}", tmp_path).skipped == {}
 
 
 def test_jsonl_custom_fields(tmp_path):
     path = write_lines(tmp_path / "t.jsonl", json.dumps({"document": "long text", "summary": "short"}))
-    assert load_jsonl(path, prompt_field="document", response_field="summary") == [Pair("long text", "short")]
+    assert load_jsonl(path, prompt_field="document", response_field="summary").pairs == [Pair("long text", "short")]
 
 
 @pytest.mark.parametrize(
@@ -240,6 +255,21 @@ def test_jsonl_errors_name_the_problem(tmp_path, lines, message):
     path = write_lines(tmp_path / "t.jsonl", *lines)
     with pytest.raises(TaskError, match=message):
         load_jsonl(path)
+
+
+def test_jsonl_bytes_that_are_not_utf8_are_located(tmp_path):
+    path = tmp_path / "data.jsonl"
+    good = json.dumps({"prompt": "ñ", "response": "n"}, ensure_ascii=False).encode("utf-8")
+    path.write_bytes(good + b"\n" + good + b"\r\n" + b'{"pr\xffompt": "a", "response": "b"}\n')
+    with pytest.raises(TaskError, match=r"data.jsonl, line 3: not valid UTF-8 \(byte 0xff at column 5\)"):
+        load_task(f"jsonl:{path}", tmp_path)
+
+
+def test_jsonl_line_separators_inside_strings_do_not_split_lines(tmp_path):
+    pairs = [Pair("a\u2028b", "c\u2029d"), Pair("e\x85f", "g")]
+    write_jsonl(pairs, tmp_path / "t.jsonl")
+    assert load_jsonl(tmp_path / "t.jsonl").pairs == pairs
+    assert load_task(str(tmp_path / "t.jsonl"), tmp_path).pairs == pairs  # the datasets-style reader too
 
 
 def test_jsonl_missing_file(tmp_path):
@@ -277,7 +307,7 @@ def test_splits_are_deterministic_and_depend_on_the_seed():
 
 def test_splits_do_not_depend_on_the_hash_seed():
     code = (
-        "from teacherhack.data import Pair, split_task;"
+        "from teacherhack.tasks import Pair, split_task;"
         "s = split_task([Pair(f'prompt {i}', f'response {i}') for i in range(100)],"
         " n_stage1=20, n_distill=30, n_validation=10);"
         "print(s.validation_prompts + s.distill_prompts + s.stage1_prompts)"
@@ -297,15 +327,49 @@ def test_splits_deduplicate_prompts_keeping_the_first_pair():
         "third",
     ]
     assert Pair("same", "second") not in splits.oracle_train
+    assert splits.duplicates == 1
+
+
+def test_splits_keep_whole_pairs_and_count_duplicates():
+    pairs = PAIRS + [Pair("prompt 3", "again"), Pair("prompt 7", "again"), Pair("prompt 3", "and again")]
+    splits = split_task(pairs, **SIZES)
+    assert splits.duplicates == 3
+    assert dataclasses.replace(splits, duplicates=0) == split_task(PAIRS, **SIZES)  # later repeats change nothing
+    for part in (splits.validation, splits.distill, splits.stage1, splits.oracle_train):
+        assert all(pair == PAIRS[int(pair.prompt.split()[1])] for pair in part)  # real responses, the first kept
+    assert splits.validation_prompts == [pair.prompt for pair in splits.validation]
+    assert split_task(PAIRS, **SIZES).duplicates == 0
+
+
+def test_splits_are_the_ones_earlier_versions_made():
+    """Refactoring must not move a run's data: seed 0's validation prompts, as the first version drew them."""
+    assert split_task(PAIRS, **SIZES).validation_prompts == [
+        "prompt 23", "prompt 8", "prompt 11", "prompt 7", "prompt 48", "prompt 13", "prompt 1", "prompt 91",
+        "prompt 94", "prompt 54",
+    ]
 
 
 def test_splits_need_enough_pairs():
-    with pytest.raises(TaskError, match="need 101 pairs .* only 100 are available"):
+    with pytest.raises(TaskError, match="need 101 pairs with distinct prompts .* but the task has 100:"):
         split_task(PAIRS, n_stage1=40, n_distill=40, n_validation=20)
     with pytest.raises(TaskError, match="need 110 pairs"):
         split_task(PAIRS, **SIZES, n_oracle=50)
     with pytest.raises(TaskError, match="negative: n_distill=-1"):
         split_task(PAIRS, n_stage1=1, n_distill=-1, n_validation=1)
+
+
+def test_too_few_pairs_name_the_settings_to_lower():
+    pairs = [Pair(f"prompt {i}", "response") for i in range(3000)]
+    with pytest.raises(TaskError) as caught:
+        split_task(pairs, n_stage1=5000, n_distill=500, n_validation=200)
+    assert str(caught.value) == (
+        "the splits need 5,701 pairs with distinct prompts (task.n_validation=200 + task.n_distill=500 + "
+        "task.n_stage1=5000 + at least 1 for the oracle) but the task has 3,000: lower task.n_stage1 or "
+        "task.n_distill (or task.n_validation), or use a larger data set"
+    )
+    with pytest.raises(TaskError, match=r"need 1,050 pairs .*task.n_stage1=500 \+ task.n_oracle=500\) but the task "
+                       r"has 1,000 \(2 more repeat an earlier prompt\): lower task.n_oracle, task.n_stage1 or "):
+        split_task(pairs[:1000] + pairs[:2], n_stage1=500, n_distill=50, n_validation=0, n_oracle=500)
 
 
 # --- Tokenizer -----------------------------------------------------------------------------------

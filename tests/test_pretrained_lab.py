@@ -10,7 +10,8 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from teacherhack.cli import main
-from teacherhack.data import load_jsonl, train_tokenizer
+from teacherhack.tasks.snapshot import load_jsonl
+from teacherhack.tokenizer import train_tokenizer
 
 from conftest import TINY
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def save_models(root: Path, task: Path, arch: str, vocab_size: int | None = None) -> dict[str, Path]:
     """Oracle, teacher and student folders (model + the shared tokenizer), as a user's checkpoints would be."""
-    pairs = load_jsonl(task)
+    pairs = load_jsonl(task).pairs
     tokenizer = train_tokenizer([x for p in pairs for x in (p.prompt, p.response)], 300)
     vocab = vocab_size or len(tokenizer)
     folders = {}
@@ -62,7 +63,7 @@ def test_lab_runs_pretrained_local_models_end_to_end(arch: str, tiny_task: Path,
 def test_local_copy_of_a_paper_task_in_its_own_format(tiny_task: Path, tmp_path: Path):
     xsum = tmp_path / "xsum.jsonl"
     with xsum.open("w") as f:
-        for pair in load_jsonl(tiny_task):
+        for pair in load_jsonl(tiny_task).pairs:
             f.write(json.dumps({"document": pair.prompt, "summary": pair.response, "id": "x"}) + "\n")
     folders = save_models(tmp_path, tiny_task, "t5")
     assert main(cli_args(folders, f"xsum:{xsum}", tmp_path / "lab", tmp_path / "cache")) == 0

@@ -14,16 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from teacherhack import data
-from teacherhack.data import (
-    Pair,
-    TaskError,
+from teacherhack.tasks import Pair, Task, TaskError, hub, load_prompts, load_task
+from teacherhack.tokenizer import (
+    SpecialIds,
     TokenizerMismatch,
     check_tokenizers,
     encode_prompts,
     encode_responses,
-    load_prompts,
-    load_task,
     special_ids,
     train_tokenizer,
     truncation_report,
@@ -78,6 +75,10 @@ def write_parquet(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def prompts(task: Task) -> list[str]:
+    return [pair.prompt for pair in task.pairs]
+
+
 def save_splits(path: Path, splits: dict[str, list[dict]]) -> Path:
     datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name, rows in splits.items()}).save_to_disk(str(path))
     return path
@@ -88,8 +89,8 @@ def save_splits(path: Path, splits: dict[str, list[dict]]) -> Path:
 
 def test_xsum_from_a_saved_dataset_dict_picks_the_split(tmp_path):
     folder = save_splits(tmp_path / "xsum", {"train": XSUM, "validation": XSUM[:1]})
-    assert load_task(f"xsum:{folder}", tmp_path) == XSUM_PAIRS
-    assert load_task(f"xsum:{folder}", tmp_path, split="validation") == XSUM_PAIRS[:1]
+    assert load_task(f"xsum:{folder}", tmp_path).pairs == XSUM_PAIRS
+    assert load_task(f"xsum:{folder}", tmp_path, split="validation").pairs == XSUM_PAIRS[:1]
     with pytest.raises(TaskError, match="no split 'test'; available splits: train, validation"):
         load_task(f"xsum:{folder}", tmp_path, split="test")
 
@@ -97,25 +98,25 @@ def test_xsum_from_a_saved_dataset_dict_picks_the_split(tmp_path):
 @pytest.mark.parametrize("writer", [write_jsonl, write_csv, write_parquet], ids=["jsonl", "csv", "parquet"])
 def test_xsum_from_one_file(tmp_path, writer):
     path = writer(tmp_path / f"xsum.{writer.__name__.removeprefix('write_')}", XSUM)
-    assert load_task(f"xsum:{path}", tmp_path) == XSUM_PAIRS
+    assert load_task(f"xsum:{path}", tmp_path) == Task(XSUM_PAIRS, {"blank prompt or response": 1}, str(path))
 
 
 def test_wmt14_from_a_saved_dataset_with_the_translation_feature(tmp_path):
     features = datasets.Features({"translation": datasets.Translation(languages=["de", "en"])})
     datasets.Dataset.from_list(WMT, features=features).save_to_disk(str(tmp_path / "wmt"))
-    assert load_task(f"wmt14:{tmp_path / 'wmt'}", tmp_path) == WMT_PAIRS
+    assert load_task(f"wmt14:{tmp_path / 'wmt'}", tmp_path).pairs == WMT_PAIRS
 
 
 def test_wmt14_from_parquet_with_nested_or_csv_with_flat_columns(tmp_path):
-    assert load_task(f"wmt14:{write_parquet(tmp_path / 'w.parquet', WMT)}", tmp_path) == WMT_PAIRS
+    assert load_task(f"wmt14:{write_parquet(tmp_path / 'w.parquet', WMT)}", tmp_path).pairs == WMT_PAIRS
     flat = [row["translation"] for row in WMT]
-    assert load_task(f"wmt14:{write_csv(tmp_path / 'w.csv', flat)}", tmp_path) == WMT_PAIRS
+    assert load_task(f"wmt14:{write_csv(tmp_path / 'w.csv', flat)}", tmp_path).pairs == WMT_PAIRS
 
 
 def test_natural_instructions_template_and_alternative_field_names(tmp_path):
-    assert load_task(f"natural-instructions:{write_jsonl(tmp_path / 'ni.jsonl', NI)}", tmp_path) == NI_PAIRS
+    assert load_task(f"natural-instructions:{write_jsonl(tmp_path / 'ni.jsonl', NI)}", tmp_path).pairs == NI_PAIRS
     renamed = [{"instruction": r["definition"], "input": r["inputs"], "output": r["targets"]} for r in NI]
-    assert load_task(f"natural-instructions:{write_parquet(tmp_path / 'ni.parquet', renamed)}", tmp_path) == NI_PAIRS
+    assert load_task(f"natural-instructions:{write_parquet(tmp_path / 'ni.parquet', renamed)}", tmp_path).pairs == NI_PAIRS
 
 
 def test_a_folder_of_data_files_is_read_with_its_splits(tmp_path):
@@ -123,7 +124,7 @@ def test_a_folder_of_data_files_is_read_with_its_splits(tmp_path):
     folder.mkdir(parents=True)
     write_jsonl(folder / "train.jsonl", XSUM)
     write_jsonl(folder / "validation.jsonl", XSUM[1:2])
-    assert load_task(f"xsum:{folder.parent}", tmp_path, split="validation") == XSUM_PAIRS[1:2]
+    assert load_task(f"xsum:{folder.parent}", tmp_path, split="validation").pairs == XSUM_PAIRS[1:2]
     with pytest.raises(TaskError, match="no split 'test'.*train.*validation"):
         load_task(f"xsum:{folder.parent}", tmp_path, split="test")
 
@@ -131,12 +132,12 @@ def test_a_folder_of_data_files_is_read_with_its_splits(tmp_path):
 def test_generic_fields_dotted_paths_and_bare_paths(tmp_path):
     path = write_parquet(tmp_path / "any.parquet", WMT)
     expected = [Pair("Good morning.", "Guten Morgen."), Pair("The house is small.", "Das Haus ist klein.")]
-    got = load_task(f"hf:{path}", tmp_path, prompt_field="translation.en", response_field="translation.de")
+    got = load_task(f"hf:{path}", tmp_path, prompt_field="translation.en", response_field="translation.de").pairs
     assert got == expected
     csv_path = write_csv(tmp_path / "pairs.csv", [{"prompt": "hola", "response": "hello"}])
-    assert load_task(str(csv_path), tmp_path) == [Pair("hola", "hello")]
+    assert load_task(str(csv_path), tmp_path).pairs == [Pair("hola", "hello")]
     jsonl = write_jsonl(tmp_path / "t.jsonl", [{"q": "a?", "a": "b."}])
-    assert load_task(f"jsonl:{jsonl}", tmp_path, prompt_field="q", response_field="a") == [Pair("a?", "b.")]
+    assert load_task(f"jsonl:{jsonl}", tmp_path, prompt_field="q", response_field="a").pairs == [Pair("a?", "b.")]
 
 
 def test_named_tasks_keep_their_fields(tmp_path):
@@ -147,12 +148,12 @@ def test_named_tasks_keep_their_fields(tmp_path):
 def test_limit_keeps_a_fixed_sample_in_order(tmp_path):
     rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(50)]
     path = write_parquet(tmp_path / "many.parquet", rows)
-    first = load_task(f"hf:{path}", tmp_path, limit=10)
-    assert len(first) == 10 and first == load_task(f"hf:{path}", tmp_path, limit=10)
+    first = load_task(f"hf:{path}", tmp_path, limit=10).pairs
+    assert len(first) == 10 and first == load_task(f"hf:{path}", tmp_path, limit=10).pairs
     assert [int(p.prompt[1:]) for p in first] == sorted(int(p.prompt[1:]) for p in first)
-    assert first != load_task(f"hf:{path}", tmp_path, limit=10, seed=1)
+    assert first != load_task(f"hf:{path}", tmp_path, limit=10, seed=1).pairs
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
-    assert load_task(f"hf:{tmp_path / 'saved'}", tmp_path, limit=10) == first
+    assert load_task(f"hf:{tmp_path / 'saved'}", tmp_path, limit=10).pairs == first
 
 
 # --- Prompt-only data ---------------------------------------------------------------------------------
@@ -161,11 +162,13 @@ def test_limit_keeps_a_fixed_sample_in_order(tmp_path):
 def test_prompts_load_without_responses(tmp_path):
     hidden = [{"document": row["document"], "id": row["id"]} for row in XSUM]
     path = write_jsonl(tmp_path / "test.jsonl", hidden)
-    assert load_prompts(f"xsum:{path}", tmp_path) == [pair.prompt for pair in XSUM_PAIRS]
+    task = load_prompts(f"xsum:{path}", tmp_path)
+    assert prompts(task) == [pair.prompt for pair in XSUM_PAIRS]
+    assert task.skipped == {"blank prompt": 1} and {pair.response for pair in task.pairs} == {""}
     with pytest.raises(TaskError, match="no field 'summary'.*available fields: document, id"):
         load_task(f"xsum:{path}", tmp_path)
     plain = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
-    assert load_prompts(f"jsonl:{plain}", tmp_path) == ["a", "b"]
+    assert prompts(load_prompts(f"jsonl:{plain}", tmp_path)) == ["a", "b"]
 
 
 # --- Errors ---------------------------------------------------------------------------------------------
@@ -199,6 +202,22 @@ def test_bad_files_say_what_is_wrong(tmp_path, name, content, message):
         load_task(f"xsum:{path}", tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "line", "column"),
+    [
+        ("x.jsonl", b'{"document": "d", "summary": "s"}\n{"document": "caf\xe9", "summary": "s"}\n', 2, 18),
+        ("x.json", b'[\n  {"document": "d", "summary": "s"},\n  {"document": "caf\xe9", "summary": "s"}\n]\n', 3, 20),
+        ("x.csv", b'document,summary\r\nd,s\r\n"two\nlines",s\r\ncaf\xe9,s\r\n', 5, 4),  # a line, not a record
+        ("x.tsv", b"document\tsummary\nd\ts\n\xe9t\xe9\ts\n", 3, 1),
+    ],
+)
+def test_bytes_that_are_not_utf8_are_located(tmp_path, name, content, line, column):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(TaskError, match=rf"{name}, line {line}: not valid UTF-8 \(byte 0xe9 at column {column}\)"):
+        load_task(f"xsum:{path}", tmp_path)
+
+
 def test_wrong_values_and_missing_files(tmp_path):
     path = write_parquet(tmp_path / "n.parquet", [{"prompt": "a", "response": 3}])
     with pytest.raises(TaskError, match="row 1: field 'response' holds int, not text"):
@@ -219,7 +238,7 @@ def fake_hub(monkeypatch, behaviour):
         calls.append((path, name, split))
         return behaviour(path, name, split)
 
-    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     return calls
 
@@ -229,19 +248,19 @@ def test_hub_probe_answers_from_a_local_socket(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with socket.create_server(("127.0.0.1", 0)) as server:
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
-        assert data.hub_reachable(timeout=2.0)
-    assert not data.hub_reachable(timeout=2.0)  # closed now: refused at once
+        assert hub.hub_reachable(timeout=2.0)
+    assert not hub.hub_reachable(timeout=2.0)  # closed now: refused at once
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
-    assert data.hub_reachable(timeout=2.0)  # behind a proxy, `datasets` decides
+    assert hub.hub_reachable(timeout=2.0)  # behind a proxy, `datasets` decides
 
 
 def test_hub_tasks_load_their_dataset_config_and_split(tmp_path, monkeypatch):
     calls = fake_hub(monkeypatch, lambda path, name, split: datasets.Dataset.from_list(WMT))
-    assert load_task("wmt14", tmp_path, split="validation") == WMT_PAIRS
+    assert load_task("wmt14", tmp_path, split="validation").pairs == WMT_PAIRS
     assert calls == [("wmt/wmt14", "de-en", "validation")]
     load_task("wmt14:someone/wmt14-mirror", tmp_path, config="de-en")
     assert calls[-1] == ("someone/wmt14-mirror", "de-en", "train")
-    assert load_prompts("hf:someone/pairs", tmp_path, prompt_field="translation.en") == ["Good morning.", "The house is small.", "No German side: skipped."]
+    assert prompts(load_prompts("hf:someone/pairs", tmp_path, prompt_field="translation.en")) == ["Good morning.", "The house is small.", "No German side: skipped."]
 
 
 def test_hub_unreachable_says_to_use_a_local_copy(tmp_path, monkeypatch):
@@ -256,7 +275,7 @@ def test_hub_unreachable_says_to_use_a_local_copy(tmp_path, monkeypatch):
 
 def test_no_connection_fails_at_once_without_asking_datasets(tmp_path, monkeypatch):
     calls = fake_hub(monkeypatch, lambda *args: pytest.fail("load_dataset must not run"))
-    monkeypatch.setattr(data, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     with pytest.raises(TaskError, match="no connection.*natural-instructions:PATH.*definition or instruction.*HF_HUB_OFFLINE"):
@@ -351,9 +370,9 @@ def test_same_vocabulary_with_other_merges_is_named(tokenizer):
 
 
 def test_special_ids_for_ours_and_for_a_tokenizer_without_sep(tokenizer):
-    assert special_ids(tokenizer) == data.SpecialIds(prompt_end=2, eos=1, pad=0)
+    assert special_ids(tokenizer) == SpecialIds(prompt_end=2, eos=1, pad=0)
     gpt2_like = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<eos>")
-    assert special_ids(gpt2_like) == data.SpecialIds(prompt_end=1, eos=1, pad=1)
+    assert special_ids(gpt2_like) == SpecialIds(prompt_end=1, eos=1, pad=1)
     ids = gpt2_like("the cat", add_special_tokens=False)["input_ids"]
     assert encode_prompts(gpt2_like, ["the cat"], 50) == [ids + [1]]
     assert encode_responses(gpt2_like, ["the cat"], 50) == [ids + [1]]

@@ -1,0 +1,419 @@
+"""Tasks read through Hugging Face `datasets` or from local data files: the paper's tasks (XSum,
+WMT-14 en→de, Natural Instructions; `TASK_FORMATS` gives each one's fields and prompt template) and
+any dataset with a prompt and a response field (`hf:NAME_OR_PATH`, or a bare .jsonl/.json/.csv/.tsv/
+.parquet path)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from teacherhack.tasks.base import (
+    BLANK_PAIR,
+    BLANK_PROMPT,
+    BUILTIN_TASKS,
+    TASK_SPECS,
+    Pair,
+    Task,
+    TaskError,
+    decode_utf8,
+    no_field_overrides,
+    numbered_lines,
+    sample_indices,
+)
+
+@dataclass(frozen=True)
+class TaskFormat:
+    """How one task's records become pairs.
+
+    `slots` maps each slot of the template to the record fields that may hold it, first present
+    wins (the choice is made once per dataset, from its columns); `response` is the slot that holds
+    the response; `optional` slots may be missing or blank.
+    """
+
+    name: str
+    hub_name: str
+    hub_config: str | None
+    slots: Mapping[str, tuple[str, ...]]
+    response: str
+    template: str  # the prompt, as documentation; `prompt` builds it
+    prompt: Callable[[Mapping[str, str]], str]
+    optional: frozenset[str] = frozenset()
+
+    def describe_fields(self) -> str:
+        parts = []
+        for slot, fields in self.slots.items():
+            alternatives = " or ".join(fields)
+            parts.append(f"{alternatives}{' (optional)' if slot in self.optional else ''}")
+        return ", ".join(parts)
+
+
+def _natural_instructions_prompt(values: Mapping[str, str]) -> str:
+    if values.get("input", "").strip():
+        return f"Definition: {values['instruction']}\n\nInput: {values['input']}\n\nOutput:"
+    return f"Definition: {values['instruction']}\n\nOutput:"
+
+
+# Prompt prefixes are T5's own ("summarize: ", "translate English to German: "), so pretrained T5
+# checkpoints, the paper's model family, see the prompts they were trained with.
+TASK_FORMATS: dict[str, TaskFormat] = {
+    "xsum": TaskFormat(
+        name="xsum",
+        hub_name="EdinburghNLP/xsum",
+        hub_config=None,
+        slots={"document": ("document",), "summary": ("summary",)},
+        response="summary",
+        template="summarize: {document}",
+        prompt=lambda v: f"summarize: {v['document']}",
+    ),
+    "wmt14": TaskFormat(
+        name="wmt14",
+        hub_name="wmt/wmt14",
+        hub_config="de-en",
+        slots={"en": ("translation.en", "en"), "de": ("translation.de", "de")},
+        response="de",
+        template="translate English to German: {en}",
+        prompt=lambda v: f"translate English to German: {v['en']}",
+    ),
+    "natural-instructions": TaskFormat(
+        name="natural-instructions",
+        hub_name="Muennighoff/natural-instructions",
+        hub_config=None,
+        slots={
+            "instruction": ("definition", "instruction"),
+            "input": ("inputs", "input"),
+            "output": ("targets", "output"),
+        },
+        response="output",
+        template="Definition: {definition}\n\nInput: {inputs}\n\nOutput:",  # no Input part when inputs is blank
+        prompt=_natural_instructions_prompt,
+        optional=frozenset({"input"}),
+    ),
+}
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+NO_HUB_TASKS = ", ".join((*BUILTIN_TASKS, "jsonl:PATH"))
+
+
+def _generic_format(prompt_field: str | None, response_field: str | None) -> TaskFormat:
+    prompt_field, response_field = prompt_field or "prompt", response_field or "response"
+    return TaskFormat(
+        name="hf",
+        hub_name="",
+        hub_config=None,
+        slots={"prompt": (prompt_field,), "response": (response_field,)},
+        response="response",
+        template="{" + prompt_field + "}",
+        prompt=lambda v: v["prompt"],
+    )
+
+
+def load_records(
+    spec: str,
+    cache_dir: Path,
+    *,
+    split: str,
+    prompt_field: str | None,
+    response_field: str | None,
+    config: str | None,
+    limit: int | None,
+    seed: int,
+    with_response: bool,
+) -> Task:
+    """Resolve a datasets-backed spec to (format, location) and turn its records into pairs."""
+    name, colon, location = spec.partition(":")
+    if name in TASK_FORMATS:
+        no_field_overrides(spec, prompt_field, response_field)
+        fmt = TASK_FORMATS[name]
+        task_name = name
+        if not colon:
+            location = fmt.hub_name
+            config = config if config is not None else fmt.hub_config
+    elif name == "hf" and colon:
+        fmt, task_name = _generic_format(prompt_field, response_field), "hf"
+    elif spec.lower().endswith(LOCAL_SUFFIXES):
+        fmt, task_name, location = _generic_format(prompt_field, response_field), "hf", spec
+    else:
+        raise TaskError(f"unknown task {spec!r}; valid tasks: {', '.join(TASK_SPECS)}")
+    if not location:
+        raise TaskError(f"task {spec!r} names no dataset: write {task_name}:PATH or {task_name}:OWNER/NAME")
+    source = _open_source(location, task_name, fmt, split=split, config=config, cache_dir=cache_dir)
+    return _records_to_pairs(source, fmt, limit=limit, seed=seed, with_response=with_response)
+
+
+@dataclass
+class _Source:
+    """Records from one split of one dataset: a `datasets.Dataset` or a list of dicts."""
+
+    where: str  # for error messages
+    rows: Any  # datasets.Dataset | list[dict]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def columns(self) -> list[str]:
+        if isinstance(self.rows, list):
+            seen: dict[str, None] = {}
+            for row in self.rows[:1000]:
+                seen.update(dict.fromkeys(row))
+            return list(seen)
+        return list(self.rows.column_names)
+
+    def head(self, n: int) -> list[dict]:
+        if isinstance(self.rows, list):
+            return self.rows[:n]
+        return self.rows.select(range(min(n, len(self.rows)))).to_list()
+
+
+def _looks_local(location: str) -> bool:
+    """A path when it exists, or when it could only be a path (a data-file suffix, a leading / . ~)."""
+    return (
+        Path(location).expanduser().exists()
+        or location.lower().endswith(LOCAL_SUFFIXES)
+        or location.startswith(("/", ".", "~"))
+        or location.count("/") > 1
+    )
+
+
+def _open_source(location: str, task_name: str, fmt: TaskFormat, *, split: str, config: str | None,
+                 cache_dir: Path) -> _Source:
+    if _looks_local(location):
+        return _open_local(Path(location).expanduser(), task_name, fmt, split=split, config=config, cache_dir=cache_dir)
+    return _open_hub(location, task_name, fmt, split=split, config=config)
+
+
+def _local_copy_hint(task_name: str, fmt: TaskFormat) -> str:
+    return (
+        f"use a local copy: {task_name}:PATH, where PATH is a `datasets` save_to_disk folder, a folder "
+        f"of data files, or a {'/'.join(LOCAL_SUFFIXES)} file with the fields {fmt.describe_fields()}"
+    )
+
+
+def _open_local(path: Path, task_name: str, fmt: TaskFormat, *, split: str, config: str | None,
+                cache_dir: Path) -> _Source:
+    if not path.exists():
+        raise TaskError(f"task data {path} does not exist; {_local_copy_hint(task_name, fmt)}")
+    if path.is_dir():
+        import datasets
+
+        if (path / "dataset_dict.json").is_file():
+            try:
+                splits = datasets.load_from_disk(str(path))
+            except Exception as error:  # noqa: BLE001 - any failure to read is the same problem
+                raise TaskError(f"cannot read the saved dataset {path}: {error}") from None
+            if split not in splits:
+                raise TaskError(f"{path} has no split {split!r}; available splits: {', '.join(splits) or 'none'}")
+            return _Source(f"{path} (split {split!r})", splits[split])
+        if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+            try:
+                return _Source(str(path), datasets.load_from_disk(str(path)))
+            except Exception as error:  # noqa: BLE001
+                raise TaskError(f"cannot read the saved dataset {path}: {error}") from None
+        return _load_dataset(str(path), config, split, where=str(path), task_name=task_name, fmt=fmt,
+                             cache_dir=cache_dir / "hf-datasets")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".json"):
+            rows = _read_json_records(path)
+        elif suffix in (".csv", ".tsv"):
+            handle = io.StringIO(decode_utf8(path.read_bytes(), str(path)), newline="")
+            rows = [dict(row) for row in csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")]
+        elif suffix == ".parquet":
+            import pyarrow.parquet
+
+            rows = pyarrow.parquet.read_table(path).to_pylist()
+        else:
+            raise TaskError(f"{path}: unknown data format {suffix or '(no suffix)'}; "
+                            f"expected a folder or one of {', '.join(LOCAL_SUFFIXES)}")
+    except TaskError:
+        raise
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as error:  # pyarrow errors are ValueErrors
+        raise TaskError(f"cannot read {path} as {suffix.lstrip('.').upper()}: {error}") from None
+    return _Source(str(path), rows)
+
+
+def _read_json_records(path: Path) -> list[dict]:
+    """A JSON array of objects, or JSON Lines (one object a line, blank lines skipped)."""
+    text = decode_utf8(path.read_bytes(), str(path))
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise TaskError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+        numbered = list(enumerate(records, start=1))
+        where = "item"
+    else:
+        numbered = []
+        for number, line in numbered_lines(text):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((number, json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise TaskError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+        where = "line"
+    for number, record in numbered:
+        if not isinstance(record, dict):
+            raise TaskError(f"{path}, {where} {number}: expected a JSON object")
+    return [record for _, record in numbered]
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub endpoint (`HF_ENDPOINT`) opens within `timeout` seconds.
+
+    `datasets` retries an unreachable hub for about 25 s before it gives up; this answers at once.
+    Behind a proxy the direct connection says nothing, so the answer is yes and `datasets` decides.
+    """
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_offline_mode() -> bool:
+    return any(
+        os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+
+
+def _unreachable(name: str, task_name: str, fmt: TaskFormat, cause: str) -> TaskError:
+    return TaskError(
+        f"cannot reach the Hugging Face hub to load {name!r} ({cause}); {_local_copy_hint(task_name, fmt)}. "
+        f"If the dataset is in the Hugging Face cache already, set HF_HUB_OFFLINE=1. "
+        f"Tasks that need no hub: {NO_HUB_TASKS}"
+    )
+
+
+def _open_hub(name: str, task_name: str, fmt: TaskFormat, *, split: str, config: str | None) -> _Source:
+    if not _hub_offline_mode() and not hub_reachable():
+        raise _unreachable(name, task_name, fmt, f"no connection, and no local file or folder {name!r} either")
+    where = f"hub dataset {name!r}" + (f" config {config!r}" if config else "")
+    return _load_dataset(name, config, split, where=where, task_name=task_name, fmt=fmt, cache_dir=None)
+
+
+def _load_dataset(path: str, config: str | None, split: str, *, where: str, task_name: str, fmt: TaskFormat,
+                  cache_dir: Path | None) -> _Source:
+    """`datasets.load_dataset`, with its failures turned into `TaskError`s that say what to do."""
+    import datasets
+    from datasets.data_files import EmptyDatasetError
+    from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
+
+    kwargs = {"cache_dir": str(cache_dir)} if cache_dir is not None else {}
+    try:
+        rows = datasets.load_dataset(path, config, split=split, **kwargs)
+    except (DatasetNotFoundError, DataFilesNotFoundError, EmptyDatasetError) as error:
+        raise TaskError(f"no dataset at {where}: {error}; {_local_copy_hint(task_name, fmt)}") from None
+    except ValueError as error:
+        message = str(error)
+        if "split" in message.lower():
+            listed = re.search(r"\[([^\]]*)\]", message)
+            available = listed.group(1).replace("'", "") if listed else message
+            raise TaskError(f"{where} has no split {split!r}; available splits: {available}") from None
+        raise TaskError(f"cannot load {where}: {message}") from None
+    except RuntimeError as error:
+        if "scripts are no longer supported" in str(error):
+            raise TaskError(
+                f"{where} is defined by a loading script, which this version of `datasets` no longer runs; "
+                f"{_local_copy_hint(task_name, fmt)} (e.g. the hub's Parquet export of it), or name a "
+                f"Parquet mirror as {task_name}:OWNER/NAME"
+            ) from None
+        raise TaskError(f"cannot load {where}: {error}") from None
+    except (ConnectionError, TimeoutError, OSError) as error:
+        if cache_dir is not None:  # a local folder
+            raise TaskError(f"cannot read {where}: {type(error).__name__}: {error}") from None
+        raise _unreachable(path, task_name, fmt, f"{type(error).__name__}: {error}") from None
+    except Exception as error:  # httpx and other transports raise their own connection errors
+        if cache_dir is None and re.search(r"connect|timeout|network", type(error).__name__, re.IGNORECASE):
+            raise _unreachable(path, task_name, fmt, f"{type(error).__name__}: {error}") from None
+        raise TaskError(f"cannot load {where}: {type(error).__name__}: {error}") from None
+    if not isinstance(rows, datasets.Dataset):  # an IterableDataset or a dict of splits: not expected
+        raise TaskError(f"cannot load {where}: expected one split, got {type(rows).__name__}")
+    return _Source(where, rows)
+
+
+def _field_names(rows: Sequence[Mapping]) -> list[str]:
+    """Every column, and "column.key" for the keys of dict columns, in first-seen order."""
+    names: dict[str, None] = {}
+    for row in rows:
+        for column, value in row.items():
+            names[column] = None
+            if isinstance(value, Mapping):
+                names.update(dict.fromkeys(f"{column}.{key}" for key in value))
+    return list(names)
+
+
+def _get(record: Mapping, field: str) -> Any:
+    if field in record:
+        return record[field]
+    head, dot, rest = field.partition(".")
+    if dot and isinstance(record.get(head), Mapping):
+        return _get(record[head], rest)
+    return None
+
+
+def _records_to_pairs(source: _Source, fmt: TaskFormat, *, limit: int | None, seed: int,
+                      with_response: bool) -> Task:
+    """The pairs of `source` (at most `limit`, drawn before blank rows are dropped, so a slice of a sorted
+    corpus is still varied); rows with a blank required field are counted in `skipped`."""
+    if len(source) == 0:
+        raise TaskError(f"{source.where} holds no rows")
+    available = _field_names(source.head(100))
+    for column in source.columns():  # columns whose first rows are all null still count
+        if column not in available:
+            available.append(column)
+    chosen: dict[str, str] = {}
+    for slot, candidates in fmt.slots.items():
+        if slot == fmt.response and not with_response:
+            continue
+        found = next((field for field in candidates if field in available), None)
+        if found is None:
+            if slot in fmt.optional:
+                continue
+            raise TaskError(
+                f"{source.where} has no field {' or '.join(repr(c) for c in candidates)} "
+                f"(the {fmt.name} {'response' if slot == fmt.response else 'prompt'} field); "
+                f"available fields: {', '.join(available) or 'none'}"
+            )
+        chosen[slot] = found
+    rows = source.rows
+    keep = sample_indices(len(rows), limit, seed)
+    if keep is not None:
+        rows = [rows[i] for i in keep] if isinstance(rows, list) else rows.select(keep)
+    if not isinstance(rows, list):
+        top = list(dict.fromkeys(c if c in rows.column_names else c.partition(".")[0] for c in chosen.values()))
+        rows = rows.select_columns(top).to_list()
+    pairs = []
+    blank = 0
+    for number, row in enumerate(rows, start=1):
+        values: dict[str, str] = {}
+        for slot, field in chosen.items():
+            value = _get(row, field)
+            if value is None:
+                value = ""
+            if not isinstance(value, str):
+                raise TaskError(f"{source.where}, row {number}: field {field!r} holds {type(value).__name__}, not text")
+            values[slot] = value
+        required = [slot for slot in chosen if slot not in fmt.optional]
+        if all(values[slot].strip() for slot in required):
+            pairs.append(Pair(fmt.prompt(values), values.get(fmt.response, "")))
+        else:
+            blank += 1
+    if not pairs:
+        wanted = " and ".join(repr(chosen[slot]) for slot in chosen if slot not in fmt.optional)
+        raise TaskError(f"{source.where}: none of its {len(rows)} rows has a non-empty {wanted}")
+    return Task(pairs, {BLANK_PAIR if with_response else BLANK_PROMPT: blank} if blank else {}, source.where)

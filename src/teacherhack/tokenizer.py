@@ -1,0 +1,190 @@
+"""One tokenizer for oracle, teacher and student: a small byte-level BPE trained on the task's text,
+or the pretrained models' own, checked to be one and the same; and the encoding of prompts and
+responses that every stage shares."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from teacherhack.tasks import TaskError
+
+PAD, EOS, SEP = "<pad>", "<eos>", "<sep>"
+
+_BYTES = len(pre_tokenizers.ByteLevel.alphabet())
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the task text, with PAD, EOS, SEP as ids 0, 1, 2.
+
+    Byte level means any text encodes and decodes exactly; a small vocabulary keeps the output
+    softmax, which dominates CPU training time, cheap.
+    """
+    if vocab_size < _BYTES + 3:
+        raise ValueError(f"vocab_size must be at least {_BYTES + 3} (every byte plus 3 special tokens)")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, EOS, SEP],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=PAD,
+        eos_token=EOS,
+        sep_token=SEP,
+        clean_up_tokenization_spaces=False,  # decoding must give back the exact text
+        split_special_tokens=True,  # a literal "<sep>" in the data is text, not a control token
+    )
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_len: int) -> list[list[int]]:
+    """Prompt tokens then SEP, which marks where the response starts; a long prompt keeps its start.
+
+    A pretrained tokenizer without SEP ends prompts with EOS instead (see `special_ids`).
+    """
+    encoded = _encode(tokenizer, prompts, max_len - 1)
+    end = special_ids(tokenizer).prompt_end if encoded else None
+    return [ids + [end] for ids in encoded]
+
+
+def encode_responses(
+    tokenizer: PreTrainedTokenizerBase, responses: Sequence[str], max_len: int
+) -> list[list[int]]:
+    """Response tokens then EOS, so models learn to stop; a long response keeps its start."""
+    encoded = _encode(tokenizer, responses, max_len - 1)
+    end = special_ids(tokenizer).eos if encoded else None
+    return [ids + [end] for ids in encoded]
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], limit: int) -> list[list[int]]:
+    if limit < 1:
+        raise ValueError(f"max_len must be at least 2 (one token plus SEP or EOS), got {limit + 1}")
+    if not texts:
+        return []
+    return [ids[:limit] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+# --- Pretrained tokenizers: one tokenizer for all roles ----------------------------------------------
+
+SPECIAL_TOKENS = ("pad", "eos", "bos", "sep", "unk")
+TOKENIZATION_RULES = ("normalizer", "pre_tokenizer", "model")
+
+
+class TokenizerMismatch(TaskError):
+    """The roles' tokenizers differ: token ids would mean different things to different models."""
+
+
+def check_tokenizers(tokenizers: Mapping[str, PreTrainedTokenizerBase]) -> None:
+    """Check that every role (oracle, teacher, student, ...) uses one tokenizer.
+
+    Distillation compares next-token distributions id by id, so the roles must agree on the
+    vocabulary (token → id map), on the special tokens (pad, eos, bos, sep, unk ids) and, for fast
+    tokenizers, on how text becomes tokens (normalizer, pre-tokenizer, model and merges). Each role
+    is compared with the first; `TokenizerMismatch` says what differs.
+    """
+    items = list(tokenizers.items())
+    problems = []
+    for name, tokenizer in items[1:]:
+        differences = _tokenizer_differences(items[0][0], items[0][1], name, tokenizer)
+        if differences:
+            problems.append(f"{items[0][0]} vs {name}: " + "; ".join(differences))
+    if problems:
+        raise TokenizerMismatch("the tokenizers differ, so token ids would not mean the same to every model: "
+                                + " | ".join(problems))
+
+
+def _special(tokenizer: PreTrainedTokenizerBase, kind: str) -> str:
+    token_id = getattr(tokenizer, f"{kind}_token_id", None)
+    if token_id is None:
+        return "none"
+    return f"{getattr(tokenizer, f'{kind}_token')!r} (id {token_id})"
+
+
+def _tokenizer_differences(name_a: str, a: PreTrainedTokenizerBase, name_b: str, b: PreTrainedTokenizerBase) -> list[str]:
+    differences = []
+    if len(a) != len(b):
+        differences.append(f"vocab sizes {len(a)} vs {len(b)}")
+    specials = [
+        f"{kind} {_special(a, kind)} vs {_special(b, kind)}"
+        for kind in SPECIAL_TOKENS
+        if getattr(a, f"{kind}_token_id", None) != getattr(b, f"{kind}_token_id", None)
+    ]
+    if specials:
+        differences.append("special tokens differ: " + ", ".join(specials))
+    vocab_a, vocab_b = a.get_vocab(), b.get_vocab()
+    if vocab_a != vocab_b:
+        moved = sorted((t for t in vocab_a if t in vocab_b and vocab_a[t] != vocab_b[t]), key=vocab_a.__getitem__)
+        if moved:
+            sample = ", ".join(f"{t!r}: {vocab_a[t]} in {name_a} vs {vocab_b[t]} in {name_b}" for t in moved[:5])
+            differences.append(f"{len(moved)} tokens have different ids ({sample})")
+        for name, mine, other in ((name_a, vocab_a, vocab_b), (name_b, vocab_b, vocab_a)):
+            only = sorted((t for t in mine if t not in other), key=mine.__getitem__)
+            if only:
+                sample = ", ".join(f"{t!r} (id {mine[t]})" for t in only[:5])
+                differences.append(f"{len(only)} tokens only in {name} ({sample})")
+    elif isinstance(a, PreTrainedTokenizerFast) and isinstance(b, PreTrainedTokenizerFast):
+        rules_a = json.loads(a.backend_tokenizer.to_str())
+        rules_b = json.loads(b.backend_tokenizer.to_str())
+        changed = [part for part in TOKENIZATION_RULES if rules_a.get(part) != rules_b.get(part)]
+        if changed:
+            differences.append(f"same vocabulary but different tokenization rules ({', '.join(changed)})")
+    return differences
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    prompt_end: int  # appended to every prompt
+    eos: int  # ends every response
+    pad: int  # fills batches
+
+
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
+    """The ids that frame prompts and responses, for our tokenizer or a pretrained one.
+
+    Rule: the prompt ends with `sep_token` when the tokenizer has one (ours: <sep>), else with
+    `eos_token`. For a decoder-only model ("prompt <eos> response <eos>") EOS is the usual
+    document boundary (GPT-2's <|endoftext|>), so the response position must come from the prompt
+    length, never from searching for the separator id. For an encoder-decoder model the prompt is
+    the encoder input and needs no separator; ending it with EOS is what T5's tokenizer does to
+    every input, so T5 checkpoints see inputs as in their training. Padding uses `pad_token`, else
+    EOS (attention masks, not the id, exclude padding). A tokenizer without EOS is an error.
+    """
+    if tokenizer.eos_token_id is None:
+        raise TaskError(
+            f"the tokenizer {type(tokenizer).__name__} has no eos_token, so responses cannot end: "
+            "set one (tokenizer.eos_token = ...) and save it with the models"
+        )
+    eos = tokenizer.eos_token_id
+    sep = tokenizer.sep_token_id
+    pad = tokenizer.pad_token_id
+    return SpecialIds(prompt_end=eos if sep is None else sep, eos=eos, pad=eos if pad is None else pad)
+
+
+def truncation_report(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_len: int) -> tuple[int, int]:
+    """(prompts that `encode_prompts` would cut at `max_len`, prompts): a prompt keeps at most
+    `max_len` - 1 tokens, as one more ends it. Raises `TaskError` when every prompt would be cut,
+    since then no model sees a whole prompt: `max_len` is wrong for the task.
+    """
+    if max_len < 2:
+        raise ValueError(f"max_len must be at least 2 (one token plus SEP or EOS), got {max_len}")
+    lengths: list[int] = []
+    for start in range(0, len(prompts), 1000):
+        batch = list(prompts[start : start + 1000])
+        lengths += [len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]]
+    truncated = sum(length > max_len - 1 for length in lengths)
+    if lengths and truncated == len(lengths):
+        raise TaskError(
+            f"all {truncated} prompts are longer than {max_len - 1} tokens (max_len {max_len} less the token "
+            f"that ends a prompt; the shortest has {min(lengths)}, the median {sorted(lengths)[len(lengths) // 2]}): "
+            "raise the maximum prompt length"
+        )
+    return truncated, len(lengths)
