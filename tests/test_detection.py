@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from teacherhack.rundir import load_runs
 from teacherhack.detection import (
     PowerLawMonitor,
     format_validation_table,
@@ -198,7 +199,7 @@ def write_run(path, name, proxy, golden):
 def test_validate_detector_on_a_lab(tmp_path):
     write_run(tmp_path / "offline", "offline", power_law(0, bend=900), 50 + 0.04 * (STEPS / 100 - 9) ** 2)
     write_run(tmp_path / "online", "online", power_law(1), 60 - 10 * (1 - np.exp(-STEPS / 500)))
-    rows = validate_detector([tmp_path])
+    rows = validate_detector(load_runs([tmp_path]))
     by_name = {r["name"]: r for r in rows}
     off, on = by_name["offline"], by_name["online"]
     assert off["golden_hacking"] and off["detector_fired"] and off["agreement"]

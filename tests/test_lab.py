@@ -131,15 +131,17 @@ def test_shared_pretraining_is_built_once_per_size_and_used_by_every_role(tiny_c
     config = cfg.apply_overrides(tiny_config, {"pretrain.epochs": 0.5, "models.teacher": "xs",
                                                "distill.sources": "offline", "distill.steps": 4})
     summary = lab.run_lab(config, tmp_path / "lab", tmp_path / "cache")
-    assert {"pretrain_xxs", "pretrain_xs"} <= set(summary["cache"])  # the student reuses the oracle's xxs one
-    names = [p.name.split("-")[0] for p in (tmp_path / "cache" / "artifacts").iterdir()]
-    assert names.count("pretrain_xxs") == 1 and names.count("pretrain_xs") == 1
-    artifacts = {p.name.split("-")[0]: p for p in (tmp_path / "cache" / "artifacts").iterdir()}
-    oracle_spec = json.loads((artifacts["oracle"] / "spec.json").read_text())
-    teacher_spec = json.loads((artifacts["teacher"] / "spec.json").read_text())
-    assert oracle_spec["init"] == artifacts["pretrain_xxs"].name  # oracle and student are both xxs
-    assert teacher_spec["init"] == artifacts["pretrain_xs"].name
-    # Without pre-training the upstream keys carry no "init": caches made before the option stay valid.
+    assert {"pretrain_oracle", "pretrain_teacher", "pretrain_student"} <= set(summary["cache"])
+    artifacts = {p.name: json.loads((p / "spec.json").read_text()) for p in (tmp_path / "cache" / "artifacts").iterdir()}
+    pretrained = {name: spec for name, spec in artifacts.items() if name.startswith("pretrain-")}
+    assert sorted(spec["inputs"]["size"] for spec in pretrained.values()) == ["xs", "xxs"]  # one per size
+    by_kind = {spec["kind"]: spec for spec in artifacts.values()}
+    xxs = next(name for name, spec in pretrained.items() if spec["inputs"]["size"] == "xxs")
+    xs = next(name for name, spec in pretrained.items() if spec["inputs"]["size"] == "xs")
+    assert by_kind["oracle"]["parents"]["pretrain_oracle"] == xxs  # oracle and student are both xxs
+    assert by_kind["student"]["parents"]["pretrain_student"] == xxs
+    assert by_kind["teacher"]["parents"]["pretrain_teacher"] == xs
+    # Without pre-training the upstream keys have no pre-training parent: a different oracle
     plain = cfg.apply_overrides(config, {"pretrain.epochs": 0})
     again = lab.run_lab(plain, tmp_path / "plain", tmp_path / "cache")
-    assert again["cache"]["oracle"] == "built" and "pretrain_xxs" not in again["cache"]
+    assert again["cache"]["oracle"] == "built" and "pretrain_oracle" not in again["cache"]

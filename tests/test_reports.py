@@ -7,7 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from teacherhack.reports import load_run, load_runs, plot_curves, summarise, write_report
+from teacherhack.reports import plot_curves, summarise, write_report
+from teacherhack.rundir import load_run, load_runs
 
 PNG = b"\x89PNG\r\n\x1a\n"
 STEPS = np.arange(0, 16) * 100

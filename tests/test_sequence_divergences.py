@@ -272,7 +272,7 @@ def test_token_kl_per_token_is_rejected_because_it_would_be_biased():
         biased += float((weight * token_kls.sum(-1) / lengths).sum()) / N_PROMPTS
     assert abs(biased - truth) > 1e-3  # a real, visible bias
     prompts, samples = draw(p, seed=0)
-    with pytest.raises(ValueError, match="per_token"):
+    with pytest.raises(ValueError, match="per-token values need estimator='log_ratio'"):
         sequence_kl(p, q, prompts, samples, eos_id=EOS, estimator="token_kl", per_token=True)
 
 

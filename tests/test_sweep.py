@@ -10,14 +10,20 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY
+from teacherhack import cache as cache_module
 from teacherhack import config as cfg
-from teacherhack import lab, sweep
+from teacherhack import lab, sweeps
+from teacherhack.record import write_reproduction
 from teacherhack.cli import main
 
 
+def expand(preset: str, config: cfg.LabConfig, seeds: int) -> list[sweeps.Run]:
+    return sweeps.expand(preset, config.distill.prompts or config.task.n_distill, seeds)
+
+
 def test_every_preset_expands_into_valid_distinct_runs(tiny_config: cfg.LabConfig):
-    for preset in sweep.SWEEPS:
-        runs = sweep.expand(preset, tiny_config, seeds=2)
+    for preset in sweeps.SWEEPS:
+        runs = expand(preset, tiny_config, seeds=2)
         assert len({r.name for r in runs}) == len(runs), preset
         for r in runs:
             config = cfg.apply_overrides(tiny_config, r.overrides)
@@ -25,53 +31,53 @@ def test_every_preset_expands_into_valid_distinct_runs(tiny_config: cfg.LabConfi
             assert len(config.distill.sources) == 1 and config.seed == r.seed
 
 
-def test_default_seeds_cover_every_preset_with_three_for_sources():
-    assert set(sweep.DEFAULT_SEEDS) == set(sweep.SWEEPS) and sweep.DEFAULT_SEEDS["sources"] >= 3
+def test_default_seeds_are_at_least_one_and_three_for_sources():
+    assert all(p.seeds >= 1 for p in sweeps.SWEEPS.values()) and sweeps.SWEEPS["sources"].seeds >= 3
 
 
 def test_diversity_keeps_the_dataset_size_and_budget_keeps_the_prompts(tiny_config: cfg.LabConfig):
     sizes = set()
-    for r in sweep.expand("diversity", tiny_config, seeds=1):
+    for r in expand("diversity", tiny_config, seeds=1):
         c = cfg.apply_overrides(tiny_config, r.overrides)
         sizes.add(c.distill.prompts * c.distill.generations_per_prompt)
     assert len(sizes) <= 2 and max(sizes) - min(sizes) < 5  # 32 = 32×1 = 16×2 ≈ 6×5 (rounding)
-    budget = [cfg.apply_overrides(tiny_config, r.overrides) for r in sweep.expand("budget", tiny_config, seeds=1)]
+    budget = [cfg.apply_overrides(tiny_config, r.overrides) for r in expand("budget", tiny_config, seeds=1)]
     assert len({c.distill.prompts for c in budget}) == 1
     assert [c.distill.generations_per_prompt for c in budget] == [1, 2, 4, 8]
 
 
 def test_tasks_cap_oracle_budgets_and_share_kjv_rv_with_sources(tiny_config: cfg.LabConfig):
     base = cfg.apply_overrides(tiny_config, {"task.spec": "kjv-rv"})
-    tasks = {r.name: cfg.apply_overrides(base, r.overrides) for r in sweep.expand("tasks", base, seeds=1)}
-    sources = {r.name: cfg.apply_overrides(base, r.overrides) for r in sweep.expand("sources", base, seeds=1)}
+    tasks = {r.name: cfg.apply_overrides(base, r.overrides) for r in expand("tasks", base, seeds=1)}
+    sources = {r.name: cfg.apply_overrides(base, r.overrides) for r in expand("sources", base, seeds=1)}
     assert tasks["kjv-rv offline/seed0"] == sources["offline/seed0"]  # one upstream for both presets
     assert {c.task.n_oracle for name, c in tasks.items() if not name.startswith("kjv-rv")} == {12_500}
 
 
-def test_unknown_preset_is_a_clear_error(tiny_config: cfg.LabConfig):
+def test_unknown_preset_is_a_clear_error(tiny_config: cfg.LabConfig, tmp_path: Path):
     with pytest.raises(cfg.ConfigError, match="unknown sweep preset 'sauce'"):
-        sweep.expand("sauce", tiny_config, seeds=1)
+        lab.run_sweep("sauce", tiny_config, tmp_path / "out", tmp_path / "cache", seeds=1)
 
 
-def test_scale_grows_stage_two(tiny_config: cfg.LabConfig):
-    big = sweep.scaled(tiny_config, 4)
+def test_stretch_grows_stage_two(tiny_config: cfg.LabConfig):
+    big = lab.stretched(tiny_config, 4)
     assert big.distill.steps == 4 * tiny_config.distill.steps and big.eval.every == 4 * tiny_config.eval.every
 
 
 @pytest.mark.slow
 def test_sweep_shares_upstream_and_resumes_after_a_kill(tiny_config: cfg.LabConfig, tmp_path: Path, monkeypatch):
     built: list[str] = []
-    original_get = lab.ArtifactCache.get
+    original_get = cache_module.ArtifactCache.get
 
-    def counting_get(self, stage, spec, build, **options):
+    def counting_get(self, stage, name, spec, build, **options):
         def recording_build(path):
             built.append(stage)
             build(path)
-        return original_get(self, stage, spec, recording_build, **options)
+        return original_get(self, stage, name, spec, recording_build, **options)
 
-    monkeypatch.setattr(lab.ArtifactCache, "get", counting_get)
+    monkeypatch.setattr(cache_module.ArtifactCache, "get", counting_get)
     calls = {"n": 0}
-    original_run = sweep.distill_run
+    original_run = lab.distill_run
 
     def dies_on_second_run(*args, **kwargs):
         calls["n"] += 1
@@ -79,15 +85,15 @@ def test_sweep_shares_upstream_and_resumes_after_a_kill(tiny_config: cfg.LabConf
             raise KeyboardInterrupt("simulated kill")
         return original_run(*args, **kwargs)
 
-    monkeypatch.setattr(sweep, "distill_run", dies_on_second_run)
+    monkeypatch.setattr(lab, "distill_run", dies_on_second_run)
     out, cache = tmp_path / "sweep", tmp_path / "cache"
     with pytest.raises(KeyboardInterrupt):
-        sweep.run_sweep("sources", tiny_config, out, cache, seeds=1)
+        lab.run_sweep("sources", tiny_config, out, cache, seeds=1)
     assert sorted(p.parent.parent.name for p in (out / "runs").glob("*/seed0/student")) == ["offline"]
     first_wall = json.loads((out / "timing.json").read_text())["wall_seconds"]
 
-    monkeypatch.setattr(sweep, "distill_run", original_run)
-    summary = sweep.run_sweep("sources", tiny_config, out, cache, seeds=1)
+    monkeypatch.setattr(lab, "distill_run", original_run)
+    summary = lab.run_sweep("sources", tiny_config, out, cache, seeds=1)
     assert summary["runs"] == 3 and calls["n"] == 2  # the finished run was not repeated
     assert summary["wall_seconds"] > first_wall > 0 and "CPU cores" in summary["machine"]
     for stage in ("oracle", "teacher", "student", "tokenizer", "references"):
@@ -99,13 +105,13 @@ def test_sweep_shares_upstream_and_resumes_after_a_kill(tiny_config: cfg.LabConf
         assert cfg.from_dict(__import__("yaml").safe_load((out / "runs" / name / "config.yaml").read_text())).seed == 0
 
     with pytest.raises(cfg.ConfigError, match="different sweep"):
-        sweep.run_sweep("sources", cfg.apply_overrides(tiny_config, {"distill.lr": 1e-4}), out, cache, seeds=1)
+        lab.run_sweep("sources", cfg.apply_overrides(tiny_config, {"distill.lr": 1e-4}), out, cache, seeds=1)
 
     # The reproduction record: command, machine, wall time, hand-written notes, figures and findings.
     docs = tmp_path / "docs"
     (docs / "reproduction" / "sweep").mkdir(parents=True)  # notes and figures go by the sweep's folder
     (docs / "reproduction" / "sweep" / "NOTES.md").write_text("Tried twice; see the issue.")
-    sweep.write_reproduction([out], docs / "REPRODUCTION.md")
+    write_reproduction([out], docs / "REPRODUCTION.md")
     record = (docs / "REPRODUCTION.md").read_text()
     command = next(line for line in record.splitlines() if line.startswith("Command: "))
     assert command.startswith("Command: `teacherhack sweep sources --seeds 1 --out sweep --preset quick --set ")
@@ -119,19 +125,19 @@ def test_sweep_shares_upstream_and_resumes_after_a_kill(tiny_config: cfg.LabConf
 
 def test_a_sweep_resumes_with_more_seeds_or_a_newer_schema_but_not_another_base(tiny_config: cfg.LabConfig):
     def plan(config: cfg.LabConfig, seeds: int) -> dict:
-        runs = [dataclasses.asdict(r) for r in sweep.expand("sources", config, seeds)]
+        runs = [dataclasses.asdict(r) for r in expand("sources", config, seeds)]
         return json.loads(json.dumps({"preset": "sources", "seeds": seeds, "base": config.to_dict(), "runs": runs}))
 
     saved = plan(tiny_config, 2)
-    assert sweep._extends(saved, plan(tiny_config, 3))
-    assert not sweep._extends(saved, plan(tiny_config, 1))  # runs of the saved sweep would be dropped
-    assert not sweep._extends(saved, plan(cfg.apply_overrides(tiny_config, {"distill.steps": 7}), 2))
-    assert not sweep._extends({**saved, "preset": "losses"}, plan(tiny_config, 2))
+    assert lab._extends(saved, plan(tiny_config, 3))
+    assert not lab._extends(saved, plan(tiny_config, 1))  # runs of the saved sweep would be dropped
+    assert not lab._extends(saved, plan(cfg.apply_overrides(tiny_config, {"distill.steps": 7}), 2))
+    assert not lab._extends({**saved, "preset": "losses"}, plan(tiny_config, 2))
     older = json.loads(json.dumps(saved))
     del older["base"]["pretrain"]  # written before the schema had this section; it now sits at its defaults
-    assert sweep._extends(older, plan(tiny_config, 2))
+    assert lab._extends(older, plan(tiny_config, 2))
     older["base"]["retired_key"] = 1
-    assert not sweep._extends(older, plan(tiny_config, 2))
+    assert not lab._extends(older, plan(tiny_config, 2))
 
 
 def _result(group: str, seed: int, golden_min: float, golden_final: float, proxy_final: float, hacking: bool,
@@ -145,53 +151,53 @@ def _result(group: str, seed: int, golden_min: float, golden_final: float, proxy
 def test_findings_sources_reproduced_and_not():
     good = [_result("offline", s, 50, 53, 1.0, True) for s in range(3)]
     good += [_result(g, s, 48, 48.1, 1.0, False) for g in ("online_teacher", "online_student") for s in range(3)]
-    found = sweep.findings_sources(good)
+    found = sweeps.findings_sources(good)
     assert [f["reproduced"] for f in found] == [True, True]
     assert "3/3 offline runs hack" in found[0]["evidence"]
 
     bad = [_result("offline", s, 50, 50.1, 1.0, s == 0) for s in range(3)]
     bad += [_result("online_teacher", s, 48, 49, 1.0, s == 1) for s in range(3)]
-    found = sweep.findings_sources(bad)
+    found = sweeps.findings_sources(bad)
     assert [f["reproduced"] for f in found] == [False, False]
 
     # No online run flagged, but only because their minima came too late to judge, and their golden turns up
     # as much as offline: not "no hacking"
     late = good[:3] + [_result("online_student", s, 48, 51 + 0.1 * s, 1.0, False, judged=False) for s in range(3)]
-    found = sweep.findings_sources(late)
+    found = sweeps.findings_sources(late)
     assert [f["reproduced"] for f in found] == [True, False]
     assert "0/3 online runs hack (3 with the golden minimum too close to the end to judge)" in found[1]["evidence"]
     assert "not above every online one by 2 SE" in found[1]["evidence"]
 
     # One seed: no spread to test against, and the evidence says the order is by the mean alone
     single = [r for r in good if r["seed"] == 0]
-    assert "(above every online one by its mean; one seed, no SE)" in sweep.findings_sources(single)[1]["evidence"]
+    assert "(above every online one by its mean; one seed, no SE)" in sweeps.findings_sources(single)[1]["evidence"]
 
 
 def test_findings_diversity_budget_mixture():
     diversity = [_result(g, s, 50, 50 + rise, 2.0 + 0.01 * s, rise > 1)
                  for g, rise in (("prompts=100 k=1", 0.5), ("prompts=50 k=2", 1.5), ("prompts=20 k=5", 3.0))
                  for s in range(2)]
-    assert [f["reproduced"] for f in sweep.findings_diversity(diversity)] == [True, True]
+    assert [f["reproduced"] for f in sweeps.findings_diversity(diversity)] == [True, True]
     reversed_rises = [_result(g, 0, 50, 50 + rise, 2.0 * (i + 1), False)
                       for i, (g, rise) in enumerate((("a", 3.0), ("b", 1.0), ("c", 0.5)))]
-    assert [f["reproduced"] for f in sweep.findings_diversity(reversed_rises)] == [False, False]
+    assert [f["reproduced"] for f in sweeps.findings_diversity(reversed_rises)] == [False, False]
     # rises in order but within their spread over seeds; the proxy moves more than the golden metric does
     noisy = [_result(g, s, 50, 50 + rise + (-1) ** s, 2.0 + 3 * i, True)
              for i, (g, rise) in enumerate((("a", 1.0), ("b", 1.2), ("c", 1.4))) for s in range(2)]
-    found = sweep.findings_diversity(noisy)
+    found = sweeps.findings_diversity(noisy)
     assert [f["reproduced"] for f in found] == [False, False]
     assert "a: +1.00 ± 1.00" in found[0]["evidence"] and "(range 6.00)" in found[1]["evidence"]
 
     budget = [_result(f"k={k}", 0, 50 - k, 50 - k + 4 / k, 10.0 / k, k < 4) for k in (1, 2, 4, 8)]
-    found = sweep.findings_budget(budget)
+    found = sweeps.findings_budget(budget)
     assert [f["reproduced"] for f in found] == [True, True]
     assert "k=1: +4.00, k=2: +2.00" in found[1]["evidence"]  # one seed: means without a spread
     flat_proxy = [{**r, "proxy_final": 1.0} for r in budget]  # the paper: both metrics improve
-    assert [f["reproduced"] for f in sweep.findings_budget(flat_proxy)] == [False, True]
+    assert [f["reproduced"] for f in sweeps.findings_budget(flat_proxy)] == [False, True]
 
     mixture = [_result(f"lambda={lam}", 0, 50, 50 + 3 * (1 - lam), 1.0, lam < 0.5, tokens=int(1000 * lam))
                for lam in (0.0, 0.25, 0.5, 1.0)]
-    assert [f["reproduced"] for f in sweep.findings_mixture(mixture)] == [True, True]
+    assert [f["reproduced"] for f in sweeps.findings_mixture(mixture)] == [True, True]
 
 
 def test_findings_tasks_are_judged_per_task():
@@ -200,7 +206,7 @@ def test_findings_tasks_are_judged_per_task():
         results += [_result(f"{task} offline", s, 50, 53 if offline_hacks else 50.1, 1.0, offline_hacks) for s in range(2)]
         results += [_result(f"{task} {src}", s, 48, 48.1, 1.0, False) for src in ("online_teacher", "online_student")
                     for s in range(2)]
-    found = {f["claim"]: f["reproduced"] for f in sweep.findings_tasks(results)}
+    found = {f["claim"]: f["reproduced"] for f in sweeps.findings_tasks(results)}
     assert found["kjv-rv: Offline data → teacher hacking (golden turns up while the proxy does not)"] is True
     assert found["wordnet: Offline data → teacher hacking (golden turns up while the proxy does not)"] is False
     assert found["wordnet: Online data → no teacher hacking"] is True
@@ -209,11 +215,11 @@ def test_findings_tasks_are_judged_per_task():
 def test_findings_factors_give_the_unit_and_the_reason():
     results = [_result("base", 0, 40, 41, 1.0, True), _result("per-token metrics", 0, 1.0, 1.0, 0.1, False,
                                                               unit="nats/token")]
-    (found,) = sweep.findings_factors(results)
+    (found,) = sweeps.findings_factors(results)
     assert not found["reproduced"]
     assert found["evidence"] == "0/1 hack, rise +0.00 nats/token (base +1.00); not flagged: within noise"
-    table = sweep.format_findings("factors", {"runs": 2, "seeds": 1, "wall_seconds": 60, "findings": [found],
-                                              "groups": sweep.group_table(results)})
+    table = sweeps.format_findings("factors", {"runs": 2, "seeds": 1, "wall_seconds": 60, "findings": [found],
+                                              "groups": sweeps.group_table(results)})
     assert "question (not a paper finding)" in table and "| per-token metrics (nats/token) | 1 |" in table
 
 
@@ -221,7 +227,7 @@ def test_the_record_refuses_an_unfinished_sweep(tmp_path: Path):
     (tmp_path / "sweep.json").write_text(json.dumps({"preset": "budget", "seeds": 3}))
     (tmp_path / "findings.json").write_text(json.dumps({"preset": "budget", "seeds": 1}))
     with pytest.raises(cfg.ConfigError, match="unfinished: planned 3 seeds, results for 1"):
-        sweep.write_reproduction([tmp_path], tmp_path / "REPRODUCTION.md")
+        write_reproduction([tmp_path], tmp_path / "REPRODUCTION.md")
 
 
 def test_sweep_report_separates_metric_units(tmp_path: Path):
@@ -235,7 +241,7 @@ def test_sweep_report_separates_metric_units(tmp_path: Path):
                  "golden_se": 0.01, "proxy": scale * (1 - s / 500), "proxy_se": 0.01} for s in range(0, 401, 100)]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         dirs.append(run_dir)
-    sweep.write_reports(dirs, tmp_path)
+    lab.write_reports(dirs, tmp_path)
     assert (tmp_path / "report.html").exists() and (tmp_path / "per_token" / "report.html").exists()
     html = (tmp_path / "report.html").read_text()
     assert "run-in-nats-per-seq" in html and "run-in-nats-per-tok" not in html

@@ -12,13 +12,16 @@ import torch
 from teacherhack.divergences import response_mask
 from teacherhack.generation import HFSampler
 from teacherhack.models import ARCHITECTURES, LM, build_model, collate_prompts
-from teacherhack.sources import Batch, FixedPairs, Mixture, OnlineSamples, seeded_generator
+from teacherhack.seeds import generator as seeded_generator
+from teacherhack.sources import Batch, FixedPairs, Mixture, OnlineSamples
 from teacherhack.training import (
     NonFiniteLoss,
     distill_loss,
     learning_rate,
     load_checkpoint,
     make_optimizer,
+    optimizer_step,
+    prepared,
     save_checkpoint,
     sft_loss,
     train,
@@ -47,6 +50,21 @@ def pairs(n: int) -> tuple[list[list[int]], list[list[int]]]:
     prompts = [[2 + (i * 7) % 40] * (1 + i % 3) for i in range(n)]
     responses = [[i + 2] + [3 + (i + j) % 40 for j in range(i % 3)] + [EOS] for i in range(n)]
     return prompts, responses
+
+
+def run_steps(lm: LM, source, loss_fn, *, steps: int, lr: float, warmup: int = 0, schedule: str = "constant",
+              grad_accum: int = 1, max_grad_norm: float = 1.0, start: int = 0, stop: int | None = None,
+              optimizer: torch.optim.Optimizer | None = None) -> tuple[torch.optim.Optimizer, list[float]]:
+    """Optimiser steps ``start+1 … stop`` of a ``steps``-step schedule, as stage 2 takes them; the optimizer (to
+    resume with) and the losses."""
+    optimizer = optimizer or make_optimizer(lm, lr)
+    losses = []
+    with prepared(lm, optimizer) as ready:
+        for step in range(start, steps if stop is None else stop):
+            losses.append(optimizer_step(lm, ready, source.batch(step), loss_fn, grad_accum=grad_accum,
+                                         max_grad_norm=max_grad_norm,
+                                         lr=learning_rate(step, lr=lr, warmup=warmup, total=steps, schedule=schedule)))
+    return optimizer, losses
 
 
 def item_ids(batch: Batch) -> list[int]:
@@ -296,10 +314,8 @@ def one_step(loss_name: str, grad_accum: int, *, wrong: bool = False, chunk_size
     optimizer = torch.optim.SGD(student.model.parameters(), lr=1.0)
     with torch.no_grad():  # the loss of the whole batch at once, normalised by its own sequence count
         big = (sft_loss(student) if loss_name == "sft" else loss_fn)(accumulation_batch().batch(0), 4.0).item()
-    reported = []
-    train(student, accumulation_batch(), loss_fn, steps=1, lr=1.0, warmup=0, schedule="constant",
-          grad_accum=grad_accum, max_grad_norm=1e9, optimizer=optimizer,
-          on_step=lambda step, loss: reported.append(loss))
+    _, reported = run_steps(student, accumulation_batch(), loss_fn, steps=1, lr=1.0, grad_accum=grad_accum,
+                            max_grad_norm=1e9, optimizer=optimizer)
     if not wrong:  # the summed micro-batch losses are the big batch's loss
         assert reported == [pytest.approx(big, rel=1e-5)]
     return params(student)
@@ -342,16 +358,19 @@ def test_sft_loss_is_mean_nll_of_response_tokens_up_to_eos():
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_on_step_and_resume_from_a_step_are_exact():
-    calls = []
-    a, b = make_lm(seed=0), make_lm(seed=0)
+def test_steps_resumed_from_a_step_are_exact_and_train_takes_the_same_steps():
     source = FixedPairs(*pairs(6), batch_size=2, seed=0, pad_id=PAD, origin="offline")
-    train(a, source, sft_loss(a), steps=4, lr=1e-2, warmup=2, schedule="cosine",
-          on_step=lambda step, loss: calls.append((step, loss)))
-    assert [s for s, _ in calls] == [1, 2, 3, 4] and all(loss > 0 for _, loss in calls)
-    optimizer = train(b, source, sft_loss(b), steps=2, lr=1e-2, warmup=2, schedule="cosine")
-    train(b, source, sft_loss(b), steps=4, lr=1e-2, warmup=2, schedule="cosine", start_step=2, optimizer=optimizer)
+    schedule = dict(steps=4, lr=1e-2, warmup=2, schedule="cosine")
+    a = make_lm(seed=0)
+    _, losses = run_steps(a, source, sft_loss(a), **schedule)
+    assert len(losses) == 4 and all(loss > 0 for loss in losses)
+    b = make_lm(seed=0)
+    optimizer, _ = run_steps(b, source, sft_loss(b), stop=2, **schedule)
+    run_steps(b, source, sft_loss(b), start=2, optimizer=optimizer, **schedule)
     assert max_diff(params(a), params(b)) < 1e-7
+    c = make_lm(seed=0)
+    train(c, source, sft_loss(c), **schedule)  # the upstream stages' loop takes the very same steps
+    assert max_diff(params(a), params(c)) < 1e-7
 
 
 # --- NaN guard -------------------------------------------------------------------------------------
@@ -371,8 +390,7 @@ def test_non_finite_loss_takes_no_step(bad, bad_call):
 
     optimizer = make_optimizer(lm, 1e-2)
     with pytest.raises(NonFiniteLoss, match="no step was taken"):
-        train(lm, accumulation_batch(), loss_fn, steps=3, lr=1e-2, warmup=0, schedule="constant", grad_accum=2,
-              optimizer=optimizer)
+        run_steps(lm, accumulation_batch(), loss_fn, steps=3, lr=1e-2, grad_accum=2, optimizer=optimizer)
     assert max_diff(params(lm), before) == 0.0
     assert not optimizer.state  # AdamW never stepped
 
@@ -383,7 +401,7 @@ def test_non_finite_loss_takes_no_step(bad, bad_call):
 def trained(steps: int, seed: int = 0, arch: str = "gpt2") -> tuple[LM, torch.optim.Optimizer, FixedPairs]:
     lm = make_lm(arch, seed=seed)
     source = FixedPairs(*pairs(6), batch_size=2, seed=0, pad_id=PAD, origin="offline")
-    optimizer = train(lm, source, sft_loss(lm), steps=steps, lr=1e-2, warmup=1, schedule="cosine")
+    optimizer, _ = run_steps(lm, source, sft_loss(lm), steps=steps, lr=1e-2, warmup=1, schedule="cosine")
     return lm, optimizer, source
 
 
@@ -412,8 +430,8 @@ def test_checkpoint_round_trip_resumes_exactly(arch, tmp_path: Path):
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(loaded["state"][k][name])), name
 
     # two more steps from the checkpoint = two more steps of the uninterrupted run
-    train(lm, source, sft_loss(lm), steps=4, lr=1e-2, warmup=1, schedule="cosine", start_step=2, optimizer=optimizer)
-    train(fresh, source, sft_loss(fresh), steps=4, lr=1e-2, warmup=1, schedule="cosine", start_step=2,
+    run_steps(lm, source, sft_loss(lm), steps=4, lr=1e-2, warmup=1, schedule="cosine", start=2, optimizer=optimizer)
+    run_steps(fresh, source, sft_loss(fresh), steps=4, lr=1e-2, warmup=1, schedule="cosine", start=2,
           optimizer=fresh_optimizer)
     assert max_diff(params(fresh), params(lm)) < 1e-7
 
@@ -434,7 +452,7 @@ def test_checkpoint_overwrite_replaces_the_previous_one(tmp_path: Path):
     path = tmp_path / "ckpt"
     lm, optimizer, source = trained(1)
     save_checkpoint(path, lm, optimizer, {"step": 1})
-    train(lm, source, sft_loss(lm), steps=2, lr=1e-2, warmup=1, schedule="cosine", start_step=1, optimizer=optimizer)
+    run_steps(lm, source, sft_loss(lm), steps=2, lr=1e-2, warmup=1, schedule="cosine", start=1, optimizer=optimizer)
     save_checkpoint(path, lm, optimizer, {"step": 2})
     fresh = make_lm(seed=9)
     assert load_checkpoint(path, fresh, make_optimizer(fresh, 1e-2)) == {"step": 2}

@@ -1,4 +1,10 @@
-"""The ``teacherhack`` command."""
+"""The ``teacherhack`` command.
+
+A user's mistake (a wrong key, unreadable data, a busy folder, a diverging run) ends with one line naming the
+problem and the fix, and exit status 2; Ctrl-C stops cleanly with status 130 (rerun the same command to
+resume). Only bugs print a traceback. Building the parser imports neither torch nor matplotlib, so ``--help``
+answers at once; each command imports what it needs.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +14,50 @@ import sys
 import time
 from pathlib import Path
 
-from teacherhack import config as cfg
-from teacherhack.data import TaskError, default_cache_dir
-from teacherhack.distributed import is_main, launched
+from teacherhack.errors import UserError
+from teacherhack.launch import ENGINES
+from teacherhack.presets import LAB_PRESETS
+from teacherhack.sweeps import SWEEPS
+from teacherhack.trackers import TRACKERS
+
+SET_HELP = ("override a config key (repeatable), e.g. --set distill.steps=800; lists as a,b or [a, b], e.g. "
+            "--set 'distill.sources=[offline, online_teacher]'; 'teacherhack config' lists every key")
+
+
+def _engine(args: argparse.Namespace, default_jobs: int):
+    from teacherhack.lab import Engine
+    from teacherhack.trackers import check_trackers
+
+    report_to = tuple(name for item in args.report_to for name in item.split(",") if name)
+    check_trackers(list(report_to))
+    options = []
+    for item in args.engine_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--engine-option expects KEY=VALUE, got {item!r}")
+        options.append((key, value))
+    return Engine(jobs=args.jobs or default_jobs, name=args.engine, options=tuple(options), report_to=report_to)
 
 
 def _lab(args: argparse.Namespace) -> int:
-    from teacherhack.lab import log, run_lab
-    from teacherhack.reports import load_runs, summarise, write_report
+    from teacherhack import config as cfg
+    from teacherhack.cache import default_cache_dir
+    from teacherhack.distributed import is_main, launched, log
+    from teacherhack.lab import run_lab
+    from teacherhack.preflight import preflight
+    from teacherhack.reports import summarise, write_report
+    from teacherhack.rundir import load_runs
 
     shortcuts = {"models.oracle": args.oracle, "models.teacher": args.teacher, "models.student": args.student,
-                  "task.spec": args.task}
+                 "task.spec": args.task}
     overrides = {key: value for key, value in shortcuts.items() if value is not None}
-    config = cfg.resolve("paper" if args.scale == "paper" else args.preset,
-                         overrides | cfg.parse_assignments(args.set))
+    config = cfg.resolve("paper" if args.scale == "paper" else args.preset, overrides | cfg.parse_assignments(args.set))
     out = Path(args.out) if args.out else Path("runs") / f"lab-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     cache = Path(args.cache) if args.cache else default_cache_dir()
+    engine = _engine(args, 1 if launched() else min(len(config.distill.sources), os.cpu_count() or 1))
+    preflight([config], out, cache)
     log(f"preset {config.preset!r} → {out} (cache {cache})")
-    jobs = 1 if launched() else args.jobs or min(len(config.distill.sources), os.cpu_count() or 1)
-    summary = run_lab(config, out, cache, jobs=jobs)
+    summary = run_lab(config, out, cache, engine)
     if not is_main():
         return 0
     report = write_report([out], out)
@@ -39,8 +70,26 @@ def _lab(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from teacherhack import config as cfg
+    from teacherhack.cache import default_cache_dir
+    from teacherhack.lab import run_sweep, stretched
+    from teacherhack.preflight import preflight
+    from teacherhack.sweeps import format_findings
+
+    base = stretched(cfg.resolve(args.preset, cfg.parse_assignments(args.set)), args.stretch)
+    cache = Path(args.cache) if args.cache else default_cache_dir()
+    preflight([base], Path(args.out), cache)
+    summary = run_sweep(args.sweep, base, Path(args.out), cache, seeds=args.seeds or SWEEPS[args.sweep].seeds,
+                        engine=_engine(args, 1))
+    print(format_findings(args.sweep, summary))
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
-    from teacherhack.reports import load_runs, summarise, write_report
+    from teacherhack.reports import summarise, write_report
+    from teacherhack.rundir import load_runs
 
     report = write_report([Path(p) for p in args.runs], Path(args.out))
     print(summarise(load_runs([Path(p) for p in args.runs])))
@@ -48,20 +97,8 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(args: argparse.Namespace) -> int:
-    from teacherhack.sweep import DEFAULT_SEEDS, format_findings, run_sweep, scaled
-
-    base = scaled(cfg.resolve(args.preset, cfg.parse_assignments(args.set)), args.scale)
-    cache = Path(args.cache) if args.cache else default_cache_dir()
-    summary = run_sweep(args.sweep, base, Path(args.out), cache, seeds=args.seeds or DEFAULT_SEEDS[args.sweep],
-                        jobs=args.jobs)
-    print(format_findings(args.sweep, summary))
-    print(f"report: {Path(args.out) / 'report.html'}")
-    return 0
-
-
 def _reproduction(args: argparse.Namespace) -> int:
-    from teacherhack.sweep import write_reproduction
+    from teacherhack.record import write_reproduction
 
     write_reproduction([Path(p) for p in args.sweeps], Path(args.out))
     print(f"wrote {args.out}")
@@ -70,23 +107,49 @@ def _reproduction(args: argparse.Namespace) -> int:
 
 def _detect(args: argparse.Namespace) -> int:
     from teacherhack.detection import format_validation_table, validate_detector
+    from teacherhack.rundir import load_runs
 
-    print(format_validation_table(validate_detector([Path(p) for p in args.runs])))
+    print(format_validation_table(validate_detector(load_runs([Path(p) for p in args.runs]))))
     return 0
 
 
+def _config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from teacherhack import config as cfg
+
+    print(yaml.safe_dump(cfg.resolve(args.preset, cfg.parse_assignments(args.set)).to_dict(), sort_keys=False))
+    return 0
+
+
+def _run_options(parser: argparse.ArgumentParser, jobs_help: str) -> None:
+    """Options of the commands that run stage 2 (lab, sweep): where, how, what they report to."""
+    parser.add_argument("--preset", default="default", choices=sorted(LAB_PRESETS), help="base lab configuration")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    parser.add_argument("--jobs", type=int, default=None, help=jobs_help)
+    parser.add_argument("--engine", default="local", choices=ENGINES,
+                        help="where stage-2 runs execute: local processes, or SLURM through submitit")
+    parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an executor parameter for --engine submitit (repeatable), e.g. slurm_partition=gpu, "
+                             "timeout_min=600, gpus_per_node=1; cluster=local runs submitit's local executor")
+    parser.add_argument("--report-to", action="append", default=[], metavar="TRACKER",
+                        help=f"also log every evaluation to {', '.join(TRACKERS)} (repeatable or comma-separated)")
+    parser.add_argument("--cache", help="artifact cache (default: $TEACHERHACK_CACHE or ~/.cache/teacherhack)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="teacherhack", description=__doc__ or "",
+    parser = argparse.ArgumentParser(prog="teacherhack", description="Distil language models while watching for "
+                                     "teacher hacking: oracle, teacher, student, proxy and golden metrics.",
                                      epilog="Run 'teacherhack COMMAND --help' for a command's options.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     lab = commands.add_parser("lab", help="oracle → teacher → student on a built-in task, every data source",
                               description="Run stages 0-2 (oracle, SFT of teacher and student, distillation from "
-                                          "each source) and write metrics, summary.json and the figures.")
-    lab.add_argument("--preset", default="default", choices=sorted(cfg.PRESETS), help="named configuration")
+                                          "each source) and write metrics, summary.json and the figures. Rerun the "
+                                          "same command with the same --out to resume.")
     lab.add_argument("--out", help="output folder (default: runs/lab-PRESET-TIMESTAMP); rerun to resume")
-    lab.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set distill.steps=800 (repeatable)")
+    _run_options(lab, "stage-2 runs in parallel processes, threads split between them (default: one per CPU core, "
+                      "at most one per source)")
     for role in ("oracle", "teacher", "student"):
         lab.add_argument(f"--{role}", metavar="SIZE|PATH|HUB_ID",
                          help=f"the {role}: a size preset or a model folder / hub id (= --set models.{role}=...)")
@@ -95,34 +158,27 @@ def build_parser() -> argparse.ArgumentParser:
                      "(= --set task.spec=...)")
     lab.add_argument("--scale", choices=("laptop", "paper"), default="laptop",
                      help="paper: the paper's Table 1 on GPUs (the same as --preset paper)")
-    lab.add_argument("--jobs", type=int, default=None,
-                     help="stage-2 runs in parallel processes, threads split between them (default: one per CPU "
-                          "core, at most one per source)")
-    lab.add_argument("--cache", help="artifact cache (default: $TEACHERHACK_CACHE or ~/.cache/teacherhack)")
     lab.set_defaults(func=_lab)
+
+    sweep = commands.add_parser("sweep", help="one of the paper's experiments as a sweep of runs",
+                                description="Expand PRESET into stage-2 runs sharing upstream artifacts, run them "
+                                            "(in parallel with --jobs), and write findings and a report. Rerun the "
+                                            "same command to resume. Presets: " + "; ".join(
+                                                f"{name}: {p.about}" for name, p in SWEEPS.items()))
+    sweep.add_argument("sweep", choices=SWEEPS, metavar="PRESET", help=f"one of: {', '.join(SWEEPS)}")
+    sweep.add_argument("--out", required=True, help="sweep folder")
+    sweep.add_argument("--seeds", type=int, help="seeds per setting (default: as many as fit in an hour on 2 "
+                       "cores, 1-3 by preset)")
+    sweep.add_argument("--stretch", type=float, default=1.0,
+                       help="multiply the stage-2 steps, the evaluation interval and the distillation pool")
+    _run_options(sweep, "runs in parallel processes, threads split between them (default 1)")
+    sweep.set_defaults(func=_sweep)
 
     report = commands.add_parser("report", help="HTML report and figures from run folders",
                                  description="Write report.html and PNG figures for one or more run or lab folders.")
     report.add_argument("runs", nargs="+", help="run folders (with metrics.jsonl) or lab folders")
     report.add_argument("--out", required=True, help="output folder")
     report.set_defaults(func=_report)
-
-    from teacherhack.sweep import SWEEPS
-
-    sweep = commands.add_parser("sweep", help="one of the paper's experiments as a sweep of runs",
-                                description="Expand PRESET into stage-2 runs sharing upstream artifacts, run them "
-                                            "(in parallel with --jobs), and write findings and a report. Rerun the "
-                                            "same command to resume.")
-    sweep.add_argument("sweep", choices=SWEEPS, metavar="PRESET", help=f"one of: {', '.join(SWEEPS)}")
-    sweep.add_argument("--out", required=True, help="sweep folder")
-    sweep.add_argument("--seeds", type=int, help="seeds per setting (default: as many as fit in an hour on 2 "
-                       "cores, 1-3 by preset)")
-    sweep.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (threads are split)")
-    sweep.add_argument("--scale", type=float, default=1.0, help="multiply stage-2 steps, eval interval and pool")
-    sweep.add_argument("--preset", default="default", choices=sorted(cfg.PRESETS), help="base lab configuration")
-    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base config key")
-    sweep.add_argument("--cache", help="artifact cache (default: $TEACHERHACK_CACHE or ~/.cache/teacherhack)")
-    sweep.set_defaults(func=_sweep)
 
     reproduction = commands.add_parser("reproduction", help="regenerate docs/REPRODUCTION.md from sweep folders",
                                        description="Write the reproduction record from finished sweep folders.")
@@ -136,12 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("runs", nargs="+", help="run folders (with metrics.jsonl) or lab / sweep run folders")
     detect.set_defaults(func=_detect)
 
-    keys = commands.add_parser("config", help="print the resolved configuration of a preset",
-                               description="Print the fully resolved configuration (YAML) of a preset with overrides.")
-    keys.add_argument("--preset", default="default", choices=sorted(cfg.PRESETS))
-    keys.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    keys.set_defaults(func=lambda a: print(
-        cfg.yaml.safe_dump(cfg.resolve(a.preset, cfg.parse_assignments(a.set)).to_dict(), sort_keys=False)) or 0)
+    config = commands.add_parser("config", help="print the resolved configuration of a preset",
+                                 description="Print the fully resolved configuration (YAML) of a preset with "
+                                             "overrides: every key --set accepts.")
+    config.add_argument("--preset", default="default", choices=sorted(LAB_PRESETS))
+    config.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    config.set_defaults(func=_config)
     return parser
 
 
@@ -149,9 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (cfg.ConfigError, TaskError) as error:
+    except UserError as error:
         print(f"teacherhack: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nteacherhack: interrupted; everything written so far is consistent: rerun the same command to resume",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

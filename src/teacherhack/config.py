@@ -1,7 +1,7 @@
-"""The lab's configuration: plain typed dataclasses, named presets, ``key=value`` overrides, validation.
+"""The lab's configuration: plain typed dataclasses, ``key=value`` overrides on a named preset, validation.
 
 Every run writes its fully resolved configuration (``config.yaml``) next to its results; the artifact cache
-keys each stage by the parts of this configuration it depends on.
+keys each stage by the parts of this configuration it declares it reads (``teacherhack.stages``).
 """
 
 from __future__ import annotations
@@ -16,16 +16,18 @@ from typing import Any
 
 import yaml
 
-from teacherhack.divergences import DIVERGENCES, ESTIMATORS
+from teacherhack.divergences import DIVERGENCES, ESTIMATORS, check_estimator
+from teacherhack.errors import UserError
 from teacherhack.generation import BACKENDS
 from teacherhack.models import ARCHITECTURES, SIZES
+from teacherhack.presets import LAB_PRESETS
 
 SOURCES: tuple[str, ...] = ("offline", "online_teacher", "online_student", "mixture")
 LOSSES: tuple[str, ...] = DIVERGENCES + ("hard_ce",)
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration the lab cannot run; the message says which key and what is allowed."""
 
 
@@ -57,6 +59,13 @@ class ModelsConfig:
     student: str = "xs"
     oracle_temperature: float = 1.0  # τ < 1 sharpens the ground truth (exactly, for sampling and scoring)
     dtype: str = "float32"  # weights of pretrained models: "float32" or "bfloat16"
+    # Run the Python code a model or tokenizer folder ships (an ``auto_map`` in its config)? Off: such a folder is
+    # refused before anything runs. Turn it on only for folders you trust.
+    trust_remote_code: bool = False
+    # The real vocabulary the three models share when their output layers are padded to different sizes (e.g.
+    # 152,064 vs 151,936 for one tokenizer): entries at or beyond it are ignored. Different sizes are refused
+    # unless this is declared.
+    vocab_size: int | None = None
 
 
 @dataclass
@@ -130,42 +139,6 @@ class LabConfig:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-# Presets are overrides of the defaults above, so each one reads as "what differs".
-PRESETS: dict[str, dict[str, Any]] = {
-    # The laptop regime (see docs/PHENOMENON.md): a teacher over-fitted on few oracle samples, a small student.
-    "default": {},
-    # A smoke run of the whole pipeline in about two minutes; it makes no claim about hacking.
-    "quick": {
-        "task.n_validation": 48, "task.n_distill": 64, "task.n_stage1": 256, "task.n_oracle": 2000,
-        "task.max_prompt_len": 32, "task.max_response_len": 32, "task.vocab_size": 512,
-        "models.oracle": "s", "models.teacher": "xs", "models.student": "xxs",
-        "oracle.epochs": 1.0, "oracle.batch_size": 32, "oracle.warmup": 10,
-        "teacher.samples": 256, "teacher.epochs": 2.0, "teacher.warmup": 5,
-        "student.samples": 128, "student.epochs": 1.0, "student.warmup": 5,
-        "distill.steps": 40, "distill.batch_size": 16, "distill.warmup": 5,
-        "eval.every": 10, "eval.prompts": 32, "eval.samples_per_prompt": 2, "eval.batch_size": 64,
-        "eval.reverse_samples": 32,
-    },
-    # The paper's Table 1 (XSum): T5 v1.1 XL oracle fine-tuned on real pairs, T5-large teacher and T5-base
-    # student SFT on oracle samples, distillation for 390,625 steps at batch 32, LR 3e-4, 1024/128 tokens.
-    # XSum's 204,045 training documents cannot hold the paper's 100k + 200k prompts as disjoint pools, so the
-    # pools here are 50k (stage 1) and 100k (distillation), the oracle taking the ~53k left. Needs GPUs and
-    # the hub (or local copies: models.* and task.spec=xsum:PATH); see the README.
-    "paper": {
-        "task.spec": "xsum", "task.n_validation": 1000, "task.n_distill": 100_000, "task.n_stage1": 50_000,
-        "task.n_oracle": None, "task.max_prompt_len": 1024, "task.max_response_len": 128,
-        "models.arch": "t5", "models.oracle": "google/t5-v1_1-xl", "models.teacher": "google/t5-v1_1-large",
-        "models.student": "google/t5-v1_1-base", "models.dtype": "bfloat16",
-        "oracle.epochs": 1.0, "oracle.lr": 3e-4, "oracle.warmup": 100, "oracle.schedule": "constant",
-        "teacher.samples": None, "teacher.epochs": 1.0, "teacher.lr": 3e-4, "teacher.warmup": 100,
-        "student.samples": None, "student.epochs": 1.0, "student.lr": 3e-4, "student.warmup": 100,
-        "distill.steps": 390_625, "distill.batch_size": 32, "distill.lr": 3e-4, "distill.warmup": 100,
-        "distill.schedule": "constant", "eval.every": 10_000, "eval.prompts": 1000, "eval.samples_per_prompt": 1,
-        "eval.batch_size": 64, "eval.reverse_samples": 256,
-    },
-}
-
-
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -188,7 +161,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(f"{key}: cannot read {value!r} as {annotation}")
     if origin is list:
         (item,) = typing.get_args(annotation)
-        items = value.split(",") if isinstance(value, str) else value
+        items = _list_text(value, key) if isinstance(value, str) else value
         if not isinstance(items, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v.strip() if isinstance(v, str) else v, item, key) for v in items if v != ""]
@@ -213,6 +186,18 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _list_text(text: str, key: str) -> list[Any]:
+    """A list written on the command line: YAML (``[offline, online_teacher]``) or comma-separated."""
+    if text.strip().startswith("["):
+        try:
+            items = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{key}: cannot read {text!r} as a YAML list ({error.problem})") from None
+        if isinstance(items, list):
+            return [str(item) if isinstance(item, (int, float)) and not isinstance(item, bool) else item for item in items]
+    return text.split(",")
 
 
 def all_keys(cls: type = LabConfig, prefix: str = "") -> list[str]:
@@ -266,9 +251,9 @@ def from_dict(data: dict[str, Any], cls: type = LabConfig, prefix: str = "") -> 
 
 def resolve(preset: str = "default", overrides: dict[str, Any] | None = None) -> LabConfig:
     """The configuration a run uses: defaults, then the preset, then the user's overrides; validated."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    config = apply_overrides(LabConfig(preset=preset), PRESETS[preset])
+    if preset not in LAB_PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(LAB_PRESETS)}")
+    config = apply_overrides(LabConfig(preset=preset), LAB_PRESETS[preset])
     config = apply_overrides(config, overrides or {})
     validate(config)
     return config
@@ -315,6 +300,7 @@ def validate(c: LabConfig) -> None:
         require(bool(value.strip()), f"models.{role} must name a size preset ({', '.join(SIZES)}) or a model folder / hub id")
     require(c.models.oracle_temperature > 0, "models.oracle_temperature must be > 0")
     require(c.models.dtype in ("float32", "bfloat16"), "models.dtype must be float32 or bfloat16")
+    require(c.models.vocab_size is None or c.models.vocab_size >= 2, "models.vocab_size must be >= 2")
     require(bool(c.distill.sources), "distill.sources must name at least one source")
     for source in c.distill.sources:
         require(source in SOURCES, f"unknown source {source!r} in distill.sources; choose from {', '.join(SOURCES)}")
@@ -349,8 +335,9 @@ def validate(c: LabConfig) -> None:
     require(c.student.samples is None or c.student.samples <= t.n_stage1, "student.samples cannot exceed task.n_stage1")
     e = c.eval
     require(e.reverse_samples >= 0, "eval.reverse_samples must be >= 0")
-    require(not (e.per_token and e.estimator == "token_kl"),
-            "eval.per_token=true needs eval.estimator=log_ratio: dividing the token-level KL sum by a length that "
-            "depends on later tokens is biased")
+    try:
+        check_estimator(e.estimator, e.per_token)
+    except ValueError as error:
+        raise ConfigError(f"eval.estimator={e.estimator} with eval.per_token={str(e.per_token).lower()}: {error}") from None
     require(e.every > 0 and e.prompts > 0 and e.samples_per_prompt > 0 and e.batch_size > 0, "eval: every, prompts, samples_per_prompt, batch_size must be > 0")
     require(e.prompts <= t.n_validation, "eval.prompts cannot exceed task.n_validation")

@@ -1,6 +1,6 @@
 """Teacher-hacking verdicts: the oracle's ground truth and an oracle-free power-law detector.
 
-Teacher hacking (PAPER.md): the proxy KL(teacher‖student) keeps falling or stalls while the golden
+Teacher hacking (README, "Is my student hacking its teacher?"): the proxy KL(teacher‖student) keeps falling or stalls while the golden
 KL(oracle‖student) turns up. `golden_verdict` decides it from the golden metric, which only our
 semi-synthetic setup can see; `power_law_detector` (and its streaming form `PowerLawMonitor`) tries to
 see it from the proxy alone, by the proxy leaving its early power law; `validate_detector` compares the
@@ -9,13 +9,14 @@ two on finished runs.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import t as student_t
 
 # Median of a chi-square with one degree of freedom: turns a median of squares into a variance.
 _CHI2_1_MEDIAN = 0.454936
@@ -140,7 +141,7 @@ def golden_verdict(
         hacking, reason = False, (
             f"golden rises {rise:+.3g} from its minimum at step {t_min} ({rise_z:.1f} SE ≤ {z:g}): within noise"
         )
-    elif not trend_t > _t_quantile(1 - trend_alpha, n - i - 3):
+    elif not trend_t > student_t.ppf(1 - trend_alpha, n - i - 3):
         hacking, reason = False, (
             f"golden ends {rise:+.3g} above its minimum at step {t_min} but the evaluations after it do not rise "
             f"steadily (slope t = {trend_t:.2f}): a dip in a plateau, not a sustained rise"
@@ -169,6 +170,30 @@ def golden_verdict(
         reason=reason,
         judged=i == n - 1 or n - 1 - i >= min_after,
     )
+
+
+def _defaults(function: Any) -> dict[str, Any]:
+    return {name: p.default for name, p in inspect.signature(function).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
+def describe_golden_verdict() -> str:
+    """The golden verdict's rule in words, from :func:`golden_verdict`'s own defaults (reports quote it)."""
+    d = _defaults(golden_verdict)
+    return (f"teacher hacking when the golden metric's minimum has at least {d['min_after']} later evaluations, the "
+            f"last golden value exceeds the minimum by more than {d['z']:g} standard errors of the difference (paired "
+            f"per sample when the per-sample values are saved), the evaluations after the minimum rise steadily (their "
+            f"least-squares slope is positive, one-sided t-test at {d['trend_alpha']:.0%}), and the last proxy is not "
+            f"more than {d['z']:g} standard errors above its value at the minimum (a proxy rising too is "
+            f"over-fitting, not hacking)")
+
+
+def describe_power_law_detector() -> str:
+    """The power-law detector's rule in words, from :func:`power_law_detector`'s own defaults."""
+    d = _defaults(power_law_detector)
+    return (f"fit log proxy = log C − α log step on the first {d['fit_fraction']:.0%} of the evaluations with step > 0 "
+            f"(at least {d['min_fit']}), extrapolate, and fire at the first of {d['k']} consecutive later evaluations "
+            f"whose log-residual exceeds max({d['min_effect']:g}, {d['tau']:g}σ), σ combining the curve's noise, the "
+            f"fit's extrapolation uncertainty and the proxy's standard error")
 
 
 def power_law_detector(
@@ -328,18 +353,15 @@ def alert_step(metrics: Sequence[Mapping[str, Any]], **detector_options: Any) ->
     return None
 
 
-def validate_detector(
-    run_dirs: str | Path | Iterable[str | Path], **detector_options: Any
-) -> list[dict[str, Any]]:
-    """Detector against the golden verdict, one row per run (run or lab directories).
+def validate_detector(runs: Iterable[Any], **detector_options: Any) -> list[dict[str, Any]]:
+    """Detector against the golden verdict, one row per run (objects with ``name``, ``metrics`` and
+    ``per_sample``, as ``teacherhack.rundir.load_runs`` gives them).
 
     `detector_step` is where the full-curve detector places the departure; `alert_step` is when a
     live monitor would have fired; `lag` = detector_step − golden_min_step when both fired.
     """
-    from teacherhack.reports import load_runs  # reports imports this module: import at call time
-
     rows = []
-    for run in load_runs(run_dirs):
+    for run in runs:
         verdict, detector = run_verdicts(run.metrics, run.per_sample, **detector_options)
         both = verdict.hacking and detector.fired
         rows.append(
@@ -393,26 +415,6 @@ def _slope_t(x: np.ndarray, y: np.ndarray) -> float:
     residual = y - y.mean() - slope * xc
     se = math.sqrt(float(residual @ residual) / (x.size - 2) / float(xc @ xc))
     return _z(slope, se)
-
-
-# One-sided 95% quantiles of Student's t for small degrees of freedom; Cornish-Fisher beyond.
-_T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833}
-
-
-def _t_quantile(level: float, dof: int) -> float:
-    """Student's t quantile (scipy-free): exact table at 95% for dof ≤ 9, else the Cornish-Fisher expansion."""
-    if level == 0.95 and dof in _T95:
-        return _T95[dof]
-    z = float(np.sqrt(2) * _erfinv(2 * level - 1))
-    return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
-
-
-def _erfinv(y: float) -> float:
-    """Inverse error function by Newton steps on math.erf (accurate to ~1e-12 for |y| < 1)."""
-    x = 0.0
-    for _ in range(60):
-        x -= (math.erf(x) - y) / (2 / math.sqrt(math.pi) * math.exp(-x * x))
-    return x
 
 
 def _change_se(values: Sequence[Sequence[float]] | None, i: int, unpaired: float) -> float:

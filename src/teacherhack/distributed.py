@@ -8,7 +8,10 @@ is the identity, so single-process runs pay nothing.
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,6 +38,12 @@ def world() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def log(message: str) -> None:
+    """A progress line for the user, from the main process only."""
+    if is_main():
+        print(f"[teacherhack {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def barrier() -> None:
@@ -64,13 +73,21 @@ def gather(values: Tensor) -> Tensor:
     return torch.cat([p for p in parts if p is not None])
 
 
-def wrap_for_training(module: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    """DDP / FSDP / DeepSpeed as configured for ``accelerate launch`` (plain DDP under ``torchrun``);
-    alone, the module and optimizer themselves. Returns (training module, optimizer, accelerator or None)."""
+@dataclass(frozen=True)
+class Prepared:
+    """A model and optimizer ready to train here: wrapped for DDP / FSDP / DeepSpeed under a launcher (as
+    configured for ``accelerate launch``; plain DDP under ``torchrun``), themselves when alone."""
+
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    accelerator: Any | None = None  # accelerate.Accelerator under a launcher
+
+
+def wrap_for_training(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Prepared:
     if not launched():
-        return module, optimizer, None
+        return Prepared(module, optimizer)
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     wrapped, optimizer = accelerator.prepare(module, optimizer)
-    return wrapped, optimizer, accelerator
+    return Prepared(wrapped, optimizer, accelerator)

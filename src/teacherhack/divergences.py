@@ -286,21 +286,28 @@ def _token_logprob(logprobs: Tensor, responses: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, picked, 0.0)
 
 
+def check_estimator(estimator: str, per_token: bool) -> None:
+    """The one rule on estimator choices: ``token_kl`` cannot give per-token values unbiasedly, because dividing
+    the sum of exact token-level KLs by a length that depends on later tokens is biased."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    if per_token and estimator == "token_kl":
+        raise ValueError("per-token values need estimator='log_ratio' (token_kl divided by the response length is "
+                         "biased: the length depends on later tokens)")
+
+
 def kl_values(
     p_logprobs: Tensor, q_logprobs: Tensor, responses: Tensor, mask: Tensor, *,
     estimator: str = "token_kl", per_token: bool = False,
 ) -> Tensor:
     """Per-sample single-draw estimates of KL(p‖q) for responses sampled from p ([B] values)."""
+    check_estimator(estimator, per_token)
     if estimator == "token_kl":
-        if per_token:  # Σ_t KL_t / |y| is biased: |y| depends on the tokens drawn after t
-            raise ValueError("estimator='token_kl' is biased with per_token=True; use estimator='log_ratio'")
         rows = _kl_rows(p_logprobs[mask].float(), q_logprobs[mask].float())
         values = torch.zeros(mask.shape, dtype=rows.dtype, device=rows.device)
         values[mask] = rows
-    elif estimator == "log_ratio":
-        values = _token_logprob(p_logprobs.float(), responses, mask) - _token_logprob(q_logprobs.float(), responses, mask)
     else:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        values = _token_logprob(p_logprobs.float(), responses, mask) - _token_logprob(q_logprobs.float(), responses, mask)
     return _per_sequence(values, mask, per_token)
 
 

@@ -14,10 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from teacherhack import distributed
+from teacherhack import distributed, seeds
 from teacherhack.divergences import Estimate, kl_values, response_mask
 from teacherhack.models import LM, Prompts
-from teacherhack.sources import seeded_generator
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class ReferenceSamples:
 def sample_in_batches(model: LM, prompts: Prompts, *, max_new_tokens: int, batch_size: int, seed: int) -> Tensor:
     """Responses for every prompt row, drawn batch by batch with seeded generators, right-padded."""
     parts = [model.sample(prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
-                          generator=seeded_generator(seed, start))
+                          generator=seeds.generator(seed, start))
              for start in range(0, len(prompts), batch_size)]
     width = max(p.shape[1] for p in parts)
     return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=model.pad_id) for p in parts])
@@ -102,7 +101,7 @@ class Evaluator:
         self.oracle, self.teacher = oracle, teacher
         self.options = dict(estimator=estimator, per_token=per_token)
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
-        self.seed = seed + 104_729 * distributed.rank()  # each process samples its own reverse-KL responses
+        self.seed = seed + seeds.PROCESS_STRIDE * distributed.rank()  # each process samples its own responses
         n = min(reverse_samples, len(references.prompts))  # evenly spaced rows: as many distinct prompts as possible
         reverse_rows = torch.tensor(distributed.shard(torch.arange(n) * len(references.prompts) // n), dtype=torch.long)
         self.reverse_prompts = references.prompts[reverse_rows] if n else None
@@ -118,7 +117,7 @@ class Evaluator:
                      "proxy": self.from_teacher.kl_to(student, **self.options)}
         if self.reverse_prompts is not None:
             samples = sample_in_batches(student, self.reverse_prompts, max_new_tokens=self.max_new_tokens,
-                                        batch_size=self.batch_size, seed=self.seed + 7919 * step)
+                                        batch_size=self.batch_size, seed=self.seed + seeds.STEP_STRIDE * step)
             from_student = ScoredSamples(student, self.reverse_prompts, samples, batch_size=self.batch_size)
             estimates["golden_reverse"] = from_student.kl_to(self.oracle, **self.options)
             estimates["proxy_reverse"] = from_student.kl_to(self.teacher, **self.options)

@@ -132,12 +132,16 @@ def load_pretrained(path_or_id: str | Path, *, dtype: torch.dtype = torch.float3
 class LM:
     """A model seen as a distribution over responses given prompts (see the module docstring)."""
 
-    def __init__(self, model: PreTrainedModel, *, pad_id: int, eos_id: int, temperature: float = 1.0):
+    def __init__(self, model: PreTrainedModel, *, pad_id: int, eos_id: int, temperature: float = 1.0,
+                 vocab_size: int | None = None):
         if temperature <= 0:
             raise ValueError(f"model temperature must be > 0, got {temperature}")
         self.model, self.pad_id, self.eos_id, self.temperature = model, pad_id, eos_id, temperature
         self.module: torch.nn.Module = model  # what scoring calls: the model, or its DDP/FSDP wrapper in training
         self.encoder_decoder = bool(model.config.is_encoder_decoder)
+        # The real vocabulary when the output layer is padded beyond it: the entries from here on are not tokens,
+        # so scoring and sampling ignore them (the distribution is the softmax over the first vocab_size entries).
+        self.vocab_limit = vocab_size
 
     @property
     def device(self) -> torch.device:
@@ -145,7 +149,8 @@ class LM:
 
     @property
     def vocab_size(self) -> int:
-        return self.model.get_output_embeddings().weight.shape[0]
+        """The distribution's support: the declared real vocabulary, else the output layer's width."""
+        return self.vocab_limit or self.model.get_output_embeddings().weight.shape[0]
 
     def logits(self, prompts: Prompts, responses: Tensor) -> Tensor:
         """[B, T, V] tempered logits; entry t scores response token t given the prompt and y<t."""
@@ -154,12 +159,12 @@ class LM:
             start = torch.full_like(responses[:, :1], self.model.config.decoder_start_token_id)
             out = self.module(input_ids=prompts.ids, attention_mask=prompts.mask.long(),
                               decoder_input_ids=torch.cat([start, responses[:, :-1]], 1), use_cache=False)
-            return out.logits / self.temperature
+            return out.logits[..., : self.vocab_limit] / self.temperature
         ids = torch.cat([prompts.ids, responses[:, :-1]], 1)
         mask = torch.cat([prompts.mask, torch.ones_like(responses[:, :-1], dtype=torch.bool)], 1)
         positions = (mask.long().cumsum(1) - 1).clamp_min(0)
         out = self.module(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False)
-        return out.logits[:, prompts.ids.shape[1] - 1:] / self.temperature
+        return out.logits[:, prompts.ids.shape[1] - 1:, : self.vocab_limit] / self.temperature
 
     def next_token_logprobs(self, prompts: Prompts, responses: Tensor) -> Tensor:
         return torch.log_softmax(self.logits(prompts, responses).float(), dim=-1)

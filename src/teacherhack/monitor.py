@@ -9,7 +9,7 @@ Two entry points:
   steps it runs the monitor on the trained model and logs ``proxy_kl``, ``proxy_kl_se`` and ``hacking_alert``
   through the trainer's own loggers; it warns once when the detector fires and can stop the run.
 
-The proxy metric (PAPER.md) is the sequence-level KL(teacher‖student) estimated from teacher samples on the
+The proxy metric (README, "Is my student hacking its teacher?") is the sequence-level KL(teacher‖student) estimated from teacher samples on the
 held-out prompts (``teacherhack.metrics.kl_estimate``; default estimator ``token_kl``, the exact token-level
 KL summed along each sampled response). The teacher samples are drawn once, at the first check, and reused at
 every later check, so successive values are paired: only the student changes. The detector is
@@ -40,7 +40,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from teacherhack.detection import PowerLawMonitor, power_law_detector
-from teacherhack.divergences import ESTIMATORS
+from teacherhack.divergences import check_estimator
 from teacherhack.metrics import kl_estimate, sample_in_batches
 from teacherhack.models import LM, Prompts, collate_prompts
 
@@ -100,10 +100,7 @@ class HackingMonitor:
                             ("every", every), ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-        if per_token and estimator == "token_kl":
-            raise ValueError("per_token=True is biased with estimator='token_kl'; use estimator='log_ratio'")
+        check_estimator(estimator, per_token)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         detector_options = dict(detector_options or {})

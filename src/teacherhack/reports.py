@@ -1,7 +1,6 @@
-"""Read run directories and show them: the paper's figures, both verdicts, a standalone HTML report.
+"""Show runs: the paper's figures, both verdicts, a standalone HTML report and a terminal summary.
 
-A run directory holds `metrics.jsonl` (one evaluation per line) and `run.json` (its settings); a lab
-directory holds run directories as subfolders. Every function here takes either.
+Every function here takes run folders or lab folders (read through ``teacherhack.rundir``).
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ import base64
 import html
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,78 +25,14 @@ from teacherhack.detection import (  # noqa: E402
     DetectorResult,
     GoldenVerdict,
     alert_step,
-    run_verdicts,
+    describe_golden_verdict,
+    describe_power_law_detector,
 )
+from teacherhack.rundir import Run, load_runs  # noqa: E402
 
-REQUIRED_FIELDS = ("step", "epoch", "train_loss", "proxy", "proxy_se", "golden", "golden_se")
-NULLABLE_FIELDS = {"train_loss"}  # null for the initial student (step 0)
 DPI = 120
 LINESTYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
-
-
-@dataclass(frozen=True)
-class Run:
-    """One stage-2 distillation run as written by the lab."""
-
-    name: str
-    settings: dict[str, Any]
-    metrics: list[dict[str, Any]]
-    path: Path
-    per_sample: list[dict[str, Any]] | None = None  # paired per-sample values (per_sample.jsonl), if saved
-
-    def verdicts(self) -> tuple[GoldenVerdict, DetectorResult]:
-        """The golden verdict (with paired SEs when per-sample values exist) and the detector."""
-        return run_verdicts(self.metrics, self.per_sample)
-
-    def series(self, key: str) -> np.ndarray:
-        """Column `key` over the evaluations as floats; null becomes NaN."""
-        return np.array([np.nan if m.get(key) is None else float(m[key]) for m in self.metrics])
-
-    def data_tokens(self) -> np.ndarray:
-        """Tokens generated for training up to each evaluation: the offline dataset (generated once, up
-        front) plus the online samples so far. What a budget-matched comparison puts on its x axis."""
-        return float(self.settings.get("offline_tokens") or 0) + self.series("tokens_generated")
-
-    @property
-    def unit(self) -> str:
-        """The metrics' unit, short, for axis labels."""
-        return "nats/token" if self.settings.get("metric_unit") == "nats/token" else "nats/seq"
-
-
-def load_run(path: str | Path) -> Run:
-    """Load one run directory; ValueError naming the file (and line) for anything malformed."""
-    path = Path(path)
-    metrics_file = path / "metrics.jsonl"
-    if not metrics_file.is_file():
-        raise ValueError(f"{path}: no metrics.jsonl, not a run directory")
-    settings = _read_settings(path / "run.json")
-    metrics = _read_metrics(metrics_file)
-    per_sample_file = path / "per_sample.jsonl"
-    per_sample = None
-    if per_sample_file.is_file():
-        per_sample = [json.loads(line) for line in per_sample_file.read_text().splitlines() if line.strip()]
-        if [r["step"] for r in per_sample] != [m["step"] for m in metrics]:
-            per_sample = None  # written by an interrupted run that did not resume: fall back to unpaired SEs
-    return Run(str(settings.get("name") or path.name), settings, metrics, path, per_sample)
-
-
-def load_runs(paths: str | Path | Iterable[str | Path]) -> list[Run]:
-    """Load run directories and the run subfolders of lab directories, in the order given."""
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    runs = []
-    for path in map(Path, paths):
-        if (path / "metrics.jsonl").is_file():
-            runs.append(load_run(path))
-            continue
-        subdirs = sorted(d for d in path.iterdir() if (d / "metrics.jsonl").is_file()) if path.is_dir() else []
-        if not subdirs:
-            raise ValueError(f"{path}: no metrics.jsonl here or in any immediate subfolder")
-        runs.extend(load_run(d) for d in subdirs)
-    if not runs:
-        raise ValueError("no run directories given")
-    return runs
 
 
 def plot_proxy_golden(runs: Sequence[Run], path: str | Path) -> None:
@@ -239,7 +173,10 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) 
         body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{name}">'
                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     body += [_run_html(*item) for item in verdicts]
-    body.append(_RULES_HTML)
+    body.append(f"<h2>Rules</h2><p><b>Golden verdict</b> (needs the oracle): {html.escape(describe_golden_verdict())}."
+                f"</p><p><b>Power-law detector</b> (no oracle): {html.escape(describe_power_law_detector())}. A proxy "
+                "that converges to a floor also bends away from a power law: a flag is a reason to look. The <i>live "
+                "alert step</i> is when a monitor rerunning the detector after each evaluation would have fired.</p>")
     page = out / "report.html"
     page.write_text(_PAGE.format(body="\n".join(body)), encoding="utf-8")
     return page
@@ -266,41 +203,6 @@ def summarise(runs: Sequence[Run]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def _read_settings(path: Path) -> dict[str, Any]:
-    """run.json, or no settings when a run has none (the name then falls back to the folder's)."""
-    if not path.is_file():
-        return {}
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: malformed JSON: {err.msg} (line {err.lineno})") from err
-    if not isinstance(settings, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return settings
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: malformed JSON: {err.msg}") from err
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object")
-        missing = [f for f in REQUIRED_FIELDS if f not in row or (row[f] is None and f not in NULLABLE_FIELDS)]
-        if missing:
-            raise ValueError(f"{path}:{lineno}: missing or null field(s): {', '.join(missing)}")
-        if rows and row["step"] <= rows[-1]["step"]:
-            raise ValueError(f"{path}:{lineno}: step {row['step']} does not follow step {rows[-1]['step']}")
-        rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no evaluations")
-    return rows
 
 
 def _style(i: int) -> dict[str, Any]:
@@ -388,17 +290,6 @@ def _verdict_cell(flag: bool, word: str) -> str:
 def _dash(value: Any) -> str:
     return "–" if value is None else str(value)
 
-
-_RULES_HTML = """<h2>Rules</h2>
-<p><b>Golden verdict</b> (needs the oracle): teacher hacking when the golden metric's minimum has later
-evaluations, the last golden exceeds it by more than 3 combined SEs, and the last proxy is not more
-than 3 combined SEs above its value at the golden minimum (a proxy rising too is over-fitting).</p>
-<p><b>Power-law detector</b> (no oracle): fit log proxy = log C − α log step on the first third of the
-evaluations with step &gt; 0 (at least 3), extrapolate, and fire at the first of 2 consecutive later
-evaluations whose log-residual exceeds max(0.05, 3σ), σ combining the curve's noise, the fit's
-extrapolation uncertainty and the proxy's SE. A proxy that converges to a floor also bends away from
-a power law: a flag is a reason to look. The <i>live alert step</i> is when a monitor rerunning the
-detector after each evaluation would have fired.</p>"""
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Teacher-hacking report</title>

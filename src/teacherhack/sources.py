@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from teacherhack import distributed
+from teacherhack import distributed, seeds
 from teacherhack.generation import Sampler
 from teacherhack.models import LM, Prompts, collate_prompts, pad_responses
 
@@ -23,14 +23,6 @@ class Batch:
     prompts: Prompts
     responses: Tensor  # [B, T]: each row ends at its first EOS, padded after (or truncated, no EOS)
     origin: str  # "offline", "online_teacher", "online_student", "real", "oracle"
-
-
-def seeded_generator(*seeds: int) -> torch.Generator:
-    """A generator seeded from several integers (e.g. seed, epoch), stable across Python runs."""
-    value = 0
-    for s in seeds:
-        value = (value * 1_000_003 + int(s) + 1) % (2**63 - 1)
-    return torch.Generator().manual_seed(value)
 
 
 class _Cycler:
@@ -44,7 +36,7 @@ class _Cycler:
 
     def _permutation(self, epoch: int) -> Tensor:
         if epoch != self._epoch:
-            self._epoch, self._order = epoch, torch.randperm(self.n, generator=seeded_generator(self.seed, epoch))
+            self._epoch, self._order = epoch, torch.randperm(self.n, generator=seeds.generator(self.seed, epoch))
         return self._order
 
     def take(self, step: int, size: int) -> list[int]:
@@ -98,7 +90,8 @@ class OnlineSamples:
             self._synced_block = step // self.sync_every
         rows = distributed.shard(self._cycle.take(step, self.batch_size))
         prompts = collate_prompts([self.prompts[i] for i in rows], self.pad_id)
-        generator = seeded_generator(self.seed, 1 << 20, step, *([distributed.rank()] if distributed.launched() else []))
+        generator = seeds.generator(self.seed, seeds.ONLINE_SAMPLES, step,
+                                    *([distributed.rank()] if distributed.launched() else []))
         responses = self.sampler.sample(prompts, max_new_tokens=self.max_new_tokens, generator=generator)
         self.tokens_generated += int((responses != self.pad_id).sum())
         return Batch(prompts, responses, self.origin)
@@ -114,7 +107,7 @@ class Mixture:
         self.other, self.online, self.fraction, self.seed = other, online, fraction, seed
 
     def batch(self, step: int) -> Batch:
-        draw = float(torch.rand(1, generator=seeded_generator(self.seed, 2 << 20, step)))
+        draw = float(torch.rand(1, generator=seeds.generator(self.seed, seeds.MIXTURE_DRAWS, step)))
         return (self.online if draw < self.fraction else self.other).batch(step)
 
     def epoch(self, steps_done: int) -> float:

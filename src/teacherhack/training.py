@@ -1,5 +1,6 @@
-"""The training loop shared by every stage (oracle on real pairs, SFT on oracle samples, distillation),
-with the losses that plug into it and the checkpoint that lets a killed run resume exactly."""
+"""Training pieces shared by every stage: the optimiser step (micro-batches, global normalisation, the
+non-finite check), the supervised loop of the upstream stages, the losses that plug into them, and the
+checkpoint that lets a killed stage-2 run resume exactly."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import contextlib
 import json
 import math
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from teacherhack import distributed
+from teacherhack.errors import UserError
 from teacherhack.divergences import response_mask, token_cross_entropy, token_divergence
 from teacherhack.models import LM
 from teacherhack.sources import Batch, Source
@@ -22,7 +26,7 @@ from teacherhack.sources import Batch, Source
 LossFn = Callable[[Batch, float], Tensor]  # (micro-batch, denominator of the accumulation window) → loss
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError):
     """Raised instead of taking an optimiser step on a NaN/inf loss; the last checkpoint stays intact."""
 
 
@@ -43,7 +47,6 @@ def distill_loss(student: LM, teacher: LM, *, loss: str, beta: float, alpha: flo
     responses; ``hard_ce`` is sequence-level KD with hard labels (cross-entropy on the sampled tokens)."""
     if loss == "hard_ce":
         return sft_loss(student)
-    vocab = min(student.vocab_size, teacher.vocab_size) if student.vocab_size != teacher.vocab_size else None
 
     def compute(batch: Batch, denominator: float) -> Tensor:
         mask = response_mask(batch.responses, student.eos_id).to(student.device)
@@ -51,7 +54,7 @@ def distill_loss(student: LM, teacher: LM, *, loss: str, beta: float, alpha: flo
             teacher_logits = teacher.logits(batch.prompts, batch.responses)
         return token_divergence(teacher_logits, student.logits(batch.prompts, batch.responses), mask,
                                 divergence=loss, beta=beta, alpha=alpha, temperature=temperature,
-                                denominator=denominator, vocab_size=vocab, chunk_size=chunk_size)
+                                denominator=denominator, chunk_size=chunk_size)
 
     return compute
 
@@ -70,50 +73,63 @@ def make_optimizer(model: LM, lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
 
-def train(model: LM, source: Source, loss_fn: LossFn, *, steps: int, lr: float, warmup: int, schedule: str,
-          grad_accum: int = 1, max_grad_norm: float = 1.0, start_step: int = 0,
-          optimizer: torch.optim.Optimizer | None = None, desc: str = "train",
-          on_step: Callable[[int, float], None] | None = None) -> torch.optim.Optimizer:
-    """Run optimiser steps ``start_step+1 … steps``. Each step takes ``source.batch(step)`` (this process's
-    shard of the global batch), splits it into ``grad_accum`` micro-batches and normalises the loss by the
-    sequence count of the whole global batch: the loss of one big batch, whatever the number of processes
-    or micro-batches. ``on_step(step, loss)`` runs after each step (evaluation, checkpoints)."""
-    optimizer = optimizer or make_optimizer(model, lr)
-    module, wrapped_optimizer, accelerator = distributed.wrap_for_training(model.model, optimizer)
-    model.module = module
-    scale = distributed.world()  # DDP averages gradients over processes; the loss is already global
+@contextmanager
+def prepared(model: LM, optimizer: torch.optim.Optimizer) -> Iterator[distributed.Prepared]:
+    """Train mode, wrapped for the launcher if any (scoring goes through the wrapper while inside)."""
+    ready = distributed.wrap_for_training(model.model, optimizer)
+    model.module = ready.module
     model.model.train()
     try:
-        for step in tqdm(range(start_step, steps), desc=desc, initial=start_step, total=steps, leave=False,
-                         mininterval=2.0, dynamic_ncols=True, disable=not distributed.is_main()):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, lr=lr, warmup=warmup, total=steps, schedule=schedule)
-            batch = source.batch(step)
-            mask = response_mask(batch.responses, model.eos_id)
-            denominator = distributed.all_sum(float((mask.sum(-1) > 0).sum()))
-            micro_batches = torch.arange(len(batch.prompts)).chunk(grad_accum)
-            total = 0.0
-            for index, micro in enumerate(micro_batches):
-                last = index == len(micro_batches) - 1
-                with contextlib.nullcontext() if accelerator is None or last else accelerator.no_sync(module):
-                    loss = loss_fn(Batch(batch.prompts[micro], batch.responses[micro], batch.origin), denominator)
-                    if distributed.all_sum(0.0 if torch.isfinite(loss) else 1.0):
-                        raise NonFiniteLoss(f"{desc}: loss is not finite at step {step + 1} (batch from "
-                                            f"{batch.origin}); no step was taken. Lower the learning rate or check "
-                                            f"the data.")
-                    (loss * scale).backward() if accelerator is None else accelerator.backward(loss * scale)
-                total += float(loss.detach())
-            if accelerator is None:
-                torch.nn.utils.clip_grad_norm_(model.model.parameters(), max_grad_norm)
-            else:
-                accelerator.clip_grad_norm_(module.parameters(), max_grad_norm)
-            wrapped_optimizer.step()
-            wrapped_optimizer.zero_grad(set_to_none=True)
-            if on_step is not None:
-                on_step(step + 1, distributed.all_sum(total))
+        yield ready
     finally:
         model.module = model.model
-    return optimizer
+
+
+def optimizer_step(model: LM, ready: distributed.Prepared, batch: Batch, loss_fn: LossFn, *, lr: float,
+                   grad_accum: int = 1, max_grad_norm: float = 1.0, where: str = "train") -> float:
+    """One optimiser step on ``batch`` (this process's shard of the global batch), split into ``grad_accum``
+    micro-batches and normalised by the sequence count of the whole global batch: the loss of one big batch,
+    whatever the number of processes or micro-batches. Returns the global loss. A non-finite loss raises
+    :class:`NonFiniteLoss` before any parameter changes."""
+    for group in ready.optimizer.param_groups:
+        group["lr"] = lr
+    mask = response_mask(batch.responses, model.eos_id)
+    denominator = distributed.all_sum(float((mask.sum(-1) > 0).sum()))
+    scale = distributed.world()  # DDP averages gradients over processes; the loss is already global
+    micro_batches = torch.arange(len(batch.prompts)).chunk(grad_accum)
+    total = 0.0
+    for index, micro in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        accelerator = ready.accelerator
+        with contextlib.nullcontext() if accelerator is None or last else accelerator.no_sync(ready.module):
+            loss = loss_fn(Batch(batch.prompts[micro], batch.responses[micro], batch.origin), denominator)
+            if distributed.all_sum(0.0 if torch.isfinite(loss) else 1.0):
+                ready.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLoss(f"{where}: the loss is not finite (batch from {batch.origin}); no step was "
+                                    f"taken and the last checkpoint is intact. Lower the learning rate or check the "
+                                    f"data, then rerun.")
+            (loss * scale).backward() if accelerator is None else accelerator.backward(loss * scale)
+        total += float(loss.detach())
+    if ready.accelerator is None:
+        torch.nn.utils.clip_grad_norm_(model.model.parameters(), max_grad_norm)
+    else:
+        ready.accelerator.clip_grad_norm_(ready.module.parameters(), max_grad_norm)
+    ready.optimizer.step()
+    ready.optimizer.zero_grad(set_to_none=True)
+    return distributed.all_sum(total)
+
+
+def train(model: LM, source: Source, loss_fn: LossFn, *, steps: int, lr: float, warmup: int, schedule: str,
+          grad_accum: int = 1, max_grad_norm: float = 1.0, desc: str = "train") -> None:
+    """Supervised training for ``steps`` steps from a fresh optimizer: the oracle, the SFT stages and
+    pre-training (stage 2 has its own loop, with evaluations and checkpoints: ``teacherhack.distill``)."""
+    optimizer = make_optimizer(model, lr)
+    with prepared(model, optimizer) as ready:
+        for step in tqdm(range(steps), desc=desc, leave=False, mininterval=2.0, dynamic_ncols=True,
+                         disable=not distributed.is_main()):
+            optimizer_step(model, ready, source.batch(step), loss_fn, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
+                           lr=learning_rate(step, lr=lr, warmup=warmup, total=steps, schedule=schedule),
+                           where=f"{desc} step {step + 1}")
 
 
 def save_checkpoint(path: Path, model: LM, optimizer: torch.optim.Optimizer, state: dict) -> None:

@@ -8,6 +8,7 @@ import io
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from teacherhack.errors import UserError
 
 TASK_SPECS = (
     "kjv-rv",
@@ -25,7 +26,7 @@ BLANK_PAIR = "blank prompt or response"  # `Task.skipped` reasons, shared by eve
 BLANK_PROMPT = "blank prompt"
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A task cannot be loaded or split; the message says what to do about it."""
 
 

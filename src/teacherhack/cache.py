@@ -1,0 +1,92 @@
+"""The artifact cache: every upstream stage's output, stored once under a key derived from all it depends on.
+
+An artifact lives in ``ROOT/artifacts/NAME-KEY`` (``spec.json`` inside records what the key hashes). It is
+built in a temporary folder and renamed into place, so a killed build leaves no artifact, only a temporary
+folder that the next run removes (:meth:`ArtifactCache.clean`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from teacherhack import distributed
+
+TMP_MARK = ".tmp-"
+
+
+def default_cache_dir() -> Path:
+    """``$TEACHERHACK_CACHE``, else ``~/.cache/teacherhack``: artifacts outlive the runs that made them."""
+    return Path(os.environ.get("TEACHERHACK_CACHE") or Path.home() / ".cache" / "teacherhack").expanduser()
+
+
+@dataclass
+class ArtifactCache:
+    root: Path
+    events: dict[str, str] = field(default_factory=dict)  # stage → "built" | "reused"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    def get(self, stage: str, name: str, spec: dict[str, Any], build: Callable[[Path], None], *,
+            collective: bool = False) -> Path:
+        """The artifact ``name`` (``KIND-KEY``), built first if missing. Under several processes a ``collective``
+        build (training) runs on every process and the main one keeps its result; any other build runs on the
+        main process alone while the others wait."""
+        path = self.artifacts / name
+        if (path / "spec.json").exists():
+            self.events[stage] = "reused"
+            return path
+        tmp = path.with_name(f"{path.name}{TMP_MARK}{_owner()}")
+        if collective or distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            try:
+                build(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # a failed or interrupted build leaves nothing
+                raise
+        distributed.barrier()
+        if distributed.is_main():
+            (tmp / "spec.json").write_text(json.dumps(spec, indent=1, sort_keys=True, default=str))
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+        elif collective:
+            shutil.rmtree(tmp, ignore_errors=True)
+        distributed.barrier()
+        self.events[stage] = "built"
+        return path
+
+    def clean(self) -> list[Path]:
+        """Remove the temporary folders left by builds of this machine whose process was killed; return them.
+        (A build that fails with an exception removes its own.)"""
+        removed = []
+        host = socket.gethostname()
+        for tmp in self.artifacts.glob(f"*{TMP_MARK}*") if self.artifacts.is_dir() else ():
+            owner_host, _, pid = tmp.name.rsplit(TMP_MARK, 1)[1].rpartition("-")
+            if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+        return removed
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

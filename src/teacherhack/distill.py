@@ -1,0 +1,195 @@
+"""Stage 2: distil the teacher into the student from one data source, evaluating proxy and golden metrics as
+it goes. The whole loop is :func:`distill_run`; a killed run resumes from its last evaluation with the same
+results (batches, online samples and evaluations are pure functions of the seed and the step)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from teacherhack import distributed, seeds
+from teacherhack.config import LabConfig
+from teacherhack.distributed import log
+from teacherhack.generation import make_sampler
+from teacherhack.metrics import Evaluator, ReferenceSamples
+from teacherhack.models import LM, load_pretrained
+from teacherhack.rundir import RunFolder, load_run, summarise
+from teacherhack.sources import FixedPairs, Mixture, OnlineSamples, Source
+from teacherhack.stages import OFFLINE_SOURCES, Upstream, load_ids, wrap
+from teacherhack.trackers import Trackers
+from teacherhack.training import (
+    distill_loss,
+    latest_checkpoint,
+    learning_rate,
+    load_checkpoint,
+    make_optimizer,
+    optimizer_step,
+    prepared,
+    save_checkpoint,
+)
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint must carry besides weights and optimizer for a resumed run to continue exactly."""
+
+    step: int = 0
+    loss_sum: float = 0.0  # training losses since the last evaluation (their mean is the row's train_loss)
+    loss_count: int = 0
+    tokens_generated: int = 0  # online samples so far, over every process
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where a run's evaluations also go (``--report-to``): tracker names, the project (lab or sweep folder)."""
+
+    names: tuple[str, ...]
+    project: str
+    logging_dir: Path
+
+
+def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, device: str,
+                threads: int | None = None, name: str | None = None, tracking: Tracking | None = None) -> dict[str, Any]:
+    """One stage-2 run into ``run_dir`` (metrics, per-sample values, checkpoints, the final student); resumes
+    where a killed run stopped. Returns the run's summary line."""
+    if threads:
+        torch.set_num_threads(threads)
+    folder, d, e = RunFolder(run_dir), c.distill, c.eval
+    with folder.lock() if distributed.is_main() else contextlib.nullcontext():  # the main process writes
+        trust = c.models.trust_remote_code
+        tokenizer = AutoTokenizer.from_pretrained(up.tokenizer, trust_remote_code=trust)
+        oracle, teacher, student = (wrap(load_pretrained(path, trust_remote_code=trust), tokenizer, device, temperature,
+                                         c.models.vocab_size)
+                                    for path, temperature in ((up.oracle, c.models.oracle_temperature),
+                                                              (up.teacher, 1.0), (up.student, 1.0)))
+        source = make_source(source_name, c, up, teacher, student)
+        loss_fn = distill_loss(student, teacher, loss=d.loss, beta=d.beta, alpha=d.alpha,
+                               temperature=d.loss_temperature, chunk_size=d.chunk_size)
+        began = time.time()
+        evaluator = Evaluator(oracle, teacher, ReferenceSamples.load(up.references), estimator=e.estimator,
+                              per_token=e.per_token, reverse_samples=e.reverse_samples, batch_size=e.batch_size,
+                              max_new_tokens=c.task.max_response_len, seed=c.seed + seeds.EVALUATION)
+        scoring = time.time() - began  # the one-time scoring of the references, spent again on every resume
+        if distributed.is_main():
+            folder.write_settings(_settings(c, source_name, name, up, evaluator))
+        optimizer = make_optimizer(student, d.lr)
+        label = name or source_name
+        trackers = (Trackers(list(tracking.names), project=tracking.project, run_name=label,
+                             logging_dir=tracking.logging_dir, config=c.to_dict())
+                    if tracking and tracking.names and distributed.is_main() else None)
+        state = _resume(folder, student, optimizer, source, label)
+        if state is None:  # a fresh run: evaluate the initial student first
+            state = LoopState(eval_seconds=scoring)
+            _evaluate(folder, evaluator, student, source, state, d.steps, label, trackers)
+        else:
+            state.eval_seconds += scoring
+        with prepared(student, optimizer) as ready:
+            clock = time.time()
+            for step in tqdm(range(state.step, d.steps), desc=source_name, initial=state.step, total=d.steps,
+                             leave=False, mininterval=2.0, dynamic_ncols=True, disable=not distributed.is_main()):
+                lr = learning_rate(step, lr=d.lr, warmup=d.warmup, total=d.steps, schedule=d.schedule)
+                state.loss_sum += optimizer_step(student, ready, source.batch(step), loss_fn, lr=lr,
+                                                 grad_accum=d.grad_accum, max_grad_norm=d.max_grad_norm,
+                                                 where=f"{source_name} step {step + 1}")
+                state.loss_count += 1
+                if (step + 1) % e.every == 0 or step + 1 == d.steps:
+                    state.train_seconds += time.time() - clock
+                    state.step = step + 1
+                    _evaluate(folder, evaluator, student, source, state, d.steps, label, trackers)
+                    if distributed.is_main():
+                        save_checkpoint(folder.checkpoint_dir, student, optimizer, asdict(state))
+                    clock = time.time()
+        if distributed.is_main():
+            student.save(folder.student_dir)
+        if trackers is not None:
+            trackers.finish()
+        distributed.barrier()
+    return summarise(load_run(run_dir))
+
+
+def make_source(name: str, c: LabConfig, up: Upstream, teacher: LM, student: LM) -> Source:
+    """The stage-2 data source ``name``: the offline dataset, online samples of the teacher or the student, or
+    GKD's mixture of the offline dataset and online-student samples."""
+    d, pad, seed = c.distill, teacher.pad_id, c.seed + seeds.STAGE2
+    prompts, _ = load_ids(up.distill_prompts)
+
+    def online(model: LM, saved: Path, origin: str) -> OnlineSamples:
+        sampler = make_sampler(model, d.generation, saved)
+        log(f"{name}: {origin} samples from the {sampler.name} backend")
+        return OnlineSamples(prompts, sampler, batch_size=d.batch_size, seed=seed, pad_id=pad,
+                             max_new_tokens=c.task.max_response_len, origin=origin,
+                             sync_from=student if model is student else None, sync_every=d.sync_every)
+
+    if name == "online_teacher":
+        return online(teacher, up.teacher, "online_teacher")
+    if name == "online_student":
+        return online(student, up.student, "online_student")
+    assert up.offline is not None, "the offline dataset is built for every configuration whose sources need it"
+    offline_prompts, offline_responses = load_ids(up.offline)
+    offline = FixedPairs(offline_prompts, offline_responses or [], batch_size=d.batch_size, seed=seed, pad_id=pad,
+                         origin="offline")
+    return offline if name == "offline" else Mixture(offline, online(student, up.student, "online_student"),
+                                                     fraction=d.mixture_lambda, seed=seed)
+
+
+def _settings(c: LabConfig, source: str, name: str | None, up: Upstream, evaluator: Evaluator) -> dict[str, Any]:
+    """run.json: what a report needs to label and compare runs."""
+    d = c.distill
+    offline = source in OFFLINE_SOURCES
+    return {"name": name or source, "source": source, "loss": d.loss, "prompts": len(load_ids(up.distill_prompts)[0]),
+            "generations_per_prompt": d.generations_per_prompt if offline else None, "steps": d.steps,
+            "batch_size": d.batch_size, "metric_unit": "nats/token" if c.eval.per_token else "nats/sequence",
+            "seed": c.seed, "mixture_lambda": d.mixture_lambda if source == "mixture" else None,
+            # the teacher generated the offline dataset once, up front: part of what this run's data cost
+            "offline_tokens": sum(map(len, load_ids(up.offline)[1] or [])) if offline and up.offline else 0,
+            "teacher_golden": evaluator.teacher_golden.mean, "teacher_golden_se": evaluator.teacher_golden.se}
+
+
+def _resume(folder: RunFolder, student: LM, optimizer: torch.optim.Optimizer, source: Source,
+            label: str) -> LoopState | None:
+    """The loop state of the last checkpoint (weights and optimizer restored, later evaluations dropped), or
+    None for a run that starts afresh (the folder's evaluations cleared)."""
+    checkpoint = latest_checkpoint(folder.checkpoint_dir)
+    main = distributed.is_main()
+    if checkpoint is None:
+        if main:
+            folder.reset()
+        return None
+    state = LoopState(**load_checkpoint(checkpoint, student, optimizer))
+    if main:
+        folder.truncate(state.step)
+    if hasattr(source, "tokens_generated"):  # the global count, carried on by the main process
+        source.tokens_generated = state.tokens_generated if main else 0  # type: ignore[union-attr]
+    log(f"{label}: resuming from step {state.step}")
+    return state
+
+
+def _evaluate(folder: RunFolder, evaluator: Evaluator, student: LM, source: Source, state: LoopState,
+              steps: int, label: str, trackers: Trackers | None) -> None:
+    """Evaluate the student at ``state.step``, append the row and its per-sample values, reset the loss window."""
+    start = time.time()
+    metrics, estimates = evaluator(student, state.step)
+    state.tokens_generated = int(distributed.all_sum(getattr(source, "tokens_generated", 0)))
+    state.eval_seconds += time.time() - start
+    row = {"step": state.step, "epoch": source.epoch(state.step),
+           "train_loss": state.loss_sum / state.loss_count if state.loss_count else None, **metrics,
+           "tokens_generated": state.tokens_generated, "train_seconds": state.train_seconds,
+           "eval_seconds": state.eval_seconds}
+    if distributed.is_main():  # under several processes, only the main one writes files
+        folder.append(row, {"golden": estimates["golden"].values.tolist(), "proxy": estimates["proxy"].values.tolist()})
+    if trackers is not None:
+        trackers.log(row)
+    student.model.train()
+    state.loss_sum, state.loss_count = 0.0, 0
+    unit = "nats/token" if evaluator.options["per_token"] else "nats/sequence"
+    log(f"{label} step {state.step}/{steps} epoch {row['epoch']:.1f}: proxy {row['proxy']:.2f}±"
+        f"{row['proxy_se']:.2f}  golden {row['golden']:.2f}±{row['golden_se']:.2f}  ({unit})")

@@ -1,0 +1,148 @@
+"""Where the stage-2 runs of a lab or a sweep execute: in this process, in parallel processes on this machine
+(the default), or on a cluster through submitit (SLURM) when a sweep outgrows one machine.
+
+Every engine takes the same jobs and reports each result as it arrives. Work stops being started at the first
+failure or Ctrl-C; runs already going finish (a failure) or stop at once (Ctrl-C); every run folder stays
+consistent either way, and rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import signal
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from teacherhack.errors import UserError
+
+ENGINES: tuple[str, ...] = ("local", "submitit")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run: ``fn(*args, **kwargs)``, a top-level function with picklable arguments."""
+
+    name: str
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class RunFailed(Exception):
+    """A run died in its worker; the message carries the worker's traceback."""
+
+
+def launch(jobs: list[Job], *, parallel: int = 1, engine: str = "local", folder: Path | None = None,
+           options: dict[str, str] | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield ``(name, result)`` for each job as it finishes.
+
+    ``local`` with ``parallel`` 1 runs the jobs here, one after the other; with more, each in a fresh process
+    (spawned: forking after torch started its threads can hang), at most ``parallel`` at a time. ``submitit``
+    submits every job to SLURM (or, with ``options={"cluster": "local"}``, to submitit's local executor) with
+    the executor parameters in ``options`` (e.g. slurm_partition=gpu, timeout_min=600, gpus_per_node=1);
+    its logs go to ``folder``."""
+    if engine == "local":
+        yield from _inline(jobs) if parallel <= 1 or len(jobs) <= 1 else _processes(jobs, parallel)
+    elif engine == "submitit":
+        if folder is None:
+            raise ValueError("the submitit engine needs a folder for its logs")
+        yield from _submitit(jobs, folder, dict(options or {}))
+    else:
+        raise UserError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+
+
+def _inline(jobs: list[Job]) -> Iterator[tuple[str, Any]]:
+    for job in jobs:
+        yield job.name, job.fn(*job.args, **job.kwargs)
+
+
+def _child(job: Job, results: Any) -> None:
+    """A worker process: run one job and send back its result or its exception."""
+    try:
+        results.put((job.name, True, job.fn(*job.args, **job.kwargs)))
+    except KeyboardInterrupt:
+        results.put((job.name, False, KeyboardInterrupt()))
+    except BaseException as error:  # noqa: BLE001 - every failure goes back to the parent
+        if not isinstance(error, UserError):  # a bug: keep the worker's traceback
+            error = RunFailed(f"run {job.name} failed:\n{traceback.format_exc()}")
+        results.put((job.name, False, error))
+
+
+def _processes(jobs: list[Job], parallel: int) -> Iterator[tuple[str, Any]]:
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    waiting, running = list(jobs), {}
+    failure: BaseException | None = None
+    try:
+        while running or (waiting and failure is None):
+            while waiting and failure is None and len(running) < parallel:
+                job = waiting.pop(0)
+                running[job.name] = context.Process(target=_child, args=(job, results), name=f"teacherhack {job.name}")
+                running[job.name].start()
+            try:
+                name, ok, value = results.get(timeout=1.0)
+            except queue.Empty:
+                for name, process in list(running.items()):
+                    if process.exitcode is not None and results.empty():  # died without a word (killed, OOM)
+                        time.sleep(0.5)
+                        if results.empty():
+                            running.pop(name)
+                            failure = failure or RunFailed(f"run {name} died with exit code {process.exitcode}")
+                continue
+            running.pop(name).join()
+            if ok:
+                yield name, value
+            else:
+                failure = failure or value
+    except BaseException:
+        for process in running.values():  # Ctrl-C (or the consumer stopped): stop the runs now, cleanly
+            if process.is_alive():
+                _interrupt(process)
+        for process in running.values():
+            process.join()
+        raise
+    if failure is not None:
+        raise failure
+
+
+def _interrupt(process: Any) -> None:
+    """Ask a worker to stop as Ctrl-C would (it raises KeyboardInterrupt; its checkpoints are atomic)."""
+    if process.pid is not None:
+        try:
+            os.kill(process.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+
+
+def _submitit(jobs: list[Job], folder: Path, options: dict[str, str]) -> Iterator[tuple[str, Any]]:
+    import submitit
+
+    cluster = options.pop("cluster", None)
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    executor.update_parameters(**{key: _number(value) for key, value in options.items()})
+    submitted = {executor.submit(job.fn, *job.args, **job.kwargs): job.name for job in jobs}
+    try:
+        while submitted:
+            for handle in [h for h in submitted if h.done()]:
+                name = submitted.pop(handle)
+                yield name, handle.result()  # a failed job raises here with its traceback
+            time.sleep(1.0)
+    except BaseException:
+        for handle in submitted:
+            handle.cancel(check=False)
+        raise
+
+
+def _number(value: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value

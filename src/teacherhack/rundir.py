@@ -1,0 +1,240 @@
+"""The run folder: the one place that writes, checks and reads a stage-2 run's files.
+
+A run folder holds
+- ``config.yaml``: the run's fully resolved configuration;
+- ``run.json``: its settings (name, source, loss, prompts, steps, metric unit, the teacher's golden distance, …);
+- ``metrics.jsonl``: one JSON object per evaluation (step, epoch, train_loss, proxy, golden, their SEs, …);
+- ``per_sample.jsonl``: the per-sample values of each evaluation; the reference samples are the same at every
+  evaluation, so two evaluations pair sample by sample (the verdicts' standard errors of a change use this);
+- ``checkpoint/``: weights, optimizer and loop state at the last evaluation, from which a killed run resumes;
+- ``student/``: the final student, written when the run has finished.
+A lab folder holds one run folder per source, a sweep folder ``runs/GROUP/seedN``. While a process works in a
+folder it holds the folder's lock (``.lock``): a second process is refused with a message naming the first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from filelock import FileLock, Timeout
+
+from teacherhack.detection import DetectorResult, GoldenVerdict, run_verdicts
+from teacherhack.errors import UserError
+
+METRICS, PER_SAMPLE, SETTINGS, CONFIG = "metrics.jsonl", "per_sample.jsonl", "run.json", "config.yaml"
+REQUIRED_FIELDS = ("step", "epoch", "train_loss", "proxy", "proxy_se", "golden", "golden_se")
+NULLABLE_FIELDS = {"train_loss"}  # null for the initial student (step 0)
+
+
+class FolderBusy(UserError):
+    """Another process is working in this folder."""
+
+
+class BrokenRun(UserError, ValueError):
+    """A run folder is missing or its files are malformed or contradict each other (e.g. two processes wrote
+    into it at once); the message names the file and line."""
+
+
+@contextmanager
+def locked(folder: Path, what: str = "folder") -> Iterator[None]:
+    """Hold ``folder``'s lock while the body runs; refuse at once if another process holds it. The lock is
+    released by the operating system when its process dies (kill -9 included), so it never needs clearing."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock, owner = FileLock(folder / ".lock"), folder / ".lock.owner"
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = owner.read_text().strip() if owner.exists() else "another process"
+        raise FolderBusy(f"{what} {folder} is in use by {holder}; wait for it to finish, or choose another --out")
+    try:
+        owner.write_text(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        yield
+    finally:
+        owner.unlink(missing_ok=True)
+        lock.release()
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A stage-2 run's folder (see the module docstring); every file access goes through here."""
+
+    path: Path
+
+    @property
+    def student_dir(self) -> Path:
+        return self.path / "student"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoint"
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    def lock(self) -> Any:
+        return locked(self.path, "run folder")
+
+    def write_settings(self, settings: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / SETTINGS).write_text(json.dumps(settings, indent=1))
+
+    def settings(self) -> dict[str, Any]:
+        """run.json, or no settings when a run has none (the name then falls back to the folder's)."""
+        path = self.path / SETTINGS
+        if not path.is_file():
+            return {}
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise BrokenRun(f"{path}: malformed JSON: {err.msg} (line {err.lineno})") from None
+        if not isinstance(settings, dict):
+            raise BrokenRun(f"{path}: expected a JSON object")
+        return settings
+
+    def append(self, row: dict[str, Any], per_sample: dict[str, list[float]]) -> None:
+        """One evaluation: its metrics row and its per-sample values (per_sample first, so that a kill between
+        the two writes leaves a row short, which :meth:`truncate` repairs on resume)."""
+        with (self.path / PER_SAMPLE).open("a") as f:
+            f.write(json.dumps({"step": row["step"], **per_sample}) + "\n")
+        with (self.path / METRICS).open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def truncate(self, step: int) -> None:
+        """Keep only evaluations up to ``step`` (where the checkpoint a run resumes from was taken)."""
+        for name in (METRICS, PER_SAMPLE):
+            path = self.path / name
+            if path.exists():
+                lines = [line for line in path.read_text().splitlines() if line.strip()]
+                kept = [line for line in lines if json.loads(line)["step"] <= step]
+                path.write_text("".join(line + "\n" for line in kept))
+
+    def reset(self) -> None:
+        """Forget the evaluations of a run that starts from scratch."""
+        for name in (METRICS, PER_SAMPLE):
+            (self.path / name).unlink(missing_ok=True)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """The evaluation rows, checked: every field present, steps strictly increasing."""
+        return _read_metrics(self.path / METRICS)
+
+    def per_sample(self) -> list[dict[str, Any]] | None:
+        """Per-sample values aligned with :meth:`metrics`, or None when absent or written by another run
+        (the verdicts then fall back to unpaired standard errors)."""
+        path = self.path / PER_SAMPLE
+        if not path.is_file():
+            return None
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return rows if [r["step"] for r in rows] == [m["step"] for m in self.metrics()] else None
+
+    def finished(self) -> bool:
+        """Whether the run is complete: its final student exists and its evaluations are consistent. A folder
+        whose files contradict each other is an error with the fix, never counted as done."""
+        if not (self.student_dir / "model.safetensors").exists():
+            return False
+        try:
+            self.metrics()
+        except BrokenRun as error:
+            raise BrokenRun(f"{error}; delete {self.path} and rerun the same command to redo this run") from None
+        return True
+
+
+@dataclass(frozen=True)
+class Run:
+    """One stage-2 run, loaded."""
+
+    name: str
+    settings: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    path: Path
+    per_sample: list[dict[str, Any]] | None = None  # paired per-sample values, if saved
+
+    def verdicts(self) -> tuple[GoldenVerdict, DetectorResult]:
+        """The golden verdict (with paired SEs when per-sample values exist) and the oracle-free detector."""
+        return run_verdicts(self.metrics, self.per_sample)
+
+    def series(self, key: str) -> np.ndarray:
+        """Column ``key`` over the evaluations as floats; null becomes NaN."""
+        return np.array([np.nan if m.get(key) is None else float(m[key]) for m in self.metrics])
+
+    def data_tokens(self) -> np.ndarray:
+        """Tokens generated for training up to each evaluation: the offline dataset (generated once, up
+        front) plus the online samples so far. What a budget-matched comparison puts on its x axis."""
+        return float(self.settings.get("offline_tokens") or 0) + self.series("tokens_generated")
+
+    @property
+    def unit(self) -> str:
+        """The metrics' unit, short, for axis labels."""
+        return "nats/token" if self.settings.get("metric_unit") == "nats/token" else "nats/seq"
+
+
+def load_run(path: str | Path) -> Run:
+    """Load one run folder; :class:`BrokenRun` naming the file (and line) for anything malformed."""
+    folder = RunFolder(Path(path))
+    if not (folder.path / METRICS).is_file():
+        raise BrokenRun(f"{folder.path}: no {METRICS}, not a run folder")
+    settings = folder.settings()
+    return Run(str(settings.get("name") or folder.path.name), settings, folder.metrics(), folder.path,
+               folder.per_sample())
+
+
+def load_runs(paths: str | Path | Iterable[str | Path]) -> list[Run]:
+    """Load run folders and the run subfolders of lab folders, in the order given."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    runs = []
+    for path in map(Path, paths):
+        if (path / METRICS).is_file():
+            runs.append(load_run(path))
+            continue
+        subdirs = sorted(d for d in path.iterdir() if (d / METRICS).is_file()) if path.is_dir() else []
+        if not subdirs:
+            raise BrokenRun(f"{path}: no {METRICS} here or in any immediate subfolder")
+        runs.extend(load_run(d) for d in subdirs)
+    if not runs:
+        raise BrokenRun("no run folders given")
+    return runs
+
+
+def summarise(run: Run) -> dict[str, Any]:
+    """A run's line in summary.json: best and final metrics, the golden verdict and the oracle-free detector."""
+    verdict, detector = run.verdicts()
+    rows = run.metrics
+    best = min(range(len(rows)), key=lambda i: rows[i]["golden"])
+    last = rows[-1]
+    return {"golden_min": rows[best]["golden"], "golden_min_se": rows[best]["golden_se"],
+            "golden_min_step": rows[best]["step"], "golden_final": last["golden"], "golden_final_se": last["golden_se"],
+            "proxy_final": last["proxy"], "proxy_final_se": last["proxy_se"], "hacking": verdict.hacking,
+            "verdict": verdict.to_dict(), "detector": detector.to_dict(), "steps": last["step"],
+            "train_seconds": last.get("train_seconds"), "eval_seconds": last.get("eval_seconds")}
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise BrokenRun(f"{path}:{lineno}: malformed JSON: {err.msg}") from None
+        if not isinstance(row, dict):
+            raise BrokenRun(f"{path}:{lineno}: expected a JSON object")
+        missing = [f for f in REQUIRED_FIELDS if f not in row or (row[f] is None and f not in NULLABLE_FIELDS)]
+        if missing:
+            raise BrokenRun(f"{path}:{lineno}: missing or null field(s): {', '.join(missing)}")
+        if rows and row["step"] <= rows[-1]["step"]:
+            raise BrokenRun(f"{path}:{lineno}: step {row['step']} does not follow step {rows[-1]['step']}")
+        rows.append(row)
+    if not rows:
+        raise BrokenRun(f"{path}: no evaluations")
+    return rows

@@ -1,0 +1,430 @@
+"""The lab's upstream stages (stages 0 and 1, and what stage 2 needs from them), each a top-level function that
+declares the configuration keys and the parent artifacts it reads. A stage's cache key is derived from those
+declarations alone, and its build function sees the configuration only through a view that refuses any key
+the stage did not declare, so a key cannot miss an input.
+
+    task ─ splits ─ tokenizer ─┬─ oracle ─ oracle_samples ─┬─ teacher ─┬─ references ─ …
+                               └─ pretrain (per size) ──────┴─ student  ├─ offline_data
+                                                                        └─ distill_prompts (splits, tokenizer)
+
+The root, ``task``, is keyed by the content of the loaded pairs, so an edited data file is a new task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from teacherhack import seeds
+from teacherhack.cache import ArtifactCache
+from teacherhack.config import LabConfig, TrainConfig
+from teacherhack.distributed import log
+from teacherhack.metrics import draw_references, sample_in_batches
+from teacherhack.models import LM, SIZES, build_model, collate_prompts, load_pretrained
+from teacherhack.sources import FixedPairs
+from teacherhack.tasks import Pair, Splits, Task, load_task, split_task
+from teacherhack.tokenizer import (
+    check_tokenizers,
+    encode_prompts,
+    encode_responses,
+    special_ids,
+    train_tokenizer,
+    truncation_report,
+)
+from teacherhack.training import sft_loss, train
+
+ROLES = ("oracle", "teacher", "student")
+OFFLINE_SOURCES = ("offline", "mixture")  # the sources that read the offline dataset
+SAMPLING_BATCH = 256  # rows per generation batch when building datasets (a fixed part of each artifact's recipe)
+
+
+class UndeclaredRead(AttributeError):
+    """A stage read a configuration key it did not declare: a bug in the stage's declaration."""
+
+
+class ConfigView:
+    """A read-only window on a :class:`LabConfig` through which a stage reads only the keys it declared
+    (a declared section, e.g. ``"oracle"``, allows every key under it)."""
+
+    def __init__(self, target: Any, allowed: tuple[str, ...], stage: str, prefix: str = "") -> None:
+        self._target, self._allowed, self._stage, self._prefix = target, allowed, stage, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        key = self._prefix + name
+        value = getattr(self._target, name)
+        if any(key == a or key.startswith(a + ".") for a in self._allowed):
+            return value
+        if any(a.startswith(key + ".") for a in self._allowed):
+            return ConfigView(value, self._allowed, self._stage, key + ".")
+        raise UndeclaredRead(f"stage {self._stage!r} reads {key!r} without declaring it")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A cached stage: ``build(job, out)`` writes the artifact into ``out``."""
+
+    name: str
+    build: Callable[["Job", Path], None]
+    reads: tuple[str, ...]  # configuration keys (or sections) the artifact depends on: all hashed into its key
+    parents: tuple[str, ...] = ()  # stages whose artifacts it reads (their keys are hashed into its key)
+    checks: tuple[str, ...] = ()  # keys read to decide something that does not change the artifact
+    kind: str = ""  # stages of one kind with equal inputs share one artifact (pre-training, per model size)
+    inputs: Callable[[ConfigView], dict[str, Any]] | None = None  # what the key hashes; default: ``reads``
+    needed: Callable[[ConfigView], bool] | None = None  # None: always built
+    collective: bool = False  # training: under a launcher, every process takes part
+
+    def view(self, config: LabConfig) -> ConfigView:
+        return ConfigView(config, self.reads + self.checks, self.name)
+
+
+STAGES: dict[str, Stage] = {}  # in dependency order
+
+
+def stage(name: str, **declaration: Any) -> Callable[[Callable[["Job", Path], None]], Callable[["Job", Path], None]]:
+    """Register a top-level build function as the stage ``name``."""
+
+    def register(build: Callable[[Job, Path], None]) -> Callable[[Job, Path], None]:
+        STAGES[name] = Stage(name, build, **declaration)
+        return build
+
+    return register
+
+
+@dataclass
+class Job:
+    """What a build function gets: its configuration view, its parents' artifacts and shared loaders."""
+
+    config: ConfigView
+    parents: dict[str, Path]
+    device: str
+    task: Task
+    trust_remote_code: bool = False  # a policy, not an input: it changes no artifact
+    models: dict[Path, torch.nn.Module] = field(default_factory=dict)  # loaded once per upstream preparation
+
+    def path(self, parent: str) -> Path:
+        return self.parents[parent]
+
+    def splits(self) -> Splits:
+        data = json.loads((self.path("splits") / "splits.json").read_text())
+        pairs = {name: [Pair(*p) for p in data[name]] for name in ("oracle_train", "stage1", "distill", "validation")}
+        return Splits(**pairs, duplicates=data["duplicates"])
+
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return AutoTokenizer.from_pretrained(self.path("tokenizer"), trust_remote_code=self.trust_remote_code)
+
+    def lm(self, parent: str, temperature: float = 1.0) -> LM:
+        path = self.path(parent)
+        if path not in self.models:
+            self.models[path] = load_pretrained(path, trust_remote_code=self.trust_remote_code)
+        return wrap(self.models[path], self.tokenizer(), self.device, temperature, self.config.models.vocab_size)
+
+    def initial_model(self, role: str, seed: int) -> LM:
+        """The role's starting point: the weights it names (a folder or hub id), the shared pre-trained
+        checkpoint of its size, or a fresh model of its size preset."""
+        c, tokenizer = self.config, self.tokenizer()
+        name, vocab = getattr(c.models, role), c.models.vocab_size
+        if name not in SIZES:
+            model = load_pretrained(name, dtype=getattr(torch, c.models.dtype), trust_remote_code=self.trust_remote_code)
+        elif f"pretrain_{role}" in self.parents:
+            model = load_pretrained(self.path(f"pretrain_{role}"), trust_remote_code=self.trust_remote_code)
+        else:
+            ids = special_ids(tokenizer)
+            model = build_model(c.models.arch, name, vocab_size=len(tokenizer), pad_id=ids.pad, eos_id=ids.eos,
+                                max_positions=c.task.max_prompt_len + c.task.max_response_len, seed=seed)
+        return wrap(model, tokenizer, self.device, vocab_size=vocab)
+
+
+def wrap(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, device: str, temperature: float = 1.0,
+         vocab_size: int | None = None) -> LM:
+    ids = special_ids(tokenizer)
+    return LM(model.to(device), pad_id=ids.pad, eos_id=ids.eos, temperature=temperature, vocab_size=vocab_size)
+
+
+def pretrained_roles(models: Any) -> dict[str, str]:
+    """The roles that name a model folder or hub id rather than a size preset."""
+    return {role: name for role in ROLES if (name := getattr(models, role)) not in SIZES}
+
+
+def save_ids(path: Path, prompts: list[list[int]], responses: list[list[int]] | None = None) -> None:
+    """Token ids of prompts (and responses) as one JSON file: the format of the pair artifacts."""
+    path.write_text(json.dumps({"prompts": prompts, "responses": responses}))
+
+
+def load_ids(path: Path) -> tuple[list[list[int]], list[list[int]] | None]:
+    data = json.loads(path.read_text())
+    return data["prompts"], data["responses"]
+
+
+def rows_until_eos(responses: torch.Tensor, eos_id: int) -> list[list[int]]:
+    """Sampled [B, T] responses back to lists, each cut after its first EOS."""
+    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in responses.tolist()]
+
+
+def fit(lm: LM, prompts: list[list[int]], responses: list[list[int]], t: TrainConfig, seed: int, desc: str) -> None:
+    """Supervised training (cross-entropy) on the first ``t.samples`` pairs for ``t.epochs`` epochs."""
+    n = len(prompts) if t.samples is None else min(t.samples, len(prompts))
+    steps = max(1, math.ceil(n * t.epochs / t.batch_size)) if t.epochs > 0 else 0
+    if steps == 0:
+        return
+    data = FixedPairs(prompts[:n], responses[:n], batch_size=t.batch_size, seed=seed, pad_id=lm.pad_id, origin=desc)
+    train(lm, data, sft_loss(lm), steps=steps, lr=t.lr, warmup=t.warmup, schedule=t.schedule, desc=desc)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stages, in dependency order
+# --------------------------------------------------------------------------------------------------
+
+SPLIT_KEYS = ("task.n_validation", "task.n_distill", "task.n_stage1", "task.n_oracle", "task.seed")
+LENGTHS = ("task.max_prompt_len", "task.max_response_len")
+
+
+@stage("splits", reads=SPLIT_KEYS, parents=("task",))
+def build_splits(job: Job, out: Path) -> None:
+    """Disjoint prompt pools: oracle training pairs, stage-1 prompts, distillation pool, validation."""
+    t = job.config.task
+    splits = split_task(job.task.pairs, n_stage1=t.n_stage1, n_distill=t.n_distill, n_validation=t.n_validation,
+                        n_oracle=t.n_oracle, seed=t.seed)
+    data = {name: [[p.prompt, p.response] for p in getattr(splits, name)]
+            for name in ("oracle_train", "stage1", "distill", "validation")}
+    (out / "splits.json").write_text(json.dumps({**data, "duplicates": splits.duplicates}, ensure_ascii=False))
+
+
+@stage("tokenizer", reads=("task.vocab_size", "models.oracle", "models.teacher", "models.student"),
+       parents=("splits",), inputs=lambda c: {"vocab_size": c.task.vocab_size, "pretrained": pretrained_roles(c.models)})
+def build_tokenizer(job: Job, out: Path) -> None:
+    """The tokenizer all three models share: the pretrained models' own (checked to be one and the same), or
+    a byte-level BPE trained on the oracle's training text when every model is built from a size preset."""
+    c = job.config
+    pretrained = pretrained_roles(c.models)
+    if pretrained:
+        tokenizers = {role: AutoTokenizer.from_pretrained(name, trust_remote_code=job.trust_remote_code)
+                      for role, name in pretrained.items()}
+        check_tokenizers(tokenizers)
+        next(iter(tokenizers.values())).save_pretrained(out)
+        return
+    texts = (x for pair in job.splits().oracle_train for x in (pair.prompt, pair.response))
+    train_tokenizer(texts, c.task.vocab_size).save_pretrained(out)
+
+
+def build_pretrain(job: Job, out: Path, role: str) -> None:
+    """Shared pre-training of the role's size on unlabelled text of the task's languages (the oracle's training
+    pairs, prompts and responses as separate texts): the stand-in for the paper's pre-trained checkpoints."""
+    c, tokenizer = job.config, job.tokenizer()
+    lm = job.initial_model(role, seed=c.oracle_seed)
+    texts = [x for pair in job.splits().oracle_train for x in (pair.prompt, pair.response)]
+    log(f"pre-training size {getattr(c.models, role)!r} on {len(texts)} unlabelled texts")
+    empty_prompts = [[special_ids(tokenizer).prompt_end]] * len(texts)  # language modelling: the text is the response
+    fit(lm, empty_prompts, encode_responses(tokenizer, texts, c.task.max_prompt_len + c.task.max_response_len - 1),
+        c.pretrain, c.oracle_seed, f"pretrain {getattr(c.models, role)}")
+    lm.save(out)
+
+
+for _role in ROLES:  # one stage per role, one artifact per size: roles of the same size share it
+    STAGES[f"pretrain_{_role}"] = Stage(
+        f"pretrain_{_role}", partial(build_pretrain, role=_role), kind="pretrain",
+        reads=("models.arch", f"models.{_role}", "models.vocab_size", "pretrain", "oracle_seed", *LENGTHS),
+        parents=("splits", "tokenizer"),
+        inputs=lambda c, role=_role: {"arch": c.models.arch, "size": getattr(c.models, role), "train": c.pretrain,
+                                      "vocab": c.models.vocab_size, "seed": c.oracle_seed,
+                                      "lengths": [c.task.max_prompt_len, c.task.max_response_len]},
+        needed=lambda c, role=_role: c.pretrain.epochs > 0 and getattr(c.models, role) in SIZES, collective=True)
+
+
+@stage("oracle", reads=("models.arch", "models.oracle", "models.dtype", "models.vocab_size", "oracle", "oracle_seed",
+                        *LENGTHS), parents=("splits", "tokenizer", "pretrain_oracle"), collective=True)
+def build_oracle(job: Job, out: Path) -> None:
+    """Stage 0: the oracle, the ground truth, trained on real pairs."""
+    c, tokenizer = job.config, job.tokenizer()
+    pairs = job.splits().oracle_train
+    lm = job.initial_model("oracle", seed=c.oracle_seed)
+    log(f"stage 0: training the oracle on {len(pairs)} real pairs")
+    fit(lm, encode_prompts(tokenizer, [p.prompt for p in pairs], c.task.max_prompt_len),
+        encode_responses(tokenizer, [p.response for p in pairs], c.task.max_response_len),
+        c.oracle, c.oracle_seed, "oracle")
+    lm.save(out)
+
+
+@stage("oracle_samples", reads=("models.oracle_temperature", "models.vocab_size", "oracle_seed", *LENGTHS),
+       parents=("splits", "tokenizer", "oracle"))
+def build_oracle_samples(job: Job, out: Path) -> None:
+    """Stage 1 data: the oracle answers the stage-1 prompts (at its temperature)."""
+    c, tokenizer = job.config, job.tokenizer()
+    prompts = encode_prompts(tokenizer, job.splits().stage1_prompts, c.task.max_prompt_len)
+    oracle = job.lm("oracle", c.models.oracle_temperature)
+    log(f"stage 1: the oracle answers {len(prompts)} prompts")
+    responses = sample_in_batches(oracle, collate_prompts(prompts, oracle.pad_id), max_new_tokens=c.task.max_response_len,
+                                  batch_size=SAMPLING_BATCH, seed=c.oracle_seed)
+    save_ids(out / "pairs.json", prompts, rows_until_eos(responses, oracle.eos_id))
+
+
+def build_sft(job: Job, out: Path, role: str, init_stream: int) -> None:
+    """Stage 1: the teacher or the student, SFT-trained on the oracle's samples."""
+    c = job.config
+    prompts, responses = load_ids(job.path("oracle_samples") / "pairs.json")
+    lm = job.initial_model(role, seed=c.seed + init_stream)
+    log(f"stage 1: SFT of the {role} on oracle samples")
+    fit(lm, prompts, responses or [], getattr(c, role), c.seed, role)
+    lm.save(out)
+
+
+for _role, _stream in (("teacher", seeds.TEACHER_INIT), ("student", seeds.STUDENT_INIT)):
+    STAGES[_role] = Stage(
+        _role, partial(build_sft, role=_role, init_stream=_stream),
+        reads=("models.arch", f"models.{_role}", "models.dtype", "models.vocab_size", _role, "seed", *LENGTHS),
+        parents=("tokenizer", "oracle_samples", f"pretrain_{_role}"),
+        collective=True)
+
+
+@stage("references", reads=("models.oracle_temperature", "models.vocab_size", "eval.prompts", "eval.samples_per_prompt",
+                            "eval.batch_size", "seed", *LENGTHS), parents=("splits", "tokenizer", "oracle", "teacher"))
+def build_references(job: Job, out: Path) -> None:
+    """The evaluation's fixed samples: oracle and teacher responses on the validation prompts, drawn once."""
+    c, tokenizer, e = job.config, job.tokenizer(), job.config.eval
+    prompts = encode_prompts(tokenizer, job.splits().validation_prompts[: e.prompts], c.task.max_prompt_len)
+    log(f"evaluation references: {e.prompts} prompts × {e.samples_per_prompt} samples of oracle and teacher")
+    oracle, teacher = job.lm("oracle", c.models.oracle_temperature), job.lm("teacher")
+    refs = draw_references(oracle, teacher, collate_prompts(prompts, oracle.pad_id),
+                           samples_per_prompt=e.samples_per_prompt, max_new_tokens=c.task.max_response_len,
+                           batch_size=e.batch_size, seed=c.seed)
+    refs.save(out / "references.safetensors")
+
+
+@stage("offline_data", reads=("models.vocab_size", "distill.prompts", "distill.generations_per_prompt", "seed",
+                              *LENGTHS),
+       checks=("distill.sources",), parents=("splits", "tokenizer", "teacher"),
+       needed=lambda c: any(s in OFFLINE_SOURCES for s in c.distill.sources))
+def build_offline_data(job: Job, out: Path) -> None:
+    """The offline dataset: the teacher's samples on the distillation pool (k per prompt), built once."""
+    c, tokenizer, d = job.config, job.tokenizer(), job.config.distill
+    pool = encode_prompts(tokenizer, job.splits().distill_prompts[: d.prompts], c.task.max_prompt_len)
+    log(f"stage 2 data: the teacher answers {len(pool)} prompts × {d.generations_per_prompt}")
+    prompts = [p for p in pool for _ in range(d.generations_per_prompt)]
+    teacher = job.lm("teacher")
+    responses = sample_in_batches(teacher, collate_prompts(prompts, teacher.pad_id), max_new_tokens=c.task.max_response_len,
+                                  batch_size=SAMPLING_BATCH, seed=c.seed + seeds.OFFLINE_SAMPLES)
+    save_ids(out / "pairs.json", prompts, rows_until_eos(responses, teacher.eos_id))
+
+
+@stage("distill_prompts", reads=("distill.prompts", "task.max_prompt_len"), parents=("splits", "tokenizer"))
+def build_distill_prompts(job: Job, out: Path) -> None:
+    """The distillation pool's prompts (the first ``distill.prompts`` of a shuffled pool: a random subset)."""
+    c = job.config
+    save_ids(out / "pairs.json", encode_prompts(job.tokenizer(), job.splits().distill_prompts[: c.distill.prompts],
+                                                c.task.max_prompt_len))
+
+
+# --------------------------------------------------------------------------------------------------
+# Keys and preparation
+# --------------------------------------------------------------------------------------------------
+
+
+def task_digest(task: Task) -> str:
+    """The task's content, as the root of every key: the same pairs, the same artifacts."""
+    h = hashlib.sha256()
+    for pair in task.pairs:
+        h.update(json.dumps([pair.prompt, pair.response], ensure_ascii=False).encode())
+    return f"task-{h.hexdigest()[:16]}"
+
+
+def stage_specs(config: LabConfig, task_key: str) -> dict[str, dict[str, Any] | None]:
+    """What each stage's key hashes (None for a stage this configuration does not need), in dependency order.
+    Pure: computes no artifact, so it is cheap and testable."""
+    keys: dict[str, str | None] = {"task": task_key}
+    specs: dict[str, dict[str, Any] | None] = {}
+    for s in STAGES.values():
+        view = s.view(config)
+        if s.needed is not None and not s.needed(view):
+            keys[s.name] = specs[s.name] = None
+            continue
+        inputs = s.inputs(ConfigView(config, s.reads, s.name)) if s.inputs else {key: _value(config, key) for key in s.reads}
+        spec = {"kind": s.kind or s.name, "inputs": _plain(inputs),
+                "parents": {p: keys[p] for p in s.parents if keys[p] is not None}}
+        blob = json.dumps(spec, sort_keys=True, default=str)
+        spec["key"] = keys[s.name] = f"{s.kind or s.name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+        specs[s.name] = spec
+    return specs
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """The artifacts stage 2 needs (plain paths, so that a worker process can load them)."""
+
+    splits: Path
+    tokenizer: Path
+    oracle: Path
+    teacher: Path
+    student: Path
+    references: Path
+    distill_prompts: Path
+    offline: Path | None  # None when no source of the configuration reads the offline dataset
+
+
+def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: dict[str, float]) -> Upstream:
+    """Load the task, then build (or find in the cache) every stage this configuration needs."""
+    start = time.time()
+    t = c.task
+    task = load_task(t.spec, cache.root, split=t.split, prompt_field=t.prompt_field, response_field=t.response_field,
+                     config=t.hub_config, limit=t.limit, seed=t.seed)
+    for reason, count in task.skipped.items():
+        log(f"task {task.source}: skipped {count} rows ({reason})")
+    timings["data"] = time.time() - start
+    specs = stage_specs(c, task_digest(task))
+    paths: dict[str, Path] = {}
+    models: dict[Path, torch.nn.Module] = {}
+    for s in STAGES.values():
+        spec = specs[s.name]
+        if spec is None:
+            continue
+        job = Job(s.view(c), {p: paths[p] for p in s.parents if p in paths}, device, task,
+                  c.models.trust_remote_code, models)
+        begun = time.time()
+        paths[s.name] = cache.get(s.name, spec["key"], spec, partial(s.build, job), collective=s.collective)
+        timings[s.name] = time.time() - begun
+        if s.name == "tokenizer":
+            tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"], trust_remote_code=c.models.trust_remote_code)
+            _report_truncation(job.splits(), tokenizer, c)
+    return Upstream(paths["splits"], paths["tokenizer"], paths["oracle"], paths["teacher"], paths["student"],
+                    paths["references"] / "references.safetensors", paths["distill_prompts"] / "pairs.json",
+                    paths["offline_data"] / "pairs.json" if "offline_data" in paths else None)
+
+
+def _report_truncation(splits: Splits, tokenizer: PreTrainedTokenizerBase, c: LabConfig) -> None:
+    """Say how many prompts and responses of each split the maximum lengths cut: nothing is cut silently."""
+    texts = {"validation prompts": (splits.validation_prompts[: c.eval.prompts], c.task.max_prompt_len),
+             "distillation prompts": (splits.distill_prompts[: c.distill.prompts], c.task.max_prompt_len),
+             "stage-1 prompts": (splits.stage1_prompts, c.task.max_prompt_len),
+             "oracle training prompts": ([p.prompt for p in splits.oracle_train], c.task.max_prompt_len),
+             "oracle training responses": ([p.response for p in splits.oracle_train], c.task.max_response_len)}
+    for name, (items, limit) in texts.items():
+        cut, total = truncation_report(tokenizer, items, limit)
+        if cut:
+            key = "task.max_response_len" if name.endswith("responses") else "task.max_prompt_len"
+            log(f"{cut} of {total} {name} are longer than {key}={limit} and are cut")
+
+
+def _value(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses to dicts, recursively, so that a spec is JSON."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
