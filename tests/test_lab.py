@@ -145,3 +145,27 @@ def test_shared_pretraining_is_built_once_per_size_and_used_by_every_role(tiny_c
     plain = cfg.apply_overrides(config, {"pretrain.epochs": 0})
     again = lab.run_lab(plain, tmp_path / "plain", tmp_path / "cache")
     assert again["cache"]["oracle"] == "built" and "pretrain_oracle" not in again["cache"]
+
+
+def test_trackers_receive_every_evaluation(tiny_config: cfg.LabConfig, tmp_path: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = cfg.apply_overrides(tiny_config, {"distill.sources": "offline"})
+    lab.run_lab(config, tmp_path / "lab", tmp_path / "cache", lab.Engine(report_to=("tensorboard",)))
+    events = EventAccumulator(str(tmp_path / "lab" / "tracking" / "lab" / "offline"))
+    events.Reload()
+    rows = read_metrics(tmp_path / "lab" / "offline")
+    for key in ("golden", "proxy", "train_loss"):
+        logged = events.Scalars(key)
+        expected = [(r["step"], r[key]) for r in rows if r[key] is not None]
+        assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in logged] == expected
+
+
+def test_a_sweep_runs_on_submitit_s_local_executor(tiny_config: cfg.LabConfig, tmp_path: Path):
+    config = cfg.apply_overrides(tiny_config, {"distill.steps": 4})
+    engine = lab.Engine(jobs=2, name="submitit", options=(("cluster", "local"), ("timeout_min", "10")))
+    summary = lab.run_sweep("sources", config, tmp_path / "sweep", tmp_path / "cache", seeds=1, engine=engine)
+    assert summary["runs"] == 3
+    for source in SOURCES:
+        assert [r["step"] for r in read_metrics(tmp_path / "sweep" / "runs" / source / "seed0")] == [0, 4]
+    assert list((tmp_path / "sweep" / ".engine").glob("*_log.out"))  # the executor's own logs

@@ -67,6 +67,7 @@ def _child(job: Job, results: Any) -> None:
     try:
         results.put((job.name, True, job.fn(*job.args, **job.kwargs)))
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopping already: a second Ctrl-C must not break the exit
         results.put((job.name, False, KeyboardInterrupt()))
     except BaseException as error:  # noqa: BLE001 - every failure goes back to the parent
         if not isinstance(error, UserError):  # a bug: keep the worker's traceback
@@ -101,7 +102,10 @@ def _processes(jobs: list[Job], parallel: int) -> Iterator[tuple[str, Any]]:
             else:
                 failure = failure or value
     except BaseException:
-        for process in running.values():  # Ctrl-C (or the consumer stopped): stop the runs now, cleanly
+        # Ctrl-C in a terminal reaches the workers too; a worker still going after a moment got none (the signal
+        # was sent to this process alone, or the consumer stopped): ask it to stop the same way
+        for process in running.values():
+            process.join(timeout=5)
             if process.is_alive():
                 _interrupt(process)
         for process in running.values():

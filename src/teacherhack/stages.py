@@ -33,7 +33,7 @@ from teacherhack.distributed import log
 from teacherhack.metrics import draw_references, sample_in_batches
 from teacherhack.models import LM, SIZES, build_model, collate_prompts, load_pretrained
 from teacherhack.sources import FixedPairs
-from teacherhack.tasks import Pair, Splits, Task, load_task, split_task
+from teacherhack.tasks import Pair, Splits, Task, TaskError, load_task, split_task
 from teacherhack.tokenizer import (
     check_tokenizers,
     encode_prompts,
@@ -393,23 +393,29 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
         timings[s.name] = time.time() - begun
         if s.name == "tokenizer":
             tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"], trust_remote_code=c.models.trust_remote_code)
-            _report_truncation(job.splits(), tokenizer, c)
+            _report_data(job.splits(), tokenizer, c)
     return Upstream(paths["splits"], paths["tokenizer"], paths["oracle"], paths["teacher"], paths["student"],
                     paths["references"] / "references.safetensors", paths["distill_prompts"] / "pairs.json",
                     paths["offline_data"] / "pairs.json" if "offline_data" in paths else None)
 
 
-def _report_truncation(splits: Splits, tokenizer: PreTrainedTokenizerBase, c: LabConfig) -> None:
-    """Say how many prompts and responses of each split the maximum lengths cut: nothing is cut silently."""
+def _report_data(splits: Splits, tokenizer: PreTrainedTokenizerBase, c: LabConfig) -> None:
+    """Say how many pairs repeat a prompt and how many prompts and responses of each split the maximum lengths
+    cut: nothing is dropped or cut silently."""
+    if splits.duplicates:
+        log(f"{splits.duplicates} pairs repeat an earlier pair's prompt and were left out (each prompt is used once)")
     texts = {"validation prompts": (splits.validation_prompts[: c.eval.prompts], c.task.max_prompt_len),
              "distillation prompts": (splits.distill_prompts[: c.distill.prompts], c.task.max_prompt_len),
              "stage-1 prompts": (splits.stage1_prompts, c.task.max_prompt_len),
              "oracle training prompts": ([p.prompt for p in splits.oracle_train], c.task.max_prompt_len),
              "oracle training responses": ([p.response for p in splits.oracle_train], c.task.max_response_len)}
     for name, (items, limit) in texts.items():
-        cut, total = truncation_report(tokenizer, items, limit)
+        key = "task.max_response_len" if name.endswith("responses") else "task.max_prompt_len"
+        try:
+            cut, total = truncation_report(tokenizer, items, limit)
+        except TaskError as error:
+            raise TaskError(f"{name}: {error} ({key}={limit})") from None
         if cut:
-            key = "task.max_response_len" if name.endswith("responses") else "task.max_prompt_len"
             log(f"{cut} of {total} {name} are longer than {key}={limit} and are cut")
 
 

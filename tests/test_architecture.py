@@ -1,0 +1,157 @@
+"""The package's shape: no import cycles, a command line that answers --help without heavy imports, and cache
+keys derived from each stage's declarations (a changed input changes exactly its stage and what depends on it)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from teacherhack import config as cfg
+from teacherhack import stages
+from teacherhack.stages import STAGES, ConfigView, UndeclaredRead, stage_specs
+
+PACKAGE = Path(stages.__file__).parent
+
+
+def imports_of(path: Path) -> set[str]:
+    """The teacherhack modules a file imports, anywhere in it (function-level imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("teacherhack"):
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("teacherhack")}
+    return found
+
+
+def test_no_import_cycles():
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(("teacherhack", *path.relative_to(PACKAGE).with_suffix("").parts))
+        modules[name.removesuffix(".__init__")] = path
+    graph = {name: {m for m in imports_of(path) if m in modules and m != name} for name, path in modules.items()}
+    # a package's __init__ re-exporting its submodules is not a cycle through the package itself
+    graph = {name: {m for m in deps if not name.startswith(m + ".")} for name, deps in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                pytest.fail("import cycle: " + " → ".join(trail[trail.index(dep):] + [dep]) if dep in trail
+                            else f"import cycle through {dep}")
+            if dep not in state:
+                visit(dep, trail + [dep])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+def test_help_imports_neither_torch_nor_matplotlib():
+    code = ("import sys; from teacherhack.cli import build_parser; build_parser().format_help(); "
+            "heavy = [m for m in ('torch', 'matplotlib', 'transformers') if m in sys.modules]; print(heavy)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    help_text = subprocess.run([sys.executable, "-m", "teacherhack", "--help"], capture_output=True, text=True)
+    assert help_text.returncode == 0 and "lab" in help_text.stdout and "sweep" in help_text.stdout
+
+
+def changed(value):
+    """Another valid-looking value of the same kind (what a user might set instead)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1 if isinstance(value, int) else value * 0.5 + 0.25
+    if isinstance(value, str):
+        return value + "-other"
+    if isinstance(value, list):
+        return value + ["online_teacher"] if "offline" in value else value + ["offline"]
+    if value is None:
+        return 7
+    raise TypeError(value)
+
+
+def leaves(config: cfg.LabConfig, key: str) -> list[str]:
+    """The scalar keys under ``key`` (a key itself, or every field of a section)."""
+    value = stages._value(config, key)
+    if dataclasses.is_dataclass(value):
+        return [f"{key}.{f.name}" for f in dataclasses.fields(value)]
+    return [key]
+
+
+def set_value(config: cfg.LabConfig, key: str, value) -> cfg.LabConfig:
+    config = cfg.from_dict(config.to_dict())
+    *path, name = key.split(".")
+    target = config
+    for part in path:
+        target = getattr(target, part)
+    setattr(target, name, value)
+    return config
+
+
+def descendants(names: set[str]) -> set[str]:
+    out = set(names)
+    grew = True
+    while grew:
+        grew = False
+        for s in STAGES.values():
+            if s.name not in out and out & set(s.parents):
+                out.add(s.name)
+                grew = True
+    return out
+
+
+@pytest.mark.parametrize("pretrain", [0.0, 1.0])
+def test_changing_a_declared_key_changes_exactly_its_stage_and_descendants(pretrain: float):
+    base = cfg.apply_overrides(cfg.resolve("default"), {"pretrain.epochs": pretrain})
+    before = stage_specs(base, "task-x")
+    keys = sorted({leaf for s in STAGES.values() for key in s.reads for leaf in leaves(base, key)})
+    assert "eval.batch_size" in keys and "models.dtype" in keys  # the two inputs earlier keys missed
+    for key in keys:
+        if key == "pretrain.epochs" and pretrain == 0:
+            continue  # turning pre-training on adds stages: covered by the other parameter
+        after = stage_specs(set_value(base, key, changed(stages._value(base, key))), "task-x")
+        moved = {name for name in STAGES if (before[name] or {}).get("key") != (after[name] or {}).get("key")}
+        readers = {s.name for s in STAGES.values() if before[s.name] is not None
+                   and any(key == r or key.startswith(r + ".") for r in s.reads)}
+        expected = {name for name in descendants(readers) if before[name] is not None or after[name] is not None}
+        assert moved == expected, (key, sorted(moved), sorted(expected))
+    # and a new task (other pairs) changes everything
+    other = stage_specs(base, "task-y")
+    assert all((before[n] or {}).get("key") != (other[n] or {}).get("key") for n in STAGES if before[n])
+
+
+def test_stage_two_settings_change_no_upstream_key_but_the_offline_dataset():
+    base = cfg.resolve("default")
+    specs = stage_specs(base, "task-x")
+    for key, value in {"distill.loss": "reverse_kl", "distill.steps": 7, "distill.lr": 1e-4, "eval.every": 3,
+                       "distill.sources": ["online_teacher"]}.items():
+        other = stage_specs(cfg.apply_overrides(base, {key: value}), "task-x")
+        assert {n for n in STAGES if (specs[n] or {}).get("key") != (other[n] or {}).get("key")} <= {"offline_data"}
+
+
+def test_a_stage_cannot_read_a_key_it_did_not_declare():
+    view = ConfigView(cfg.resolve("default"), ("models.arch", "oracle"), "oracle")
+    assert view.models.arch == "gpt2" and view.oracle.epochs == 1.3
+    with pytest.raises(UndeclaredRead, match="stage 'oracle' reads 'models.teacher' without declaring it"):
+        view.models.teacher
+    with pytest.raises(UndeclaredRead):
+        view.seed
+
+
+def test_each_build_reads_only_what_it_declares(tiny_config: cfg.LabConfig, tmp_path: Path):
+    """Every stage's build ran in the lab tests; here each stage's build function is checked for reads of
+    undeclared keys by running the whole upstream with views (the default path of prepare_upstream)."""
+    from teacherhack.cache import ArtifactCache
+
+    up = stages.prepare_upstream(cfg.apply_overrides(tiny_config, {"pretrain.epochs": 0.5}),
+                                 ArtifactCache(tmp_path / "cache"), "cpu", {})
+    assert up.offline is not None and up.references.exists()

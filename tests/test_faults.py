@@ -1,0 +1,288 @@
+"""What a user's mistakes and accidents do: each is fed to the command line as a user would, and must end with
+exit status 2 and one line naming the problem and the fix (130 for Ctrl-C), before anything trains, with
+nothing lost and no code from a model folder run."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY, make_task
+from teacherhack import config as cfg
+from teacherhack import distill
+from teacherhack.cache import ArtifactCache
+from teacherhack.cli import build_parser, main
+from teacherhack.rundir import BrokenRun, RunFolder
+from test_pretrained_lab import cli_args, save_models
+
+
+class NoInput(io.StringIO):
+    def read(self, *args):  # pragma: no cover - failing here is the test failing
+        raise AssertionError("teacherhack read standard input")
+
+    readline = read
+
+
+@pytest.fixture(autouse=True)
+def _no_stdin(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", NoInput())
+
+
+def tiny_args(task: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    sets = {**TINY, "task.spec": f"jsonl:{task}", "distill.sources": "offline"}
+    return ["lab", "--preset", "quick", "--out", str(out), "--cache", str(cache), "--jobs", "1",
+            *[arg for k, v in sets.items() for arg in ("--set", f"{k}={v}")], *extra]
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("teacherhack: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def trained_nothing(cache: Path) -> bool:
+    return not any(p.name.startswith(("oracle-", "teacher-", "student-")) for p in (cache / "artifacts").glob("*"))
+
+
+# --- model folders ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["mylm", "llama"])
+def test_a_model_folder_that_ships_code_is_refused_and_its_code_never_runs(model_type, tiny_task, tmp_path, capsys):
+    folders = save_models(tmp_path, tiny_task, "llama")
+    marker = tmp_path / "code-ran"
+    config = json.loads((folders["teacher"] / "config.json").read_text())
+    config.update(model_type=model_type, auto_map={"AutoConfig": "configuration_mylm.MyConfig",
+                                                   "AutoModelForCausalLM": "modeling_mylm.MyModel"})
+    (folders["teacher"] / "config.json").write_text(json.dumps(config))
+    (folders["teacher"] / "configuration_mylm.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (folders["teacher"] / "modeling_mylm.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    start = time.time()
+    assert main(cli_args(folders, f"jsonl:{tiny_task}", tmp_path / "lab", tmp_path / "cache")) == 2
+    error = one_line_error(capsys)
+    assert "models.teacher" in error and "models.trust_remote_code=true" in error
+    assert not marker.exists() and trained_nothing(tmp_path / "cache") and time.time() - start < 30
+
+
+def test_a_pickle_only_model_is_refused_before_anything_trains(tiny_task, tmp_path, capsys):
+    folders = save_models(tmp_path, tiny_task, "llama")
+    from safetensors.torch import load_file
+
+    weights = load_file(folders["student"] / "model.safetensors")
+    (folders["student"] / "model.safetensors").unlink()
+    torch.save(weights, folders["student"] / "pytorch_model.bin")
+    assert main(cli_args(folders, f"jsonl:{tiny_task}", tmp_path / "lab", tmp_path / "cache")) == 2
+    error = one_line_error(capsys)
+    assert "models.student" in error and "no safetensors weights (found pytorch_model.bin)" in error
+    assert "safe_serialization=True" in error and trained_nothing(tmp_path / "cache")
+
+
+def test_output_layers_of_different_sizes_are_refused_unless_the_real_size_is_declared(tiny_task, tmp_path, capsys):
+    folders = save_models(tmp_path, tiny_task, "llama")
+    padded = save_models(tmp_path / "padded", tiny_task, "llama", vocab_size=320)  # the tokenizer has 300
+    folders["student"] = padded["student"]
+    assert main(cli_args(folders, f"jsonl:{tiny_task}", tmp_path / "lab", tmp_path / "cache")) == 2
+    error = one_line_error(capsys)
+    assert "output layers differ (oracle 300, teacher 300, student 320)" in error
+    assert "--set models.vocab_size=300" in error and trained_nothing(tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_a_declared_real_vocabulary_runs_padded_models_end_to_end(tiny_task, tmp_path):
+    folders = save_models(tmp_path, tiny_task, "llama")
+    folders["student"] = save_models(tmp_path / "padded", tiny_task, "llama", vocab_size=320)["student"]
+    args = cli_args(folders, f"jsonl:{tiny_task}", tmp_path / "lab", tmp_path / "cache")
+    assert main([*args, "--set", "models.vocab_size=300"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "lab" / "offline" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["proxy"] < rows[0]["proxy"]
+
+
+# --- paths, data, settings -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["out is a file", "out under a file", "cache is a file", "out read-only"])
+def test_unusable_output_or_cache_folders_exit_2(case, tiny_task, tmp_path, capsys, monkeypatch):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    if case == "out is a file":
+        out = a_file
+    elif case == "out under a file":
+        out = a_file / "sub"
+    elif case == "cache is a file":
+        cache = a_file
+    else:
+        original = Path.mkdir
+
+        def read_only(self, *args, **kwargs):
+            if self == out:
+                raise OSError(30, "Read-only file system", str(self))
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", read_only)
+    assert main(tiny_args(tiny_task, out, cache)) == 2
+    error = one_line_error(capsys)
+    assert ("--out" in error) != (case == "cache is a file") and "choose a folder" in error
+
+
+def test_a_data_file_with_a_bad_byte_names_its_line(tmp_path, capsys):
+    task = make_task(tmp_path / "task.jsonl")
+    lines = task.read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b"sun", b"s\xffn", 1) if b"sun" in lines[2] else lines[2][:5] + b"\xff" + lines[2][5:]
+    task.write_bytes(b"\n".join(lines))
+    assert main(tiny_args(task, tmp_path / "out", tmp_path / "cache")) == 2
+    error = one_line_error(capsys)
+    assert "task.jsonl, line 3: not valid UTF-8" in error and trained_nothing(tmp_path / "cache")
+
+
+def test_a_data_set_too_small_for_the_splits_names_the_keys_to_lower(tmp_path, capsys):
+    task = make_task(tmp_path / "task.jsonl", n=60)
+    assert main(tiny_args(task, tmp_path / "out", tmp_path / "cache")) == 2
+    error = one_line_error(capsys)
+    assert "lower task.n_oracle, task.n_stage1 or task.n_distill" in error
+
+
+def test_set_takes_yaml_lists_and_the_help_says_so():
+    for text in ("[offline, online_teacher]", "offline,online_teacher", "[offline,online_teacher]"):
+        config = cfg.resolve("quick", cfg.parse_assignments([f"distill.sources={text}"]))
+        assert config.distill.sources == ["offline", "online_teacher"]
+    assert cfg.resolve("quick", {"distill.sources": "[offline]"}).distill.sources == ["offline"]
+    with pytest.raises(cfg.ConfigError, match="unknown source 'teleport'"):
+        cfg.resolve("quick", {"distill.sources": "[offline, teleport]"})
+    lab_help = [a for a in build_parser()._subparsers._group_actions[0].choices["lab"]._actions if "--set" in a.option_strings]
+    assert "[a, b]" in lab_help[0].help
+
+
+@pytest.mark.slow
+def test_dropped_and_cut_rows_are_reported(tmp_path, capsys):
+    task = make_task(tmp_path / "task.jsonl")
+    with task.open("a") as f:
+        for _ in range(5):
+            f.write(json.dumps({"prompt": "   ", "response": "SUN"}) + "\n")
+    assert main(tiny_args(task, tmp_path / "out", tmp_path / "cache", "--set", "distill.steps=4",
+                          "--set", "task.max_prompt_len=6")) == 0
+    out = capsys.readouterr().out
+    assert "skipped 5 rows (blank prompt or response)" in out
+    assert "oracle training prompts are longer than task.max_prompt_len=6 and are cut" in out
+    assert "pairs repeat an earlier pair's prompt and were left out" in out
+
+
+# --- runs that fail, are interrupted, or collide ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_exits_2_with_one_message_keeps_every_checkpoint_and_resumes(tiny_task, tmp_path, capsys,
+                                                                                       monkeypatch):
+    args = tiny_args(tiny_task, tmp_path / "out", tmp_path / "cache")
+    original = distill.distill_loss
+    calls = {"n": 0}
+
+    def diverges_at_step_6(*a, **k):
+        loss = original(*a, **k)
+
+        def wrapped(batch, denominator):
+            calls["n"] += 1
+            value = loss(batch, denominator)
+            return value * float("nan") if calls["n"] == 6 else value
+
+        return wrapped
+
+    monkeypatch.setattr(distill, "distill_loss", diverges_at_step_6)
+    assert main(args) == 2
+    error = one_line_error(capsys)
+    assert "offline step 6: the loss is not finite" in error and "the last checkpoint is intact" in error
+    run = RunFolder(tmp_path / "out" / "offline")
+    assert [r["step"] for r in run.metrics()] == [0, 4]
+    assert json.loads((run.checkpoint_dir / "state.json").read_text())["step"] == 4
+    monkeypatch.setattr(distill, "distill_loss", original)
+    assert main(args) == 0  # the same command resumes from step 4
+    assert [r["step"] for r in run.metrics()] == [0, 4, 8, 12] and run.finished()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_run_exits_130_and_the_same_command_resumes(tiny_task, tmp_path):
+    sets = {**TINY, "task.spec": f"jsonl:{tiny_task}", "distill.steps": 400, "distill.sources": "[offline, online_student, online_teacher]"}
+    command = [sys.executable, "-m", "teacherhack", "lab", "--preset", "quick", "--out", str(tmp_path / "out"),
+               "--cache", str(tmp_path / "cache"), "--jobs", "2",
+               *[arg for k, v in sets.items() for arg in ("--set", f"{k}={v}")]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "out" / "offline" / "checkpoint" / "state.json").exists():  # stage 2 is under way
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "rerun the same command to resume" in err
+    assert not (tmp_path / "out" / "online_teacher" / "metrics.jsonl").exists()  # queued, never started
+    for source in ("offline", "online_student"):
+        rows = RunFolder(tmp_path / "out" / source).metrics()  # consistent: steps strictly increase
+        assert rows[0]["step"] == 0
+    sets["distill.steps"] = 400
+    resumed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from step" in resumed.stdout
+    for source in ("offline", "online_student", "online_teacher"):
+        assert RunFolder(tmp_path / "out" / source).finished()
+
+
+def test_a_second_process_in_the_same_folder_is_refused_with_who_holds_it(tiny_task, tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from teacherhack.rundir import locked\n"
+                               f"with locked(Path({str(out)!r}), 'lab folder'):\n"
+                               "    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(tiny_args(tiny_task, out, tmp_path / "cache")) == 2
+        error = one_line_error(capsys)
+        assert f"lab folder {out} is in use by process {holder.pid} on" in error
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_run_whose_rows_do_not_follow_is_reported_with_the_fix(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    (run.student_dir).mkdir(parents=True)
+    (run.student_dir / "model.safetensors").write_bytes(b"")
+    rows = [{"step": s, "epoch": 0.0, "train_loss": None, "proxy": 1.0, "proxy_se": 0.1, "golden": 2.0,
+             "golden_se": 0.1} for s in (0, 0, 10)]
+    (run.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(BrokenRun, match=r"step 0 does not follow step 0; delete .* and rerun the same command"):
+        run.finished()
+
+
+def test_the_cache_cleans_what_killed_builds_left_and_a_failed_build_leaves_nothing(tmp_path):
+    cache = ArtifactCache(tmp_path)
+    host = os.uname().nodename
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "artifacts" / f"oracle-abc.tmp-{host}-{dead.stdout.strip()}"
+    live = tmp_path / "artifacts" / f"oracle-def.tmp-{host}-{os.getpid()}"
+    other_host = tmp_path / "artifacts" / f"oracle-ghi.tmp-elsewhere-{dead.stdout.strip()}"
+    for folder in (stale, live, other_host):
+        folder.mkdir(parents=True)
+    assert cache.clean() == [stale] and live.exists() and other_host.exists()
+
+    def fails(path: Path) -> None:
+        (path / "half-written").write_text("x")
+        raise RuntimeError("the build broke")
+
+    with pytest.raises(RuntimeError):
+        cache.get("teacher", "teacher-123", {}, fails)
+    assert not list((tmp_path / "artifacts").glob("teacher-123*"))
