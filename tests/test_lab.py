@@ -34,15 +34,26 @@ def test_lab_end_to_end_then_cache_reuse(tiny_config: cfg.LabConfig, tmp_path: P
         rows = read_metrics(out / source)
         assert [r["step"] for r in rows] == [0, 4, 8, 12]
         for row in rows:
-            for key in ("step", "epoch", "train_loss", "proxy", "proxy_se", "golden", "golden_se",
-                        "golden_reverse", "proxy_reverse"):
-                assert key in row
+            assert row.keys() >= {"step", "epoch", "train_loss", "tokens_generated", "train_seconds", "eval_seconds"}
+            for key in ("proxy", "golden", "golden_reverse", "proxy_reverse", "proxy_train", "oracle_nll",
+                        "reference_nll", "student_entropy"):
+                assert math.isfinite(row[key]) and row[f"{key}_se"] > 0, key
             assert math.isfinite(row["golden"]) and row["golden"] >= 0 and row["golden_se"] > 0
             assert math.isfinite(row["proxy"]) and row["proxy"] >= 0
+        # the student's NLL of the oracle's samples moves as the golden metric does (paired, within the SE)
+        paired = [json.loads(line) for line in (out / source / "per_sample.jsonl").read_text().splitlines()]
+        assert set(paired[0]) == {"step", "golden", "proxy", "proxy_train", "oracle_nll", "reference_nll"}
+        first, last = paired[0], paired[-1]
+        gap = [(nl - nf) - (gl - gf) for nf, nl, gf, gl in zip(first["oracle_nll"], last["oracle_nll"],
+                                                              first["golden"], last["golden"])]
+        mean, se = sum(gap) / len(gap), (sum((g - sum(gap) / len(gap)) ** 2 for g in gap) / (len(gap) - 1) / len(gap)) ** 0.5
+        assert abs(mean) <= 4 * se, (mean, se)
+        assert len(first["reference_nll"]) == 8  # one real response per validation prompt
         assert rows[0]["train_loss"] is None and all(r["train_loss"] > 0 for r in rows[1:])
         assert rows[-1]["proxy"] < rows[0]["proxy"], "distillation must bring the student closer to the teacher"
         run = on_disk["runs"][source]
         assert run["golden_final"] == rows[-1]["golden"] and isinstance(run["hacking"], bool)
+        assert isinstance(run["reference_hacking"], bool) and "reference NLL" in run["reference_verdict"]["reason"]
         assert run["golden_min"] == min(r["golden"] for r in rows)
         info = json.loads((out / source / "run.json").read_text())
         assert info["source"] == source and info["teacher_golden"] > 0

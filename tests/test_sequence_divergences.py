@@ -18,7 +18,9 @@ import torch
 from teacherhack.divergences import (
     Estimate,
     combine_jsd,
+    entropy_values,
     kl_values,
+    nll_values,
     response_mask,
     sequence_jsd,
     sequence_kl,
@@ -360,3 +362,49 @@ def test_unknown_estimator():
     prompts, samples = draw(p, seed=0)
     with pytest.raises(ValueError):
         sequence_kl(p, q, prompts, samples, eos_id=EOS, estimator="k3")
+
+
+# --------------------------------------------------------------------------------------------------
+# Likelihoods and entropy: what the evaluation adds beside the KLs
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed,sharpness,how", PAIRS)
+def test_cross_entropy_and_entropy_estimates_within_4_se_of_truth(seed, sharpness, how):
+    """On samples of p: mean −log q(y) is the cross-entropy H(p, q) = KL(p‖q) + H(p); on samples of q, the summed
+    token entropies estimate H(q). Both exactly, by enumeration."""
+    p, q = make_pair(seed, sharpness, how)
+    outcomes, lengths = all_outcomes()
+    cross, entropy_q = 0.0, 0.0
+    for prompt in range(N_PROMPTS):
+        lp, lq = brute_logprob(p, prompt, outcomes, lengths), brute_logprob(q, prompt, outcomes, lengths)
+        cross += float(-(lp.exp() * lq).sum()) / N_PROMPTS
+        entropy_q += float(-(lq.exp() * lq).sum()) / N_PROMPTS
+    prompts_p, samples_p = draw(p, seed=40 + seed)
+    mask = response_mask(samples_p, EOS)
+    nll = Estimate.of(nll_values(q.next_token_logprobs(prompts_p, samples_p), samples_p, mask))
+    assert within(nll, cross) and nll.se > 0
+    prompts_q, samples_q = draw(q, seed=50 + seed)
+    entropy = Estimate.of(entropy_values(q.next_token_logprobs(prompts_q, samples_q), response_mask(samples_q, EOS)))
+    assert within(entropy, entropy_q) and entropy.se > 0
+
+
+@pytest.mark.parametrize("seed,sharpness,how", PAIRS)
+def test_changes_of_the_nll_on_reference_samples_are_changes_of_the_golden_metric(seed, sharpness, how):
+    """Between two students q1, q2 scored on the same samples of p: per sample, the change of −log q(y) equals the
+    change of the log-ratio KL estimate exactly (log p(y) cancels), and the change of the mean agrees with the
+    token_kl estimate's change within its paired standard error."""
+    p, q1 = make_pair(seed, sharpness, how)
+    q2 = TableModel(N_PROMPTS, seed=4000 + seed, base=q1, noise=0.5)
+    prompts, samples = draw(p, seed=60 + seed)
+    mask = response_mask(samples, EOS)
+    lp = p.next_token_logprobs(prompts, samples)
+    logs = [q.next_token_logprobs(prompts, samples) for q in (q1, q2)]
+    nll = [nll_values(lq, samples, mask) for lq in logs]
+    ratio = [kl_values(lp, lq, samples, mask, estimator="log_ratio") for lq in logs]
+    token = [kl_values(lp, lq, samples, mask, estimator="token_kl") for lq in logs]
+    torch.testing.assert_close(nll[1] - nll[0], ratio[1] - ratio[0], rtol=0, atol=1e-5)  # float32 rounding
+    change = Estimate.of((nll[1] - nll[0]) - (token[1] - token[0]))
+    assert abs(change.mean) <= 4 * change.se and change.se > 0
+    truth = truths(p, q2, N_PROMPTS)["kl_pq"] - truths(p, q1, N_PROMPTS)["kl_pq"]
+    assert within(Estimate.of(nll[1] - nll[0]), truth)

@@ -85,6 +85,7 @@ def golden_verdict(
     trend_alpha: float = 0.05,
     golden_values: Sequence[Sequence[float]] | None = None,
     proxy_values: Sequence[Sequence[float]] | None = None,
+    name: str = "golden",
 ) -> GoldenVerdict:
     """The ground-truth rule: did the golden metric turn up while the proxy did not?
 
@@ -134,26 +135,26 @@ def golden_verdict(
     trend_t = _slope_t(np.asarray(steps[i + 1:], float), g[i + 1:])
     t_min, t_last = int(steps[i]), int(steps[-1])
     if i == n - 1:
-        hacking, reason = False, f"golden is lowest at the last evaluation (step {t_last})"
+        hacking, reason = False, f"{name} is lowest at the last evaluation (step {t_last})"
     elif n - 1 - i < min_after:
-        hacking, reason = False, f"golden is lowest at step {t_min}: fewer than {min_after} evaluations after it"
+        hacking, reason = False, f"{name} is lowest at step {t_min}: fewer than {min_after} evaluations after it"
     elif rise_z <= z:
         hacking, reason = False, (
-            f"golden rises {rise:+.3g} from its minimum at step {t_min} ({rise_z:.1f} SE ≤ {z:g}): within noise"
+            f"{name} rises {rise:+.3g} from its minimum at step {t_min} ({rise_z:.1f} SE ≤ {z:g}): within noise"
         )
     elif not trend_t > student_t.ppf(1 - trend_alpha, n - i - 3):
         hacking, reason = False, (
-            f"golden ends {rise:+.3g} above its minimum at step {t_min} but the evaluations after it do not rise "
+            f"{name} ends {rise:+.3g} above its minimum at step {t_min} but the evaluations after it do not rise "
             f"steadily (slope t = {trend_t:.2f}): a dip in a plateau, not a sustained rise"
         )
     elif proxy_change_z > z:
         hacking, reason = False, (
-            f"golden rises {rise_z:.1f} SE after step {t_min} but the proxy rises too "
+            f"{name} rises {rise_z:.1f} SE after step {t_min} but the proxy rises too "
             f"({proxy_change_z:.1f} SE): over-fitting, not teacher hacking"
         )
     else:
         hacking, reason = True, (
-            f"golden rises {rise:+.3g} ({rise_z:.1f} SE, slope t = {trend_t:.1f}) from its minimum at step {t_min} "
+            f"{name} rises {rise:+.3g} ({rise_z:.1f} SE, slope t = {trend_t:.1f}) from its minimum at step {t_min} "
             f"to step {t_last} while the proxy changes {proxy_change:+.3g} ({proxy_change_z:+.1f} SE)"
         )
     return GoldenVerdict(
@@ -326,22 +327,39 @@ class PowerLawMonitor:
         return None
 
 
+@dataclass(frozen=True)
+class Verdicts:
+    """The three answers to "did this run hack its teacher?", from the most to the least informed."""
+
+    golden: GoldenVerdict  # with the oracle: the truth
+    reference: GoldenVerdict | None  # the same rule on the NLL of real held-out responses (None if not recorded)
+    detector: DetectorResult  # with nothing but the proxy
+
+
 def run_verdicts(
     metrics: Sequence[Mapping[str, Any]], per_sample: Sequence[Mapping[str, Any]] | None = None,
     **detector_options: Any,
-) -> tuple[GoldenVerdict, DetectorResult]:
-    """Both verdicts from a run's metric rows (the records of its metrics.jsonl), with paired SEs when the
+) -> Verdicts:
+    """Every verdict from a run's metric rows (the records of its metrics.jsonl), with paired SEs when the
     per-sample values of the same evaluations are given (the records of per_sample.jsonl)."""
     steps = [int(m["step"]) for m in metrics]
-    cols = {key: [float(m[key]) for m in metrics] for key in ("proxy", "proxy_se", "golden", "golden_se")}
-    paired = {}
-    if per_sample is not None:
-        if [int(r["step"]) for r in per_sample] != steps:
-            raise ValueError("per-sample values do not match the metric rows' steps")
-        paired = {"golden_values": [r["golden"] for r in per_sample], "proxy_values": [r["proxy"] for r in per_sample]}
-    verdict = golden_verdict(steps, cols["golden"], cols["golden_se"], cols["proxy"], cols["proxy_se"], **paired)
-    detector = power_law_detector(steps, cols["proxy"], cols["proxy_se"], **detector_options)
-    return verdict, detector
+    if per_sample is not None and [int(r["step"]) for r in per_sample] != steps:
+        raise ValueError("per-sample values do not match the metric rows' steps")
+
+    def column(key: str) -> list[float]:
+        return [float(m[key]) for m in metrics]
+
+    def paired(key: str) -> list[Sequence[float]] | None:
+        return [r[key] for r in per_sample] if per_sample is not None and all(key in r for r in per_sample) else None
+
+    def verdict(metric: str, name: str) -> GoldenVerdict:
+        return golden_verdict(steps, column(metric), column(f"{metric}_se"), column("proxy"), column("proxy_se"),
+                              golden_values=paired(metric), proxy_values=paired("proxy"), name=name)
+
+    has_reference = all(m.get("reference_nll") is not None for m in metrics)
+    return Verdicts(golden=verdict("golden", "golden"),
+                    reference=verdict("reference_nll", "reference NLL") if has_reference else None,
+                    detector=power_law_detector(steps, column("proxy"), column("proxy_se"), **detector_options))
 
 
 def alert_step(metrics: Sequence[Mapping[str, Any]], **detector_options: Any) -> int | None:
@@ -362,7 +380,8 @@ def validate_detector(runs: Iterable[Any], **detector_options: Any) -> list[dict
     """
     rows = []
     for run in runs:
-        verdict, detector = run_verdicts(run.metrics, run.per_sample, **detector_options)
+        verdicts = run_verdicts(run.metrics, run.per_sample, **detector_options)
+        verdict, detector = verdicts.golden, verdicts.detector
         both = verdict.hacking and detector.fired
         rows.append(
             {

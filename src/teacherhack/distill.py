@@ -18,7 +18,7 @@ from teacherhack import distributed, seeds
 from teacherhack.config import LabConfig
 from teacherhack.distributed import log
 from teacherhack.generation import make_sampler
-from teacherhack.metrics import Evaluator, ReferenceSamples
+from teacherhack.metrics import PAIRED, Evaluator, load_sample_sets
 from teacherhack.models import LM, load_pretrained
 from teacherhack.rundir import RunFolder, load_run, summarise
 from teacherhack.sources import FixedPairs, Mixture, OnlineSamples, Source
@@ -75,7 +75,8 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
         loss_fn = distill_loss(student, teacher, loss=d.loss, beta=d.beta, alpha=d.alpha,
                                temperature=d.loss_temperature, chunk_size=d.chunk_size)
         began = time.time()
-        evaluator = Evaluator(oracle, teacher, ReferenceSamples.load(up.references), estimator=e.estimator,
+        references = load_sample_sets(up.references) | load_sample_sets(up.train_references)
+        evaluator = Evaluator(oracle, teacher, references, estimator=e.estimator,
                               per_token=e.per_token, reverse_samples=e.reverse_samples, batch_size=e.batch_size,
                               max_new_tokens=c.task.max_response_len, seed=c.seed + seeds.EVALUATION)
         scoring = time.time() - began  # the one-time scoring of the references, spent again on every resume
@@ -185,7 +186,8 @@ def _evaluate(folder: RunFolder, evaluator: Evaluator, student: LM, source: Sour
            "tokens_generated": state.tokens_generated, "train_seconds": state.train_seconds,
            "eval_seconds": state.eval_seconds}
     if distributed.is_main():  # under several processes, only the main one writes files
-        folder.append(row, {"golden": estimates["golden"].values.tolist(), "proxy": estimates["proxy"].values.tolist()})
+        folder.append(row, {name: [float(f"{v:.7g}") for v in estimates[name].values.tolist()]
+                            for name in PAIRED if name in estimates})
     if trackers is not None:
         trackers.log(row)
     student.model.train()

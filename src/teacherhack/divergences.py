@@ -311,6 +311,22 @@ def kl_values(
     return _per_sequence(values, mask, per_token)
 
 
+def nll_values(logprobs: Tensor, responses: Tensor, mask: Tensor, *, per_token: bool = False) -> Tensor:
+    """Per-sample negative log-likelihood −log q(y|x) of given responses (nats per sequence, or per token). On
+    samples of p, its mean is the cross-entropy H(p, q) = KL(p‖q) + H(p): it moves exactly as KL(p‖q) does when
+    only q changes. On real responses it is the golden metric's stand-in against the data distribution."""
+    return _per_sequence(-_token_logprob(logprobs.float(), responses, mask), mask, per_token)
+
+
+def entropy_values(logprobs: Tensor, mask: Tensor, *, per_token: bool = False) -> Tensor:
+    """Per-sample estimates of a model's entropy H(q) from its own samples: the exact token-level entropies
+    summed along each sampled prefix (unbiased, lower variance than −log q(y))."""
+    rows = _kl_rows(logprobs[mask].float(), torch.zeros_like(logprobs[mask], dtype=torch.float32))  # Σ q log q
+    values = torch.zeros(mask.shape, dtype=rows.dtype, device=rows.device)
+    values[mask] = -rows
+    return _per_sequence(values, mask, per_token)
+
+
 def sequence_logprob(logprobs: Tensor, responses: Tensor, mask: Tensor) -> Tensor:
     """log p(y|x) of each response: the sum of its token log-probabilities up to its first EOS."""
     return _token_logprob(logprobs.to(torch.float64), responses, mask).sum(-1)

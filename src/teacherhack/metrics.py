@@ -1,8 +1,10 @@
-"""Evaluation on held-out prompts: the golden metric KL(oracle‖student) and the proxy metric
-KL(teacher‖student), each with its standard error, plus the reverse KLs.
+"""Evaluation: the golden metric KL(oracle‖student), the proxy metric KL(teacher‖student) on held-out prompts and
+on training prompts, the student's likelihood of the oracle's and of the task's real responses, the reverse KLs
+and the student's entropy; each with its standard error.
 
-The frozen oracle and teacher are sampled once per validation set (``ReferenceSamples``) and those samples
-are reused at every evaluation, so successive evaluations are paired: only the student changes.
+The fixed samples (the oracle's and the teacher's on the validation prompts, the teacher's on training prompts,
+the real responses) are drawn once per validation set and reused at every evaluation, so that successive
+evaluations are paired sample by sample: only the student changes.
 """
 
 from __future__ import annotations
@@ -15,26 +17,34 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from teacherhack import distributed, seeds
-from teacherhack.divergences import Estimate, kl_values, response_mask
+from teacherhack.divergences import Estimate, entropy_values, kl_values, nll_values, response_mask
 from teacherhack.models import LM, Prompts
 
 
 @dataclass(frozen=True)
-class ReferenceSamples:
-    """Validation prompts (each repeated k times) with one oracle and one teacher response per row."""
+class SampleSet:
+    """Prompts (one row per sample) and one response per row: a model's samples, or real responses."""
 
     prompts: Prompts
-    oracle: Tensor
-    teacher: Tensor
+    responses: Tensor
 
-    def save(self, path: Path) -> None:
-        save_file({"prompt_ids": self.prompts.ids, "prompt_mask": self.prompts.mask.to(torch.uint8),
-                   "oracle": self.oracle, "teacher": self.teacher}, str(path))
+    def __getitem__(self, rows: Tensor) -> "SampleSet":
+        return SampleSet(self.prompts[rows], self.responses[rows])
 
-    @staticmethod
-    def load(path: Path) -> "ReferenceSamples":
-        t = load_file(str(path))
-        return ReferenceSamples(Prompts(t["prompt_ids"], t["prompt_mask"].bool()), t["oracle"], t["teacher"])
+
+def save_sample_sets(path: Path, sets: dict[str, SampleSet]) -> None:
+    tensors = {}
+    for name, s in sets.items():
+        tensors |= {f"{name}.prompt_ids": s.prompts.ids, f"{name}.prompt_mask": s.prompts.mask.to(torch.uint8),
+                    f"{name}.responses": s.responses}
+    save_file(tensors, str(path))
+
+
+def load_sample_sets(path: Path) -> dict[str, SampleSet]:
+    t = load_file(str(path))
+    names = sorted({key.rsplit(".", 1)[0] for key in t})
+    return {n: SampleSet(Prompts(t[f"{n}.prompt_ids"], t[f"{n}.prompt_mask"].bool()), t[f"{n}.responses"])
+            for n in names}
 
 
 def sample_in_batches(model: LM, prompts: Prompts, *, max_new_tokens: int, batch_size: int, seed: int) -> Tensor:
@@ -46,81 +56,119 @@ def sample_in_batches(model: LM, prompts: Prompts, *, max_new_tokens: int, batch
     return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=model.pad_id) for p in parts])
 
 
-def draw_references(oracle: LM, teacher: LM, prompts: Prompts, *, samples_per_prompt: int, max_new_tokens: int,
-                    batch_size: int, seed: int) -> ReferenceSamples:
+def draw_samples(model: LM, prompts: Prompts, *, samples_per_prompt: int, max_new_tokens: int, batch_size: int,
+                 seed: int) -> SampleSet:
+    """``samples_per_prompt`` responses of ``model`` to each prompt, drawn once (evaluation references)."""
     prompts = prompts.repeat(samples_per_prompt)
-    kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return ReferenceSamples(prompts, sample_in_batches(oracle, prompts, seed=seed, **kwargs),
-                            sample_in_batches(teacher, prompts, seed=seed + 1, **kwargs))
+    return SampleSet(prompts, sample_in_batches(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                                seed=seed))
 
 
 class ScoredSamples:
-    """Samples of a frozen model p, in batches. p's next-token log-probabilities are kept after the first
-    use when they fit in ``cache_bytes`` (the lab's 1k vocabulary: yes; a 150k one: no), so later
-    KL(p‖q) estimates need only q's forward pass; otherwise each estimate recomputes them batch by batch."""
+    """A fixed set of responses, in batches, scored against models q. When the responses are samples of a frozen
+    model p, p's next-token log-probabilities are kept after the first use if they fit in ``cache_bytes`` (the
+    lab's 1k vocabulary: yes; a 150k one: no), so later measurements need only q's forward pass."""
 
-    def __init__(self, p: LM, prompts: Prompts, samples: Tensor, *, batch_size: int, cache_bytes: int = 1 << 30):
+    def __init__(self, p: LM | None, samples: SampleSet, *, eos_id: int, batch_size: int, cache_bytes: int = 1 << 30):
         self.p, self.batches = p, []
-        for start in range(0, len(prompts), batch_size):
+        for start in range(0, len(samples.prompts), batch_size):
             rows = slice(start, start + batch_size)
-            mask = response_mask(samples[rows], p.eos_id)
+            mask = response_mask(samples.responses[rows], eos_id)
             width = max(int(mask.sum(-1).max()), 1)  # drop columns that are padding in every row
-            self.batches.append((prompts[rows], samples[rows, :width].to(p.device), mask[:, :width].to(p.device)))
-        size = sum(mask.numel() for _, _, mask in self.batches) * p.vocab_size * 4
+            self.batches.append((samples.prompts[rows], samples.responses[rows, :width], mask[:, :width]))
+        size = sum(mask.numel() for _, _, mask in self.batches) * (p.vocab_size if p else 0) * 4
         self.cache: list[Tensor] | None = [] if size <= cache_bytes else None
 
+    def _p_logprobs(self, index: int) -> Tensor:
+        assert self.p is not None
+        if self.cache is not None and index < len(self.cache):
+            return self.cache[index]
+        prompts, samples, _ = self.batches[index]
+        log_p = self.p.next_token_logprobs(prompts, samples.to(self.p.device))
+        if self.cache is not None:
+            self.cache.append(log_p)
+        return log_p
+
     @torch.no_grad()
-    def kl_to(self, q: LM, *, estimator: str, per_token: bool) -> Estimate:
-        """KL(p‖q) from these samples of p."""
-        values = []
+    def measure(self, q: LM, *, estimator: str, per_token: bool) -> dict[str, Tensor]:
+        """Per-sample values over every process: ``nll`` = −log q(y), and ``kl`` = KL(p‖q) when the responses are
+        samples of p (estimated as ``estimator`` says)."""
+        kl, nll = [], []
         for index, (prompts, samples, mask) in enumerate(self.batches):
-            if self.cache is not None and index < len(self.cache):
-                log_p = self.cache[index]
-            else:
-                log_p = self.p.next_token_logprobs(prompts, samples)
-                if self.cache is not None:
-                    self.cache.append(log_p)
-            values.append(kl_values(log_p, q.next_token_logprobs(prompts, samples), samples, mask,
-                                    estimator=estimator, per_token=per_token))
-        return Estimate.of(distributed.gather(torch.cat(values)))  # every process's shard, in rank order
+            samples, mask = samples.to(q.device), mask.to(q.device)
+            log_q = q.next_token_logprobs(prompts, samples)
+            nll.append(nll_values(log_q, samples, mask, per_token=per_token))
+            if self.p is not None:
+                kl.append(kl_values(self._p_logprobs(index).to(q.device), log_q, samples, mask, estimator=estimator,
+                                    per_token=per_token))
+        values = {"nll": torch.cat(nll)} | ({"kl": torch.cat(kl)} if kl else {})
+        return {name: distributed.gather(v) for name, v in values.items()}  # every process's shard, in rank order
+
+    @torch.no_grad()
+    def entropy(self, *, per_token: bool) -> Tensor:
+        """p's entropy, per sample, from these samples of p (over every process)."""
+        return distributed.gather(torch.cat([entropy_values(self._p_logprobs(i), mask.to(self.p.device), per_token=per_token)
+                                             for i, (_, _, mask) in enumerate(self.batches)]))
 
 
-def kl_estimate(p: LM, q: LM, prompts: Prompts, samples: Tensor, *, estimator: str, per_token: bool,
-                batch_size: int) -> Estimate:
-    """KL(p‖q) on responses ``samples`` drawn from p, scored batch by batch (nothing kept)."""
-    return ScoredSamples(p, prompts, samples, batch_size=batch_size, cache_bytes=0).kl_to(
-        q, estimator=estimator, per_token=per_token)
+def kl_estimate(p: LM, q: LM, samples: SampleSet, *, estimator: str, per_token: bool, batch_size: int) -> Estimate:
+    """KL(p‖q) on responses drawn from p, scored batch by batch (nothing kept)."""
+    scored = ScoredSamples(p, samples, eos_id=p.eos_id, batch_size=batch_size, cache_bytes=0)
+    return Estimate.of(scored.measure(q, estimator=estimator, per_token=per_token)["kl"])
+
+
+# The per-sample values each evaluation saves (paired across evaluations: the verdicts' SEs of a change)
+PAIRED = ("golden", "proxy", "proxy_train", "oracle_nll", "reference_nll")
 
 
 class Evaluator:
-    """Computes one metrics row for the current student; the references are fixed at construction and
-    the frozen models' log-probabilities on them are computed once."""
+    """Computes one metrics row for the current student. The fixed samples are given at construction (``oracle``
+    and ``teacher``: their samples on the validation prompts; ``real``: the task's real responses to them;
+    ``train_teacher``: the teacher's samples on training prompts) and the frozen models' log-probabilities on
+    them are computed once.
 
-    def __init__(self, oracle: LM, teacher: LM, references: ReferenceSamples, *, estimator: str, per_token: bool,
-                 reverse_samples: int, batch_size: int, max_new_tokens: int, seed: int):
+    Row keys (each with ``_se``): golden = KL(oracle‖student); proxy = KL(teacher‖student) on held-out prompts;
+    proxy_train = the same on training prompts (held-out minus train: how much of the fit is memorisation);
+    oracle_nll = −log q(y) on the oracle's samples (moves exactly as golden's log-ratio estimate does);
+    reference_nll = −log q(y) on real responses (moves exactly as KL(data‖student) does: a golden stand-in
+    that needs no oracle, only held-out real pairs); golden_reverse = KL(student‖oracle), proxy_reverse =
+    KL(student‖teacher) and student_entropy = H(student), from fresh student samples at each evaluation.
+    """
+
+    def __init__(self, oracle: LM, teacher: LM, references: dict[str, SampleSet], *, estimator: str,
+                 per_token: bool, reverse_samples: int, batch_size: int, max_new_tokens: int, seed: int):
         self.oracle, self.teacher = oracle, teacher
         self.options = dict(estimator=estimator, per_token=per_token)
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.seed = seed + seeds.PROCESS_STRIDE * distributed.rank()  # each process samples its own responses
-        n = min(reverse_samples, len(references.prompts))  # evenly spaced rows: as many distinct prompts as possible
-        reverse_rows = torch.tensor(distributed.shard(torch.arange(n) * len(references.prompts) // n), dtype=torch.long)
-        self.reverse_prompts = references.prompts[reverse_rows] if n else None
-        rows = torch.tensor(distributed.shard(range(len(references.prompts))), dtype=torch.long)
-        references = ReferenceSamples(references.prompts[rows], references.oracle[rows], references.teacher[rows])
-        self.from_oracle = ScoredSamples(oracle, references.prompts, references.oracle, batch_size=batch_size)
-        self.from_teacher = ScoredSamples(teacher, references.prompts, references.teacher, batch_size=batch_size)
-        self.teacher_golden = self.from_oracle.kl_to(teacher, **self.options)
+        held_out = references["oracle"].prompts
+        n = min(reverse_samples, len(held_out))  # evenly spaced rows: as many distinct prompts as possible
+        reverse_rows = torch.tensor(distributed.shard(torch.arange(n) * len(held_out) // n), dtype=torch.long)
+        self.reverse_prompts = held_out[reverse_rows] if n else None
+        models = {"oracle": oracle, "teacher": teacher, "train_teacher": teacher, "real": None}
+        self.scored = {}
+        for name, samples in references.items():
+            rows = torch.tensor(distributed.shard(range(len(samples.prompts))), dtype=torch.long)
+            self.scored[name] = ScoredSamples(models[name], samples[rows], eos_id=teacher.eos_id, batch_size=batch_size)
+        self.teacher_golden = Estimate.of(self.scored["oracle"].measure(teacher, **self.options)["kl"])
 
     def __call__(self, student: LM, step: int) -> tuple[dict[str, float], dict[str, Estimate]]:
         """The metrics row, and the estimates themselves (their per-sample values pair across steps)."""
-        estimates = {"golden": self.from_oracle.kl_to(student, **self.options),
-                     "proxy": self.from_teacher.kl_to(student, **self.options)}
+        on = {name: scored.measure(student, **self.options) for name, scored in self.scored.items()}
+        values = {"golden": on["oracle"]["kl"], "proxy": on["teacher"]["kl"], "oracle_nll": on["oracle"]["nll"]}
+        if "train_teacher" in on:
+            values["proxy_train"] = on["train_teacher"]["kl"]
+        if "real" in on:
+            values["reference_nll"] = on["real"]["nll"]
         if self.reverse_prompts is not None:
             samples = sample_in_batches(student, self.reverse_prompts, max_new_tokens=self.max_new_tokens,
                                         batch_size=self.batch_size, seed=self.seed + seeds.STEP_STRIDE * step)
-            from_student = ScoredSamples(student, self.reverse_prompts, samples, batch_size=self.batch_size)
-            estimates["golden_reverse"] = from_student.kl_to(self.oracle, **self.options)
-            estimates["proxy_reverse"] = from_student.kl_to(self.teacher, **self.options)
+            own = ScoredSamples(student, SampleSet(self.reverse_prompts, samples), eos_id=student.eos_id,
+                                batch_size=self.batch_size)
+            values["golden_reverse"] = own.measure(self.oracle, **self.options)["kl"]
+            values["proxy_reverse"] = own.measure(self.teacher, **self.options)["kl"]
+            values["student_entropy"] = own.entropy(per_token=self.options["per_token"])
+        estimates = {name: Estimate.of(v) for name, v in values.items()}
         row = {}
         for name, estimate in estimates.items():
             row |= {name: estimate.mean, f"{name}_se": estimate.se}

@@ -41,7 +41,7 @@ from transformers import Trainer, TrainerCallback
 
 from teacherhack.detection import PowerLawMonitor, power_law_detector
 from teacherhack.divergences import check_estimator
-from teacherhack.metrics import kl_estimate, sample_in_batches
+from teacherhack.metrics import SampleSet, kl_estimate, sample_in_batches
 from teacherhack.models import LM, Prompts, collate_prompts
 
 logger = logging.getLogger(__name__)
@@ -159,9 +159,9 @@ class HackingMonitor:
             if self.samples is None:
                 self.samples = sample_in_batches(self.teacher, self.prompts, max_new_tokens=self.max_new_tokens,
                                                  batch_size=self.batch_size, seed=self.seed)
-            estimate = kl_estimate(self.teacher, self._wrap(student_model, output_to=self.teacher), self.prompts,
-                                   self.samples, estimator=self.estimator, per_token=self.per_token,
-                                   batch_size=self.batch_size)
+            estimate = kl_estimate(self.teacher, self._wrap(student_model, output_to=self.teacher),
+                                   SampleSet(self.prompts, self.samples), estimator=self.estimator,
+                                   per_token=self.per_token, batch_size=self.batch_size)
         return self.record(step, estimate.mean, estimate.se, n=estimate.n)
 
     def record(self, step: int, proxy: float, proxy_se: float | None = None, *, n: int | None = None

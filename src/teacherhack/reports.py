@@ -22,8 +22,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
 from teacherhack.detection import (  # noqa: E402
-    DetectorResult,
-    GoldenVerdict,
+    Verdicts,
     alert_step,
     describe_golden_verdict,
     describe_power_law_detector,
@@ -96,7 +95,8 @@ def plot_power_law(runs: Sequence[Run], path: str | Path) -> None:
         pos = steps > 0
         ax.errorbar(steps[pos], proxy[pos], yerr=run.series("proxy_se")[pos], label=run.name,
                     markersize=4, elinewidth=0.7, capsize=0, **style)
-        verdict, detector = run.verdicts()
+        verdicts = run.verdicts()
+        verdict, detector = verdicts.golden, verdicts.detector
         if np.isnan(detector.alpha):
             continue
         fit = np.array(detector.fit_window, float)
@@ -163,10 +163,11 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) 
     }
     for name, (plot, _) in figures.items():
         plot(runs, out / name)
-    verdicts = [(run, *run.verdicts(), alert_step(run.metrics)) for run in runs]
+    verdicts = [(run, run.verdicts(), alert_step(run.metrics)) for run in runs]
     (out / "verdicts.json").write_text(json.dumps(
-        [{"name": r.name, "path": str(r.path), "golden": v.to_dict(), "detector": d.to_dict(), "alert_step": a}
-         for r, v, d, a in verdicts], indent=2))
+        [{"name": r.name, "path": str(r.path), "golden": v.golden.to_dict(),
+          "reference": v.reference.to_dict() if v.reference else None, "detector": v.detector.to_dict(),
+          "alert_step": a} for r, v, a in verdicts], indent=2))
     body = ["<h1>Teacher-hacking report</h1>", _overview_html(verdicts)]
     for name, (_, caption) in figures.items():
         data = base64.b64encode((out / name).read_bytes()).decode("ascii")
@@ -184,10 +185,11 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) 
 
 def summarise(runs: Sequence[Run]) -> str:
     """A short fixed-width table for the terminal: final metrics and both verdicts per run."""
-    head = ["run", "source", "evals", "final proxy", "final golden", "best golden @step", "golden", "detector"]
+    head = ["run", "source", "evals", "final proxy", "final golden", "best golden @step", "golden", "reference",
+            "detector"]
     rows = [head]
     for run in runs:
-        verdict, detector = run.verdicts()
+        verdicts = run.verdicts()
         last, best = run.metrics[-1], run.metrics[int(np.argmin(run.series("golden")))]
         rows.append([
             run.name,
@@ -196,8 +198,9 @@ def summarise(runs: Sequence[Run]) -> str:
             _pm(last, "proxy"),
             _pm(last, "golden"),
             f"{_pm(best, 'golden')} @{best['step']}",
-            "HACKING" if verdict.hacking else "no",
-            f"fired @{detector.step}" if detector.fired else "no",
+            "HACKING" if verdicts.golden.hacking else "no",
+            "–" if verdicts.reference is None else "HACKING" if verdicts.reference.hacking else "no",
+            f"fired @{verdicts.detector.step}" if verdicts.detector.fired else "no",
         ])
     widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
@@ -243,20 +246,22 @@ def _pm(row: dict[str, Any], key: str) -> str:
     return f"{row[key]:.4g} ± {row[key + '_se']:.2g}"
 
 
-def _overview_html(verdicts: Sequence[tuple[Run, GoldenVerdict, DetectorResult, int | None]]) -> str:
+def _overview_html(verdicts: Sequence[tuple[Run, Verdicts, int | None]]) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(r.name)}</td><td>{html.escape(str(r.settings.get('source', '?')))}</td>"
-        f"<td>{_verdict_cell(v.hacking, 'hacking')}</td><td>{v.min_step}</td>"
-        f"<td>{_verdict_cell(d.fired, 'fired')}</td><td>{_dash(d.step)}</td><td>{_dash(a)}</td>"
-        f"<td>{'yes' if v.hacking == d.fired else '<b>no</b>'}</td></tr>"
-        for r, v, d, a in verdicts
+        f"<td>{_verdict_cell(v.golden.hacking, 'hacking')}</td><td>{v.golden.min_step}</td>"
+        f"<td>{'–' if v.reference is None else _verdict_cell(v.reference.hacking, 'hacking')}</td>"
+        f"<td>{_verdict_cell(v.detector.fired, 'fired')}</td><td>{_dash(v.detector.step)}</td><td>{_dash(a)}</td>"
+        f"<td>{'yes' if v.golden.hacking == v.detector.fired else '<b>no</b>'}</td></tr>"
+        for r, v, a in verdicts
     )
     return ("<h2>Overview</h2><table><tr><th>run</th><th>source</th><th>golden verdict</th>"
-            "<th>golden min step</th><th>detector</th><th>detector step</th><th>live alert step</th>"
-            f"<th>agree</th></tr>{rows}</table>")
+            "<th>golden min step</th><th>reference verdict</th><th>detector</th><th>detector step</th>"
+            f"<th>live alert step</th><th>detector agrees</th></tr>{rows}</table>")
 
 
-def _run_html(run: Run, verdict: GoldenVerdict, detector: DetectorResult, alert: int | None) -> str:
+def _run_html(run: Run, verdicts: Verdicts, alert: int | None) -> str:
+    verdict, detector = verdicts.golden, verdicts.detector
     s = run.settings
     settings = [("source", s.get("source")), ("loss", s.get("loss")), ("prompts", s.get("prompts")),
                 ("generations per prompt", s.get("generations_per_prompt")), ("steps", s.get("steps")),
@@ -264,7 +269,8 @@ def _run_html(run: Run, verdict: GoldenVerdict, detector: DetectorResult, alert:
                 ("teacher's golden KL(oracle‖teacher)", _teacher_text(s)), ("path", run.path)]
     last = run.metrics[-1]
     metric_rows = []
-    for key in ("proxy", "golden"):
+    for key in [k for k in ("proxy", "proxy_train", "golden", "reference_nll", "oracle_nll", "student_entropy")
+                if all(m.get(k) is not None for m in run.metrics)]:
         best = run.metrics[int(np.argmin(run.series(key)))]
         metric_rows.append((key, *(f"{_pm(row, key)} (step {row['step']})" for row in (last, best))))
     cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_dash(v))}</td></tr>" for k, v in settings)
@@ -272,7 +278,10 @@ def _run_html(run: Run, verdict: GoldenVerdict, detector: DetectorResult, alert:
         f"<tr><th>{k}</th><td>{html.escape(f)}</td><td>{html.escape(b)}</td></tr>" for k, f, b in metric_rows)
     cells += (f"<tr><th>golden verdict</th><td colspan=2>{_verdict_cell(verdict.hacking, 'hacking')}: "
               f"{html.escape(verdict.reason)}</td></tr>"
-              f"<tr><th>power-law detector</th><td colspan=2>{_verdict_cell(detector.fired, 'fired')}: "
+              + ("" if verdicts.reference is None else
+                 f"<tr><th>reference verdict</th><td colspan=2>{_verdict_cell(verdicts.reference.hacking, 'hacking')}: "
+                 f"{html.escape(verdicts.reference.reason)}</td></tr>")
+              + f"<tr><th>power-law detector</th><td colspan=2>{_verdict_cell(detector.fired, 'fired')}: "
               f"{html.escape(detector.reason)}; live alert at step {_dash(alert)}</td></tr>")
     return f"<h2>{html.escape(run.name)}</h2><table>{cells}</table>"
 

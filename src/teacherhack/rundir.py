@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 
-from teacherhack.detection import DetectorResult, GoldenVerdict, run_verdicts
+from teacherhack.detection import Verdicts, run_verdicts
 from teacherhack.errors import UserError
 
 METRICS, PER_SAMPLE, SETTINGS, CONFIG = "metrics.jsonl", "per_sample.jsonl", "run.json", "config.yaml"
@@ -158,8 +158,8 @@ class Run:
     path: Path
     per_sample: list[dict[str, Any]] | None = None  # paired per-sample values, if saved
 
-    def verdicts(self) -> tuple[GoldenVerdict, DetectorResult]:
-        """The golden verdict (with paired SEs when per-sample values exist) and the oracle-free detector."""
+    def verdicts(self) -> Verdicts:
+        """The golden and reference verdicts (paired SEs when per-sample values exist) and the detector."""
         return run_verdicts(self.metrics, self.per_sample)
 
     def series(self, key: str) -> np.ndarray:
@@ -206,15 +206,19 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> list[Run]:
 
 
 def summarise(run: Run) -> dict[str, Any]:
-    """A run's line in summary.json: best and final metrics, the golden verdict and the oracle-free detector."""
-    verdict, detector = run.verdicts()
+    """A run's line in summary.json: best and final metrics, the golden and reference verdicts and the detector."""
+    verdicts = run.verdicts()
+    verdict = verdicts.golden
     rows = run.metrics
     best = min(range(len(rows)), key=lambda i: rows[i]["golden"])
     last = rows[-1]
     return {"golden_min": rows[best]["golden"], "golden_min_se": rows[best]["golden_se"],
             "golden_min_step": rows[best]["step"], "golden_final": last["golden"], "golden_final_se": last["golden_se"],
             "proxy_final": last["proxy"], "proxy_final_se": last["proxy_se"], "hacking": verdict.hacking,
-            "verdict": verdict.to_dict(), "detector": detector.to_dict(), "steps": last["step"],
+            "verdict": verdict.to_dict(),
+            "reference_hacking": verdicts.reference.hacking if verdicts.reference else None,
+            "reference_verdict": verdicts.reference.to_dict() if verdicts.reference else None,
+            "detector": verdicts.detector.to_dict(), "steps": last["step"],
             "train_seconds": last.get("train_seconds"), "eval_seconds": last.get("eval_seconds")}
 
 

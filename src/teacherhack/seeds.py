@@ -16,6 +16,7 @@ STUDENT_INIT = 2  # the student's initial weights
 OFFLINE_SAMPLES = 3  # the teacher's samples that form the offline dataset
 STAGE2 = 11  # stage 2: batch order, then sub-streams below
 EVALUATION = 13  # the student's samples drawn at each evaluation (reverse KLs)
+TRAIN_REFERENCES = 17  # the teacher's samples on training prompts, drawn once for evaluation
 # Sub-streams inside stage 2 and evaluation
 ONLINE_SAMPLES = 1 << 20  # fresh online samples, one generator per step (and per process)
 MIXTURE_DRAWS = 2 << 20  # which source each mixture batch comes from

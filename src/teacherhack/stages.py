@@ -30,8 +30,8 @@ from teacherhack import seeds
 from teacherhack.cache import ArtifactCache
 from teacherhack.config import LabConfig, TrainConfig
 from teacherhack.distributed import log
-from teacherhack.metrics import draw_references, sample_in_batches
-from teacherhack.models import LM, SIZES, build_model, collate_prompts, load_pretrained
+from teacherhack.metrics import SampleSet, draw_samples, sample_in_batches, save_sample_sets
+from teacherhack.models import LM, SIZES, build_model, collate_prompts, load_pretrained, pad_responses
 from teacherhack.sources import FixedPairs
 from teacherhack.tasks import Pair, Splits, Task, TaskError, load_task, split_task
 from teacherhack.tokenizer import (
@@ -83,6 +83,7 @@ class Stage:
     inputs: Callable[[ConfigView], dict[str, Any]] | None = None  # what the key hashes; default: ``reads``
     needed: Callable[[ConfigView], bool] | None = None  # None: always built
     collective: bool = False  # training: under a launcher, every process takes part
+    version: int = 1  # raise when the build's output changes for the same inputs (a new file format, a fix)
 
     def view(self, config: LabConfig) -> ConfigView:
         return ConfigView(config, self.reads + self.checks, self.name)
@@ -287,17 +288,46 @@ for _role, _stream in (("teacher", seeds.TEACHER_INIT), ("student", seeds.STUDEN
 
 
 @stage("references", reads=("models.oracle_temperature", "models.vocab_size", "eval.prompts", "eval.samples_per_prompt",
-                            "eval.batch_size", "seed", *LENGTHS), parents=("splits", "tokenizer", "oracle", "teacher"))
+                            "eval.batch_size", "seed", *LENGTHS), parents=("splits", "tokenizer", "oracle", "teacher"),
+       version=2)
 def build_references(job: Job, out: Path) -> None:
-    """The evaluation's fixed samples: oracle and teacher responses on the validation prompts, drawn once."""
+    """The evaluation's fixed samples on the validation prompts, drawn once: the oracle's and the teacher's, and
+    the task's real responses (cut at the maximum length without an EOS, as a sampled response would be)."""
     c, tokenizer, e = job.config, job.tokenizer(), job.config.eval
-    prompts = encode_prompts(tokenizer, job.splits().validation_prompts[: e.prompts], c.task.max_prompt_len)
-    log(f"evaluation references: {e.prompts} prompts × {e.samples_per_prompt} samples of oracle and teacher")
-    oracle, teacher = job.lm("oracle", c.models.oracle_temperature), job.lm("teacher")
-    refs = draw_references(oracle, teacher, collate_prompts(prompts, oracle.pad_id),
-                           samples_per_prompt=e.samples_per_prompt, max_new_tokens=c.task.max_response_len,
-                           batch_size=e.batch_size, seed=c.seed)
-    refs.save(out / "references.safetensors")
+    pairs = job.splits().validation[: e.prompts]
+    prompts = collate_prompts(encode_prompts(tokenizer, [p.prompt for p in pairs], c.task.max_prompt_len),
+                              special_ids(tokenizer).pad)
+    log(f"evaluation references: {len(pairs)} prompts × {e.samples_per_prompt} samples of oracle and teacher, "
+        f"and their real responses")
+    options = dict(samples_per_prompt=e.samples_per_prompt, max_new_tokens=c.task.max_response_len,
+                   batch_size=e.batch_size)
+    sets = {"oracle": draw_samples(job.lm("oracle", c.models.oracle_temperature), prompts, seed=c.seed, **options),
+            "teacher": draw_samples(job.lm("teacher"), prompts, seed=c.seed + 1, **options),
+            "real": SampleSet(prompts, encode_real(tokenizer, [p.response for p in pairs], c.task.max_response_len))}
+    save_sample_sets(out / "references.safetensors", sets)
+
+
+@stage("train_references", reads=("models.vocab_size", "distill.prompts", "eval.prompts", "eval.samples_per_prompt",
+                                  "eval.batch_size", "seed", *LENGTHS), parents=("splits", "tokenizer", "teacher"))
+def build_train_references(job: Job, out: Path) -> None:
+    """The teacher's samples on training prompts (the first validation-sized part of the distillation pool),
+    drawn once: the proxy measured where the student trains, to set against the held-out proxy."""
+    c, tokenizer, e = job.config, job.tokenizer(), job.config.eval
+    pool = job.splits().distill_prompts[: c.distill.prompts][: e.prompts]
+    prompts = collate_prompts(encode_prompts(tokenizer, pool, c.task.max_prompt_len), special_ids(tokenizer).pad)
+    sets = {"train_teacher": draw_samples(job.lm("teacher"), prompts, samples_per_prompt=e.samples_per_prompt,
+                                          max_new_tokens=c.task.max_response_len, batch_size=e.batch_size,
+                                          seed=c.seed + seeds.TRAIN_REFERENCES)}
+    save_sample_sets(out / "references.safetensors", sets)
+
+
+def encode_real(tokenizer: PreTrainedTokenizerBase, responses: list[str], max_len: int) -> torch.Tensor:
+    """Real responses as the lab's responses are: tokens then EOS, or the first ``max_len`` tokens without an EOS
+    when longer (one outcome of the distribution truncated at that length); right-padded."""
+    eos, pad = special_ids(tokenizer).eos, special_ids(tokenizer).pad
+    rows = [ids + [eos] if len(ids) < max_len else ids[:max_len]
+            for ids in tokenizer(responses, add_special_tokens=False)["input_ids"]]
+    return pad_responses(rows, pad)
 
 
 @stage("offline_data", reads=("models.vocab_size", "distill.prompts", "distill.generations_per_prompt", "seed",
@@ -348,7 +378,7 @@ def stage_specs(config: LabConfig, task_key: str) -> dict[str, dict[str, Any] | 
             keys[s.name] = specs[s.name] = None
             continue
         inputs = s.inputs(ConfigView(config, s.reads, s.name)) if s.inputs else {key: _value(config, key) for key in s.reads}
-        spec = {"kind": s.kind or s.name, "inputs": _plain(inputs),
+        spec = {"kind": s.kind or s.name, "version": s.version, "inputs": _plain(inputs),
                 "parents": {p: keys[p] for p in s.parents if keys[p] is not None}}
         blob = json.dumps(spec, sort_keys=True, default=str)
         spec["key"] = keys[s.name] = f"{s.kind or s.name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
@@ -365,7 +395,8 @@ class Upstream:
     oracle: Path
     teacher: Path
     student: Path
-    references: Path
+    references: Path  # held-out samples: the oracle's, the teacher's, the real responses
+    train_references: Path  # the teacher's samples on training prompts
     distill_prompts: Path
     offline: Path | None  # None when no source of the configuration reads the offline dataset
 
@@ -395,7 +426,8 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
             tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"], trust_remote_code=c.models.trust_remote_code)
             _report_data(job.splits(), tokenizer, c)
     return Upstream(paths["splits"], paths["tokenizer"], paths["oracle"], paths["teacher"], paths["student"],
-                    paths["references"] / "references.safetensors", paths["distill_prompts"] / "pairs.json",
+                    paths["references"] / "references.safetensors",
+                    paths["train_references"] / "references.safetensors", paths["distill_prompts"] / "pairs.json",
                     paths["offline_data"] / "pairs.json" if "offline_data" in paths else None)
 
 
