@@ -25,13 +25,19 @@ This is the only module that computes these quantities. Conventions (also in the
   (included). Responses cut at the maximum length without an EOS are scored as they are: the distance is
   then exactly that between the two models' distributions truncated at that length (every prefix of the
   maximum length is one outcome). Every estimate carries its mean, standard error and sample count.
+* Teacher signals (:mod:`teacherhack.teacher_signals`). Cached dense log-probabilities go into
+  :func:`token_divergence` as they are (log_softmax of log-probabilities is the same distribution, also
+  under a temperature). Top-k signals go into :func:`sparse_token_divergence`: the divergence on the
+  teacher's top-k support (k + 1 categories with a tail bucket, or the top k renormalised).
+* On-policy sampled loss: :func:`sampled_reverse_kl`, a surrogate whose expected gradient is the gradient
+  of the *sequence-level* reverse KL, from the teacher's log-probability of each sampled token only.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Callable, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -39,9 +45,13 @@ from torch import Tensor
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 Reduction = Literal["sequence_mean", "token_mean", "sum"]
 Estimator = Literal["token_kl", "log_ratio"]
+Convention = Literal["tail", "renormalized"]
+SampledEstimator = Literal["k1", "k3"]
 DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 REDUCTIONS: tuple[str, ...] = ("sequence_mean", "token_mean", "sum")
 ESTIMATORS: tuple[str, ...] = ("token_kl", "log_ratio")
+CONVENTIONS: tuple[str, ...] = ("tail", "renormalized")
+SAMPLED_ESTIMATORS: tuple[str, ...] = ("k1", "k3")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -67,6 +77,17 @@ def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
     mixed = torch.logaddexp(torch.where(both_zero, 0.0, log_a) + math.log(weight_a),
                             torch.where(both_zero, 0.0, log_b) + math.log1p(-weight_a))
     return torch.where(both_zero, -math.inf, mixed)
+
+
+def logsumexp_outside(x: Tensor, ids: Tensor) -> Tensor:
+    """log Σ_{v ∉ ids} exp(x_v) per row of ``x`` [N, V], ``ids`` [N, k] distinct per row: on log-probabilities,
+    the log-mass outside ``ids``. Summed over the complement itself, never as log(1 − Σ_ids), which cancels
+    to 0 (or below) when the ids hold nearly all the mass. −inf, with a zero gradient, where the complement
+    is empty or all −inf."""
+    outside = x.scatter(-1, ids, -math.inf)
+    empty = outside.amax(-1) == -math.inf
+    lse = torch.logsumexp(outside.masked_fill_(empty.unsqueeze(-1), 0.0), -1)
+    return torch.where(empty, -math.inf, lse)
 
 
 def _divergence_rows(log_p: Tensor, log_q: Tensor, kind: str, beta: float, alpha: float) -> Tensor:
@@ -131,41 +152,38 @@ def _row_weights(mask: Tensor, reduction: str, denominator: float | Tensor | Non
 
 class _ChunkedDivergence(torch.autograd.Function):
     """Σ_rows w·D over sequence chunks, keeping no [B, T, V] intermediate: backward recomputes each
-    chunk. Peak extra memory is O(B·chunk·V) (plus the logits' own gradient)."""
+    chunk. ``compute(weights, *inputs)`` reads [B, T, …] inputs (teacher and student sides), each sliced
+    along T; peak extra memory is O(B·chunk·V) (plus the inputs' own gradients)."""
 
     @staticmethod
-    def forward(ctx, teacher_logits, student_logits, weights, chunk_size, compute, out_dtype):  # type: ignore[override]
-        ctx.save_for_backward(teacher_logits, student_logits, weights)
+    def forward(ctx, weights, chunk_size, compute, out_dtype, *inputs):  # type: ignore[override]
+        ctx.save_for_backward(weights, *inputs)
         ctx.chunk_size, ctx.compute = chunk_size, compute
         total = torch.zeros((), dtype=torch.float64, device=weights.device)
         with torch.no_grad():
             for start in range(0, weights.shape[1], chunk_size):
-                total += compute(teacher_logits[:, start : start + chunk_size],
-                                 student_logits[:, start : start + chunk_size],
-                                 weights[:, start : start + chunk_size])
+                window = slice(start, start + chunk_size)
+                total += compute(weights[:, window], *(x[:, window] for x in inputs))
         return total.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
-        teacher_logits, student_logits, weights = ctx.saved_tensors
-        need_t, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_t = torch.zeros_like(teacher_logits) if need_t else None
-        grad_s = torch.zeros_like(student_logits) if need_s else None
+        weights, *inputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[4:]
+        grads = [torch.zeros_like(x) if need else None for x, need in zip(inputs, needs)]
         for start in range(0, weights.shape[1], ctx.chunk_size):
             window = slice(start, start + ctx.chunk_size)
-            t = teacher_logits[:, window].detach().requires_grad_(need_t)
-            s = student_logits[:, window].detach().requires_grad_(need_s)
+            pieces = [x[:, window].detach().requires_grad_(need) for x, need in zip(inputs, needs)]
             with torch.enable_grad():
-                value = ctx.compute(t, s, weights[:, window]) * grad_output
-                inputs = [x for x, need in ((t, need_t), (s, need_s)) if need]
-                grads = torch.autograd.grad(value, inputs, allow_unused=True)
-            grads_iter = iter(grads)
-            for target, need in ((grad_t, need_t), (grad_s, need_s)):
+                value = ctx.compute(weights[:, window], *pieces) * grad_output
+                chunk_grads = iter(torch.autograd.grad(value, [x for x, need in zip(pieces, needs) if need],
+                                                       allow_unused=True))
+            for grad, need in zip(grads, needs):
                 if need:
-                    g = next(grads_iter)
+                    g = next(chunk_grads)
                     if g is not None:
-                        target[:, window] = g
-        return grad_t, grad_s, None, None, None, None
+                        grad[:, window] = g
+        return (None, None, None, None, *grads)
 
 
 def token_divergence(
@@ -200,18 +218,109 @@ def token_divergence(
     teacher_logits, student_logits = _align_vocab(teacher_logits, student_logits, vocab_size)
     weights = _row_weights(mask.bool(), reduction, denominator)
 
-    def compute(t_logits: Tensor, s_logits: Tensor, w: Tensor) -> Tensor:
+    def compute(w: Tensor, t_logits: Tensor, s_logits: Tensor) -> Tensor:
         selected = w != 0
         log_p = torch.log_softmax(t_logits[selected].to(compute_dtype) / temperature, dim=-1)
         log_q = torch.log_softmax(s_logits[selected].to(compute_dtype) / temperature, dim=-1)
         rows = _divergence_rows(log_p, log_q, divergence, beta, alpha)
         return (rows.to(torch.float64) * w[selected]).sum()
 
+    return _reduce_in_chunks(compute, weights, chunk_size, compute_dtype, teacher_logits, student_logits)
+
+
+def _reduce_in_chunks(compute: Callable[..., Tensor], weights: Tensor, chunk_size: int | None,
+                      compute_dtype: torch.dtype, *inputs: Tensor) -> Tensor:
+    """``compute(weights, *inputs)`` at once, or chunk by chunk along T (same values and gradients)."""
     if chunk_size is None:
-        return compute(teacher_logits, student_logits, weights).to(compute_dtype)
+        return compute(weights, *inputs).to(compute_dtype)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _ChunkedDivergence.apply(teacher_logits, student_logits, weights, chunk_size, compute, compute_dtype)
+    return _ChunkedDivergence.apply(weights, chunk_size, compute, compute_dtype, *inputs)
+
+
+def sparse_token_divergence(
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    tail: Tensor | None,
+    student_logits: Tensor,
+    mask: Tensor,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    convention: str = "tail",
+    reduction: str = "sequence_mean",
+    denominator: float | Tensor | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Token-level divergence restricted to the teacher's top-k support (top-k teacher signals), reduced
+    like :func:`token_divergence`: only k log-probabilities per position are needed, not [B, T, V] logits.
+
+    ``ids`` [B, T, k] (distinct per position, any integer dtype), ``teacher_logprobs`` [B, T, k] (any float
+    dtype), ``tail`` [B, T] (the teacher's probability of every other token), ``student_logits`` [B, T, V].
+    Conventions (D is any divergence of DIVERGENCES, through the same formulas as the full loss):
+
+    * ``"tail"``: k + 1 categories, the k ids and one bucket for all other tokens. The teacher's vector
+      (log p_ids, log tail) is renormalised (log-softmax) to absorb the rounding of stored log-probabilities;
+      the student's is the log-softmax of (its logits at the ids, the logsumexp of its logits at every other
+      token): exact, and stable also when the bucket is tiny (never log(1 − Σ)). A coarse-graining of both
+      distributions, so D never exceeds the full divergence (data processing inequality; the bucket hides
+      how the mass outside the ids is spread).
+    * ``"renormalized"``: both distributions restricted to the k ids and renormalised (``tail`` is not
+      used and may be None). Not a lower bound: it ignores how much mass each side puts outside the ids,
+      so it can exceed the full divergence; undefined (NaN) where the student gives all k ids probability 0.
+
+    With k = V (every token stored, tail 0) both equal :func:`token_divergence` on the full distributions.
+    Temperature: the stored log-probabilities ARE the teacher's distribution at the loss temperature (build
+    the signals at the temperature you train with; a tempered top-k cannot be recovered from an untempered
+    one); only the student's logits are divided by ``temperature``. ``vocab_size`` ignores padded student
+    columns as in :func:`token_divergence` (every id must be below it); ``chunk_size`` bounds the extra
+    memory to O(B·chunk·V) with the same values and gradients.
+    """
+    _check_params(divergence, beta, alpha, temperature)
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
+    if convention == "tail" and tail is None:
+        raise ValueError("convention='tail' needs the teacher's tail mass; pass tail (or use 'renormalized')")
+    if (student_logits.dim() != 3 or mask.shape != student_logits.shape[:-1] or ids.dim() != 3
+            or ids.shape[:-1] != mask.shape or teacher_logprobs.shape != ids.shape
+            or (tail is not None and tail.shape != mask.shape)):
+        raise ValueError(
+            f"shape mismatch: ids {tuple(ids.shape)}, teacher_logprobs {tuple(teacher_logprobs.shape)}, tail "
+            f"{None if tail is None else tuple(tail.shape)}, student {tuple(student_logits.shape)}, mask "
+            f"{tuple(mask.shape)}; expected [B, T, k], [B, T, k], [B, T], [B, T, V], [B, T]"
+        )
+    if vocab_size is not None:
+        if not 1 <= vocab_size <= student_logits.shape[-1]:
+            raise ValueError(f"vocab_size={vocab_size} must lie in [1, {student_logits.shape[-1]}] (student)")
+        student_logits = student_logits[..., :vocab_size]
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"ids must be an integer tensor, got {ids.dtype}")
+    weights = _row_weights(mask.bool(), reduction, denominator)
+    counted = ids[weights != 0]
+    vocab = student_logits.shape[-1]
+    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= vocab):
+        raise ValueError(f"teacher ids must lie in [0, {vocab}) (the student's vocabulary"
+                         f"{'' if vocab_size is None else ', vocab_size'}); got [{int(counted.min())}, "
+                         f"{int(counted.max())}]: signals from another tokenizer?")
+
+    def compute(w: Tensor, ids_w: Tensor, lp_w: Tensor, s_logits: Tensor, *tail_w: Tensor) -> Tensor:
+        selected = w != 0
+        safe_ids = ids_w.long().masked_fill(~selected.unsqueeze(-1), 0)  # ids outside the mask may hold anything
+        s_top = s_logits.gather(-1, safe_ids)[selected].to(compute_dtype) / temperature
+        t_top = lp_w[selected].to(compute_dtype)
+        if convention == "tail":  # the bucket is one more "logit" on each side: log-softmax over k + 1
+            s_rest = logsumexp_outside(s_logits[selected].to(compute_dtype) / temperature, safe_ids[selected])
+            s_top = torch.cat([s_top, s_rest.unsqueeze(-1)], -1)
+            t_top = torch.cat([t_top, tail_w[0][selected].to(compute_dtype).clamp_min(0.0).log().unsqueeze(-1)], -1)
+        rows = _divergence_rows(torch.log_softmax(t_top, -1), torch.log_softmax(s_top, -1), divergence, beta, alpha)
+        return (rows.to(torch.float64) * w[selected]).sum()
+
+    inputs = (ids, teacher_logprobs, student_logits) + ((tail,) if convention == "tail" else ())
+    return _reduce_in_chunks(compute, weights, chunk_size, compute_dtype, *inputs)
 
 
 def token_cross_entropy(
@@ -232,6 +341,102 @@ def token_cross_entropy(
     log_q = torch.log_softmax(logits[selected].float() / temperature, dim=-1)
     nll = -log_q.gather(-1, targets[selected].unsqueeze(-1)).squeeze(-1)
     return (nll.to(torch.float64) * weights[selected]).sum().to(torch.float32)
+
+
+def _reward_to_go(costs: Tensor, discount: float) -> Tensor:
+    """R_t = Σ_{s≥t} discount^{s−t}·cost_s along the last dimension (discount 0: R_t = cost_t)."""
+    out = torch.empty_like(costs)
+    running = torch.zeros_like(costs[..., 0])
+    for t in reversed(range(costs.shape[-1])):
+        running = costs[..., t] + discount * running if discount else costs[..., t]
+        out[..., t] = running
+    return out
+
+
+def sampled_reverse_kl(
+    student_logits: Tensor,
+    teacher_token_logprobs: Tensor,
+    responses: Tensor,
+    mask: Tensor,
+    *,
+    estimator: str = "k1",
+    discount: float = 1.0,
+    temperature: float = 1.0,
+    reduction: str = "sum",
+    denominator: float | Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """On-policy reverse KL from sampled tokens: a loss whose gradient, in expectation over the student's
+    own samples y ~ q, is the gradient of the SEQUENCE-level KL(q‖p) = E_{y~q}[log q(y|x) − log p(y|x)].
+
+    ``student_logits`` [B, T, V] score the student-sampled ``responses`` [B, T] (the student samples at
+    ``temperature``, its logits are divided by it); ``teacher_token_logprobs`` [B, T] hold log p(y_t | x, y<t)
+    of the sampled token at that same temperature (no gradient flows into them); ``mask`` marks the response
+    tokens (up to and including the first EOS). Entries outside the mask may hold anything.
+
+    Derivation. Write q_t = q(y_t | x, y<t), p_t likewise, δ_t = log p_t − log q_t and per-token costs c_t.
+    The score of a token has mean 0 given its prefix, E[∇log q_t | y<t] = 0, so for any costs
+    ∇_θ E_q[Σ_s c_s] = E[Σ_t ∇log q_t · Σ_{s≥t} c_s] + E[Σ_s ∇_θ c_s]
+    (a cost c_s depends on y≤s only, so the scores of later tokens drop out of its term: reward-to-go).
+
+    * ``k1``: c_t = log q_t − log p_t = −δ_t, so E[Σ c_t] = KL and ∇c_t = ∇log q_t has mean 0: the
+      pathwise term vanishes in expectation and the surrogate is Σ_t log q_t · sg(R_t), R_t = Σ_{s≥t} c_s.
+    * ``k3``: c_t = e^{δ_t} − 1 − δ_t ≥ 0. E[c_t | y<t] = Σ_v p(v) − 1 + KL_t = KL_t (the token-level reverse
+      KL at that prefix; softmax teachers give every token mass), so E[Σ c_t] = KL for every θ, with lower
+      variance. But c_t depends on θ: ∇c_t = (1 − e^{δ_t})·∇log q_t, whose mean given y<t is not 0. Both
+      terms are needed: surrogate Σ_t [log q_t · sg(R_t) + c_t], R_t = Σ_{s≥t} c_s.
+
+    ``discount`` γ < 1 uses R_t = Σ_{s≥t} γ^{s−t} c_s: no longer unbiased for the sequence-level gradient.
+    γ = 0 with k1 is the per-token advantage log p_t − log q_t of Thinking Machines' Tinker on-policy
+    distillation recipe. Its expected gradient (and k3's at γ = 0) equals that of :func:`token_divergence`
+    with ``divergence="reverse_kl"`` on the same student-sampled responses (same reduction): both are
+    E_{prefixes~q}[Σ_t ∇_θ KL(q(·|x,y<t) ‖ p(·|x,y<t))] with the prefix held fixed, the full-distribution loss
+    being the Rao-Blackwellised version (the exact expectation over y_t instead of one draw). Neither is the
+    sequence-level gradient: both ignore how each token changes the prefixes that follow it (s > t).
+
+    The returned VALUE is the estimate of the reverse KL itself, Σ_t w_t·c_t (undiscounted, for either γ),
+    with the surrogate's gradient (value = estimate + surrogate − sg(surrogate)). Reductions: ``"sum"`` with
+    ``denominator`` = the number of sequences gives nats per sequence (a mean over sequences of per-sequence
+    sums; the lab's training loop passes exactly this denominator); ``"token_mean"`` divides by the tokens
+    (pass a fixed denominator: one computed from the samples makes the gradient a ratio estimate).
+    ``"sequence_mean"`` is refused: dividing each sequence by its own length, which depends on the sampled
+    tokens, breaks the reward-to-go argument. A sampled token the teacher gives probability 0 makes the
+    value +inf, the true reverse KL.
+    """
+    if estimator not in SAMPLED_ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(SAMPLED_ESTIMATORS)}")
+    if not 0.0 <= discount <= 1.0:
+        raise ValueError(f"discount must lie in [0, 1], got {discount}")
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if reduction == "sequence_mean":
+        raise ValueError("reduction='sequence_mean' would divide each sequence by its sampled length, which biases "
+                         "the gradient; use reduction='sum' with denominator=<number of sequences> (nats per "
+                         "sequence) or 'token_mean' with a fixed denominator")
+    if (student_logits.dim() != 3 or student_logits.shape[:-1] != mask.shape
+            or responses.shape != mask.shape or teacher_token_logprobs.shape != mask.shape):
+        raise ValueError(
+            f"shape mismatch: student {tuple(student_logits.shape)}, teacher_token_logprobs "
+            f"{tuple(teacher_token_logprobs.shape)}, responses {tuple(responses.shape)}, mask {tuple(mask.shape)}; "
+            f"expected [B, T, V], [B, T], [B, T], [B, T]"
+        )
+    mask = mask.bool()
+    weights = _row_weights(mask, reduction, denominator)
+    x = student_logits[mask].to(compute_dtype) / temperature
+    picked = x.gather(-1, responses[mask].long().unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, -1)
+    log_q = torch.zeros(mask.shape, dtype=compute_dtype, device=x.device).masked_scatter(mask, picked)
+    log_p = torch.where(mask, teacher_token_logprobs.detach().to(compute_dtype), 0.0)
+    if estimator == "k1":
+        costs = log_q - log_p
+    else:
+        delta = log_p - log_q
+        costs = torch.expm1(delta) - delta
+    to_go = _reward_to_go(costs.detach().to(torch.float64), discount)
+    surrogate = (weights * log_q.to(torch.float64) * to_go).sum()
+    if estimator == "k3":
+        surrogate = surrogate + (weights * costs.to(torch.float64)).sum()
+    estimate = (weights * costs.detach().to(torch.float64)).sum()
+    return (estimate + (surrogate - surrogate.detach())).to(compute_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
