@@ -25,6 +25,7 @@ from teacherhack.presets import LAB_PRESETS
 SOURCES: tuple[str, ...] = ("offline", "online_teacher", "online_student", "mixture")
 LOSSES: tuple[str, ...] = DIVERGENCES + ("hard_ce",)
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
 
 
 class ConfigError(UserError, ValueError):
@@ -120,6 +121,9 @@ class LabConfig:
     oracle_seed: int = 0  # the ground truth's own seed, kept apart so that run seeds share one oracle
     device: str = "auto"
     threads: int | None = None  # torch threads; None = torch's default
+    # Arithmetic of the training passes (every stage): "float32", or "bfloat16" autocast (CPUs with AVX-512 BF16,
+    # GPUs): faster, with float32 weights, gradients and optimizer state. Sampling and evaluation stay float32.
+    precision: str = "float32"
     task: TaskConfig = field(default_factory=TaskConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     # Shared pre-training of each model size on unlabelled text of the task's languages, the stand-in for the
@@ -301,6 +305,7 @@ def validate(c: LabConfig) -> None:
     require(c.models.oracle_temperature > 0, "models.oracle_temperature must be > 0")
     require(c.models.dtype in ("float32", "bfloat16"), "models.dtype must be float32 or bfloat16")
     require(c.models.vocab_size is None or c.models.vocab_size >= 2, "models.vocab_size must be >= 2")
+    require(c.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
     require(bool(c.distill.sources), "distill.sources must name at least one source")
     for source in c.distill.sources:
         require(source in SOURCES, f"unknown source {source!r} in distill.sources; choose from {', '.join(SOURCES)}")

@@ -100,7 +100,7 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
                 lr = learning_rate(step, lr=d.lr, warmup=d.warmup, total=d.steps, schedule=d.schedule)
                 state.loss_sum += optimizer_step(student, ready, source.batch(step), loss_fn, lr=lr,
                                                  grad_accum=d.grad_accum, max_grad_norm=d.max_grad_norm,
-                                                 where=f"{source_name} step {step + 1}")
+                                                 precision=c.precision, where=f"{source_name} step {step + 1}")
                 state.loss_count += 1
                 if (step + 1) % e.every == 0 or step + 1 == d.steps:
                     state.train_seconds += time.time() - clock

@@ -172,14 +172,16 @@ def rows_until_eos(responses: torch.Tensor, eos_id: int) -> list[list[int]]:
     return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in responses.tolist()]
 
 
-def fit(lm: LM, prompts: list[list[int]], responses: list[list[int]], t: TrainConfig, seed: int, desc: str) -> None:
+def fit(lm: LM, prompts: list[list[int]], responses: list[list[int]], t: TrainConfig, seed: int, desc: str,
+        precision: str) -> None:
     """Supervised training (cross-entropy) on the first ``t.samples`` pairs for ``t.epochs`` epochs."""
     n = len(prompts) if t.samples is None else min(t.samples, len(prompts))
     steps = max(1, math.ceil(n * t.epochs / t.batch_size)) if t.epochs > 0 else 0
     if steps == 0:
         return
     data = FixedPairs(prompts[:n], responses[:n], batch_size=t.batch_size, seed=seed, pad_id=lm.pad_id, origin=desc)
-    train(lm, data, sft_loss(lm), steps=steps, lr=t.lr, warmup=t.warmup, schedule=t.schedule, desc=desc)
+    train(lm, data, sft_loss(lm), steps=steps, lr=t.lr, warmup=t.warmup, schedule=t.schedule, precision=precision,
+          desc=desc)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,23 +229,23 @@ def build_pretrain(job: Job, out: Path, role: str) -> None:
     log(f"pre-training size {getattr(c.models, role)!r} on {len(texts)} unlabelled texts")
     empty_prompts = [[special_ids(tokenizer).prompt_end]] * len(texts)  # language modelling: the text is the response
     fit(lm, empty_prompts, encode_responses(tokenizer, texts, c.task.max_prompt_len + c.task.max_response_len - 1),
-        c.pretrain, c.oracle_seed, f"pretrain {getattr(c.models, role)}")
+        c.pretrain, c.oracle_seed, f"pretrain {getattr(c.models, role)}", c.precision)
     lm.save(out)
 
 
 for _role in ROLES:  # one stage per role, one artifact per size: roles of the same size share it
     STAGES[f"pretrain_{_role}"] = Stage(
         f"pretrain_{_role}", partial(build_pretrain, role=_role), kind="pretrain",
-        reads=("models.arch", f"models.{_role}", "models.vocab_size", "pretrain", "oracle_seed", *LENGTHS),
-        parents=("splits", "tokenizer"),
+        reads=("models.arch", f"models.{_role}", "models.vocab_size", "pretrain", "precision", "oracle_seed",
+               *LENGTHS), parents=("splits", "tokenizer"),
         inputs=lambda c, role=_role: {"arch": c.models.arch, "size": getattr(c.models, role), "train": c.pretrain,
-                                      "vocab": c.models.vocab_size, "seed": c.oracle_seed,
+                                      "vocab": c.models.vocab_size, "precision": c.precision, "seed": c.oracle_seed,
                                       "lengths": [c.task.max_prompt_len, c.task.max_response_len]},
         needed=lambda c, role=_role: c.pretrain.epochs > 0 and getattr(c.models, role) in SIZES, collective=True)
 
 
-@stage("oracle", reads=("models.arch", "models.oracle", "models.dtype", "models.vocab_size", "oracle", "oracle_seed",
-                        *LENGTHS), parents=("splits", "tokenizer", "pretrain_oracle"), collective=True)
+@stage("oracle", reads=("models.arch", "models.oracle", "models.dtype", "models.vocab_size", "oracle", "precision",
+                        "oracle_seed", *LENGTHS), parents=("splits", "tokenizer", "pretrain_oracle"), collective=True)
 def build_oracle(job: Job, out: Path) -> None:
     """Stage 0: the oracle, the ground truth, trained on real pairs."""
     c, tokenizer = job.config, job.tokenizer()
@@ -252,7 +254,7 @@ def build_oracle(job: Job, out: Path) -> None:
     log(f"stage 0: training the oracle on {len(pairs)} real pairs")
     fit(lm, encode_prompts(tokenizer, [p.prompt for p in pairs], c.task.max_prompt_len),
         encode_responses(tokenizer, [p.response for p in pairs], c.task.max_response_len),
-        c.oracle, c.oracle_seed, "oracle")
+        c.oracle, c.oracle_seed, "oracle", c.precision)
     lm.save(out)
 
 
@@ -275,15 +277,15 @@ def build_sft(job: Job, out: Path, role: str, init_stream: int) -> None:
     prompts, responses = load_ids(job.path("oracle_samples") / "pairs.json")
     lm = job.initial_model(role, seed=c.seed + init_stream)
     log(f"stage 1: SFT of the {role} on oracle samples")
-    fit(lm, prompts, responses or [], getattr(c, role), c.seed, role)
+    fit(lm, prompts, responses or [], getattr(c, role), c.seed, role, c.precision)
     lm.save(out)
 
 
 for _role, _stream in (("teacher", seeds.TEACHER_INIT), ("student", seeds.STUDENT_INIT)):
     STAGES[_role] = Stage(
         _role, partial(build_sft, role=_role, init_stream=_stream),
-        reads=("models.arch", f"models.{_role}", "models.dtype", "models.vocab_size", _role, "seed", *LENGTHS),
-        parents=("tokenizer", "oracle_samples", f"pretrain_{_role}"),
+        reads=("models.arch", f"models.{_role}", "models.dtype", "models.vocab_size", _role, "precision", "seed",
+               *LENGTHS), parents=("tokenizer", "oracle_samples", f"pretrain_{_role}"),
         collective=True)
 
 

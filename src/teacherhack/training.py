@@ -86,11 +86,13 @@ def prepared(model: LM, optimizer: torch.optim.Optimizer) -> Iterator[distribute
 
 
 def optimizer_step(model: LM, ready: distributed.Prepared, batch: Batch, loss_fn: LossFn, *, lr: float,
-                   grad_accum: int = 1, max_grad_norm: float = 1.0, where: str = "train") -> float:
+                   grad_accum: int = 1, max_grad_norm: float = 1.0, precision: str = "float32",
+                   where: str = "train") -> float:
     """One optimiser step on ``batch`` (this process's shard of the global batch), split into ``grad_accum``
     micro-batches and normalised by the sequence count of the whole global batch: the loss of one big batch,
     whatever the number of processes or micro-batches. Returns the global loss. A non-finite loss raises
-    :class:`NonFiniteLoss` before any parameter changes."""
+    :class:`NonFiniteLoss` before any parameter changes. ``precision="bfloat16"``: the forward passes run under
+    bf16 autocast (weights, gradients and optimizer state stay float32; the loss itself is computed in float32)."""
     for group in ready.optimizer.param_groups:
         group["lr"] = lr
     mask = response_mask(batch.responses, model.eos_id)
@@ -102,7 +104,8 @@ def optimizer_step(model: LM, ready: distributed.Prepared, batch: Batch, loss_fn
         last = index == len(micro_batches) - 1
         accelerator = ready.accelerator
         with contextlib.nullcontext() if accelerator is None or last else accelerator.no_sync(ready.module):
-            loss = loss_fn(Batch(batch.prompts[micro], batch.responses[micro], batch.origin), denominator)
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+                loss = loss_fn(Batch(batch.prompts[micro], batch.responses[micro], batch.origin), denominator)
             if distributed.all_sum(0.0 if torch.isfinite(loss) else 1.0):
                 ready.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLoss(f"{where}: the loss is not finite (batch from {batch.origin}); no step was "
@@ -120,7 +123,7 @@ def optimizer_step(model: LM, ready: distributed.Prepared, batch: Batch, loss_fn
 
 
 def train(model: LM, source: Source, loss_fn: LossFn, *, steps: int, lr: float, warmup: int, schedule: str,
-          grad_accum: int = 1, max_grad_norm: float = 1.0, desc: str = "train") -> None:
+          grad_accum: int = 1, max_grad_norm: float = 1.0, precision: str = "float32", desc: str = "train") -> None:
     """Supervised training for ``steps`` steps from a fresh optimizer: the oracle, the SFT stages and
     pre-training (stage 2 has its own loop, with evaluations and checkpoints: ``teacherhack.distill``)."""
     optimizer = make_optimizer(model, lr)
@@ -129,7 +132,7 @@ def train(model: LM, source: Source, loss_fn: LossFn, *, steps: int, lr: float, 
                          disable=not distributed.is_main()):
             optimizer_step(model, ready, source.batch(step), loss_fn, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
                            lr=learning_rate(step, lr=lr, warmup=warmup, total=steps, schedule=schedule),
-                           where=f"{desc} step {step + 1}")
+                           precision=precision, where=f"{desc} step {step + 1}")
 
 
 def save_checkpoint(path: Path, model: LM, optimizer: torch.optim.Optimizer, state: dict) -> None:
