@@ -180,3 +180,25 @@ def test_a_sweep_runs_on_submitit_s_local_executor(tiny_config: cfg.LabConfig, t
     for source in SOURCES:
         assert [r["step"] for r in read_metrics(tmp_path / "sweep" / "runs" / source / "seed0")] == [0, 4]
     assert list((tmp_path / "sweep" / ".engine").glob("*_log.out"))  # the executor's own logs
+
+
+def test_top_k_signals_and_on_policy_reverse_kl_run_through_the_lab(tiny_config: cfg.LabConfig, tmp_path: Path):
+    from teacherhack.teacher_signals import TeacherSignals
+
+    cache = tmp_path / "cache"
+    top = cfg.apply_overrides(tiny_config, {"distill.top_k": 4, "distill.sources": "offline,online_teacher"})
+    summary = lab.run_lab(top, tmp_path / "topk", cache)
+    (signals,) = (cache / "artifacts").glob("teacher_signals-*/signals.safetensors")
+    stored = TeacherSignals.load(signals)
+    assert stored.kind == "topk" and stored.k == 4 and stored.bytes_per_token == 4 * 6 + 4
+    for source in ("offline", "online_teacher"):
+        rows = read_metrics(tmp_path / "topk" / source)
+        assert rows[-1]["proxy"] < rows[0]["proxy"] and summary["runs"][source]["steps"] == 12
+    on_policy = cfg.apply_overrides(tiny_config, {"distill.loss": "sampled_reverse_kl", "distill.sources": "online_student",
+                                                  "distill.kl_estimator": "k3"})
+    lab.run_lab(on_policy, tmp_path / "onpolicy", cache)
+    rows = read_metrics(tmp_path / "onpolicy" / "online_student")
+    assert rows[-1]["proxy_reverse"] < rows[0]["proxy_reverse"]  # the student moves towards the teacher
+    assert all(r["train_loss"] is None or math.isfinite(r["train_loss"]) for r in rows)
+    with pytest.raises(cfg.ConfigError, match="needs distill.sources=online_student"):
+        cfg.validate(cfg.apply_overrides(tiny_config, {"distill.loss": "sampled_reverse_kl"}))

@@ -511,3 +511,66 @@ def test_resume_falls_back_to_the_previous_checkpoint_after_a_kill_between_renam
     path.mkdir()
     (path / "state.json").write_text("{}")
     assert latest_checkpoint(path) == path
+
+
+# --- the teacher's signals computed once ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_name", ["forward_kl", "reverse_kl", "jsd"])
+def test_the_cached_teacher_path_gives_the_losses_and_gradients_of_the_teacher_forward(loss_name):
+    from teacherhack.teacher_signals import TeacherSignals
+
+    student, teacher = make_lm(seed=0), make_lm(seed=1)
+    prompts, responses = pairs(10)
+    with torch.no_grad():
+        padded = pad_responses_for(responses)
+        log_p = teacher.next_token_logprobs(collate_prompts(prompts, PAD), padded)
+    signals = TeacherSignals.from_logprobs(log_p, response_mask(padded, EOS))
+    plain = FixedPairs(prompts, responses, batch_size=4, seed=0, pad_id=PAD, origin="offline")
+    cached = FixedPairs(prompts, responses, batch_size=4, seed=0, pad_id=PAD, origin="offline", signals=signals,
+                        eos_id=EOS)
+    loss_fn = distill_loss(student, teacher, loss=loss_name, beta=0.5, alpha=0.1, temperature=1.3, chunk_size=None)
+    for step in range(3):  # different batches, rows in another order than the signals were built in
+        a, b = plain.batch(step), cached.batch(step)
+        assert b.teacher is not None and a.teacher is None
+        la, lb = loss_fn(a, 4.0), loss_fn(b, 4.0)
+        assert lb.item() == pytest.approx(la.item(), rel=1e-5, abs=1e-7)
+        ga = torch.autograd.grad(la, list(student.model.parameters()))
+        gb = torch.autograd.grad(lb, list(student.model.parameters()))
+        assert max(float((x - y).abs().max()) for x, y in zip(ga, gb)) < 1e-5
+    # sensitivity: signals of another teacher give another loss
+    other = make_lm(seed=2)
+    with torch.no_grad():
+        wrong = TeacherSignals.from_logprobs(other.next_token_logprobs(collate_prompts(prompts, PAD), padded),
+                                             response_mask(padded, EOS))
+    bad = FixedPairs(prompts, responses, batch_size=4, seed=0, pad_id=PAD, origin="offline", signals=wrong, eos_id=EOS)
+    right, wrong_loss = loss_fn(plain.batch(0), 4.0).item(), loss_fn(bad.batch(0), 4.0).item()
+    assert abs(wrong_loss - right) > 0.02 * right
+
+
+def test_top_k_losses_on_the_fly_equal_stored_top_k_and_full_k_equals_the_full_loss():
+    from teacherhack.teacher_signals import TeacherSignals
+
+    student, teacher = make_lm(seed=0), make_lm(seed=1)
+    prompts, responses = pairs(8)
+    padded = pad_responses_for(responses)
+    with torch.no_grad():
+        log_p = teacher.next_token_logprobs(collate_prompts(prompts, PAD), padded)
+    stored = TeacherSignals.from_logprobs(log_p, response_mask(padded, EOS), k=4, dtype=torch.float32, temperature=1.0)
+    source = FixedPairs(prompts, responses, batch_size=8, seed=0, pad_id=PAD, origin="offline", signals=stored, eos_id=EOS)
+    on_the_fly = FixedPairs(prompts, responses, batch_size=8, seed=0, pad_id=PAD, origin="offline")
+    options = dict(loss="forward_kl", beta=0.5, alpha=0.1, temperature=1.0, chunk_size=None)
+    for convention in ("tail", "renormalized"):
+        loss_fn = distill_loss(student, teacher, top_k=4, convention=convention, **options)
+        assert loss_fn(source.batch(0), 8.0).item() == pytest.approx(loss_fn(on_the_fly.batch(0), 8.0).item(), rel=1e-5)
+    full = distill_loss(student, teacher, **options)(on_the_fly.batch(0), 8.0)
+    everything = distill_loss(student, teacher, top_k=VOCAB, **options)(on_the_fly.batch(0), 8.0)
+    assert everything.item() == pytest.approx(full.item(), rel=1e-5)
+    coarse = distill_loss(student, teacher, top_k=1, **options)(on_the_fly.batch(0), 8.0)
+    assert coarse.item() < full.item()  # a tail bucket loses information: never above the full forward KL
+
+
+def pad_responses_for(responses: list[list[int]]) -> torch.Tensor:
+    from teacherhack.models import pad_responses
+
+    return pad_responses(responses, PAD)

@@ -23,7 +23,12 @@ from teacherhack.models import ARCHITECTURES, SIZES
 from teacherhack.presets import LAB_PRESETS
 
 SOURCES: tuple[str, ...] = ("offline", "online_teacher", "online_student", "mixture")
-LOSSES: tuple[str, ...] = DIVERGENCES + ("hard_ce",)
+# The token-level divergences on the teacher's distribution, hard-label cross-entropy on the sampled tokens
+# (sequence-level KD), and on-policy distillation's reverse KL on the student's sampled tokens
+LOSSES: tuple[str, ...] = DIVERGENCES + ("hard_ce", "sampled_reverse_kl")
+CONVENTIONS: tuple[str, ...] = ("tail", "renormalized")
+SIGNAL_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "k3")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
 
@@ -88,6 +93,19 @@ class DistillConfig:
     beta: float = 0.5  # JSD(β)
     alpha: float = 0.1  # skew KL
     loss_temperature: float = 1.0
+    # The teacher's signal: None = its full next-token distribution; k = its k most likely tokens' log-probs (what
+    # sparse-logit caches store), with the rest as one tail bucket ("tail") or dropped and renormalised
+    # ("renormalized"); stored for the offline dataset as top_k_dtype
+    top_k: int | None = None
+    top_k_convention: str = "tail"
+    top_k_dtype: str = "float16"
+    # The offline dataset's full teacher distributions are computed once and kept (exact) when they fit in this
+    # many MB; otherwise the teacher runs again at every step. 0: never keep them
+    teacher_cache_mb: int = 1024
+    # sampled_reverse_kl (online_student only): the per-token estimator of KL(student‖teacher) and the discount
+    # of its reward-to-go (1: the unbiased sequence-level gradient; 0: the per-token advantage of Tinker's recipe)
+    kl_estimator: str = "k1"
+    discount: float = 1.0
     prompts: int | None = None  # distillation prompts used, the first n of the task's pool; None = all
     generations_per_prompt: int = 1  # k, for the offline dataset
     mixture_lambda: float = 0.5  # online-student fraction of batches for the "mixture" source
@@ -315,6 +333,18 @@ def validate(c: LabConfig) -> None:
     require(0.0 <= c.distill.alpha < 1.0, "distill.alpha must lie in [0, 1)")
     require(0.0 <= c.distill.mixture_lambda <= 1.0, "distill.mixture_lambda must lie in [0, 1]")
     require(c.distill.loss_temperature > 0, "distill.loss_temperature must be > 0")
+    d = c.distill
+    require(d.top_k is None or d.top_k >= 1, f"distill.top_k must be >= 1 (or none: the full distribution), got {d.top_k}")
+    require(d.top_k_convention in CONVENTIONS, f"distill.top_k_convention must be one of {', '.join(CONVENTIONS)}")
+    require(d.top_k_dtype in SIGNAL_DTYPES, f"distill.top_k_dtype must be one of {', '.join(SIGNAL_DTYPES)}")
+    require(d.top_k is None or d.loss in DIVERGENCES,
+            f"distill.top_k applies to the divergences on the teacher's distribution, not to loss {d.loss}")
+    require(d.teacher_cache_mb >= 0, "distill.teacher_cache_mb must be >= 0")
+    require(d.kl_estimator in KL_ESTIMATORS, f"distill.kl_estimator must be one of {', '.join(KL_ESTIMATORS)}")
+    require(0.0 <= d.discount <= 1.0, "distill.discount must lie in [0, 1]")
+    require(d.loss != "sampled_reverse_kl" or d.sources == ["online_student"],
+            "distill.loss=sampled_reverse_kl is on-policy: it needs distill.sources=online_student (the student's "
+            "own samples) and no other source")
     require(c.eval.estimator in ESTIMATORS, f"eval.estimator must be one of {', '.join(ESTIMATORS)}")
     for section in ("pretrain", "oracle", "teacher", "student"):
         t: TrainConfig = getattr(c, section)
@@ -322,7 +352,6 @@ def validate(c: LabConfig) -> None:
                 f"{section}: batch_size and lr must be > 0, epochs and warmup >= 0 (epochs 0: no training)")
         require(t.schedule in SCHEDULES, f"{section}.schedule must be one of {', '.join(SCHEDULES)}")
         require(t.samples is None or t.samples > 0, f"{section}.samples must be > 0")
-    d = c.distill
     require(d.steps > 0 and d.batch_size > 0 and d.grad_accum > 0 and d.lr > 0 and d.warmup >= 0,
             "distill: steps, batch_size, grad_accum, lr must be > 0 and warmup >= 0")
     require(d.batch_size % d.grad_accum == 0, "distill.batch_size must be a multiple of distill.grad_accum")

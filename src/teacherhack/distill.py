@@ -22,6 +22,7 @@ from teacherhack.metrics import PAIRED, Evaluator, load_sample_sets
 from teacherhack.models import LM, load_pretrained
 from teacherhack.rundir import RunFolder, load_run, summarise
 from teacherhack.sources import FixedPairs, Mixture, OnlineSamples, Source
+from teacherhack.teacher_signals import TeacherSignals
 from teacherhack.stages import OFFLINE_SOURCES, Upstream, load_ids, wrap
 from teacherhack.trackers import Trackers
 from teacherhack.training import (
@@ -73,7 +74,8 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
                                                               (up.teacher, 1.0), (up.student, 1.0)))
         source = make_source(source_name, c, up, teacher, student)
         loss_fn = distill_loss(student, teacher, loss=d.loss, beta=d.beta, alpha=d.alpha,
-                               temperature=d.loss_temperature, chunk_size=d.chunk_size)
+                               temperature=d.loss_temperature, chunk_size=d.chunk_size, top_k=d.top_k,
+                               convention=d.top_k_convention, kl_estimator=d.kl_estimator, discount=d.discount)
         began = time.time()
         references = load_sample_sets(up.references) | load_sample_sets(up.train_references)
         evaluator = Evaluator(oracle, teacher, references, estimator=e.estimator,
@@ -136,8 +138,10 @@ def make_source(name: str, c: LabConfig, up: Upstream, teacher: LM, student: LM)
         return online(student, up.student, "online_student")
     assert up.offline is not None, "the offline dataset is built for every configuration whose sources need it"
     offline_prompts, offline_responses = load_ids(up.offline)
+    signals = None if up.teacher_signals is None else TeacherSignals.load(
+        up.teacher_signals, expect={"teacher": up.teacher.name, "dataset": up.offline.parent.name})
     offline = FixedPairs(offline_prompts, offline_responses or [], batch_size=d.batch_size, seed=seed, pad_id=pad,
-                         origin="offline")
+                         origin="offline", signals=signals, eos_id=teacher.eos_id)
     return offline if name == "offline" else Mixture(offline, online(student, up.student, "online_student"),
                                                      fraction=d.mixture_lambda, seed=seed)
 

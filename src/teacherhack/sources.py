@@ -15,7 +15,9 @@ from torch import Tensor
 
 from teacherhack import distributed, seeds
 from teacherhack.generation import Sampler
+from teacherhack.divergences import response_mask
 from teacherhack.models import LM, Prompts, collate_prompts, pad_responses
+from teacherhack.teacher_signals import SignalBatch, TeacherSignals
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,13 @@ class Batch:
     prompts: Prompts
     responses: Tensor  # [B, T]: each row ends at its first EOS, padded after (or truncated, no EOS)
     origin: str  # "offline", "online_teacher", "online_student", "real", "oracle"
+    teacher: SignalBatch | None = None  # the teacher's distributions at each position, when known without a forward
+
+    def __getitem__(self, rows: Tensor) -> "Batch":
+        """A micro-batch: these rows, their signals with them."""
+        signals = None if self.teacher is None else SignalBatch(
+            *(None if t is None else t[rows] for t in (self.teacher.logprobs, self.teacher.ids, self.teacher.tail)))
+        return Batch(self.prompts[rows], self.responses[rows], self.origin, signals)
 
 
 class _Cycler:
@@ -48,14 +57,18 @@ class _Cycler:
 
 
 class FixedPairs:
-    """A fixed dataset of (prompt, response) token sequences, reshuffled every epoch."""
+    """A fixed dataset of (prompt, response) token sequences, reshuffled every epoch; with the teacher's
+    signals on it when they were computed once (``signals``, aligned with the responses)."""
 
     def __init__(self, prompts: list[list[int]], responses: list[list[int]], *, batch_size: int, seed: int,
-                 pad_id: int, origin: str):
+                 pad_id: int, origin: str, signals: TeacherSignals | None = None, eos_id: int | None = None):
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if signals is not None and (len(signals) != len(responses) or eos_id is None):
+            raise ValueError(f"teacher signals for {len(signals)} responses (and the EOS id) are needed for "
+                             f"{len(responses)} responses")
         self.prompts, self.responses, self.origin = prompts, responses, origin
-        self.batch_size, self.pad_id = batch_size, pad_id
+        self.batch_size, self.pad_id, self.signals, self.eos_id = batch_size, pad_id, signals, eos_id
         self._cycle = _Cycler(len(prompts), seed)
 
     def __len__(self) -> int:
@@ -63,8 +76,9 @@ class FixedPairs:
 
     def batch(self, step: int) -> Batch:
         rows = distributed.shard(self._cycle.take(step, self.batch_size))
-        return Batch(collate_prompts([self.prompts[i] for i in rows], self.pad_id),
-                     pad_responses([self.responses[i] for i in rows], self.pad_id), self.origin)
+        responses = pad_responses([self.responses[i] for i in rows], self.pad_id)
+        signals = None if self.signals is None else self.signals.gather(rows, response_mask(responses, self.eos_id))
+        return Batch(collate_prompts([self.prompts[i] for i in rows], self.pad_id), responses, self.origin, signals)
 
     def epoch(self, steps_done: int) -> float:
         return self._cycle.epoch(steps_done, self.batch_size)

@@ -31,8 +31,10 @@ from teacherhack.cache import ArtifactCache
 from teacherhack.config import LabConfig, TrainConfig
 from teacherhack.distributed import log
 from teacherhack.metrics import SampleSet, draw_samples, sample_in_batches, save_sample_sets
+from teacherhack.divergences import response_mask
 from teacherhack.models import LM, SIZES, build_model, collate_prompts, load_pretrained, pad_responses
 from teacherhack.sources import FixedPairs
+from teacherhack.teacher_signals import TeacherSignals, estimate_bytes
 from teacherhack.tasks import Pair, Splits, Task, TaskError, load_task, split_task
 from teacherhack.tokenizer import (
     check_tokenizers,
@@ -348,6 +350,45 @@ def build_offline_data(job: Job, out: Path) -> None:
     save_ids(out / "pairs.json", prompts, rows_until_eos(responses, teacher.eos_id))
 
 
+@stage("teacher_signals", reads=("models.vocab_size", "distill.top_k", "distill.top_k_dtype", "distill.loss_temperature",
+                                 "distill.teacher_cache_mb"), checks=("distill.sources",),
+       parents=("tokenizer", "teacher", "offline_data"), needed=lambda c: any(s in OFFLINE_SOURCES for s in c.distill.sources),
+       inputs=lambda c: ({"dense": True, "budget_mb": c.distill.teacher_cache_mb, "vocab": c.models.vocab_size}
+                         if c.distill.top_k is None else
+                         {"k": c.distill.top_k, "dtype": c.distill.top_k_dtype, "vocab": c.models.vocab_size,
+                          "temperature": c.distill.loss_temperature}))
+def build_teacher_signals(job: Job, out: Path) -> None:
+    """The teacher's signals on the offline dataset, computed once: its full distributions (exact, when they fit
+    in distill.teacher_cache_mb; otherwise none, and the teacher runs at every step) or its top-k log-probs at
+    the loss temperature. The teacher is frozen and the dataset fixed, so this is the forward pass that
+    distillation on offline data would otherwise repeat every epoch."""
+    c, d = job.config, job.config.distill
+    prompts, responses = load_ids(job.path("offline_data") / "pairs.json")
+    teacher = job.lm("teacher")
+    responses = responses or []
+    positions = sum(len(r) for r in responses)
+    if d.top_k is None and estimate_bytes(positions, len(responses), vocab_size=teacher.vocab_size) > d.teacher_cache_mb * 2**20:
+        log(f"stage 2 data: the teacher's distributions on the offline dataset exceed distill.teacher_cache_mb="
+            f"{d.teacher_cache_mb}: not kept, the teacher runs at every step")
+        (out / "none.json").write_text(json.dumps({"positions": positions, "vocab_size": teacher.vocab_size}))
+        return
+    parts = []
+    for start in range(0, len(responses), SAMPLING_BATCH):
+        batch = pad_responses(responses[start:start + SAMPLING_BATCH], teacher.pad_id)
+        with torch.no_grad():
+            log_p = teacher.next_token_logprobs(collate_prompts(prompts[start:start + SAMPLING_BATCH], teacher.pad_id),
+                                                batch)
+        parts.append(TeacherSignals.from_logprobs(
+            log_p, response_mask(batch, teacher.eos_id).to(log_p.device), k=d.top_k,
+            dtype=None if d.top_k is None else getattr(torch, d.top_k_dtype),
+            temperature=1.0 if d.top_k is None else d.loss_temperature,
+            provenance={"teacher": job.path("teacher").name, "dataset": job.path("offline_data").name}))
+    signals = TeacherSignals.concat(parts)
+    signals.save(out / "signals.safetensors")
+    log(f"stage 2 data: the teacher's {signals.kind} signals on the offline dataset, {signals.bytes_per_token:,} bytes "
+        f"per token, {signals.n_positions:,} tokens")
+
+
 @stage("distill_prompts", reads=("distill.prompts", "task.max_prompt_len"), parents=("splits", "tokenizer"))
 def build_distill_prompts(job: Job, out: Path) -> None:
     """The distillation pool's prompts (the first ``distill.prompts`` of a shuffled pool: a random subset)."""
@@ -401,6 +442,7 @@ class Upstream:
     train_references: Path  # the teacher's samples on training prompts
     distill_prompts: Path
     offline: Path | None  # None when no source of the configuration reads the offline dataset
+    teacher_signals: Path | None  # the teacher's signals on it, when they were kept
 
 
 def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: dict[str, float]) -> Upstream:
@@ -430,7 +472,12 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
     return Upstream(paths["splits"], paths["tokenizer"], paths["oracle"], paths["teacher"], paths["student"],
                     paths["references"] / "references.safetensors",
                     paths["train_references"] / "references.safetensors", paths["distill_prompts"] / "pairs.json",
-                    paths["offline_data"] / "pairs.json" if "offline_data" in paths else None)
+                    paths["offline_data"] / "pairs.json" if "offline_data" in paths else None,
+                    _existing(paths.get("teacher_signals"), "signals.safetensors"))
+
+
+def _existing(folder: Path | None, name: str) -> Path | None:
+    return folder / name if folder is not None and (folder / name).exists() else None
 
 
 def _report_data(splits: Splits, tokenizer: PreTrainedTokenizerBase, c: LabConfig) -> None:

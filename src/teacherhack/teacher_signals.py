@@ -64,6 +64,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from teacherhack.divergences import logsumexp_outside
+from teacherhack.errors import UserError
 
 FORMAT = "teacherhack.teacher_signals"
 FORMAT_VERSION = 1
@@ -76,7 +77,7 @@ _ROWS_PER_CHECK = 4096  # value checks run over row blocks, so that they never c
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
-class SignalsError(ValueError):
+class SignalsError(UserError, ValueError):
     """Signals that must not be used (corrupt, or built for another run); the message names the fix."""
 
 

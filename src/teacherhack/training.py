@@ -19,9 +19,16 @@ from tqdm.auto import tqdm
 
 from teacherhack import distributed
 from teacherhack.errors import UserError
-from teacherhack.divergences import response_mask, token_cross_entropy, token_divergence
+from teacherhack.divergences import (
+    response_mask,
+    sampled_reverse_kl,
+    sparse_token_divergence,
+    token_cross_entropy,
+    token_divergence,
+)
 from teacherhack.models import LM
 from teacherhack.sources import Batch, Source
+from teacherhack.teacher_signals import SignalBatch, TeacherSignals
 
 LossFn = Callable[[Batch, float], Tensor]  # (micro-batch, denominator of the accumulation window) → loss
 
@@ -42,21 +49,53 @@ def sft_loss(model: LM) -> LossFn:
 
 
 def distill_loss(student: LM, teacher: LM, *, loss: str, beta: float, alpha: float, temperature: float,
-                 chunk_size: int | None) -> LossFn:
-    """The stage-2 loss on the teacher's and the student's full next-token distributions along the batch's
-    responses; ``hard_ce`` is sequence-level KD with hard labels (cross-entropy on the sampled tokens)."""
+                 chunk_size: int | None, top_k: int | None = None, convention: str = "tail",
+                 kl_estimator: str = "k1", discount: float = 1.0) -> LossFn:
+    """The stage-2 loss along the batch's responses.
+
+    Divergences compare the teacher's and the student's next-token distributions: the full ones, or the
+    teacher's top ``top_k`` tokens (``convention``: with a tail bucket, or renormalised). The teacher's side
+    comes with the batch when it is known without a forward pass (``Batch.teacher``: the offline dataset's
+    signals computed once, or the teacher's own sampling distributions), else from a teacher forward.
+    ``hard_ce`` is sequence-level KD with hard labels (cross-entropy on the sampled tokens);
+    ``sampled_reverse_kl`` is on-policy distillation on the student's own samples, which needs only the
+    teacher's log-probability of each sampled token (``teacherhack.divergences.sampled_reverse_kl``)."""
     if loss == "hard_ce":
         return sft_loss(student)
 
     def compute(batch: Batch, denominator: float) -> Tensor:
         mask = response_mask(batch.responses, student.eos_id).to(student.device)
-        with torch.no_grad():
-            teacher_logits = teacher.logits(batch.prompts, batch.responses)
-        return token_divergence(teacher_logits, student.logits(batch.prompts, batch.responses), mask,
-                                divergence=loss, beta=beta, alpha=alpha, temperature=temperature,
-                                denominator=denominator, chunk_size=chunk_size)
+        responses = batch.responses.to(student.device)
+        signals = batch.teacher
+        if signals is None or (top_k is not None and signals.ids is None):
+            with torch.no_grad():
+                log_p = teacher.next_token_logprobs(batch.prompts, batch.responses) if signals is None else \
+                    signals.logprobs.to(teacher.device)
+            if loss == "sampled_reverse_kl":
+                token = log_p.gather(-1, responses.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+                return sampled_reverse_kl(student.logits(batch.prompts, batch.responses), token, responses, mask,
+                                          estimator=kl_estimator, discount=discount, temperature=temperature,
+                                          denominator=denominator)
+            signals = SignalBatch(log_p) if top_k is None else top_k_signals(log_p, mask, top_k, temperature)
+        student_logits = student.logits(batch.prompts, batch.responses)
+        options = dict(divergence=loss, beta=beta, alpha=alpha, temperature=temperature, denominator=denominator,
+                       chunk_size=chunk_size)
+        if signals.ids is None:
+            return token_divergence(signals.logprobs.to(student.device), student_logits, mask, **options)
+        return sparse_token_divergence(signals.ids.to(student.device), signals.logprobs.to(student.device),
+                                       None if signals.tail is None else signals.tail.to(student.device),
+                                       student_logits, mask, convention=convention, **options)
 
     return compute
+
+
+def top_k_signals(log_p: Tensor, mask: Tensor, k: int, temperature: float) -> SignalBatch:
+    """The teacher's top-k signals of a batch at the loss temperature, aligned with it (what a sparse-logit cache
+    would have stored, without its storage rounding)."""
+    rows = mask.bool().cpu()
+    signals = TeacherSignals.from_logprobs(log_p.detach().cpu(), rows, k=min(k, log_p.shape[-1]), dtype=torch.float32,
+                                           temperature=temperature)
+    return signals.gather(range(rows.shape[0]), rows)
 
 
 def learning_rate(step: int, *, lr: float, warmup: int, total: int, schedule: str) -> float:
@@ -105,7 +144,7 @@ def optimizer_step(model: LM, ready: distributed.Prepared, batch: Batch, loss_fn
         accelerator = ready.accelerator
         with contextlib.nullcontext() if accelerator is None or last else accelerator.no_sync(ready.module):
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
-                loss = loss_fn(Batch(batch.prompts[micro], batch.responses[micro], batch.origin), denominator)
+                loss = loss_fn(batch[micro], denominator)
             if distributed.all_sum(0.0 if torch.isfinite(loss) else 1.0):
                 ready.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLoss(f"{where}: the loss is not finite (batch from {batch.origin}); no step was "
