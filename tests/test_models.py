@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from teacherhack import models
+from teacherhack import decoding, models
 from teacherhack.models import (
     ARCHITECTURES,
     LM,
@@ -53,9 +53,9 @@ def greedy_full_forward(lm: LM, prompt: list[int], max_new_tokens: int) -> list[
     return out
 
 
-def argmax_multinomial(probs, num_samples, *, generator=None, **kwargs):
-    assert num_samples == 1
-    return probs.argmax(-1, keepdim=True)
+def argmax_draw(probs, uniforms):
+    """Stands in for the inverse-CDF draw: greedy decoding."""
+    return probs.argmax(-1)
 
 
 # --- padding -------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def test_logits_entry_t_depends_only_on_prefix(arch):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_cached_greedy_sampling_matches_full_forward(arch, monkeypatch):
     lm = make_lm(arch, "s")
-    monkeypatch.setattr(models.torch, "multinomial", argmax_multinomial)
+    monkeypatch.setattr(decoding, "inverse_cdf", argmax_draw)
     max_new = 8
     sampled = lm.sample(collate_prompts(PROMPTS, PAD), max_new_tokens=max_new,
                         generator=torch.Generator().manual_seed(0))
@@ -135,13 +135,13 @@ def test_eos_pads_rows_and_stops_early(arch, monkeypatch):
     ]
     calls = []
 
-    def scripted(probs, num_samples, *, generator=None, **kwargs):
-        assert probs.shape == (3, VOCAB)
+    def scripted(probs, uniforms):
+        assert probs.shape == (3, VOCAB) and uniforms.shape == (3,)
         torch.testing.assert_close(probs.sum(-1), torch.ones(3), atol=1e-5, rtol=0)
         calls.append(len(calls))
-        return torch.tensor(script[len(calls) - 1])[:, None]
+        return torch.tensor(script[len(calls) - 1])
 
-    monkeypatch.setattr(models.torch, "multinomial", scripted)
+    monkeypatch.setattr(decoding, "inverse_cdf", scripted)
     lm = make_lm(arch)
     out = lm.sample(collate_prompts(PROMPTS[:3], PAD), max_new_tokens=10, generator=torch.Generator().manual_seed(0))
     assert len(calls) == 4

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -27,6 +28,8 @@ from transformers import (
     T5Config,
     T5ForConditionalGeneration,
 )
+
+from teacherhack import decoding
 
 ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama", "t5")
 
@@ -162,52 +165,41 @@ class LM:
             return out.logits[..., : self.vocab_limit] / self.temperature
         ids = torch.cat([prompts.ids, responses[:, :-1]], 1)
         mask = torch.cat([prompts.mask, torch.ones_like(responses[:, :-1], dtype=torch.bool)], 1)
-        positions = (mask.long().cumsum(1) - 1).clamp_min(0)
+        positions = decoding.prompt_positions(mask)
         out = self.module(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False)
         return out.logits[:, prompts.ids.shape[1] - 1:, : self.vocab_limit] / self.temperature
 
     def next_token_logprobs(self, prompts: Prompts, responses: Tensor) -> Tensor:
         return torch.log_softmax(self.logits(prompts, responses).float(), dim=-1)
 
+    @overload
+    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator, temperature: float = 1.0,
+               return_logprobs: Literal[False] = False) -> Tensor: ...
+
+    @overload
+    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator, temperature: float = 1.0,
+               return_logprobs: Literal[True]) -> tuple[Tensor, Tensor]: ...
+
     @torch.no_grad()
-    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator,
-               temperature: float = 1.0) -> Tensor:
-        """Responses [B, T≤max_new_tokens] drawn from softmax(logits/(τ·temperature)), with a KV cache.
-        Each row ends at its first EOS (padded with ``pad_id`` after); a row with no EOS was truncated."""
+    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator, temperature: float = 1.0,
+               return_logprobs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Responses [B, T≤max_new_tokens] drawn from softmax(logits/(τ·temperature)) with a KV cache, by
+        inverse CDF from ``generator`` (:mod:`teacherhack.decoding`). Each row ends at its first EOS (padded
+        with ``pad_id`` after); a row with no EOS was truncated. ``return_logprobs``: also the float32
+        log-probabilities [B, T, V] each position was drawn from, equal to :meth:`next_token_logprobs` of the
+        responses (entries after a row's EOS are unspecified), so their scoring needs no second forward."""
         was_training = self.model.training
         self.model.eval()
-        prompts = prompts.to(self.device)
-        batch = len(prompts)
-        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        tokens: list[Tensor] = []
-        if self.encoder_decoder:
-            encoder = self.model.get_encoder()(input_ids=prompts.ids, attention_mask=prompts.mask.long())
-            step_input = torch.full((batch, 1), self.model.config.decoder_start_token_id, device=self.device)
-            out = self.model(encoder_outputs=encoder, attention_mask=prompts.mask.long(),
-                             decoder_input_ids=step_input, use_cache=True)
-        else:
-            mask = prompts.mask.long()
-            positions = (mask.cumsum(1) - 1).clamp_min(0)
-            out = self.model(input_ids=prompts.ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        for _ in range(max_new_tokens):
-            probs = torch.softmax(out.logits[:, -1].float() / (self.temperature * temperature), dim=-1)
-            probs = probs if generator.device == probs.device else probs.cpu()
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(self.device)
-            token = torch.where(finished, self.pad_id, token)
-            tokens.append(token)
-            finished |= token == self.eos_id
-            if finished.all():
-                break
-            if self.encoder_decoder:
-                out = self.model(encoder_outputs=encoder, attention_mask=prompts.mask.long(),
-                                 decoder_input_ids=token[:, None], past_key_values=out.past_key_values, use_cache=True)
-            else:
-                mask = torch.cat([mask, torch.ones_like(token[:, None])], 1)
-                positions = positions[:, -1:] + 1
-                out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                                 past_key_values=out.past_key_values, use_cache=True)
-        self.model.train(was_training)
-        return torch.stack(tokens, 1) if tokens else torch.empty(batch, 0, dtype=torch.long)
+        try:
+            prompts = prompts.to(self.device)
+            tokens, logprobs = decoding.sample(
+                decoding.decoder_for(self.model, prompts.ids, prompts.mask, max_new_tokens), batch=len(prompts),
+                vocab_size=self.vocab_size, max_new_tokens=max_new_tokens, generator=generator,
+                temperature=self.temperature * temperature, eos_id=self.eos_id, pad_id=self.pad_id,
+                device=self.device, return_logprobs=return_logprobs)
+        finally:
+            self.model.train(was_training)
+        return (tokens, logprobs) if logprobs is not None else tokens
 
     def save(self, path: Path) -> None:
         self.model.save_pretrained(path, safe_serialization=True)
