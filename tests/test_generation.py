@@ -45,7 +45,7 @@ class RecordingSampler:
     def __init__(self, lm: LM):
         self.lm, self.synced_at, self.step = lm, [], None
 
-    def sample(self, prompts, *, max_new_tokens, generator):
+    def sample(self, prompts, *, max_new_tokens, generator, return_logprobs=False):
         return self.lm.sample(prompts, max_new_tokens=max_new_tokens, generator=generator)
 
     def sync(self, model):
@@ -58,7 +58,7 @@ def test_student_weights_reach_a_separate_sampler_every_n_steps_and_after_resume
 
     def run(steps):
         sampler = RecordingSampler(lm)
-        source = OnlineSamples(prompts, sampler, batch_size=2, seed=0, pad_id=PAD, max_new_tokens=4,
+        source = OnlineSamples(prompts, sampler, batch_size=2, seed=0, pad_id=PAD, eos_id=EOS, max_new_tokens=4,
                                origin="online_student", sync_from=lm, sync_every=3)
         for step in steps:
             sampler.step = step

@@ -306,6 +306,9 @@ def test_trainer_end_to_end_logs_reach_history_and_integrations(tmp_path, tok, t
     assert [r["step"] for r in callback.monitor.history] == [3, 6]
 
 
+# TRL's GKD configuration itself sets transformers' gradient_checkpointing, deprecated there: not our call
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning",
+                            "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_trl_gkd_trainer_end_to_end(tmp_path, tok, teacher):
     pytest.importorskip("trl")
     from datasets import Dataset

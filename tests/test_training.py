@@ -167,7 +167,7 @@ def test_online_samples_are_a_pure_function_of_step():
     prompts = pairs(12)[0]
 
     def make() -> OnlineSamples:
-        return OnlineSamples(prompts, HFSampler(lm), batch_size=4, seed=5, pad_id=PAD, max_new_tokens=6,
+        return OnlineSamples(prompts, HFSampler(lm), batch_size=4, seed=5, pad_id=PAD, eos_id=EOS, max_new_tokens=6,
                              origin="online_teacher")
 
     source = make()
@@ -181,9 +181,39 @@ def test_online_samples_are_a_pure_function_of_step():
     assert source.epoch(6) == pytest.approx(2.0)
 
 
+def test_a_frozen_model_s_samples_drawn_in_blocks_are_a_pure_function_of_step_and_carry_its_distributions():
+    lm = eos_prone_lm()
+    prompts = pairs(12)[0]
+
+    def make(**options) -> OnlineSamples:
+        return OnlineSamples(prompts, HFSampler(lm), batch_size=4, seed=5, pad_id=PAD, eos_id=EOS, max_new_tokens=6,
+                             origin="online_teacher", **options)
+
+    blocked = make(block=3, keep_logprobs=True)
+    steps = [blocked.batch(step) for step in range(7)]
+    resumed = make(block=3, keep_logprobs=True).batch(4)  # a run resumed mid-block sees the same batch
+    assert torch.equal(resumed.responses, steps[4].responses) and torch.equal(resumed.prompts.ids, steps[4].prompts.ids)
+    assert len({tuple(map(tuple, b.responses.tolist())) for b in steps}) == 7  # fresh samples every step
+    for batch in steps:
+        mask = response_mask(batch.responses, EOS)
+        assert int(mask.sum(-1).max()) == batch.responses.shape[1]  # trimmed to the step's longest response
+        with torch.no_grad():
+            scored = lm.next_token_logprobs(batch.prompts, batch.responses)
+        assert batch.teacher is not None and batch.teacher.ids is None
+        torch.testing.assert_close(batch.teacher.logprobs[mask], scored[mask], atol=1e-4, rtol=0)
+    assert make().batch(0).teacher is None  # without keep_logprobs the loss runs the teacher itself
+    # the loss on these distributions is the loss with a teacher forward
+    student = make_lm(seed=3)
+    loss_fn = distill_loss(student, lm, loss="forward_kl", beta=0.5, alpha=0.1, temperature=1.0, chunk_size=None)
+    plain = Batch(steps[2].prompts, steps[2].responses, "online_teacher")
+    assert loss_fn(steps[2], 4.0).item() == pytest.approx(loss_fn(plain, 4.0).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="block must be 1"):
+        make(block=2, sync_from=lm)
+
+
 def test_online_samples_draw_afresh_at_every_step():
     lm = eos_prone_lm()
-    source = OnlineSamples([[5, 6]] * 4, HFSampler(lm), batch_size=4, seed=5, pad_id=PAD, max_new_tokens=6,
+    source = OnlineSamples([[5, 6]] * 4, HFSampler(lm), batch_size=4, seed=5, pad_id=PAD, eos_id=EOS, max_new_tokens=6,
                            origin="online_student")
     draws = [source.batch(step).responses for step in range(3)]
     assert all(torch.equal(source.batch(s).responses, d) for s, d in enumerate(draws))
@@ -193,7 +223,7 @@ def test_online_samples_draw_afresh_at_every_step():
 
 def test_online_samples_count_generated_tokens():
     lm = eos_prone_lm()
-    source = OnlineSamples(pairs(12)[0], HFSampler(lm), batch_size=4, seed=5, pad_id=PAD, max_new_tokens=6,
+    source = OnlineSamples(pairs(12)[0], HFSampler(lm), batch_size=4, seed=5, pad_id=PAD, eos_id=EOS, max_new_tokens=6,
                            origin="online_student")
     assert source.tokens_generated == 0
     expected, padded = 0, 0
@@ -211,7 +241,7 @@ class CountingSampler:
     def __init__(self):
         self.synced, self.sampled = [], 0
 
-    def sample(self, prompts, *, max_new_tokens, generator):
+    def sample(self, prompts, *, max_new_tokens, generator, return_logprobs=False):
         self.sampled += 1
         return torch.tensor([[7, EOS]]).repeat(len(prompts), 1)
 
@@ -222,14 +252,14 @@ class CountingSampler:
 def test_online_samples_sync_the_sampler_once_per_block():
     student = make_lm()
     sampler = CountingSampler()
-    source = OnlineSamples(pairs(6)[0], sampler, batch_size=2, seed=0, pad_id=PAD, max_new_tokens=2,
+    source = OnlineSamples(pairs(6)[0], sampler, batch_size=2, seed=0, pad_id=PAD, eos_id=EOS, max_new_tokens=2,
                            origin="online_student", sync_from=student, sync_every=3)
     for step in range(7):
         source.batch(step)
     # synced before the batches of steps 0, 3 and 6, each time from the student being trained
     assert [n for n, _ in sampler.synced] == [0, 3, 6]
     assert all(model is student for _, model in sampler.synced)
-    resumed = OnlineSamples(pairs(6)[0], sampler, batch_size=2, seed=0, pad_id=PAD, max_new_tokens=2,
+    resumed = OnlineSamples(pairs(6)[0], sampler, batch_size=2, seed=0, pad_id=PAD, eos_id=EOS, max_new_tokens=2,
                             origin="online_student", sync_from=student, sync_every=3)
     sampler.synced.clear()
     for step in range(4, 7):  # a resumed run syncs on its first batch whatever the step
@@ -282,7 +312,7 @@ def test_mixture_with_real_sources():
     lm = eos_prone_lm()
     prompts, responses = pairs(8)
     offline = FixedPairs(prompts, responses, batch_size=2, seed=0, pad_id=PAD, origin="offline")
-    online = OnlineSamples(prompts, HFSampler(lm), batch_size=2, seed=0, pad_id=PAD, max_new_tokens=4,
+    online = OnlineSamples(prompts, HFSampler(lm), batch_size=2, seed=0, pad_id=PAD, eos_id=EOS, max_new_tokens=4,
                            origin="online_student")
     mixture = Mixture(offline, online, fraction=0.5, seed=3)
     origins = [mixture.batch(step).origin for step in range(16)]

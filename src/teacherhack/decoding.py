@@ -295,7 +295,7 @@ def inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
 def sample(decoder: Decoder, *, batch: int, vocab_size: int, max_new_tokens: int, generator: torch.Generator,
            temperature: float, eos_id: int, pad_id: int, device: torch.device,
            return_logprobs: bool) -> tuple[Tensor, Tensor | None]:
-    """Responses [B, T ≤ max_new_tokens] drawn from softmax(logits/temperature), each row cut after its first
+    """Responses [B, T ≤ max_new_tokens] drawn from softmax(logits[:vocab_size]/temperature), each row cut after its first
     EOS and padded with ``pad_id``, and, when asked, the float32 log-probabilities [B, T, V] each position was
     drawn from. The uniforms come from ``generator`` (usually on the CPU, whatever the model's device), all at
     once: one per row and step, [max_new_tokens, B], whether or not every step runs."""
@@ -306,7 +306,8 @@ def sample(decoder: Decoder, *, batch: int, vocab_size: int, max_new_tokens: int
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     steps = 0
     while steps < max_new_tokens:
-        logits = (decoder.prefill() if steps == 0 else decoder.step(tokens[:, steps - 1])).float() / temperature
+        logits = (decoder.prefill() if steps == 0 else decoder.step(tokens[:, steps - 1]))[:, :vocab_size]
+        logits = logits.float() / temperature  # entries past vocab_size pad the output layer: not tokens
         if logprobs is not None:
             logprobs[:, steps] = torch.log_softmax(logits, -1)
         token = inverse_cdf(torch.softmax(logits, -1), uniforms[steps]).masked_fill_(finished, pad_id)

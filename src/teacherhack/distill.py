@@ -23,7 +23,7 @@ from teacherhack.models import LM, load_pretrained
 from teacherhack.rundir import RunFolder, load_run, summarise
 from teacherhack.sources import FixedPairs, Mixture, OnlineSamples, Source
 from teacherhack.teacher_signals import TeacherSignals
-from teacherhack.stages import OFFLINE_SOURCES, Upstream, load_ids, wrap
+from teacherhack.stages import OFFLINE_SOURCES, SAMPLING_BATCH, Upstream, load_ids, wrap
 from teacherhack.trackers import Trackers
 from teacherhack.training import (
     distill_loss,
@@ -127,10 +127,18 @@ def make_source(name: str, c: LabConfig, up: Upstream, teacher: LM, student: LM)
 
     def online(model: LM, saved: Path, origin: str) -> OnlineSamples:
         sampler = make_sampler(model, d.generation, saved)
-        log(f"{name}: {origin} samples from the {sampler.name} backend")
-        return OnlineSamples(prompts, sampler, batch_size=d.batch_size, seed=seed, pad_id=pad,
+        frozen = model is teacher  # the teacher's samples do not depend on training: draw a block of steps at once
+        block = max(1, SAMPLING_BATCH // d.batch_size) if frozen else 1
+        # the teacher's sampling distributions stand in for a second teacher pass when they fit the cache budget
+        keep = frozen and sampler.gives_logprobs and (
+            block * d.batch_size * c.task.max_response_len * model.vocab_size * 4 <= d.teacher_cache_mb * 2**20)
+        log(f"{name}: {origin} samples from the {sampler.name} backend"
+            + (f", {block} steps per generation call" if block > 1 else "")
+            + (", their distributions reused by the loss" if keep else ""))
+        return OnlineSamples(prompts, sampler, batch_size=d.batch_size, seed=seed, pad_id=pad, eos_id=model.eos_id,
                              max_new_tokens=c.task.max_response_len, origin=origin,
-                             sync_from=student if model is student else None, sync_every=d.sync_every)
+                             sync_from=None if frozen else student, sync_every=d.sync_every, block=block,
+                             keep_logprobs=keep)
 
     if name == "online_teacher":
         return online(teacher, up.teacher, "online_teacher")

@@ -20,22 +20,28 @@ class Sampler(Protocol):
     with the model being trained (a no-op for a sampler that uses the live model)."""
 
     name: str
+    gives_logprobs: bool  # whether sample(..., return_logprobs=True) also returns each position's distribution
 
-    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator) -> Tensor: ...
+    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator,
+               return_logprobs: bool = False) -> Tensor | tuple[Tensor, Tensor]: ...
 
     def sync(self, model: LM) -> None: ...
 
 
 class HFSampler:
-    """The model's own batched sampling with a KV cache (:meth:`LM.sample`), on the live weights."""
+    """The model's own batched sampling (:meth:`LM.sample`: a lean KV-cache decoder for GPT-2 and Llama, the
+    Hugging Face forward for the rest), on the live weights."""
 
     name = "hf"
+    gives_logprobs = True
 
     def __init__(self, model: LM):
         self.model = model
 
-    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator) -> Tensor:
-        return self.model.sample(prompts, max_new_tokens=max_new_tokens, generator=generator)
+    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator,
+               return_logprobs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        return self.model.sample(prompts, max_new_tokens=max_new_tokens, generator=generator,
+                                 return_logprobs=return_logprobs)
 
     def sync(self, model: LM) -> None:
         """Nothing to do: the sampler reads the live model."""
@@ -47,6 +53,7 @@ class VLLMSampler:
     model's current weights into the engine in place (vLLM ≥ 0.9, ``LLM.apply_model``)."""
 
     name = "vllm"
+    gives_logprobs = False
 
     def __init__(self, path: Path, model: LM, *, gpu_memory_utilization: float = 0.3, dtype: str = "auto"):
         from vllm import LLM  # imported here: an optional dependency
@@ -55,8 +62,12 @@ class VLLMSampler:
         self.llm = LLM(model=str(path), skip_tokenizer_init=True, gpu_memory_utilization=gpu_memory_utilization,
                        dtype=dtype, enforce_eager=True)
 
-    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator) -> Tensor:
+    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator,
+               return_logprobs: bool = False) -> Tensor:
         from vllm import SamplingParams
+
+        if return_logprobs:
+            raise ValueError("the vllm sampler returns tokens only (gives_logprobs is False)")
 
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         params = SamplingParams(temperature=self.temperature, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,

@@ -87,28 +87,58 @@ class FixedPairs:
 class OnlineSamples:
     """Fresh responses for every batch from a sampler of the teacher, or of the current student.
 
-    ``sync_from``: the model being trained, whose weights the sampler receives on the first batch of every
-    block of ``sync_every`` steps (a no-op for the HF sampler, which reads the live model)."""
+    A frozen model's samples (the teacher's) do not depend on training, so they are drawn ``block`` steps at a
+    time (more rows per generation call: faster), and with ``keep_logprobs`` each batch carries the
+    distribution every token was drawn from (``Batch.teacher``), which spares the loss a second teacher pass.
+    A step's samples are a pure function of the seed and the step, so a resumed run sees exactly what an
+    uninterrupted one saw. ``sync_from``: the model being trained, whose weights the sampler receives on the
+    first batch of every block of ``sync_every`` steps (a no-op for the HF sampler, which reads the live model).
+    """
 
     def __init__(self, prompts: list[list[int]], sampler: Sampler, *, batch_size: int, seed: int, pad_id: int,
-                 max_new_tokens: int, origin: str, sync_from: LM | None = None, sync_every: int = 1):
+                 eos_id: int, max_new_tokens: int, origin: str, sync_from: LM | None = None, sync_every: int = 1,
+                 block: int = 1, keep_logprobs: bool = False):
+        if sync_from is not None and block != 1:
+            raise ValueError("the samples of a model in training cannot be drawn ahead: block must be 1")
         self.prompts, self.sampler, self.origin = prompts, sampler, origin
-        self.batch_size, self.pad_id, self.max_new_tokens, self.seed = batch_size, pad_id, max_new_tokens, seed
+        self.batch_size, self.pad_id, self.eos_id, self.max_new_tokens = batch_size, pad_id, eos_id, max_new_tokens
+        self.seed, self.block, self.keep_logprobs = seed, block, keep_logprobs
         self.sync_from, self.sync_every, self._synced_block = sync_from, sync_every, None
         self._cycle = _Cycler(len(prompts), seed)
+        self._drawn: tuple[int, list[Batch]] | None = None  # the block of batches drawn last
         self.tokens_generated = 0
 
     def batch(self, step: int) -> Batch:
         if self.sync_from is not None and step // self.sync_every != self._synced_block:
             self.sampler.sync(self.sync_from)
             self._synced_block = step // self.sync_every
-        rows = distributed.shard(self._cycle.take(step, self.batch_size))
-        prompts = collate_prompts([self.prompts[i] for i in rows], self.pad_id)
-        generator = seeds.generator(self.seed, seeds.ONLINE_SAMPLES, step,
+        index = step // self.block
+        if self._drawn is None or self._drawn[0] != index:
+            self._drawn = (index, self._draw(index))
+        batch = self._drawn[1][step % self.block]
+        self.tokens_generated += int((batch.responses != self.pad_id).sum())
+        return batch
+
+    def _draw(self, index: int) -> list[Batch]:
+        """The batches of steps index·block … (index+1)·block − 1, from one sampler call."""
+        steps = [distributed.shard(self._cycle.take(step, self.batch_size))
+                 for step in range(index * self.block, (index + 1) * self.block)]
+        rows = [row for step_rows in steps for row in step_rows]
+        generator = seeds.generator(self.seed, seeds.ONLINE_SAMPLES, index,
                                     *([distributed.rank()] if distributed.launched() else []))
-        responses = self.sampler.sample(prompts, max_new_tokens=self.max_new_tokens, generator=generator)
-        self.tokens_generated += int((responses != self.pad_id).sum())
-        return Batch(prompts, responses, self.origin)
+        prompts = collate_prompts([self.prompts[i] for i in rows], self.pad_id)
+        drawn = self.sampler.sample(prompts, max_new_tokens=self.max_new_tokens, generator=generator,
+                                    return_logprobs=self.keep_logprobs)
+        responses, logprobs = drawn if self.keep_logprobs else (drawn, None)
+        batches, start = [], 0
+        for step_rows in steps:
+            part = slice(start, start + len(step_rows))
+            width = max(int(response_mask(responses[part], self.eos_id).sum(-1).max()), 1)
+            signals = None if logprobs is None else SignalBatch(logprobs[part, :width].float())
+            batches.append(Batch(collate_prompts([self.prompts[i] for i in step_rows], self.pad_id),
+                                 responses[part, :width], self.origin, signals))
+            start += len(step_rows)
+        return batches
 
     def epoch(self, steps_done: int) -> float:
         return self._cycle.epoch(steps_done, self.batch_size)
