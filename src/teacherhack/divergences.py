@@ -186,6 +186,27 @@ class _ChunkedDivergence(torch.autograd.Function):
         return (None, None, None, None, *grads)
 
 
+class _ForwardKL(torch.autograd.Function):
+    """Σ_rows w · KL(p‖q) with p = softmax(teacher/τ) fixed and q = softmax(student/τ), and its gradient in closed
+    form, w·(q − p)/τ per row: the same values as the generic path (same row formula), a third of its passes
+    over the [rows, V] logits (forward KL is the main loss, and these passes dominate small models' steps)."""
+
+    @staticmethod
+    def forward(ctx, t_logits, s_logits, w, temperature, compute_dtype):  # type: ignore[override]
+        log_p = torch.log_softmax(t_logits.to(compute_dtype) / temperature, dim=-1)
+        log_q = torch.log_softmax(s_logits.to(compute_dtype) / temperature, dim=-1)
+        ctx.save_for_backward(log_p, log_q, w)
+        ctx.temperature, ctx.dtype = temperature, s_logits.dtype
+        return (_kl_rows(log_p, log_q).to(torch.float64) * w).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        log_p, log_q, w = ctx.saved_tensors
+        scale = (w * grad_output / ctx.temperature).to(log_q.dtype)[:, None]
+        grad = (log_q.exp() - log_p.exp()).mul_(scale)
+        return None, grad.to(ctx.dtype), None, None, None
+
+
 def token_divergence(
     teacher_logits: Tensor,
     student_logits: Tensor,
@@ -218,8 +239,12 @@ def token_divergence(
     teacher_logits, student_logits = _align_vocab(teacher_logits, student_logits, vocab_size)
     weights = _row_weights(mask.bool(), reduction, denominator)
 
+    forward = divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0)
+
     def compute(w: Tensor, t_logits: Tensor, s_logits: Tensor) -> Tensor:
         selected = w != 0
+        if forward and not t_logits.requires_grad:  # the main loss, with its gradient in closed form
+            return _ForwardKL.apply(t_logits[selected], s_logits[selected], w[selected], temperature, compute_dtype)
         log_p = torch.log_softmax(t_logits[selected].to(compute_dtype) / temperature, dim=-1)
         log_q = torch.log_softmax(s_logits[selected].to(compute_dtype) / temperature, dim=-1)
         rows = _divergence_rows(log_p, log_q, divergence, beta, alpha)

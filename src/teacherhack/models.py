@@ -10,6 +10,8 @@ ground truth, not just a sampling trick.
 
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, overload
@@ -142,6 +144,8 @@ class LM:
         self.model, self.pad_id, self.eos_id, self.temperature = model, pad_id, eos_id, temperature
         self.module: torch.nn.Module = model  # what scoring calls: the model, or its DDP/FSDP wrapper in training
         self.encoder_decoder = bool(model.config.is_encoder_decoder)
+        # the output layer then runs on the response positions only (the prompt's would be thrown away)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         # The real vocabulary when the output layer is padded beyond it: the entries from here on are not tokens,
         # so scoring and sampling ignore them (the distribution is the softmax over the first vocab_size entries).
         self.vocab_limit = vocab_size
@@ -166,8 +170,9 @@ class LM:
         ids = torch.cat([prompts.ids, responses[:, :-1]], 1)
         mask = torch.cat([prompts.mask, torch.ones_like(responses[:, :-1], dtype=torch.bool)], 1)
         positions = decoding.prompt_positions(mask)
-        out = self.module(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False)
-        return out.logits[:, prompts.ids.shape[1] - 1:, : self.vocab_limit] / self.temperature
+        keep = {"logits_to_keep": responses.shape[1]} if self._keeps_logits else {}
+        out = self.module(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False, **keep)
+        return out.logits[:, -responses.shape[1]:, : self.vocab_limit] / self.temperature
 
     def next_token_logprobs(self, prompts: Prompts, responses: Tensor) -> Tensor:
         return torch.log_softmax(self.logits(prompts, responses).float(), dim=-1)

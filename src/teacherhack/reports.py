@@ -35,30 +35,80 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 def plot_proxy_golden(runs: Sequence[Run], path: str | Path) -> None:
-    """The paper's Figure 4: golden against proxy, in training order; teacher hacking is a U."""
+    """The paper's Figure 4: golden against proxy, in training order; teacher hacking is a U. The right panel
+    zooms on the end of the descent, where a rise of a nat is visible against a scale of tens."""
     unit = _common_unit(runs)
-    fig, ax = plt.subplots(figsize=(7, 5.2))
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, 5.2))
+    near: list[tuple[np.ndarray, np.ndarray]] = []
     for i, run in enumerate(runs):
         style = _style(i)
         x, y = run.series("proxy"), run.series("golden")
-        ax.errorbar(x, y, xerr=run.series("proxy_se"), yerr=run.series("golden_se"), label=run.name,
-                    markersize=4, elinewidth=0.6, ecolor=(0, 0, 0, 0.35), capsize=0, **style)
+        best = int(np.argmin(y))
+        for panel in (ax, zoom):
+            panel.errorbar(x, y, xerr=run.series("proxy_se"), yerr=run.series("golden_se"), label=run.name,
+                           markersize=4, elinewidth=0.6, ecolor=(0, 0, 0, 0.35), capsize=0, **style)
+            panel.plot(x[best], y[best], "*", ms=15, mfc=style["color"], mec="black", zorder=4)
         # a few arrowheads, mid-segment, show the direction of training
         for j in np.unique(np.linspace(0, len(x) - 2, min(len(x) - 1, 6)).round().astype(int)):
             ax.annotate("", xy=(x[j] + 0.65 * (x[j + 1] - x[j]), y[j] + 0.65 * (y[j + 1] - y[j])),
                         xytext=(x[j] + 0.35 * (x[j + 1] - x[j]), y[j] + 0.35 * (y[j + 1] - y[j])),
                         arrowprops={"arrowstyle": "-|>", "color": style["color"], "mutation_scale": 16,
                                     "shrinkA": 0, "shrinkB": 0}, zorder=3)
-        best = int(np.argmin(y))
-        ax.plot(x[best], y[best], "*", ms=15, mfc=style["color"], mec="black", zorder=4)
+        low = y <= y[best] + 0.15 * (np.nanmax(y) - y[best])  # the end of the descent and what follows
+        near.append((x[low], y[low]))
+    xs, ys = np.concatenate([n[0] for n in near]), np.concatenate([n[1] for n in near])
+    pad_x, pad_y = 0.08 * (xs.max() - xs.min() + 1e-9), 0.15 * (ys.max() - ys.min() + 1e-9)
+    zoom.set_xlim(xs.min() - pad_x, xs.max() + pad_x)
+    zoom.set_ylim(ys.min() - pad_y, ys.max() + pad_y)
     handles = [Line2D([], [], ls="none", marker="*", ms=12, mfc="white", mec="black", label="golden minimum")]
     handles += _teacher_line(ax, runs)
-    ax.set_xlabel(f"proxy KL(teacher‖student) [{unit}] ↓")
-    ax.set_ylabel(f"golden KL(oracle‖student) [{unit}] ↓")
-    ax.set_title("Proxy vs golden (arrows: training order)")
+    for panel, title in ((ax, "Proxy vs golden (arrows: training order)"),
+                         (zoom, "Zoom on the end of the descent: a U is teacher hacking")):
+        panel.set_xlabel(f"proxy KL(teacher‖student) [{unit}] ↓")
+        panel.set_ylabel(f"golden KL(oracle‖student) [{unit}] ↓")
+        panel.set_title(title)
+        panel.grid(alpha=0.3)
     ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, fontsize=8)
-    ax.grid(alpha=0.3)
     _save(fig, path)
+
+
+def plot_rise(runs: Sequence[Run], path: str | Path) -> None:
+    """How far each run ends above its best point: golden − its minimum against step (±1 paired standard error),
+    and the same for the NLL of real held-out responses when recorded. Hacking is a curve that leaves zero and
+    keeps climbing; a plateau stays near it."""
+    unit = _common_unit(runs)
+    metrics = [("golden", "golden − its minimum")]
+    if all(m.get("reference_nll") is not None for run in runs for m in run.metrics):
+        metrics.append(("reference_nll", "reference NLL − its minimum (real held-out responses)"))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.6), squeeze=False)
+    for ax, (key, title) in zip(axes[0], metrics):
+        for i, run in enumerate(runs):
+            style = _style(i)
+            steps, values = run.series("step"), run.series(key)
+            best = int(np.argmin(values))
+            se = _change_se(run, key, best)
+            ax.plot(steps, values - values[best], label=run.name, markersize=3.5, **style)
+            ax.fill_between(steps, values - values[best] - se, values - values[best] + se, color=style["color"],
+                            alpha=0.18, lw=0)
+            ax.plot(steps[best], 0.0, "*", ms=12, mfc=style["color"], mec="black", zorder=4)
+        ax.axhline(0.0, color="0.35", lw=0.8)
+        ax.set(xlabel="step", ylabel=f"{title} [{unit}]", title=title)
+        ax.grid(alpha=0.3)
+        lows = [np.nanmin(run.series(key)) for run in runs]
+        top = max(float(np.nanmax(run.series(key)[int(np.argmin(run.series(key))):] - low)) for run, low in zip(runs, lows))
+        ax.set_ylim(-0.15 * max(top, 0.5), 1.25 * max(top, 0.5))  # the rise after the minimum, not the descent
+    axes[0][0].legend(fontsize=8)
+    _save(fig, path)
+
+
+def _change_se(run: Run, key: str, best: int) -> np.ndarray:
+    """The standard error of (value at each evaluation − value at the minimum): paired per sample when the
+    run saved per-sample values, else the two SEs combined."""
+    if run.per_sample is not None and all(key in r for r in run.per_sample):
+        base = np.asarray(run.per_sample[best][key], float)
+        return np.array([np.std(np.asarray(r[key], float) - base, ddof=1) / np.sqrt(base.size) for r in run.per_sample])
+    se = run.series(f"{key}_se")
+    return np.hypot(se, se[best])
 
 
 def plot_curves(runs: Sequence[Run], path: str | Path) -> None:
@@ -156,7 +206,10 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = {
-        "proxy_golden.png": (plot_proxy_golden, "Golden against proxy (the paper's Figure 4)."),
+        "proxy_golden.png": (plot_proxy_golden, "Golden against proxy (the paper's Figure 4), and a zoom on the end of "
+                                                "the descent."),
+        "rise.png": (plot_rise, "How far each run ends above its minimum: golden (and the NLL of real held-out "
+                                "responses) minus its minimum, ±1 paired SE."),
         "curves.png": (plot_curves, "Training loss, proxy and golden against epoch, ±1 SE (the paper's Figure 5)."),
         "power_law.png": (plot_power_law, "Proxy on log-log axes against its early power law."),
         "cost.png": (plot_cost, "Golden against the cost of the data: generated tokens and wall time."),
