@@ -685,3 +685,24 @@ def test_jsd_endpoint_bug_would_be_caught():
     t, s, mask = make(seed=67)
     fkl = token_divergence(t, s, mask, divergence="jsd", beta=0.0, compute_dtype=torch.float64)
     assert fkl > 0.1  # whereas the unguarded formula gives 0·KL(P‖Q) + 1·KL(Q‖Q) = 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_forward_kl_in_closed_form_equals_the_generic_path(temperature):
+    """The main loss takes a closed-form gradient when the teacher is frozen; the generic path (teacher logits that
+    require a gradient) must give the same value and the same student gradient."""
+    g = torch.Generator().manual_seed(3)
+    teacher = torch.randn(3, 5, 11, generator=g, dtype=torch.float64)
+    teacher[0, 0, 2] = -math.inf  # a masked entry: exactly 0, never NaN
+    student = torch.randn(3, 5, 11, generator=g, dtype=torch.float64)
+    mask = torch.rand(3, 5, generator=g) > 0.3
+    grads, values = [], []
+    for frozen in (True, False):
+        s = student.clone().requires_grad_()
+        t = teacher.clone().requires_grad_(not frozen)
+        loss = token_divergence(t, s, mask, temperature=temperature, compute_dtype=torch.float64)
+        loss.backward()
+        values.append(loss.item())
+        grads.append(s.grad)
+    assert values[0] == pytest.approx(values[1], rel=1e-12) and torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)

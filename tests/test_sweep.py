@@ -18,7 +18,7 @@ from teacherhack.cli import main
 
 
 def expand(preset: str, config: cfg.LabConfig, seeds: int) -> list[sweeps.Run]:
-    return sweeps.expand(preset, config.distill.prompts or config.task.n_distill, seeds)
+    return sweeps.expand(preset, config.distill.prompts or config.task.n_distill, config.task.n_distill, seeds)
 
 
 def test_every_preset_expands_into_valid_distinct_runs(tiny_config: cfg.LabConfig):
@@ -265,3 +265,28 @@ def test_cli_sweep_in_parallel_processes_then_the_reproduction_record(tiny_task:
     record = tmp_path / "docs" / "REPRODUCTION.md"
     assert main(["reproduction", str(out), "--out", str(record)]) == 0
     assert "## `budget`" in record.read_text() and (record.parent / "reproduction" / "budget" / "cost.png").exists()
+
+
+def test_findings_of_the_new_questions():
+    topk = [_result(f"{k} offline", s, 40, 40 + rise, 10.0, rise > 1) for k, rise in
+            (("top-1", 3.0), ("top-4", 2.0), ("top-16", 1.02), ("top-64", 1.0), ("full", 1.0)) for s in range(2)]
+    for r in topk:
+        r["signal_bytes"] = 4096 if r["group"].startswith("full") else 10
+    found = sweeps.findings_topk(topk)
+    assert [f["reproduced"] for f in found] == [True, True]
+    assert "worse at top-1 offline, top-4 offline" in found[0]["evidence"] and found[1]["evidence"] == "from top-16 on"
+
+    onpolicy = [_result(g, s, 40, 40 + rise, 10.0, hacks) for g, rise, hacks in
+                (("forward_kl", 0.2, False), ("reverse_kl", 0.0, False), ("sampled_reverse_kl k1", 2.0, True),
+                 ("sampled_reverse_kl k3", 0.05, False)) for s in range(2)]
+    found = sweeps.findings_onpolicy(onpolicy)
+    assert found[0]["reproduced"] and "sampled_reverse_kl k1: 2/2 hack" in found[0]["evidence"]
+
+    horizon = [_result(f"pool={pool} {source}", s, low, low + rise, 5.0, rise > 0.5) for pool in (500, 8000)
+               for source, low, rise in (("offline", 40.0, 2.0), ("online_teacher", 38.0, 1.0), ("online_student", 38.5, 0.9))
+               for s in range(2)]
+    found = sweeps.findings_horizon(horizon)
+    assert [f["reproduced"] for f in found] == [True, True, True]
+    gone = [r if not (r["group"].startswith("pool=8000 online")) else {**r, "golden_final": r["golden_min"], "hacking": False}
+            for r in horizon]
+    assert [f["reproduced"] for f in sweeps.findings_horizon(gone)][:2] == [False, False]

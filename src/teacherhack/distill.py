@@ -22,7 +22,7 @@ from teacherhack.metrics import PAIRED, Evaluator, load_sample_sets
 from teacherhack.models import LM, load_pretrained
 from teacherhack.rundir import RunFolder, load_run, summarise
 from teacherhack.sources import FixedPairs, Mixture, OnlineSamples, Source
-from teacherhack.teacher_signals import TeacherSignals
+from teacherhack.teacher_signals import TeacherSignals, bytes_per_position
 from teacherhack.stages import OFFLINE_SOURCES, SAMPLING_BATCH, Upstream, load_ids, wrap
 from teacherhack.trackers import Trackers
 from teacherhack.training import (
@@ -164,7 +164,11 @@ def _settings(c: LabConfig, source: str, name: str | None, up: Upstream, evaluat
             "seed": c.seed, "mixture_lambda": d.mixture_lambda if source == "mixture" else None,
             # the teacher generated the offline dataset once, up front: part of what this run's data cost
             "offline_tokens": sum(map(len, load_ids(up.offline)[1] or [])) if offline and up.offline else 0,
-            "teacher_golden": evaluator.teacher_golden.mean, "teacher_golden_se": evaluator.teacher_golden.se}
+            "teacher_golden": evaluator.teacher_golden.mean, "teacher_golden_se": evaluator.teacher_golden.se,
+            "teacher_entropy": evaluator.teacher_entropy.mean, "oracle_entropy": evaluator.oracle_entropy.mean,
+            # what the teacher's signal costs per response token, stored (the offline dataset) or shipped
+            "teacher_signal_bytes": bytes_per_position(evaluator.teacher.vocab_size, d.top_k,
+                                                       getattr(torch, d.top_k_dtype) if d.top_k else None)}
 
 
 def _resume(folder: RunFolder, student: LM, optimizer: torch.optim.Optimizer, source: Source,

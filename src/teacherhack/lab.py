@@ -94,7 +94,7 @@ def run_sweep(preset: str, base: LabConfig, out: Path, cache_root: Path, *, seed
     """Run (or resume) every run of ``preset`` into ``out/runs/``; write findings and the report."""
     if preset not in SWEEPS:
         raise cfg.ConfigError(f"unknown sweep preset {preset!r}; choose one of {', '.join(SWEEPS)}")
-    runs = expand(preset, base.distill.prompts or base.task.n_distill, seeds)
+    runs = expand(preset, base.distill.prompts or base.task.n_distill, base.task.n_distill, seeds)
     plan = {"preset": preset, "seeds": seeds, "base": base.to_dict(), "runs": [asdict(r) for r in runs]}
     configs = {r.name: cfg.apply_overrides(base, r.overrides) for r in runs}
     for config in configs.values():

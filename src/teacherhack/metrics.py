@@ -151,6 +151,10 @@ class Evaluator:
             rows = torch.tensor(distributed.shard(range(len(samples.prompts))), dtype=torch.long)
             self.scored[name] = ScoredSamples(models[name], samples[rows], eos_id=teacher.eos_id, batch_size=batch_size)
         self.teacher_golden = Estimate.of(self.scored["oracle"].measure(teacher, **self.options)["kl"])
+        # what the student converges towards when it imitates the teacher closely (known without an oracle), and
+        # the truth's own entropy (for analysis only)
+        self.teacher_entropy = Estimate.of(self.scored["teacher"].entropy(per_token=per_token))
+        self.oracle_entropy = Estimate.of(self.scored["oracle"].entropy(per_token=per_token))
 
     def __call__(self, student: LM, step: int) -> tuple[dict[str, float], dict[str, Estimate]]:
         """The metrics row, and the estimates themselves (their per-sample values pair across steps)."""

@@ -39,6 +39,7 @@ from teacherhack.tasks import Pair, Splits, Task, TaskError, load_task, split_ta
 from teacherhack.tokenizer import (
     check_tokenizers,
     encode_prompts,
+    encode_references,
     encode_responses,
     special_ids,
     train_tokenizer,
@@ -307,7 +308,8 @@ def build_references(job: Job, out: Path) -> None:
                    batch_size=e.batch_size)
     sets = {"oracle": draw_samples(job.lm("oracle", c.models.oracle_temperature), prompts, seed=c.seed, **options),
             "teacher": draw_samples(job.lm("teacher"), prompts, seed=c.seed + 1, **options),
-            "real": SampleSet(prompts, encode_real(tokenizer, [p.response for p in pairs], c.task.max_response_len))}
+            "real": SampleSet(prompts, pad_responses(encode_references(tokenizer, [p.response for p in pairs],
+                                                                       c.task.max_response_len), special_ids(tokenizer).pad))}
     save_sample_sets(out / "references.safetensors", sets)
 
 
@@ -323,15 +325,6 @@ def build_train_references(job: Job, out: Path) -> None:
                                           max_new_tokens=c.task.max_response_len, batch_size=e.batch_size,
                                           seed=c.seed + seeds.TRAIN_REFERENCES)}
     save_sample_sets(out / "references.safetensors", sets)
-
-
-def encode_real(tokenizer: PreTrainedTokenizerBase, responses: list[str], max_len: int) -> torch.Tensor:
-    """Real responses as the lab's responses are: tokens then EOS, or the first ``max_len`` tokens without an EOS
-    when longer (one outcome of the distribution truncated at that length); right-padded."""
-    eos, pad = special_ids(tokenizer).eos, special_ids(tokenizer).pad
-    rows = [ids + [eos] if len(ids) < max_len else ids[:max_len]
-            for ids in tokenizer(responses, add_special_tokens=False)["input_ids"]]
-    return pad_responses(rows, pad)
 
 
 @stage("offline_data", reads=("models.vocab_size", "distill.prompts", "distill.generations_per_prompt", "seed",

@@ -37,18 +37,18 @@ class Preset:
     of this lab rather than testing one of the paper's findings."""
 
     about: str
-    settings: Callable[[int], list[tuple[str, dict[str, Any]]]]
+    settings: Callable[[int, int], list[tuple[str, dict[str, Any]]]]  # (prompts used, prompts available)
     findings: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
     seeds: int
     exploratory: bool = False
 
 
-def expand(preset: str, n: int, seeds: int) -> list[Run]:
-    """The runs of ``preset`` for a base pool of ``n`` distillation prompts."""
+def expand(preset: str, n: int, available: int, seeds: int) -> list[Run]:
+    """The runs of ``preset`` for a base configuration distilling on ``n`` prompts of a pool of ``available``."""
     if preset not in SWEEPS:
         raise KeyError(preset)
     return [Run(f"{group}/seed{seed}", group, seed, {**overrides, "seed": seed})
-            for group, overrides in SWEEPS[preset].settings(n) for seed in range(seeds)]
+            for group, overrides in SWEEPS[preset].settings(n, available) for seed in range(seeds)]
 
 
 def _split(n: int, parts: int) -> int:
@@ -114,12 +114,14 @@ def group_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = []
     for group, members in groups.items():
         row = {"group": group, "seeds": len(members), "hacking": sum(bool(m["hacking"]) for m in members),
+               "signal_bytes": members[0].get("signal_bytes"),
                "undecided": sum(not m.get("verdict", {}).get("judged", True) for m in members),
                "unit": members[0].get("unit", "nats/seq"),
                "reason": next((m["verdict"]["reason"] for m in members if not m["hacking"] and "verdict" in m), "")}
         for key, fn in (("rise", _rise), ("golden_final", lambda m: m["golden_final"]),
                         ("golden_min", lambda m: m["golden_min"]), ("proxy_final", lambda m: m["proxy_final"]),
-                        ("data_tokens", lambda m: m["data_tokens"]), ("minutes", _minutes)):
+                        ("data_tokens", lambda m: m["data_tokens"]), ("minutes", _minutes),
+                        ("seconds_per_step", lambda m: (m.get("train_seconds") or 0.0) / max(m.get("steps") or 1, 1))):
             row[key], row[f"{key}_se"] = _mean_se([fn(m) for m in members])
         table.append(row)
     return table
@@ -263,46 +265,169 @@ def findings_factors(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return found
 
 
+def _same(a: dict[str, Any], b: dict[str, Any], key: str) -> bool:
+    """Whether two groups' means lie within 2 combined standard errors of each other (plain equality of order
+    cannot be tested with one seed: then within 10% of the larger)."""
+    se = math.hypot(a[f"{key}_se"] or 0.0, b[f"{key}_se"] or 0.0)
+    return abs(a[key] - b[key]) <= (2 * se if se else 0.1 * max(abs(a[key]), abs(b[key])))
+
+
+def findings_topk(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per source: does truncating the teacher to its top k tokens make hacking worse than the full distribution,
+    and from which k on does the truncation stop mattering (rise and final golden both within 2 SE of full)?"""
+    groups = _by_group(results)
+    found = []
+    for source in dict.fromkeys(g.split(" ", 1)[1] for g in groups):
+        full = groups[f"full {source}"]
+        truncated = [g for name, g in groups.items() if name.endswith(f" {source}") and name != f"full {source}"]
+        worse = [g for g in truncated if _below(full, g, "rise")]
+        matches = [g for g in truncated if _same(g, full, "rise") and _same(g, full, "golden_final")]
+        smallest = next((g for g in truncated if all(h in matches for h in truncated[truncated.index(g):])), None)
+        evidence = "; ".join(f"{g['group']}: {g['hacking']}/{g['seeds']} hack, rise {_pm(g, 'rise', '+')}, final golden "
+                             f"{_pm(g, 'golden_final')}, {g['signal_bytes']:,} bytes/token"
+                             for g in [*truncated, full])
+        found.append(_finding(f"{source}: top-k truncation makes hacking worse than the full distribution",
+                              bool(worse), (f"worse at {', '.join(g['group'] for g in worse)}; " if worse else "")
+                              + evidence))
+        found.append(_finding(f"{source}: some k gives the full distribution's result",
+                              smallest is not None, f"from {smallest['group'].split(' ')[0]} on" if smallest
+                              else "no k does: every truncation changes the rise or the final golden by 2 SE"))
+    return found
+
+
+def findings_onpolicy(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Does on-policy distillation with the sampled-token reverse KL hack or drift where the full-distribution
+    reverse KL does not, and which on-policy loss ends closest to the oracle?"""
+    groups = _by_group(results)
+    full = groups["reverse_kl"]
+    sampled = [g for name, g in groups.items() if name.startswith("sampled_reverse_kl")]
+    drifts = [g for g in sampled if g["hacking"] > full["hacking"] or _below(full, g, "rise")]
+    best = min(groups.values(), key=lambda g: g["golden_final"])
+    return [
+        _finding("The sampled-token reverse KL hacks or drifts where the full-distribution reverse KL does not",
+                 bool(drifts), "; ".join(f"{g['group']}: {g['hacking']}/{g['seeds']} hack, rise {_pm(g, 'rise', '+')}, "
+                                         f"final golden {_pm(g, 'golden_final')}" for g in [*sampled, full])),
+        _finding(f"Closest to the oracle at the end: {best['group']}", True,
+                 ", ".join(f"{g['group']}: {_pm(g, 'golden_final')}" for g in groups.values())),
+    ]
+
+
+def findings_horizon(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Why online data turns up late: if it were prompt memorisation, a 16× larger pool would remove it. And the
+    mechanism, measured directly: where the student ends up when it fits the teacher on plentiful fresh data,
+    against the best the offline student passed through."""
+    groups = _by_group(results)
+    pools = sorted({int(name.split("=")[1].split(" ")[0]) for name in groups})
+    small, large = pools[0], pools[-1]
+    found = []
+    for source in ONLINE:
+        a, b = groups[f"pool={small} {source}"], groups[f"pool={large} {source}"]
+        found.append(_finding(f"{source}: the late rise persists with a {large // small}× larger prompt pool "
+                              "(not prompt memorisation)", b["hacking"] > 0 and not _below(b, a, "rise"),
+                              f"pool {small}: {a['hacking']}/{a['seeds']} hack, rise {_pm(a, 'rise', '+')}; pool {large}: "
+                              f"{b['hacking']}/{b['seeds']} hack, rise {_pm(b, 'rise', '+')}"))
+    offline = groups[f"pool={small} offline"]
+    plentiful = groups[f"pool={large} online_teacher"]
+    zero = {"rise": 0.0, "rise_se": 0.0}
+    found.append(_finding("With plentiful fresh data the student still ends above its best point: fitting this teacher "
+                          "closely leads away from the oracle, whatever the data", _below(zero, plentiful, "rise"),
+                          f"online teacher, pool {large}: golden minimum {_pm(plentiful, 'golden_min')}, final "
+                          f"{_pm(plentiful, 'golden_final')} (rise {_pm(plentiful, 'rise', '+')}); for comparison offline, "
+                          f"pool {small}: minimum {_pm(offline, 'golden_min')}, final {_pm(offline, 'golden_final')}"))
+    return found
+
+
+def findings_pretraining(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Does shared pre-training change the regime: does offline still hack and online not, and does hacking
+    widen to the settings that did not hack without it?"""
+    groups = _by_group(results)
+    found = []
+    for name, g in groups.items():
+        if not name.startswith("pretrained "):
+            continue
+        plain = groups.get(name.replace("pretrained ", "from scratch ", 1))
+        found.append(_finding(f"{name.removeprefix('pretrained ')}: hacks with pre-training", _hacks(g),
+                              f"pre-trained {g['hacking']}/{g['seeds']}, rise {_pm(g, 'rise', '+')}, final golden "
+                              f"{_pm(g, 'golden_final')}" + (f"; from scratch {plain['hacking']}/{plain['seeds']}, rise "
+                                                           f"{_pm(plain, 'rise', '+')}, final golden "
+                                                           f"{_pm(plain, 'golden_final')}" if plain else "")))
+    return found
+
+
+PRETRAINING_SETTINGS: dict[str, dict[str, Any]] = {
+    "forward_kl offline": {"distill.sources": "offline"},
+    "forward_kl online_teacher": {"distill.sources": "online_teacher"},
+    "reverse_kl offline": {"distill.sources": "offline", "distill.loss": "reverse_kl"},
+    "jsd offline": {"distill.sources": "offline", "distill.loss": "jsd"},
+    "student xxs offline": {"distill.sources": "offline", "models.student": "xxs"},
+}
+
+
 SWEEPS: dict[str, Preset] = {
     "sources": Preset(
         "offline vs online teacher vs online student",
-        lambda n: [(s, {"distill.sources": s}) for s in ("offline", *ONLINE)], findings_sources, seeds=3),
+        lambda n, available: [(s, {"distill.sources": s}) for s in ("offline", *ONLINE)], findings_sources, seeds=3),
     "diversity": Preset(
         "a fixed offline dataset of N samples as N prompts × 1, N/2 × 2, N/5 × 5",
-        lambda n: [(f"prompts={_split(n, k)} k={k}", {"distill.sources": "offline", "distill.prompts": _split(n, k),
+        lambda n, available: [(f"prompts={_split(n, k)} k={k}", {"distill.sources": "offline", "distill.prompts": _split(n, k),
                                                       "distill.generations_per_prompt": k}) for k in (1, 2, 5)],
         findings_diversity, seeds=3),
     "budget": Preset(
         "fixed prompts (a quarter of the pool), 1, 2, 4, 8 generations each",
-        lambda n: [(f"k={k}", {"distill.sources": "offline", "distill.prompts": _split(n, 4),
+        lambda n, available: [(f"k={k}", {"distill.sources": "offline", "distill.prompts": _split(n, 4),
                                "distill.generations_per_prompt": k}) for k in (1, 2, 4, 8)],
         findings_budget, seeds=3),
     "losses": Preset(
         "forward KL, reverse KL, JSD(0.5), skew KL; offline and online student",
-        lambda n: [(f"{loss} {source}", {"distill.sources": source, "distill.loss": loss})
+        lambda n, available: [(f"{loss} {source}", {"distill.sources": source, "distill.loss": loss})
                    for loss in ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl")
                    for source in ("offline", "online_student")],
         findings_offline_vs_online, seeds=2),
     "sizes": Preset(
         "two teacher × two student sizes; offline and online teacher",
-        lambda n: [(f"teacher={t} student={s} {source}", {"models.teacher": t, "models.student": s,
+        lambda n, available: [(f"teacher={t} student={s} {source}", {"models.teacher": t, "models.student": s,
                                                           "distill.sources": source})
                    for t in ("s", "m") for s in ("xxs", "xs") for source in ("offline", "online_teacher")],
         findings_offline_vs_online, seeds=2),
     "mixture": Preset(
         "online-student fraction λ ∈ {0, 0.25, 0.5, 1} of GKD's mixture, with what the data costs",
-        lambda n: [(f"lambda={lam}", {"distill.sources": "mixture", "distill.mixture_lambda": lam})
+        lambda n, available: [(f"lambda={lam}", {"distill.sources": "mixture", "distill.mixture_lambda": lam})
                    for lam in (0.0, 0.25, 0.5, 1.0)],
         findings_mixture, seeds=3),
     "tasks": Preset(
         "the sources comparison on the three built-in tasks",
-        lambda n: [(f"{task} {source}", {"task.spec": task, "distill.sources": source, **oracle_pairs})
+        lambda n, available: [(f"{task} {source}", {"task.spec": task, "distill.sources": source, **oracle_pairs})
                    for task, oracle_pairs in TASK_ORACLE_PAIRS.items() for source in ("offline", *ONLINE)],
         findings_tasks, seeds=2),
     "factors": Preset(
         "one change at a time around the base, offline data: what makes hacking here",
-        lambda n: [(name, {"distill.sources": "offline", **overrides}) for name, overrides in _factors(n).items()],
+        lambda n, available: [(name, {"distill.sources": "offline", **overrides}) for name, overrides in _factors(n).items()],
         findings_factors, seeds=1, exploratory=True),
+    "horizon": Preset(
+        "2,000 steps from the base pool, 4× and the whole distillation pool (500, 2,000, 8,000 in the default), each "
+        "source: why online data turns up late",
+        lambda n, available: [(f"pool={pool} {source}", {"distill.sources": source, "distill.prompts": pool,
+                                                          "distill.steps": 2000})
+                              for pool in sorted({n, min(4 * n, available), available}) for source in ("offline", *ONLINE)],
+        findings_horizon, seeds=2, exploratory=True),
+    "pretraining": Preset(
+        "shared pre-training of every model size on the task's text, against none: does it change the regime?",
+        lambda n, available: [(f"{label} {name}", {**overrides, "pretrain.epochs": epochs})
+                   for name, overrides in PRETRAINING_SETTINGS.items()
+                   for label, epochs in (("from scratch", 0.0), ("pretrained", 1.0))],
+        findings_pretraining, seeds=2, exploratory=True),
+    "topk": Preset(
+        "the teacher's top k ∈ {1, 4, 16, 64} tokens with a tail bucket, or its full distribution; offline and online student",
+        lambda n, available: [(f"{'full' if k is None else f'top-{k}'} {source}", {"distill.top_k": k, "distill.sources": source})
+                   for source in ("offline", "online_student") for k in (1, 4, 16, 64, None)],
+        findings_topk, seeds=2, exploratory=True),
+    "onpolicy": Preset(
+        "online student with forward KL, full reverse KL, and the sampled-token reverse KL (k1, k3) of on-policy distillation",
+        lambda n, available: [(name, {"distill.sources": "online_student", **overrides}) for name, overrides in {
+            "forward_kl": {}, "reverse_kl": {"distill.loss": "reverse_kl"},
+            "sampled_reverse_kl k1": {"distill.loss": "sampled_reverse_kl", "distill.kl_estimator": "k1"},
+            "sampled_reverse_kl k3": {"distill.loss": "sampled_reverse_kl", "distill.kl_estimator": "k3"}}.items()],
+        findings_onpolicy, seeds=2, exploratory=True),
 }
 
 
@@ -312,8 +437,13 @@ def collect(out: Path, runs: list[Run]) -> list[dict[str, Any]]:
     for r in runs:
         run = load_run(out / "runs" / r.name)
         results.append({"name": r.name, "group": r.group, "seed": r.seed, **summarise(run), "rows": run.metrics,
-                        "data_tokens": float(run.data_tokens()[-1]), "unit": run.unit})
+                        "data_tokens": float(run.data_tokens()[-1]), "unit": run.unit,
+                        "signal_bytes": run.settings.get("teacher_signal_bytes")})
     return results
+
+
+def _bytes(value: int | None) -> str:
+    return "–" if value is None else f"{value:,}"
 
 
 def format_findings(preset: str, summary: dict[str, Any]) -> str:
@@ -328,10 +458,13 @@ def format_findings(preset: str, summary: dict[str, Any]) -> str:
     lines += ["", f"Metrics in {unit}; ± is the standard error over seeds (none with one seed). A run too close to "
               "the end to judge has its golden minimum within the verdict's last 3 evaluations.", "",
               "| setting | seeds | hacking | too close to judge | golden rise | final golden | final proxy "
-              "| tokens generated | stage-2 min |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| tokens generated | stage-2 min | s/step | teacher signal bytes/token |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {g['group'] if len(units) == 1 else g['group'] + ' (' + g['unit'] + ')'} | {g['seeds']} | "
               f"{g['hacking']}/{g['seeds']} | {g['undecided']} | {_pm(g, 'rise', '+')} | {_pm(g, 'golden_final')} | "
-              f"{_pm(g, 'proxy_final')} | {g['data_tokens']:,.0f} | {g['minutes']:.1f} |" for g in summary["groups"]]
+              f"{_pm(g, 'proxy_final')} | {g['data_tokens']:,.0f} | {g['minutes']:.1f} | "
+              f"{g.get('seconds_per_step', 0.0):.3f} | {_bytes(g.get('signal_bytes'))} |"
+              for g in summary["groups"]]
     return "\n".join(lines) + "\n"
 
 

@@ -65,6 +65,17 @@ def encode_responses(
     return [ids + [end] for ids in encoded]
 
 
+def encode_references(tokenizer: PreTrainedTokenizerBase, responses: Sequence[str], max_len: int) -> list[list[int]]:
+    """Real responses as a model's samples are: tokens then EOS, or the first ``max_len`` tokens without an EOS
+    when longer (one outcome of the distribution truncated at that length). Unlike training targets
+    (:func:`encode_responses`), a cut response gets no EOS: its likelihood must not include a made-up ending."""
+    if max_len < 1:
+        raise ValueError(f"max_len must be at least 1, got {max_len}")
+    eos = special_ids(tokenizer).eos
+    return [ids + [eos] if len(ids) < max_len else ids[:max_len]
+            for ids in (tokenizer(list(responses), add_special_tokens=False)["input_ids"] if responses else [])]
+
+
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], limit: int) -> list[list[int]]:
     if limit < 1:
         raise ValueError(f"max_len must be at least 2 (one token plus SEP or EOS), got {limit + 1}")
