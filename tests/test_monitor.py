@@ -341,3 +341,52 @@ def test_trl_gkd_trainer_end_to_end(tmp_path, tok, teacher):
     assert [r["step"] for r in recorder.logs if "proxy_kl" in r] == [2, 4]
     assert [r["step"] for r in history if "loss" in r] == [2, 4]
     assert callback.monitor.samples is not None and not teacher.training
+
+
+# --------------------------------------------------------------------------------------------------
+# Real held-out references
+# --------------------------------------------------------------------------------------------------
+
+
+def distil(student, teacher, mon, steps: int, every: int, lr: float) -> None:
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    for step in range(steps):
+        loss = student(**lm_batch(teacher_texts(teacher, 16, seed=300 + step))).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % every == 0:
+            mon.check(student, step + 1)
+
+
+@pytest.mark.parametrize("truth_is_teacher", [False, True])
+def test_references_tell_a_student_moving_away_from_real_responses(tok, teacher, truth_is_teacher):
+    """The student starts near the truth (the model whose samples are the "real" responses) and is distilled from
+    a different teacher: its NLL of the real responses rises while the proxy falls, and the reference verdict
+    says so. When the truth is the teacher itself, the same training lowers the NLL: no alert."""
+    truth = teacher if truth_is_teacher else make_model(7, init=0.5).eval()
+    prompts = [[3 + (i * 5) % len(WORDS), 3 + (i * 3) % len(WORDS)] for i in range(24)]
+    responses = sample_in_batches(LM(truth, pad_id=PAD, eos_id=EOS), collate_prompts(prompts, PAD), max_new_tokens=8,
+                                  batch_size=24, seed=5)
+    pairs = [(tok.decode(p), [t for t in r if t != PAD]) for p, r in zip(prompts, responses.tolist())]
+    mon = HackingMonitor(teacher, tok, HELD_OUT, max_new_tokens=8, batch_size=8, references=pairs)
+    student = perturbed(truth, noise=0.05)
+    mon.check(student, 0)
+    distil(student, teacher, mon, steps=40, every=5, lr=1e-3)  # slowly: a steady drift, not a jump
+    rows = mon.history
+    assert all(r["reference_nll_se"] > 0 for r in rows) and rows[-1]["proxy"] < rows[0]["proxy"]
+    if truth_is_teacher:
+        assert rows[-1]["reference_nll"] < rows[0]["reference_nll"] and not rows[-1]["reference_alert"]
+    else:
+        assert rows[-1]["reference_nll"] > rows[0]["reference_nll"] + 3.0
+        assert rows[-1]["reference_alert"] and "reference NLL rises" in rows[-1]["reference_reason"]
+        assert not rows[2]["reference_alert"]  # not before three checks after the minimum
+
+
+def test_references_from_a_dataset_with_fields_and_bad_references(tok, teacher):
+    rows = [{"question": "sun moon", "answer": "star sea"}, {"question": "river", "answer": "stone tree bird"}]
+    mon = HackingMonitor(teacher, tok, HELD_OUT, max_new_tokens=8, references=rows, reference_fields=("question", "answer"))
+    row = mon.check(perturbed(teacher), 0)
+    assert row["reference_nll"] > 0 and not row["reference_alert"]
+    with pytest.raises(ValueError, match="references must be"):
+        HackingMonitor(teacher, tok, HELD_OUT, references=[("only a prompt",)])

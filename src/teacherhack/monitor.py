@@ -39,10 +39,11 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from teacherhack.detection import PowerLawMonitor, power_law_detector
-from teacherhack.divergences import check_estimator
-from teacherhack.metrics import SampleSet, kl_estimate, sample_in_batches
-from teacherhack.models import LM, Prompts, collate_prompts
+from teacherhack.detection import PowerLawMonitor, golden_verdict, power_law_detector
+from teacherhack.divergences import Estimate, check_estimator
+from teacherhack.metrics import SampleSet, ScoredSamples, kl_estimate, sample_in_batches
+from teacherhack.models import LM, Prompts, collate_prompts, pad_responses
+from teacherhack.tokenizer import encode_references
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class HackingMonitor:
         vocab_size: int | None = None,
         add_special_tokens: bool = True,
         detector_options: Mapping[str, Any] | None = None,
+        references: Any = None,
+        reference_fields: tuple[str, str] = ("prompt", "response"),
     ) -> None:
         for name, value in (("samples_per_prompt", samples_per_prompt), ("max_new_tokens", max_new_tokens),
                             ("every", every), ("batch_size", batch_size)):
@@ -137,6 +140,10 @@ class HackingMonitor:
         self.prompts: Prompts = collate_prompts(ids, self.pad_id).repeat(samples_per_prompt)
         self.teacher = self._wrap(self.teacher_model)
         self.samples: torch.Tensor | None = None  # teacher responses, drawn at the first check
+        self.references = None if references is None else ScoredSamples(
+            None, self._encode_references(references, reference_fields, add_special_tokens, limit), eos_id=self.eos_id,
+            batch_size=batch_size, cache_bytes=0)
+        self._paired: list[dict[str, list[float]]] = []  # per-sample values of each check: the verdict's SEs
         self.detector = PowerLawMonitor(**detector_options)
         self._alert_step: int | None = None  # the check at which the detector fired
         self.history: list[dict[str, Any]] = []
@@ -151,24 +158,32 @@ class HackingMonitor:
         return self.check(student, step) if self.due(step) else None
 
     def check(self, student: nn.Module | LM, step: int) -> dict[str, Any]:
-        """Measure KL(teacher‖student) now, feed the detector, and return this check's row (also appended
-        to :attr:`history`). Teacher and student run in eval mode and get their train/eval modes back."""
+        """Measure KL(teacher‖student) now (and the student's NLL of the references, if given), feed the detector
+        and the reference verdict, and return this check's row (also appended to :attr:`history`). Teacher and
+        student run in eval mode and get their train/eval modes back."""
         student_model = _unwrap(student)
         self._check_vocab(student_model)
         with _eval_mode(self.teacher_model, student_model), torch.no_grad():
             if self.samples is None:
                 self.samples = sample_in_batches(self.teacher, self.prompts, max_new_tokens=self.max_new_tokens,
                                                  batch_size=self.batch_size, seed=self.seed)
-            estimate = kl_estimate(self.teacher, self._wrap(student_model, output_to=self.teacher),
-                                   SampleSet(self.prompts, self.samples), estimator=self.estimator,
-                                   per_token=self.per_token, batch_size=self.batch_size)
-        return self.record(step, estimate.mean, estimate.se, n=estimate.n)
+            wrapped = self._wrap(student_model, output_to=self.teacher)
+            estimate = kl_estimate(self.teacher, wrapped, SampleSet(self.prompts, self.samples),
+                                   estimator=self.estimator, per_token=self.per_token, batch_size=self.batch_size)
+            reference = None if self.references is None else Estimate.of(
+                self.references.measure(wrapped, estimator=self.estimator, per_token=self.per_token)["nll"])
+        self._paired.append({"proxy": estimate.values.tolist(),
+                             **({} if reference is None else {"reference_nll": reference.values.tolist()})})
+        return self.record(step, estimate.mean, estimate.se, n=estimate.n,
+                           reference_nll=None if reference is None else reference.mean,
+                           reference_nll_se=None if reference is None else reference.se)
 
-    def record(self, step: int, proxy: float, proxy_se: float | None = None, *, n: int | None = None
-               ) -> dict[str, Any]:
-        """Feed one proxy value to the detector and return its row (what :meth:`check` does after measuring).
-        Also useful to replay a run's logged values. Values ≤ 0 or not finite (a log-ratio estimate can be
-        negative, identical models give 0) are kept in the history but not fed to the power-law fit."""
+    def record(self, step: int, proxy: float, proxy_se: float | None = None, *, n: int | None = None,
+               reference_nll: float | None = None, reference_nll_se: float | None = None) -> dict[str, Any]:
+        """Feed one check's values to the detector and the reference verdict and return its row (what
+        :meth:`check` does after measuring). Also useful to replay a run's logged values (the reference verdict then
+        uses unpaired SEs). Proxy values ≤ 0 or not finite (a log-ratio estimate can be negative, identical models
+        give 0) are kept in the history but not fed to the power-law fit."""
         se = proxy_se if proxy_se is not None and math.isfinite(proxy_se) else None
         fed = math.isfinite(proxy) and proxy > 0
         fired_now = fed and self.detector.update(int(step), float(proxy), se) is not None
@@ -193,9 +208,26 @@ class HackingMonitor:
             "alpha": fit.alpha,
             "C": fit.C,
             "detector_reason": reason,
+            "reference_nll": reference_nll,
+            "reference_nll_se": reference_nll_se,
         }
+        row |= self._reference_verdict(row)
         self.history.append(row)
         return dict(row)
+
+    def _reference_verdict(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The golden rule on the references' NLL so far: did the student move away from real held-out responses
+        while it kept approaching the teacher?"""
+        rows = [*self.history, row]
+        if row["reference_nll"] is None or len(rows) < 2 or any(r["reference_nll"] is None for r in rows):
+            return {"reference_alert": False, "reference_reason": None}
+        paired = self._paired if len(self._paired) == len(rows) else None
+        verdict = golden_verdict([r["step"] for r in rows], [r["reference_nll"] for r in rows],
+                                 [r["reference_nll_se"] for r in rows], [r["proxy"] for r in rows],
+                                 [r["proxy_se"] for r in rows], name="reference NLL",
+                                 golden_values=[p["reference_nll"] for p in paired] if paired else None,
+                                 proxy_values=[p["proxy"] for p in paired] if paired else None)
+        return {"reference_alert": verdict.hacking, "reference_reason": verdict.reason}
 
     # ------------------------------------------------------------------------------------------------
 
@@ -216,6 +248,25 @@ class HackingMonitor:
             ids.append(seq)
         return ids
 
+    def _encode_references(self, references: Any, fields: tuple[str, str], add_special_tokens: bool,
+                           limit: int) -> SampleSet:
+        """Held-out real (prompt, response) pairs: prompts encoded like the monitor's prompts, responses as a sample
+        would be (tokens then EOS, or the first max_new_tokens without an EOS when longer)."""
+        pairs = [(row[fields[0]], row[fields[1]]) if isinstance(row, Mapping) else tuple(row) for row in references]
+        if not pairs or any(len(pair) != 2 for pair in pairs):
+            raise ValueError("references must be (prompt, response) pairs, or rows with the fields "
+                             f"{fields[0]!r} and {fields[1]!r}; got {len(pairs)} items")
+        prompts = self._encode([p for p, _ in pairs], add_special_tokens)
+        texts = [r for _, r in pairs]
+        if all(isinstance(r, str) for r in texts):
+            responses = encode_references(self.tokenizer, texts, self.max_new_tokens)
+        else:
+            responses = [[int(t) for t in r][: self.max_new_tokens] for r in texts]
+            responses = [r + [self.eos_id] if len(r) < self.max_new_tokens and self.eos_id not in r else r for r in responses]
+        if max(max(r) for r in responses if r) >= limit or any(not r for r in responses):
+            raise ValueError("a reference response is empty or holds a token id out of the teacher's vocabulary")
+        return SampleSet(collate_prompts(prompts, self.pad_id), pad_responses(responses, self.pad_id))
+
     def _check_vocab(self, student_model: nn.Module) -> None:
         vt, vs = _vocab_width(self.teacher_model), _vocab_width(student_model)
         if self.vocab_size is None and vt != vs:
@@ -228,10 +279,8 @@ class HackingMonitor:
             raise ValueError(f"vocab_size={self.vocab_size} exceeds the student's output width ({vs})")
 
     def _wrap(self, model: nn.Module, output_to: LM | None = None) -> LM:
-        if self.vocab_size is not None:
-            model = _FirstEntries(model, self.vocab_size)
         return _MonitoredLM(model, pad_id=self.pad_id, eos_id=self.eos_id, temperature=self.temperature,
-                            output_to=output_to)
+                            vocab_size=self.vocab_size, output_to=output_to)
 
 
 class HackingMonitorCallback(TrainerCallback):
@@ -287,8 +336,11 @@ class HackingMonitorCallback(TrainerCallback):
         if not self.monitor.history:  # resuming from a checkpoint: the detector gets the logged curve back
             for row in state.log_history:
                 if "proxy_kl" in row and row.get("step", math.inf) <= state.global_step:
-                    self.monitor.record(int(row["step"]), float(row["proxy_kl"]), row.get("proxy_kl_se"))
-            self._warned = self.monitor.detector.alarm is not None
+                    self.monitor.record(int(row["step"]), float(row["proxy_kl"]), row.get("proxy_kl_se"),
+                                        reference_nll=row.get("reference_nll"),
+                                        reference_nll_se=row.get("reference_nll_se"))
+            last = self.monitor.history[-1] if self.monitor.history else {}
+            self._warned = bool(last.get("hacking_alert") or last.get("reference_alert"))
         return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -300,15 +352,21 @@ class HackingMonitorCallback(TrainerCallback):
         row = self.monitor.check(model, step)
         logs = {"proxy_kl": row["proxy"], "proxy_kl_se": row["proxy_se"], "hacking_alert": int(row["hacking_alert"]),
                 "proxy_kl_alpha": row["alpha"]}
+        if row["reference_nll"] is not None:
+            logs |= {"reference_nll": row["reference_nll"], "reference_nll_se": row["reference_nll_se"],
+                     "reference_alert": int(row["reference_alert"])}
         self._publish({k: v for k, v in logs.items() if math.isfinite(v)}, state, control)
-        if row["hacking_alert"] and not self._warned:
+        alerts = [text for flag, text in (
+            (row["reference_alert"], f"the student's NLL of the held-out real responses turned up ({row['reference_reason']})"),
+            (row["hacking_alert"], f"the proxy KL(teacher‖student) left its early power law ({row['detector_reason']})"))
+            if flag]
+        if alerts and not self._warned:
             self._warned = True
-            message = (f"possible teacher hacking at step {step}: the proxy KL(teacher‖student) left its early "
-                       f"power law ({row['detector_reason']})"
+            message = (f"possible teacher hacking at step {step}: " + "; ".join(alerts)
                        + ("; stopping training" if self.stop_on_alert else ""))
             logger.warning(message)
             warnings.warn(message, TeacherHackingWarning, stacklevel=2)
-        if row["hacking_alert"] and self.stop_on_alert:
+        if alerts and self.stop_on_alert:
             control.should_training_stop = True
         return control
 
@@ -342,31 +400,6 @@ class _MonitoredLM(LM):
     def next_token_logprobs(self, prompts: Prompts, responses: torch.Tensor) -> torch.Tensor:
         out = super().next_token_logprobs(prompts, responses)
         return out if self._output_to is None else out.to(self._output_to.device)
-
-
-class _FirstEntries(nn.Module):
-    """A model seen through its first ``size`` output entries (the declared real vocabulary): sampling and
-    scoring both use softmax over those entries only."""
-
-    def __init__(self, model: nn.Module, size: int) -> None:
-        super().__init__()
-        self.inner, self.size = model, size
-        self.training = model.training
-
-    @property
-    def config(self) -> Any:
-        return self.inner.config
-
-    def get_encoder(self) -> nn.Module:
-        return self.inner.get_encoder()
-
-    def get_output_embeddings(self) -> nn.Module | None:
-        return self.inner.get_output_embeddings()
-
-    def forward(self, **kwargs: Any) -> Any:
-        out = self.inner(**kwargs)
-        out.logits = out.logits[..., : self.size]
-        return out
 
 
 def _unwrap(model: nn.Module | LM) -> nn.Module:
