@@ -35,8 +35,8 @@ TINY = {
     "task.max_prompt_len": 16, "task.max_response_len": 16, "task.vocab_size": 300,
     "models.oracle": "xxs", "models.teacher": "xxs", "models.student": "xxs",
     "oracle.epochs": 1.0, "teacher.samples": 96, "teacher.epochs": 2.0, "student.samples": 64,
-    "distill.steps": 12, "distill.batch_size": 8, "distill.warmup": 2, "eval.every": 4,
-    "eval.prompts": 8, "eval.samples_per_prompt": 2, "eval.batch_size": 16, "threads": 1,
+    "distill.steps": 12, "distill.batch_size": 8, "distill.warmup": 2, "distill.prompts": None, "eval.every": 4,
+    "eval.prompts": 8, "eval.samples_per_prompt": 2, "eval.batch_size": 16, "threads": 1, "precision": "float32",
 }
 
 

@@ -21,8 +21,10 @@ def test_every_preset_resolves_and_validates(preset):
     assert isinstance(c, LabConfig) and c.preset == preset
     cfg.validate(c)
     for key, value in LAB_PRESETS[preset].items():  # the preset's values are applied
-        section, name = key.split(".")
-        assert getattr(getattr(c, section), name) == value
+        target = c
+        for part in key.split("."):
+            target = getattr(target, part)
+        assert target == value, key
 
 
 def test_resolve_does_not_leak_between_calls():

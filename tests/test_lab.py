@@ -202,3 +202,14 @@ def test_top_k_signals_and_on_policy_reverse_kl_run_through_the_lab(tiny_config:
     assert all(r["train_loss"] is None or math.isfinite(r["train_loss"]) for r in rows)
     with pytest.raises(cfg.ConfigError, match="needs distill.sources=online_student"):
         cfg.validate(cfg.apply_overrides(tiny_config, {"distill.loss": "sampled_reverse_kl"}))
+
+
+def test_bf16_training_runs_the_lab_with_float32_metrics(tiny_config: cfg.LabConfig, tmp_path: Path):
+    config = cfg.apply_overrides(tiny_config, {"precision": "bfloat16", "distill.sources": "offline"})
+    lab.run_lab(config, tmp_path / "lab", tmp_path / "cache")
+    rows = read_metrics(tmp_path / "lab" / "offline")
+    assert rows[-1]["proxy"] < rows[0]["proxy"] and all(math.isfinite(r["golden_se"]) for r in rows)
+    # the precision is an input of every stage that trains: float32 gets its own oracle, teacher and student
+    plain = cfg.apply_overrides(config, {"precision": "float32"})
+    lab.run_lab(plain, tmp_path / "plain", tmp_path / "cache")
+    assert read_metrics(tmp_path / "plain" / "offline")[0]["golden"] != rows[0]["golden"]  # other upstream (keyed)

@@ -54,7 +54,7 @@ def _lab(args: argparse.Namespace) -> int:
     config = cfg.resolve("paper" if args.scale == "paper" else args.preset, overrides | cfg.parse_assignments(args.set))
     out = Path(args.out) if args.out else Path("runs") / f"lab-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     cache = Path(args.cache) if args.cache else default_cache_dir()
-    engine = _engine(args, 1 if launched() else min(len(config.distill.sources), os.cpu_count() or 1))
+    engine = _engine(args, 1 if launched() else len(config.distill.sources))  # all at once: no idle core at the end
     preflight([config], out, cache)
     log(f"preset {config.preset!r} → {out} (cache {cache})")
     summary = run_lab(config, out, cache, engine)
@@ -148,8 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "each source) and write metrics, summary.json and the figures. Rerun the "
                                           "same command with the same --out to resume.")
     lab.add_argument("--out", help="output folder (default: runs/lab-PRESET-TIMESTAMP); rerun to resume")
-    _run_options(lab, "stage-2 runs in parallel processes, threads split between them (default: one per CPU core, "
-                      "at most one per source)")
+    _run_options(lab, "stage-2 runs in parallel processes, threads split between them (default: one per source)")
     for role in ("oracle", "teacher", "student"):
         lab.add_argument(f"--{role}", metavar="SIZE|PATH|HUB_ID",
                          help=f"the {role}: a size preset or a model folder / hub id (= --set models.{role}=...)")

@@ -48,7 +48,7 @@ class TaskConfig:
     response_field: str | None = None
     limit: int | None = None  # keep a fixed random sample of at most this many pairs
     n_validation: int = 200
-    n_distill: int = 500
+    n_distill: int = 8000  # the distillation pool carved from the task; distill.prompts of it are used
     n_stage1: int = 5000
     n_oracle: int | None = None  # oracle training pairs; None = all that remain
     max_prompt_len: int = 48
@@ -60,7 +60,7 @@ class TaskConfig:
 @dataclass
 class ModelsConfig:
     arch: str = "gpt2"
-    oracle: str = "l"  # a size preset, or a local folder / hub id with from_pretrained
+    oracle: str = "m"  # a size preset, or a local folder / hub id with from_pretrained
     teacher: str = "m"
     student: str = "xs"
     oracle_temperature: float = 1.0  # τ < 1 sharpens the ground truth (exactly, for sampling and scoring)
@@ -106,7 +106,7 @@ class DistillConfig:
     # of its reward-to-go (1: the unbiased sequence-level gradient; 0: the per-token advantage of Tinker's recipe)
     kl_estimator: str = "k1"
     discount: float = 1.0
-    prompts: int | None = None  # distillation prompts used, the first n of the task's pool; None = all
+    prompts: int | None = 500  # distillation prompts used, the first n of the task's pool; None = all
     generations_per_prompt: int = 1  # k, for the offline dataset
     mixture_lambda: float = 0.5  # online-student fraction of batches for the "mixture" source
     steps: int = 1000
@@ -125,7 +125,7 @@ class DistillConfig:
 class EvalConfig:
     every: int = 100
     prompts: int = 200  # validation prompts used (≤ task.n_validation)
-    samples_per_prompt: int = 2
+    samples_per_prompt: int = 1
     estimator: str = "token_kl"
     per_token: bool = False  # nats per token instead of nats per sequence (needs estimator=log_ratio)
     reverse_samples: int = 64  # student samples for KL(student‖oracle) and KL(student‖teacher); 0 = off
@@ -141,7 +141,7 @@ class LabConfig:
     threads: int | None = None  # torch threads; None = torch's default
     # Arithmetic of the training passes (every stage): "float32", or "bfloat16" autocast (CPUs with AVX-512 BF16,
     # GPUs): faster, with float32 weights, gradients and optimizer state. Sampling and evaluation stay float32.
-    precision: str = "float32"
+    precision: str = "bfloat16"
     task: TaskConfig = field(default_factory=TaskConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     # Shared pre-training of each model size on unlabelled text of the task's languages, the stand-in for the

@@ -82,10 +82,11 @@ def stretched(base: LabConfig, factor: float) -> LabConfig:
     """A longer (or shorter) sweep: stage-2 steps, evaluation interval and distillation pool times ``factor``."""
     if factor == 1:
         return base
+    pool = "distill.prompts" if base.distill.prompts else "task.n_distill"
     return cfg.apply_overrides(base, {
         "distill.steps": max(1, round(base.distill.steps * factor)),
         "eval.every": max(1, round(base.eval.every * factor)),
-        "task.n_distill": max(1, round(base.task.n_distill * factor)),
+        pool: max(1, round((base.distill.prompts or base.task.n_distill) * factor)),
     })
 
 

@@ -16,7 +16,7 @@ LAB_PRESETS: dict[str, dict[str, Any]] = {
         "oracle.epochs": 1.0, "oracle.batch_size": 32, "oracle.warmup": 10,
         "teacher.samples": 256, "teacher.epochs": 2.0, "teacher.warmup": 5,
         "student.samples": 128, "student.epochs": 1.0, "student.warmup": 5,
-        "distill.steps": 40, "distill.batch_size": 16, "distill.warmup": 5,
+        "distill.steps": 40, "distill.batch_size": 16, "distill.warmup": 5, "distill.prompts": None,
         "eval.every": 10, "eval.prompts": 32, "eval.samples_per_prompt": 2, "eval.batch_size": 64,
         "eval.reverse_samples": 32,
     },
@@ -27,6 +27,7 @@ LAB_PRESETS: dict[str, dict[str, Any]] = {
     # the hub (or local copies: models.* and task.spec=xsum:PATH); see the README.
     "paper": {
         "task.spec": "xsum", "task.n_validation": 1000, "task.n_distill": 100_000, "task.n_stage1": 50_000,
+        "distill.prompts": None, "precision": "float32",
         "task.n_oracle": None, "task.max_prompt_len": 1024, "task.max_response_len": 128,
         "models.arch": "t5", "models.oracle": "google/t5-v1_1-xl", "models.teacher": "google/t5-v1_1-large",
         "models.student": "google/t5-v1_1-base", "models.dtype": "bfloat16",

@@ -1,0 +1,207 @@
+"""Detecting teacher hacking without an oracle, and measuring how well a detector does it.
+
+What a practitioner sees during distillation, per evaluation (``SIGNALS``): the proxy KL(teacher‖student) on
+held-out prompts, the same on training prompts, the training loss, the student's entropy and KL(student‖teacher).
+A :class:`Rule` turns one signal into an alarm as the run goes (it reads only the evaluations so far). Whether a
+rule is any good is measured on runs whose truth is known, the lab's, by :func:`leave_one_preset_out`: choose the
+rule on every sweep preset but one, test it on the one left out, for each preset in turn, so that no figure comes
+from a rule tuned on the runs it is scored on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+# An oracle-free signal: (metric rows so far, their per-sample values or None, the run's settings) → one value per
+# row (NaN where undefined); larger means "more suspicious".
+Signal = Callable[[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]] | None, Mapping[str, Any]], np.ndarray]
+
+
+def _column(rows: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
+    return np.array([np.nan if r.get(key) is None else float(r[key]) for r in rows])
+
+
+def memorisation_gap(rows, per_sample, settings) -> np.ndarray:
+    """Held-out proxy minus proxy on training prompts: it grows when the student fits what it trains on better
+    than what it has not seen, the teacher's fixed samples memorised."""
+    return _column(rows, "proxy") - _column(rows, "proxy_train")
+
+
+def relative_gap(rows, per_sample, settings) -> np.ndarray:
+    """The memorisation gap as a fraction of the held-out proxy (scale-free across tasks and sizes)."""
+    return memorisation_gap(rows, per_sample, settings) / _column(rows, "proxy")
+
+
+def entropy_deficit(rows, per_sample, settings) -> np.ndarray:
+    """How far the student's entropy has fallen towards the teacher's: 1 at the teacher's, 0 where it started.
+    An over-confident teacher makes a student that imitates it ever sharper."""
+    entropy = _column(rows, "student_entropy")
+    teacher = settings.get("teacher_entropy")
+    if teacher is None or not len(entropy) or not math.isfinite(entropy[0]) or entropy[0] == teacher:
+        return np.full(len(rows), np.nan)
+    return (entropy[0] - entropy) / (entropy[0] - teacher)
+
+
+def proxy_stall(rows, per_sample, settings) -> np.ndarray:
+    """How little the held-out proxy still improves: 1 − (its fall over the last evaluation ÷ its mean fall
+    per evaluation so far). Near 0 while it falls steadily, near 1 once it has stopped."""
+    proxy = _column(rows, "proxy")
+    out = np.full(len(proxy), np.nan)
+    for t in range(2, len(proxy)):
+        mean_fall = (proxy[0] - proxy[t]) / t
+        out[t] = 1.0 - (proxy[t - 1] - proxy[t]) / mean_fall if mean_fall > 0 else 1.0
+    return out
+
+
+SIGNALS: dict[str, Signal] = {
+    "memorisation_gap": memorisation_gap,
+    "relative_gap": relative_gap,
+    "entropy_deficit": entropy_deficit,
+    "proxy_stall": proxy_stall,
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Alarm when ``signal`` exceeds ``threshold`` at ``patience`` consecutive evaluations (after the first
+    ``skip`` evaluations, where every signal still moves with the initial descent)."""
+
+    signal: str
+    threshold: float
+    patience: int = 2
+    skip: int = 2
+
+    def alarm(self, rows: Sequence[Mapping[str, Any]], per_sample: Sequence[Mapping[str, Any]] | None,
+              settings: Mapping[str, Any]) -> int | None:
+        """The index of the evaluation at which a monitor watching the run would have raised the alarm. Each
+        signal at evaluation t depends on evaluations up to t only, so the full-run computation equals the live one."""
+        values = SIGNALS[self.signal](rows, per_sample, settings)
+        count = 0
+        for t, value in enumerate(values):
+            count = count + 1 if t >= self.skip and math.isfinite(value) and value > self.threshold else 0
+            if count == self.patience:
+                return t
+        return None
+
+    def describe(self) -> str:
+        return (f"{self.signal.replace('_', ' ')} above {self.threshold:g} at {self.patience} consecutive evaluations "
+                f"(from the {self.skip + 1}th on)")
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """A run whose truth is known (the golden verdict), as the validation sees it."""
+
+    name: str
+    preset: str
+    hacking: bool
+    judged: bool  # False: the golden minimum came too late to know; such a run counts only if it hacks
+    min_index: int  # evaluation index of the golden minimum
+    rows: Sequence[Mapping[str, Any]]
+    per_sample: Sequence[Mapping[str, Any]] | None
+    settings: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Score:
+    """A rule's record on a set of runs. A hit: it fired on a hacking run; a false alarm: on a run that does not
+    hack; ``lags`` are evaluations from the golden minimum to the alarm, for hits; timely: a hit within
+    ``max_lag`` evaluations."""
+
+    hits: int
+    misses: int
+    false_alarms: int
+    quiet: int
+    timely: int
+    lags: tuple[int, ...]
+
+    @property
+    def precision(self) -> float:
+        return self.hits / (self.hits + self.false_alarms) if self.hits + self.false_alarms else math.nan
+
+    @property
+    def recall(self) -> float:
+        return self.hits / (self.hits + self.misses) if self.hits + self.misses else math.nan
+
+    @property
+    def timely_recall(self) -> float:
+        return self.timely / (self.hits + self.misses) if self.hits + self.misses else math.nan
+
+    def merge(self, other: "Score") -> "Score":
+        return Score(self.hits + other.hits, self.misses + other.misses, self.false_alarms + other.false_alarms,
+                     self.quiet + other.quiet, self.timely + other.timely, self.lags + other.lags)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "precision": self.precision, "recall": self.recall, "timely_recall": self.timely_recall}
+
+
+def score(rule: Rule, runs: Iterable[Labelled], max_lag: int = 2) -> Score:
+    hits = misses = false_alarms = quiet = timely = 0
+    lags: list[int] = []
+    for run in runs:
+        if not run.hacking and not run.judged:
+            continue  # not known yet: neither an alarm nor silence can be scored
+        fired = rule.alarm(run.rows, run.per_sample, run.settings)
+        if run.hacking and fired is not None:
+            hits += 1
+            lags.append(fired - run.min_index)
+            timely += fired - run.min_index <= max_lag
+        elif run.hacking:
+            misses += 1
+        elif fired is not None:
+            false_alarms += 1
+        else:
+            quiet += 1
+    return Score(hits, misses, false_alarms, quiet, timely, tuple(lags))
+
+
+def objective(s: Score) -> float:
+    """What a rule is chosen for: hacking runs caught in time (timely recall) and few false alarms (precision),
+    equally (the harmonic mean of the two; 0 when either is undefined)."""
+    p, r = s.precision, s.timely_recall
+    return 0.0 if not (p > 0 and r > 0) else 2 * p * r / (p + r)
+
+
+def candidates() -> list[Rule]:
+    """The rules searched: each signal over a grid of thresholds, with 1 to 3 consecutive evaluations."""
+    grids = {
+        "memorisation_gap": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0],
+        "relative_gap": [0.02, 0.05, 0.08, 0.12, 0.16, 0.2, 0.3],
+        "entropy_deficit": [0.5, 0.7, 0.8, 0.9, 0.95, 1.0],
+        "proxy_stall": [0.3, 0.5, 0.7, 0.8, 0.9],
+    }
+    return [Rule(signal, threshold, patience) for signal, thresholds in grids.items() for threshold in thresholds
+            for patience in (1, 2, 3)]
+
+
+def leave_one_preset_out(runs: Sequence[Labelled], rules: Sequence[Rule] | None = None,
+                         max_lag: int = 2) -> dict[str, Any]:
+    """For each preset: the best rule on the others (by :func:`objective`), scored on that preset. Returns the
+    per-preset choices and scores, the pooled score over the held-out presets, and, for reference, the rule that
+    is best on all runs together with its (optimistic, in-sample) score."""
+    rules = list(rules or candidates())
+    presets = sorted({r.preset for r in runs})
+    folds = []
+    for held in presets:
+        train = [r for r in runs if r.preset != held]
+        test = [r for r in runs if r.preset == held]
+        best = max(rules, key=lambda rule: objective(score(rule, train, max_lag)))
+        folds.append({"preset": held, "rule": best, "train": score(best, train, max_lag),
+                      "test": score(best, test, max_lag)})
+    pooled = folds[0]["test"]
+    for fold in folds[1:]:
+        pooled = pooled.merge(fold["test"])
+    overall = max(rules, key=lambda rule: objective(score(rule, runs, max_lag)))
+    return {"folds": folds, "pooled": pooled, "in_sample": {"rule": overall, "score": score(overall, runs, max_lag)}}
+
+
+def trade_off(runs: Sequence[Labelled], signal: str, patience: int = 2, max_lag: int = 2) -> list[dict[str, Any]]:
+    """Precision against timely recall for one signal over its threshold grid (all runs): the curve a user picks
+    an operating point from."""
+    return [{"threshold": rule.threshold, **score(rule, runs, max_lag).to_dict()}
+            for rule in candidates() if rule.signal == signal and rule.patience == patience]
