@@ -106,10 +106,23 @@ def _reproduction(args: argparse.Namespace) -> int:
 
 
 def _detect(args: argparse.Namespace) -> int:
-    from teacherhack.detection import format_validation_table, validate_detector
-    from teacherhack.rundir import load_runs
+    from teacherhack.oracle_free import (
+        DEFAULT_RULE,
+        format_runs,
+        format_validation,
+        labelled,
+        leave_one_preset_out,
+    )
+    from teacherhack.rundir import find_runs, load_run
 
-    print(format_validation_table(validate_detector(load_runs([Path(p) for p in args.runs]))))
+    loaded = [(load_run(folder), group) for folder, group in find_runs([Path(p) for p in args.runs])]
+    runs = [labelled(run, group) for run, group in loaded]
+    references = {run.name: (None if (v := run.verdicts().reference) is None else v.hacking) for run, _ in loaded}
+    print(f"The oracle-free detector: {DEFAULT_RULE.describe()}.\n")
+    print(format_runs(runs, DEFAULT_RULE, references))
+    if len({r.preset for r in runs}) > 1:
+        print("\nLeave one sweep out: the rule is chosen on every other sweep and scored on the one left out.\n")
+        print(format_validation(leave_one_preset_out(runs)))
     return 0
 
 
@@ -186,9 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     reproduction.set_defaults(func=_reproduction)
 
     detect = commands.add_parser("detect", help="the oracle-free detector against the golden verdict, per run",
-                                 description="Print a table of runs × (golden verdict, detector verdict, golden "
-                                             "minimum step, detector step) for run or lab folders.")
-    detect.add_argument("runs", nargs="+", help="run folders (with metrics.jsonl) or lab / sweep run folders")
+                                 description="Per run: the golden verdict, the reference verdict and when the "
+                                             "oracle-free detector would have alarmed; given several sweeps, its "
+                                             "leave-one-sweep-out precision, recall and lag.")
+    detect.add_argument("runs", nargs="+", help="run, lab or sweep folders, or a folder of sweeps (the corpus: "
+                                                "benchmarks/detection/runs)")
     detect.set_defaults(func=_detect)
 
     config = commands.add_parser("config", help="print the resolved configuration of a preset",

@@ -58,11 +58,31 @@ def proxy_stall(rows, per_sample, settings) -> np.ndarray:
     return out
 
 
+def power_law_departure(rows, per_sample, settings) -> np.ndarray:
+    """The paper's sign: how far the held-out proxy sits above the power law C·t^(−α) fitted on the first third of
+    the evaluations so far, in log space (the residual of ``teacherhack.detection.power_law_detector``, refitted at
+    each evaluation as a live monitor would)."""
+    from teacherhack.detection import power_law_detector
+
+    steps, proxy = [int(r["step"]) for r in rows], _column(rows, "proxy")
+    out = np.full(len(rows), np.nan)
+    for t in range(len(rows)):
+        result = power_law_detector(steps[: t + 1], proxy[: t + 1])
+        if result.residuals and result.residuals[t] is not None and t not in _fit_indices(result, steps):
+            out[t] = result.residuals[t]
+    return out
+
+
+def _fit_indices(result: Any, steps: Sequence[int]) -> set[int]:
+    return {steps.index(s) for s in result.fit_window}
+
+
 SIGNALS: dict[str, Signal] = {
     "memorisation_gap": memorisation_gap,
     "relative_gap": relative_gap,
     "entropy_deficit": entropy_deficit,
     "proxy_stall": proxy_stall,
+    "power_law_departure": power_law_departure,
 }
 
 
@@ -89,8 +109,12 @@ class Rule:
         return None
 
     def describe(self) -> str:
-        return (f"{self.signal.replace('_', ' ')} above {self.threshold:g} at {self.patience} consecutive evaluations "
-                f"(from the {self.skip + 1}th on)")
+        times = "once" if self.patience == 1 else f"at {self.patience} consecutive evaluations"
+        return f"{self.signal.replace('_', ' ')} above {self.threshold:g} {times} (from evaluation {self.skip} on)"
+
+
+# The rule teacherhack uses (the monitor, the reports): chosen by the validation on the lab's corpus
+DEFAULT_RULE = Rule("power_law_departure", 0.05, patience=2)
 
 
 @dataclass(frozen=True)
@@ -111,7 +135,8 @@ class Labelled:
 class Score:
     """A rule's record on a set of runs. A hit: it fired on a hacking run; a false alarm: on a run that does not
     hack; ``lags`` are evaluations from the golden minimum to the alarm, for hits; timely: a hit within
-    ``max_lag`` evaluations."""
+    ``max_lag`` evaluations of the golden minimum, before or after (an alarm long before it stops a student that
+    was still improving; one long after it comes when the damage is done)."""
 
     hits: int
     misses: int
@@ -150,7 +175,7 @@ def score(rule: Rule, runs: Iterable[Labelled], max_lag: int = 2) -> Score:
         if run.hacking and fired is not None:
             hits += 1
             lags.append(fired - run.min_index)
-            timely += fired - run.min_index <= max_lag
+            timely += abs(fired - run.min_index) <= max_lag
         elif run.hacking:
             misses += 1
         elif fired is not None:
@@ -174,6 +199,7 @@ def candidates() -> list[Rule]:
         "relative_gap": [0.02, 0.05, 0.08, 0.12, 0.16, 0.2, 0.3],
         "entropy_deficit": [0.5, 0.7, 0.8, 0.9, 0.95, 1.0],
         "proxy_stall": [0.3, 0.5, 0.7, 0.8, 0.9],
+        "power_law_departure": [0.02, 0.05, 0.1, 0.2, 0.3],
     }
     return [Rule(signal, threshold, patience) for signal, thresholds in grids.items() for threshold in thresholds
             for patience in (1, 2, 3)]
@@ -205,3 +231,46 @@ def trade_off(runs: Sequence[Labelled], signal: str, patience: int = 2, max_lag:
     an operating point from."""
     return [{"threshold": rule.threshold, **score(rule, runs, max_lag).to_dict()}
             for rule in candidates() if rule.signal == signal and rule.patience == patience]
+
+
+def labelled(run: Any, group: str) -> Labelled:
+    """A finished run (``teacherhack.rundir.Run``) with its golden verdict as the truth to score rules against."""
+    verdict = run.verdicts().golden
+    steps = [int(r["step"]) for r in run.metrics]
+    return Labelled(run.name, group, verdict.hacking, verdict.judged, steps.index(verdict.min_step), run.metrics,
+                    run.per_sample, run.settings)
+
+
+def format_runs(runs: Sequence[Labelled], rule: Rule, references: Mapping[str, bool | None]) -> str:
+    """Per run: the golden verdict (the truth), the reference verdict, and when ``rule`` would have alarmed."""
+    lines = ["| sweep | run | golden verdict | golden minimum (evaluation) | reference verdict | alarm (evaluation) "
+             "| lag |", "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        fired = rule.alarm(run.rows, run.per_sample, run.settings)
+        golden = "hacking" if run.hacking else "no" if run.judged else "not yet known"
+        reference = {True: "hacking", False: "no", None: "–"}[references.get(run.name)]
+        lag = fired - run.min_index if fired is not None and run.hacking else None
+        lines.append(f"| {run.preset} | {run.name} | {golden} | {run.min_index} | {reference} | "
+                     f"{'–' if fired is None else fired} | {'–' if lag is None else f'{lag:+d}'} |")
+    return "\n".join(lines)
+
+
+def format_validation(report: Mapping[str, Any], max_lag: int = 2) -> str:
+    """The leave-one-preset-out figures as a markdown table, with the pooled line and the in-sample reference."""
+
+    def cells(s: Score) -> str:
+        median = f"{np.median(s.lags):+.0f}" if s.lags else "–"
+        return (f"{s.hits} | {s.misses} | {s.false_alarms} | {s.quiet} | {_pct(s.precision)} | {_pct(s.recall)} | "
+                f"{_pct(s.timely_recall)} | {median}")
+
+    lines = [f"| held-out sweep | rule chosen on the others | hits | misses | false alarms | quiet | precision | "
+             f"recall | recall within {max_lag} evaluations | median lag |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {f['preset']} | {f['rule'].describe()} | {cells(f['test'])} |" for f in report["folds"]]
+    lines.append(f"| **pooled, held out** | | {cells(report['pooled'])} |")
+    best = report["in_sample"]
+    lines.append(f"| all (in-sample, optimistic) | {best['rule'].describe()} | {cells(best['score'])} |")
+    return "\n".join(lines)
+
+
+def _pct(value: float) -> str:
+    return "–" if not math.isfinite(value) else f"{value:.2f}"

@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 
-from teacherhack.detection import Verdicts, run_verdicts
+from teacherhack.detection import GoldenVerdict, Verdicts, run_verdicts
 from teacherhack.errors import UserError
 
 METRICS, PER_SAMPLE, SETTINGS, CONFIG = "metrics.jsonl", "per_sample.jsonl", "run.json", "config.yaml"
+VERDICTS = "verdicts.json"  # a copy's verdicts, computed where the per-sample values were (the detection corpus)
 REQUIRED_FIELDS = ("step", "epoch", "train_loss", "proxy", "proxy_se", "golden", "golden_se")
 NULLABLE_FIELDS = {"train_loss"}  # null for the initial student (step 0)
 
@@ -157,10 +158,17 @@ class Run:
     metrics: list[dict[str, Any]]
     path: Path
     per_sample: list[dict[str, Any]] | None = None  # paired per-sample values, if saved
+    stored: dict[str, Any] | None = None  # verdicts computed before the per-sample values were left behind
 
     def verdicts(self) -> Verdicts:
-        """The golden and reference verdicts (paired SEs when per-sample values exist) and the detector."""
-        return run_verdicts(self.metrics, self.per_sample)
+        """The golden and reference verdicts (paired SEs when per-sample values exist, or as stored with a copy of
+        the run that left them behind) and the detector."""
+        fresh = run_verdicts(self.metrics, self.per_sample)
+        if self.stored is None or self.per_sample is not None:
+            return fresh
+        reference = self.stored.get("reference")
+        return Verdicts(GoldenVerdict(**self.stored["golden"]),
+                        None if reference is None else GoldenVerdict(**reference), fresh.detector)
 
     def series(self, key: str) -> np.ndarray:
         """Column ``key`` over the evaluations as floats; null becomes NaN."""
@@ -183,8 +191,9 @@ def load_run(path: str | Path) -> Run:
     if not (folder.path / METRICS).is_file():
         raise BrokenRun(f"{folder.path}: no {METRICS}, not a run folder")
     settings = folder.settings()
+    stored = folder.path / VERDICTS
     return Run(str(settings.get("name") or folder.path.name), settings, folder.metrics(), folder.path,
-               folder.per_sample())
+               folder.per_sample(), json.loads(stored.read_text()) if stored.is_file() else None)
 
 
 def load_runs(paths: str | Path | Iterable[str | Path]) -> list[Run]:
@@ -203,6 +212,20 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> list[Run]:
     if not runs:
         raise BrokenRun("no run folders given")
     return runs
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
+    """Every run folder at or below ``paths`` with its group: the sweep it belongs to (the nearest folder holding
+    a sweep.json), else the folder above it (a lab folder), else the run's own name."""
+    found = []
+    for path in map(Path, paths):
+        folders = [path] if (path / METRICS).is_file() else sorted(p.parent for p in path.rglob(METRICS))
+        if not folders:
+            raise BrokenRun(f"{path}: no {METRICS} here or below")
+        for folder in folders:
+            sweep = next((p for p in folder.parents if (p / "sweep.json").is_file()), None)
+            found.append((folder, sweep.name if sweep else folder.parent.name if folder != path else folder.name))
+    return found
 
 
 def summarise(run: Run) -> dict[str, Any]:

@@ -1,0 +1,79 @@
+"""Oracle-free signals, rules and their leave-one-preset-out validation, on runs built by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from teacherhack.oracle_free import (
+    Labelled,
+    Rule,
+    entropy_deficit,
+    leave_one_preset_out,
+    memorisation_gap,
+    objective,
+    proxy_stall,
+    score,
+    trade_off,
+)
+
+
+def rows(proxy, proxy_train=None, entropy=None):
+    out = []
+    for t, p in enumerate(proxy):
+        row = {"step": 100 * t, "proxy": p, "proxy_se": 0.1}
+        if proxy_train is not None:
+            row["proxy_train"] = proxy_train[t]
+        if entropy is not None:
+            row["student_entropy"] = entropy[t]
+        out.append(row)
+    return out
+
+
+def run(name, preset, hacking, min_index, gap_from=None, judged=True):
+    """A run whose proxy falls; its training-prompt proxy falls faster from ``gap_from`` on (memorisation)."""
+    proxy = [60 * math.exp(-t / 2) + 10 for t in range(11)]
+    train = [p - (0 if gap_from is None or t < gap_from else 2.0 * (t - gap_from + 1)) for t, p in enumerate(proxy)]
+    return Labelled(name, preset, hacking, judged, min_index, rows(proxy, train), None, {})
+
+
+def test_signals_are_computed_from_the_evaluations_so_far():
+    r = rows([10, 8, 6, 5, 5], proxy_train=[10, 8, 5, 3, 2], entropy=[9, 7, 5, 4, 3])
+    np.testing.assert_allclose(memorisation_gap(r, None, {}), [0, 0, 1, 2, 3])
+    np.testing.assert_allclose(entropy_deficit(r, None, {"teacher_entropy": 4.0}), [0, 0.4, 0.8, 1.0, 1.2])
+    assert math.isnan(entropy_deficit(r, None, {})[1])  # no teacher entropy recorded: undefined, never an alarm
+    stall = proxy_stall(r, None, {})
+    assert math.isnan(stall[1]) and stall[2] == pytest.approx(0.0) and stall[4] == pytest.approx(1.0)
+    # live: the value at t does not depend on later evaluations
+    np.testing.assert_allclose(proxy_stall(r[:4], None, {}), stall[:4], equal_nan=True)
+
+
+def test_a_rule_fires_after_its_patience_and_is_scored_against_the_truth():
+    rule = Rule("memorisation_gap", threshold=1.5, patience=2, skip=2)
+    hacked = run("h", "a", True, min_index=5, gap_from=5)
+    clean = run("c", "a", False, min_index=10)
+    late = run("l", "a", False, min_index=9, judged=False)  # not known yet: left out of the score
+    assert rule.alarm(hacked.rows, None, {}) == 6  # gap 2 at 5, 4 at 6: the second evaluation above 1.5
+    assert rule.alarm(clean.rows, None, {}) is None
+    s = score(rule, [hacked, clean, late], max_lag=2)
+    assert (s.hits, s.misses, s.false_alarms, s.quiet, s.timely, s.lags) == (1, 0, 0, 1, 1, (1,))
+    assert s.precision == 1.0 and s.recall == 1.0 and objective(s) == 1.0
+    slow = score(Rule("memorisation_gap", threshold=9.0, patience=1), [hacked], max_lag=2)
+    assert slow.hits == 1 and slow.timely == 0 and objective(slow) == 0.0  # caught, but too late to count
+
+
+def test_leave_one_preset_out_scores_each_preset_with_a_rule_chosen_on_the_others():
+    runs = [run(f"{p}-{i}", p, True, 4, gap_from=4) for p in ("a", "b") for i in range(3)]
+    runs += [run(f"{p}-c{i}", p, False, 10) for p in ("a", "b") for i in range(3)]
+    runs += [run("c-fooled", "c", False, 10, gap_from=4)]  # memorises without hacking: a false alarm
+    report = leave_one_preset_out(runs, [Rule("memorisation_gap", t, 1) for t in (0.5, 1.0, 100.0)])
+    by_preset = {f["preset"]: f for f in report["folds"]}
+    assert set(by_preset) == {"a", "b", "c"}
+    assert by_preset["a"]["test"].hits == 3 and by_preset["a"]["test"].false_alarms == 0
+    assert by_preset["c"]["test"].false_alarms == 1
+    assert report["pooled"].hits == 6 and report["pooled"].false_alarms == 1
+    assert report["pooled"].precision == pytest.approx(6 / 7)
+    curve = trade_off(runs, "memorisation_gap", patience=2)
+    assert [c["threshold"] for c in curve] == sorted(c["threshold"] for c in curve) and curve[0]["recall"] >= curve[-1]["recall"]
