@@ -63,12 +63,12 @@ def test_write_report_is_self_contained(lab, tmp_path):
     out = tmp_path / "report"
     page = write_report([lab], out)
     assert page == out / "report.html"
-    for name in ("proxy_golden.png", "rise.png", "curves.png", "power_law.png", "cost.png"):
+    for name in ("proxy_golden.png", "rise.png", "curves.png", "power_law.png", "signals.png", "cost.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000
     text = page.read_text(encoding="utf-8")
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
-    assert len(images) == 5 and all(base64.b64decode(i).startswith(PNG) for i in images)
+    assert len(images) == 6 and all(base64.b64decode(i).startswith(PNG) for i in images)
     assert "offline 500x1" in text and "online_teacher" in text
     assert "golden rises" in text and "sit above the early power law" in text  # both verdicts' reasons
     assert text.count('<b class="alert">hacking</b>') == 2  # offline: overview row and its own table

@@ -6,6 +6,7 @@ Every function here takes run folders or lab folders (read through ``teacherhack
 from __future__ import annotations
 
 import base64
+import math
 import html
 import json
 from collections.abc import Iterable, Sequence
@@ -77,9 +78,9 @@ def plot_rise(runs: Sequence[Run], path: str | Path) -> None:
     and the same for the NLL of real held-out responses when recorded. Hacking is a curve that leaves zero and
     keeps climbing; a plateau stays near it."""
     unit = _common_unit(runs)
-    metrics = [("golden", "golden − its minimum")]
+    metrics = [("golden", "golden")]
     if all(m.get("reference_nll") is not None for run in runs for m in run.metrics):
-        metrics.append(("reference_nll", "reference NLL − its minimum (real held-out responses)"))
+        metrics.append(("reference_nll", "NLL of real held-out responses"))
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.6), squeeze=False)
     for ax, (key, title) in zip(axes[0], metrics):
         for i, run in enumerate(runs):
@@ -92,7 +93,7 @@ def plot_rise(runs: Sequence[Run], path: str | Path) -> None:
                             alpha=0.18, lw=0)
             ax.plot(steps[best], 0.0, "*", ms=12, mfc=style["color"], mec="black", zorder=4)
         ax.axhline(0.0, color="0.35", lw=0.8)
-        ax.set(xlabel="step", ylabel=f"{title} [{unit}]", title=title)
+        ax.set(xlabel="step", ylabel=f"− its minimum [{unit}]", title=f"{title} − its minimum (±1 paired SE)")
         ax.grid(alpha=0.3)
         lows = [np.nanmin(run.series(key)) for run in runs]
         top = max(float(np.nanmax(run.series(key)[int(np.argmin(run.series(key))):] - low)) for run, low in zip(runs, lows))
@@ -112,14 +113,17 @@ def _change_se(run: Run, key: str, best: int) -> np.ndarray:
 
 
 def plot_curves(runs: Sequence[Run], path: str | Path) -> None:
-    """The paper's Figure 5: train loss, proxy and golden against epoch, ±1 SE bands."""
+    """The paper's Figure 5: train loss, proxy and golden against epoch, ±1 SE bands; and, when recorded, the
+    student's NLL of real held-out responses, the golden metric's stand-in that needs no oracle."""
     unit = _common_unit(runs)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     panels = [
         ("train_loss", "train loss [nats/token] ↓", "training loss"),
         ("proxy", f"proxy KL(teacher‖student) [{unit}] ↓", "proxy"),
         ("golden", f"golden KL(oracle‖student) [{unit}] ↓", "golden"),
     ]
+    if all(m.get("reference_nll") is not None for run in runs for m in run.metrics):
+        panels.append(("reference_nll", f"NLL of real held-out responses [{unit}] ↓", "reference NLL (no oracle)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.4))
     for ax, (key, label, title) in zip(axes, panels):
         for i, run in enumerate(runs):
             style = _style(i)
@@ -132,6 +136,31 @@ def plot_curves(runs: Sequence[Run], path: str | Path) -> None:
         ax.grid(alpha=0.3)
     extra = _teacher_line(axes[2], runs)
     axes[2].legend(handles=axes[2].get_legend_handles_labels()[0] + extra, fontsize=8)
+    _save(fig, path)
+
+
+def plot_signals(runs: Sequence[Run], path: str | Path) -> None:
+    """What a practitioner can watch without an oracle, per evaluation: each signal of the oracle-free detector,
+    with each run's golden minimum (star) and where the detector's rule alarms (cross)."""
+    from teacherhack.oracle_free import DEFAULT_RULE, SIGNALS
+
+    fig, axes = plt.subplots(1, len(SIGNALS), figsize=(4.4 * len(SIGNALS), 4.0), squeeze=False)
+    for ax, (name, signal) in zip(axes[0], SIGNALS.items()):
+        for i, run in enumerate(runs):
+            style = _style(i)
+            steps, values = run.series("step"), signal(run.metrics, run.per_sample, run.settings)
+            ax.plot(steps, values, label=run.name, markersize=3, **style)
+            best = int(np.argmin(run.series("golden")))
+            if math.isfinite(values[best]):
+                ax.plot(steps[best], values[best], "*", ms=12, mfc=style["color"], mec="black", zorder=4)
+            alarm = DEFAULT_RULE.alarm(run.metrics, run.per_sample, run.settings) if name == DEFAULT_RULE.signal else None
+            if alarm is not None:
+                ax.plot(steps[alarm], values[alarm], "X", ms=11, mfc=style["color"], mec="black", zorder=4)
+        if name == DEFAULT_RULE.signal:
+            ax.axhline(DEFAULT_RULE.threshold, color="0.35", ls=(0, (5, 3)), lw=1)
+        ax.set(xlabel="step", title=name.replace("_", " ") + (" (the detector's)" if name == DEFAULT_RULE.signal else ""))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
     _save(fig, path)
 
 
@@ -212,6 +241,8 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) 
                                 "responses) minus its minimum, ±1 paired SE."),
         "curves.png": (plot_curves, "Training loss, proxy and golden against epoch, ±1 SE (the paper's Figure 5)."),
         "power_law.png": (plot_power_law, "Proxy on log-log axes against its early power law."),
+        "signals.png": (plot_signals, "The oracle-free signals, with each run's golden minimum (star) and the "
+                                      "detector's alarm (cross)."),
         "cost.png": (plot_cost, "Golden against the cost of the data: generated tokens and wall time."),
     }
     for name, (plot, _) in figures.items():
