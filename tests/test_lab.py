@@ -35,8 +35,9 @@ def test_lab_end_to_end_then_cache_reuse(tiny_config: cfg.LabConfig, tmp_path: P
         assert [r["step"] for r in rows] == [0, 4, 8, 12]
         for row in rows:
             assert row.keys() >= {"step", "epoch", "train_loss", "tokens_generated", "train_seconds", "eval_seconds"}
+            assert row["grad_norm"] is None if row["step"] == 0 else row["grad_norm"] > 0
             for key in ("proxy", "golden", "golden_reverse", "proxy_reverse", "proxy_train", "oracle_nll",
-                        "reference_nll", "student_entropy"):
+                        "reference_nll", "student_entropy", "student_entropy_held_out"):
                 assert math.isfinite(row[key]) and row[f"{key}_se"] > 0, key
             assert math.isfinite(row["golden"]) and row["golden"] >= 0 and row["golden_se"] > 0
             assert math.isfinite(row["proxy"]) and row["proxy"] >= 0

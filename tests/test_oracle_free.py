@@ -27,7 +27,7 @@ def rows(proxy, proxy_train=None, entropy=None):
         if proxy_train is not None:
             row["proxy_train"] = proxy_train[t]
         if entropy is not None:
-            row["student_entropy"] = entropy[t]
+            row["student_entropy_held_out"] = entropy[t]
         out.append(row)
     return out
 

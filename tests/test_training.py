@@ -63,7 +63,7 @@ def run_steps(lm: LM, source, loss_fn, *, steps: int, lr: float, warmup: int = 0
         for step in range(start, steps if stop is None else stop):
             losses.append(optimizer_step(lm, ready, source.batch(step), loss_fn, grad_accum=grad_accum,
                                          max_grad_norm=max_grad_norm,
-                                         lr=learning_rate(step, lr=lr, warmup=warmup, total=steps, schedule=schedule)))
+                                         lr=learning_rate(step, lr=lr, warmup=warmup, total=steps, schedule=schedule)).loss)
     return optimizer, losses
 
 

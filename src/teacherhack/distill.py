@@ -43,6 +43,7 @@ class LoopState:
 
     step: int = 0
     loss_sum: float = 0.0  # training losses since the last evaluation (their mean is the row's train_loss)
+    grad_norm_sum: float = 0.0  # gradient norms (before clipping) since the last evaluation
     loss_count: int = 0
     tokens_generated: int = 0  # online samples so far, over every process
     train_seconds: float = 0.0
@@ -100,9 +101,11 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
             for step in tqdm(range(state.step, d.steps), desc=source_name, initial=state.step, total=d.steps,
                              leave=False, mininterval=2.0, dynamic_ncols=True, disable=not distributed.is_main()):
                 lr = learning_rate(step, lr=d.lr, warmup=d.warmup, total=d.steps, schedule=d.schedule)
-                state.loss_sum += optimizer_step(student, ready, source.batch(step), loss_fn, lr=lr,
-                                                 grad_accum=d.grad_accum, max_grad_norm=d.max_grad_norm,
-                                                 precision=c.precision, where=f"{source_name} step {step + 1}")
+                taken = optimizer_step(student, ready, source.batch(step), loss_fn, lr=lr, grad_accum=d.grad_accum,
+                                       max_grad_norm=d.max_grad_norm, precision=c.precision,
+                                       where=f"{source_name} step {step + 1}")
+                state.loss_sum += taken.loss
+                state.grad_norm_sum += taken.grad_norm
                 state.loss_count += 1
                 if (step + 1) % e.every == 0 or step + 1 == d.steps:
                     state.train_seconds += time.time() - clock
@@ -198,7 +201,8 @@ def _evaluate(folder: RunFolder, evaluator: Evaluator, student: LM, source: Sour
     state.tokens_generated = int(distributed.all_sum(getattr(source, "tokens_generated", 0)))
     state.eval_seconds += time.time() - start
     row = {"step": state.step, "epoch": source.epoch(state.step),
-           "train_loss": state.loss_sum / state.loss_count if state.loss_count else None, **metrics,
+           "train_loss": state.loss_sum / state.loss_count if state.loss_count else None,
+           "grad_norm": state.grad_norm_sum / state.loss_count if state.loss_count else None, **metrics,
            "tokens_generated": state.tokens_generated, "train_seconds": state.train_seconds,
            "eval_seconds": state.eval_seconds}
     if distributed.is_main():  # under several processes, only the main one writes files
@@ -207,7 +211,7 @@ def _evaluate(folder: RunFolder, evaluator: Evaluator, student: LM, source: Sour
     if trackers is not None:
         trackers.log(row)
     student.model.train()
-    state.loss_sum, state.loss_count = 0.0, 0
+    state.loss_sum, state.grad_norm_sum, state.loss_count = 0.0, 0.0, 0
     unit = "nats/token" if evaluator.options["per_token"] else "nats/sequence"
     log(f"{label} step {state.step}/{steps} epoch {row['epoch']:.1f}: proxy {row['proxy']:.2f}±"
         f"{row['proxy_se']:.2f}  golden {row['golden']:.2f}±{row['golden_se']:.2f}  ({unit})")

@@ -91,17 +91,19 @@ class ScoredSamples:
 
     @torch.no_grad()
     def measure(self, q: LM, *, estimator: str, per_token: bool) -> dict[str, Tensor]:
-        """Per-sample values over every process: ``nll`` = −log q(y), and ``kl`` = KL(p‖q) when the responses are
-        samples of p (estimated as ``estimator`` says)."""
-        kl, nll = [], []
+        """Per-sample values over every process: ``nll`` = −log q(y); ``entropy`` = q's next-token entropies summed
+        along these responses (how sure q is where it is scored, paired across evaluations); and ``kl`` = KL(p‖q)
+        when the responses are samples of p (estimated as ``estimator`` says)."""
+        kl, nll, entropy = [], [], []
         for index, (prompts, samples, mask) in enumerate(self.batches):
             samples, mask = samples.to(q.device), mask.to(q.device)
             log_q = q.next_token_logprobs(prompts, samples)
             nll.append(nll_values(log_q, samples, mask, per_token=per_token))
+            entropy.append(entropy_values(log_q, mask, per_token=per_token))
             if self.p is not None:
                 kl.append(kl_values(self._p_logprobs(index).to(q.device), log_q, samples, mask, estimator=estimator,
                                     per_token=per_token))
-        values = {"nll": torch.cat(nll)} | ({"kl": torch.cat(kl)} if kl else {})
+        values = {"nll": torch.cat(nll), "entropy": torch.cat(entropy)} | ({"kl": torch.cat(kl)} if kl else {})
         return {name: distributed.gather(v) for name, v in values.items()}  # every process's shard, in rank order
 
     @torch.no_grad()
@@ -132,7 +134,9 @@ class Evaluator:
     oracle_nll = −log q(y) on the oracle's samples (moves exactly as golden's log-ratio estimate does);
     reference_nll = −log q(y) on real responses (moves exactly as KL(data‖student) does: a golden stand-in
     that needs no oracle, only held-out real pairs); golden_reverse = KL(student‖oracle), proxy_reverse =
-    KL(student‖teacher) and student_entropy = H(student), from fresh student samples at each evaluation.
+    KL(student‖teacher) and student_entropy = H(student), from fresh student samples at each evaluation;
+    student_entropy_held_out = the student's next-token entropies along the teacher's held-out samples (the same
+    prefixes every time: a paired, low-noise view of how sharp the student has become).
     """
 
     def __init__(self, oracle: LM, teacher: LM, references: dict[str, SampleSet], *, estimator: str,
@@ -159,7 +163,8 @@ class Evaluator:
     def __call__(self, student: LM, step: int) -> tuple[dict[str, float], dict[str, Estimate]]:
         """The metrics row, and the estimates themselves (their per-sample values pair across steps)."""
         on = {name: scored.measure(student, **self.options) for name, scored in self.scored.items()}
-        values = {"golden": on["oracle"]["kl"], "proxy": on["teacher"]["kl"], "oracle_nll": on["oracle"]["nll"]}
+        values = {"golden": on["oracle"]["kl"], "proxy": on["teacher"]["kl"], "oracle_nll": on["oracle"]["nll"],
+                  "student_entropy_held_out": on["teacher"]["entropy"]}
         if "train_teacher" in on:
             values["proxy_train"] = on["train_teacher"]["kl"]
         if "real" in on:

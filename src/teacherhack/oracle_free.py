@@ -38,9 +38,10 @@ def relative_gap(rows, per_sample, settings) -> np.ndarray:
 
 
 def entropy_deficit(rows, per_sample, settings) -> np.ndarray:
-    """How far the student's entropy has fallen towards the teacher's: 1 at the teacher's, 0 where it started.
-    An over-confident teacher makes a student that imitates it ever sharper."""
-    entropy = _column(rows, "student_entropy")
+    """How far the student's entropy, along the teacher's fixed held-out samples, has fallen towards the
+    teacher's own along them: 0 where it started, 1 at the teacher's. A student that imitates an over-confident
+    teacher ever more closely becomes ever sharper."""
+    entropy = _column(rows, "student_entropy_held_out")
     teacher = settings.get("teacher_entropy")
     if teacher is None or not len(entropy) or not math.isfinite(entropy[0]) or entropy[0] == teacher:
         return np.full(len(rows), np.nan)

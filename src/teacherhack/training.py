@@ -10,6 +10,7 @@ import math
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -125,12 +126,20 @@ def prepared(model: LM, optimizer: torch.optim.Optimizer) -> Iterator[distribute
         model.module = model.model
 
 
+@dataclass(frozen=True)
+class Step:
+    """What one optimiser step reports: the global loss and the gradient's norm before clipping."""
+
+    loss: float
+    grad_norm: float
+
+
 def optimizer_step(model: LM, ready: distributed.Prepared, batch: Batch, loss_fn: LossFn, *, lr: float,
                    grad_accum: int = 1, max_grad_norm: float = 1.0, precision: str = "float32",
-                   where: str = "train") -> float:
+                   where: str = "train") -> Step:
     """One optimiser step on ``batch`` (this process's shard of the global batch), split into ``grad_accum``
     micro-batches and normalised by the sequence count of the whole global batch: the loss of one big batch,
-    whatever the number of processes or micro-batches. Returns the global loss. A non-finite loss raises
+    whatever the number of processes or micro-batches. Returns the global loss and the gradient norm. A non-finite loss raises
     :class:`NonFiniteLoss` before any parameter changes. ``precision="bfloat16"``: the forward passes run under
     bf16 autocast (weights, gradients and optimizer state stay float32; the loss itself is computed in float32)."""
     for group in ready.optimizer.param_groups:
@@ -154,12 +163,12 @@ def optimizer_step(model: LM, ready: distributed.Prepared, batch: Batch, loss_fn
             (loss * scale).backward() if accelerator is None else accelerator.backward(loss * scale)
         total += float(loss.detach())
     if ready.accelerator is None:
-        torch.nn.utils.clip_grad_norm_(model.model.parameters(), max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(model.model.parameters(), max_grad_norm)
     else:
-        ready.accelerator.clip_grad_norm_(ready.module.parameters(), max_grad_norm)
+        norm = ready.accelerator.clip_grad_norm_(ready.module.parameters(), max_grad_norm)
     ready.optimizer.step()
     ready.optimizer.zero_grad(set_to_none=True)
-    return distributed.all_sum(total)
+    return Step(distributed.all_sum(total), float(norm))
 
 
 def train(model: LM, source: Source, loss_fn: LossFn, *, steps: int, lr: float, warmup: int, schedule: str,
