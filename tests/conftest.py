@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -48,3 +49,25 @@ def tiny_task(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_config(tiny_task: Path) -> cfg.LabConfig:
     return cfg.resolve("quick", {**TINY, "task.spec": f"jsonl:{tiny_task}"})
+
+
+# Shared by the divergence tests: tolerances against the float64 references, and the divergences exercised
+INF = math.inf
+F64 = dict(rtol=1e-10, atol=1e-12)  # last-digit checks (compute_dtype=float64)
+F64_GRAD = dict(rtol=1e-9, atol=1e-13)
+F32 = dict(rtol=2e-5, atol=2e-6)  # default float32 compute path against the float64 reference
+F32_GRAD = dict(rtol=1e-4, atol=1e-6)
+CONFIGS = [  # (divergence, beta, alpha)
+    ("forward_kl", 0.5, 0.1),
+    ("reverse_kl", 0.5, 0.1),
+    ("jsd", 0.1, 0.1),
+    ("jsd", 0.5, 0.1),
+    ("jsd", 0.9, 0.1),
+    ("skew_forward_kl", 0.5, 0.1),
+    ("skew_forward_kl", 0.5, 0.5),
+    ("skew_reverse_kl", 0.5, 0.1),
+    ("skew_reverse_kl", 0.5, 0.5),
+    ("tvd", 0.5, 0.1),
+]
+CONFIG_IDS = [f"{d}-b{b}-a{a}" for d, b, a in CONFIGS]
+REDUCTIONS = ["sequence_mean", "token_mean", "sum"]

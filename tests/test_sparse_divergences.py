@@ -15,25 +15,7 @@ import torch
 
 from teacherhack.divergences import sparse_token_divergence, token_divergence
 
-INF = math.inf
-F64 = dict(rtol=1e-10, atol=1e-12)
-F64_GRAD = dict(rtol=1e-9, atol=1e-13)
-F32 = dict(rtol=2e-5, atol=2e-6)
-F32_GRAD = dict(rtol=1e-4, atol=1e-6)
-CONFIGS = [  # (divergence, beta, alpha)
-    ("forward_kl", 0.5, 0.1),
-    ("reverse_kl", 0.5, 0.1),
-    ("jsd", 0.1, 0.1),
-    ("jsd", 0.5, 0.1),
-    ("jsd", 0.9, 0.1),
-    ("skew_forward_kl", 0.5, 0.1),
-    ("skew_forward_kl", 0.5, 0.5),
-    ("skew_reverse_kl", 0.5, 0.1),
-    ("skew_reverse_kl", 0.5, 0.5),
-    ("tvd", 0.5, 0.1),
-]
-CONFIG_IDS = [f"{d}-b{b}-a{a}" for d, b, a in CONFIGS]
-REDUCTIONS = ["sequence_mean", "token_mean", "sum"]
+from conftest import CONFIG_IDS, CONFIGS, F32, F32_GRAD, F64, F64_GRAD, INF, REDUCTIONS  # noqa: E402
 CONVENTIONS = ["tail", "renormalized"]
 
 
