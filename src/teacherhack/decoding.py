@@ -140,6 +140,16 @@ def _layer_norm(module: torch.nn.LayerNorm, x: Tensor) -> Tensor:
     return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
+def _joined(*linears: torch.nn.Linear) -> tuple[Tensor, Tensor | None]:
+    """The weights (and biases) of linear layers on the same input, stacked: one product computes them all."""
+    weight = torch.cat([layer.weight for layer in linears])
+    biases = [layer.bias for layer in linears]
+    if all(b is None for b in biases):
+        return weight, None
+    return weight, torch.cat([b if b is not None else weight.new_zeros(layer.out_features)
+                              for b, layer in zip(biases, linears)])
+
+
 def _linear(module: torch.nn.Linear, x: Tensor) -> Tensor:
     return F.linear(x, module.weight, module.bias)
 
@@ -192,6 +202,12 @@ class LlamaDecoder(_LeanDecoder):
         angles = torch.cat([freqs, freqs], -1)
         self.cos = (angles.cos() * rotary.attention_scaling).to(dtype)
         self.sin = (angles.sin() * rotary.attention_scaling).to(dtype)
+        # q, k, v in one product and gate, up in another: fewer, larger products (the weights cannot change
+        # during one sampling call, so the joined copies are exact for its length)
+        layers = model.model.layers[: config.num_hidden_layers]
+        self.qkv = [_joined(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in layers]
+        self.gate_up = [_joined(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in layers]
+        self.split = [attention.q_proj.out_features, attention.k_proj.out_features, attention.v_proj.out_features]
 
     def _logits(self, ids: Tensor, positions: Tensor, bias: Tensor) -> Tensor:
         body = self.model.model
@@ -200,13 +216,13 @@ class LlamaDecoder(_LeanDecoder):
         for index, layer in enumerate(body.layers[: self.model.config.num_hidden_layers]):
             attention, mlp = layer.self_attn, layer.mlp
             h = _rms_norm(layer.input_layernorm, x)
-            q = _linear(attention.q_proj, h).unflatten(-1, (-1, self.head_dim))
-            k = _linear(attention.k_proj, h).unflatten(-1, (-1, self.head_dim))
-            v = _linear(attention.v_proj, h).unflatten(-1, (-1, self.head_dim))
+            q, k, v = (part.unflatten(-1, (-1, self.head_dim))
+                       for part in F.linear(h, *self.qkv[index]).split(self.split, -1))
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
             x = x + _linear(attention.o_proj, self.cache.attend(index, q, k, v, bias, attention.scaling))
             h = _rms_norm(layer.post_attention_layernorm, x)
-            x = x + _linear(mlp.down_proj, self.act(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
+            gate, up = F.linear(h, *self.gate_up[index]).chunk(2, -1)
+            x = x + _linear(mlp.down_proj, self.act(gate) * up)
         return _linear(self.model.lm_head, _rms_norm(body.norm, x[:, -1]))
 
 
