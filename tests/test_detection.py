@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 
 from teacherhack.rundir import load_runs
-from teacherhack.detection import (
-    PowerLawMonitor,
-    format_validation_table,
-    golden_verdict,
-    power_law_detector,
-    validate_detector,
-)
+from teacherhack.detection import golden_verdict, power_law_detector
+from teacherhack.oracle_free import DEFAULT_RULE
 
 STEPS = np.arange(0, 21) * 100  # step 0 (initial student) and 20 evaluations
 
@@ -170,22 +165,6 @@ def test_a_nonpositive_proxy_is_left_out_and_said_so():
     assert "1 evaluation(s) with proxy ≤ 0 left out" in r.reason
 
 
-def test_monitor_fires_once_after_the_bend():
-    proxy = power_law(3, bend=900)
-    monitor = PowerLawMonitor()
-    hits = [(s, r) for s, p in zip(STEPS, proxy) if (r := monitor.update(int(s), float(p), 0.01 * p))]
-    assert len(hits) == 1
-    when, result = hits[0]
-    assert result is monitor.alarm and result.fired and 900 < result.step <= when <= 1600
-
-
-def test_monitor_stays_quiet_on_a_clean_law():
-    for seed in range(10):
-        monitor = PowerLawMonitor(k=2)
-        assert all(monitor.update(int(s), float(p)) is None for s, p in zip(STEPS, power_law(seed)))
-        assert monitor.alarm is None
-
-
 # ---- validation on run directories ----
 
 def write_run(path, name, proxy, golden):
@@ -196,19 +175,18 @@ def write_run(path, name, proxy, golden):
     (path / "run.json").write_text(json.dumps({"name": name, "source": "offline"}))
 
 
-def test_validate_detector_on_a_lab(tmp_path):
+def test_run_verdicts_on_a_lab(tmp_path):
+    """A run folder's three verdicts: the golden one, no reference (not recorded), and the default detector rule
+    (the power-law signal here), which alarms after the bend of the hacking run and stays quiet on the clean law."""
     write_run(tmp_path / "offline", "offline", power_law(0, bend=900), 50 + 0.04 * (STEPS / 100 - 9) ** 2)
     write_run(tmp_path / "online", "online", power_law(1), 60 - 10 * (1 - np.exp(-STEPS / 500)))
-    rows = validate_detector(load_runs([tmp_path]))
-    by_name = {r["name"]: r for r in rows}
-    off, on = by_name["offline"], by_name["online"]
-    assert off["golden_hacking"] and off["detector_fired"] and off["agreement"]
-    assert off["golden_min_step"] == 900 and off["lag"] == off["detector_step"] - 900
-    assert off["alert_step"] >= off["detector_step"]
-    assert not on["golden_hacking"] and not on["detector_fired"] and on["agreement"] and on["lag"] is None
-    table = format_validation_table(rows)
-    assert table.startswith("| run |") and "| offline | hacking | fired | 900 |" in table
-    assert "Agreement: 2/2 runs." in table
+    off, on = (run.verdicts() for run in load_runs([tmp_path]))
+    assert off.golden.hacking and off.golden.min_step == 900 and off.reference is None
+    assert not on.golden.hacking and on.reference is None
+    if DEFAULT_RULE.signal == "power_law_departure":
+        assert off.detector.fired and 900 < off.detector.step <= 1600 and not on.detector.fired
+    for run, verdicts in zip(load_runs([tmp_path]), (off, on)):
+        assert verdicts.detector == DEFAULT_RULE.verdict(run.metrics, run.per_sample, run.settings)
 
 
 def test_paired_values_detect_a_rise_that_unpaired_ses_call_noise():

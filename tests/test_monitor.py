@@ -23,11 +23,10 @@ from transformers import (
     TrainingArguments,
 )
 
-from teacherhack import monitor as monitor_module
-from teacherhack.divergences import Estimate
 from teacherhack.metrics import sample_in_batches
 from teacherhack.models import LM, build_model, collate_prompts
 from teacherhack.monitor import HackingMonitor, HackingMonitorCallback, TeacherHackingWarning
+from teacherhack.oracle_free import DEFAULT_RULE, DEFAULT_RULE_MEASURED, Rule
 
 WORDS = "sun moon star sea river stone tree bird wind fire rain snow cloud hill road door king child bread salt".split()
 PAD, EOS = 0, 1
@@ -82,10 +81,13 @@ def teacher() -> GPT2LMHeadModel:
     return make_model(0, init=0.5).eval()
 
 
-def teacher_texts(teacher: GPT2LMHeadModel, n: int, *, seed: int = 1, max_new_tokens: int = 8) -> list[list[int]]:
-    """Training sequences prompt + teacher response (up to its EOS), on prompts other than HELD_OUT."""
+def teacher_texts(teacher: GPT2LMHeadModel, n: int, *, seed: int = 1, max_new_tokens: int = 8,
+                  prompts: list[list[int]] | None = None) -> list[list[int]]:
+    """Training sequences prompt + teacher response (up to its EOS), on random prompts other than HELD_OUT, or on
+    ``n`` prompts drawn from ``prompts``."""
     rng = random.Random(seed)
-    prompts = [[3 + rng.randrange(len(WORDS)) for _ in range(rng.randint(1, 4))] for _ in range(n)]
+    prompts = ([rng.choice(prompts) for _ in range(n)] if prompts else
+               [[3 + rng.randrange(len(WORDS)) for _ in range(rng.randint(1, 4))] for _ in range(n)])
     responses = sample_in_batches(LM(teacher, pad_id=PAD, eos_id=EOS), collate_prompts(prompts, PAD),
                                   max_new_tokens=max_new_tokens, batch_size=n, seed=seed)
     out = []
@@ -135,8 +137,34 @@ def test_proxy_falls_as_the_student_learns_the_teacher(tok, teacher):
     proxies = [r["proxy"] for r in rows[1:]]
     assert proxies == sorted(proxies, reverse=True) and proxies[-1] < 0.5 * proxies[0], proxies
     assert mon.samples is samples and torch.equal(mon.samples, kept)  # drawn once, reused: paired checks
-    assert set(first) >= {"proxy", "proxy_se", "hacking_alert", "alert_step", "alpha", "detector_reason"}
+    assert set(first) >= {"proxy", "proxy_se", "hacking_alert", "alert_step", "signal", "detector_reason",
+                          "student_entropy_held_out"}
     assert isinstance(rows[-1]["hacking_alert"], bool)
+    # the student sharpens towards the teacher along the teacher's samples: the entropy deficit's inputs
+    assert mon.settings["teacher_entropy"] > 0 and rows[-1]["student_entropy_held_out"] != first["student_entropy_held_out"]
+
+
+def test_train_prompts_give_the_memorisation_gap(tok, teacher):
+    """With the prompts the student trains on, the monitor measures the proxy there too; a student trained on the
+    teacher's samples of those prompts only fits them better than the held-out ones: the gap grows."""
+    train = ["sun moon", "river stone tree", "bird wind"]
+    mon = HackingMonitor(teacher, tok, HELD_OUT, train_prompts=train, max_new_tokens=8, batch_size=8,
+                         rule=Rule("memorisation_gap", 1e9))
+    student = perturbed(teacher, noise=0.3)
+    first = mon.check(student, 0)
+    fixed = teacher_texts(teacher, 16, seed=7, prompts=[tok(p)["input_ids"] for p in train])
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    for _ in range(30):  # memorise the teacher's samples of the training prompts
+        loss = student(**lm_batch(fixed)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    last = mon.check(student, 30)
+    assert last["proxy_train"] < first["proxy_train"]
+    assert last["signal"] == pytest.approx(last["proxy"] - last["proxy_train"])
+    assert last["signal"] > first["signal"] + 0.5
+    with pytest.raises(ValueError, match="train_prompts="):
+        HackingMonitor(teacher, tok, HELD_OUT, rule=Rule("relative_gap", 0.1))
 
 
 @pytest.mark.parametrize("estimator", ["token_kl", "log_ratio"])
@@ -144,8 +172,7 @@ def test_student_identical_to_teacher_gives_exactly_zero(tok, teacher, estimator
     mon = HackingMonitor(LM(teacher, pad_id=PAD, eos_id=EOS), tok, HELD_OUT, max_new_tokens=8, estimator=estimator)
     row = mon.check(copy.deepcopy(teacher), 10)
     assert row["proxy"] == 0.0 and row["proxy_se"] == 0.0
-    assert not row["hacking_alert"] and "not fed" in row["detector_reason"]
-    assert mon.detector.steps == []  # a zero proxy cannot enter the log-log fit
+    assert not row["hacking_alert"] and not math.isfinite(row["signal"])  # no power law through zero
 
 
 def test_encoder_decoder_teacher(tok):
@@ -184,8 +211,8 @@ def test_clear_errors(tok, teacher):
         HackingMonitor(teacher, tok, ["sun", "   "])
     with pytest.raises(ValueError, match="out of the teacher vocabulary"):
         HackingMonitor(teacher, tok, [[3, 4, VOCAB + 5]])
-    with pytest.raises(ValueError, match="unknown detector option"):
-        HackingMonitor(teacher, tok, HELD_OUT, detector_options={"patience": 3})
+    with pytest.raises(ValueError, match="unknown detector signal"):
+        HackingMonitor(teacher, tok, HELD_OUT, rule=Rule("loss_spikes", 1.0))
     with pytest.raises(ValueError, match="log_ratio"):
         HackingMonitor(teacher, tok, HELD_OUT, per_token=True)
     with pytest.raises(ValueError, match="every"):
@@ -198,37 +225,45 @@ def test_clear_errors(tok, teacher):
 
 
 def bent_curve(step: int) -> float:
-    """A power law 10·t^(−1/2) that goes flat after step 6: the detector must fire at step 8."""
+    """A power law 10·t^(−1/2) that goes flat after step 6."""
     return 10.0 * min(step, 6) ** -0.5
+
+
+# The proxy stops improving: 1 − (last fall ÷ mean fall so far) is 0.38-0.67 along the power law (steps 3-6) and
+# exactly 1 once it is flat (steps 7, 8, ...): with patience 2 the rule must fire at step 8
+STALL = Rule("proxy_stall", 0.9, patience=2)
 
 
 @pytest.fixture
 def scripted_proxy(monkeypatch):
     """Replace the measurement by the bent curve, keyed on the check's step."""
     steps: list[int] = []
-    real_check = HackingMonitor.check
 
     def check(self, student, step):
         steps.append(step)
-        return real_check(self, student, step)
-
-    def fake_estimate(*args, **kwargs):
-        value = bent_curve(steps[-1])
-        return Estimate(value, 0.01 * value, 12)
+        return self.record(step, bent_curve(step), 0.01 * bent_curve(step))
 
     monkeypatch.setattr(HackingMonitor, "check", check)
-    monkeypatch.setattr(monitor_module, "kl_estimate", fake_estimate)
     return steps
 
 
 def test_record_fires_on_a_bend(tok, teacher):
-    mon = HackingMonitor(teacher, tok, HELD_OUT)
+    mon = HackingMonitor(teacher, tok, HELD_OUT, rule=STALL)
     rows = [mon.record(t, bent_curve(t), 0.01 * bent_curve(t)) for t in range(1, 12)]
     fired = [r["step"] for r in rows if r["alert_fired_now"]]
     assert fired == [8]
     assert [r["hacking_alert"] for r in rows] == [False] * 7 + [True] * 4
-    assert all(r["alert_step"] == 8 and r["departure_step"] == 7 for r in rows[7:])
-    assert rows[4]["alpha"] == pytest.approx(0.5)
+    assert all(r["alert_step"] == 8 for r in rows[7:])
+    assert rows[2]["signal"] == pytest.approx(1 - (10 * 2**-0.5 - 10 * 3**-0.5) / ((10 - 10 * 3**-0.5) / 2))
+    assert rows[7]["signal"] == 1.0 and "proxy stall 1 > 0.9 at step 8" in rows[7]["detector_reason"]
+
+
+def test_the_default_rule_says_how_often_it_is_right(tok, teacher):
+    """The monitor's default is the validated rule, and its alarm carries the precision measured for it."""
+    mon = HackingMonitor(teacher, tok, HELD_OUT)
+    assert mon.rule == DEFAULT_RULE
+    rows = [mon.record(t, 10.0 * min(t, 3) ** -0.5, 0.01) for t in range(1, 12)]
+    assert rows[-1]["hacking_alert"] and DEFAULT_RULE_MEASURED in rows[-1]["detector_reason"]
 
 
 class Recorder(TrainerCallback):
@@ -254,7 +289,7 @@ def tiny_trainer(tmp_path, student, teacher, tok, *, max_steps, callbacks=(), lo
 
 @pytest.mark.parametrize("stop", [True, False])
 def test_callback_warns_once_and_stops_a_trainer_on_alert(tmp_path, tok, teacher, scripted_proxy, stop):
-    callback = HackingMonitorCallback(teacher, tok, HELD_OUT, every=1, stop_on_alert=stop, max_new_tokens=4)
+    callback = HackingMonitorCallback(teacher, tok, HELD_OUT, every=1, stop_on_alert=stop, max_new_tokens=4, rule=STALL)
     trainer = tiny_trainer(tmp_path, make_model(1), teacher, tok, max_steps=11, callbacks=[callback])  # unbound
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -271,14 +306,14 @@ def test_callback_warns_once_and_stops_a_trainer_on_alert(tmp_path, tok, teacher
 def test_callback_replays_the_logged_curve_on_resume(tok, teacher):
     from transformers import TrainerControl, TrainerState
 
-    callback = HackingMonitorCallback(teacher, tok, HELD_OUT, every=1)
+    callback = HackingMonitorCallback(teacher, tok, HELD_OUT, every=1, rule=STALL)
     state = TrainerState(global_step=9, logging_steps=1)
     state.log_history = [{"loss": 1.0, "step": 1}] + [
         {"proxy_kl": bent_curve(t), "proxy_kl_se": 0.01 * bent_curve(t), "step": t} for t in range(1, 12)]
     with warnings.catch_warnings():
         warnings.simplefilter("error", TeacherHackingWarning)  # a replayed alarm does not warn again
         callback.on_train_begin(None, state, TrainerControl())
-    assert callback.monitor.detector.steps == list(range(1, 10))
+    assert [r["step"] for r in callback.monitor.history] == list(range(1, 10))
     assert callback.monitor.history[-1]["alert_step"] == 8 and callback._warned
 
 

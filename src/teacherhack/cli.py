@@ -115,7 +115,12 @@ def _detect(args: argparse.Namespace) -> int:
     )
     from teacherhack.rundir import find_runs, load_run
 
-    loaded = [(load_run(folder), group) for folder, group in find_runs([Path(p) for p in args.runs])]
+    found = [(load_run(folder), group) for folder, group in find_runs([Path(p) for p in args.runs])]
+    loaded = [(run, group) for run, group in found if run.metrics[-1]["step"] >= run.settings.get("steps", 0)]
+    if len(loaded) < len(found):
+        print(f"{len(found) - len(loaded)} unfinished run(s) left out.\n")
+    if not loaded:
+        raise UserError("no finished run to judge")
     runs = [labelled(run, group) for run, group in loaded]
     references = {run.name: (None if (v := run.verdicts().reference) is None else v.hacking) for run, _ in loaded}
     print(f"The oracle-free detector: {DEFAULT_RULE.describe()}.\n")

@@ -1,22 +1,25 @@
-"""Teacher-hacking verdicts: the oracle's ground truth and an oracle-free power-law detector.
+"""Teacher-hacking verdicts: the oracle's ground truth, the real references' stand-in, the oracle-free detector.
 
 Teacher hacking (README, "Is my student hacking its teacher?"): the proxy KL(teacher‖student) keeps falling or stalls while the golden
 KL(oracle‖student) turns up. `golden_verdict` decides it from the golden metric, which only our
-semi-synthetic setup can see; `power_law_detector` (and its streaming form `PowerLawMonitor`) tries to
-see it from the proxy alone, by the proxy leaving its early power law; `validate_detector` compares the
-two on finished runs.
+semi-synthetic setup can see; the same rule on the student's NLL of real held-out responses is the
+"reference verdict" a practitioner can have; `power_law_detector` fits the paper's power law to the proxy,
+one of the oracle-free signals of `teacherhack.oracle_free`, whose validated rule is the third verdict.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.stats import t as student_t
+
+if TYPE_CHECKING:
+    from teacherhack.oracle_free import Alarm
 
 # Median of a chi-square with one degree of freedom: turns a median of squares into a variance.
 _CHI2_1_MEDIAN = 0.454936
@@ -294,54 +297,24 @@ def power_law_detector(
     )
 
 
-class PowerLawMonitor:
-    """`power_law_detector` during training: call `update` after each evaluation.
-
-    Each update reruns the detector on the evaluations seen so far (so its fit window is the first
-    third of *those*, and grows with the run). `update` returns the result once, at the evaluation
-    where it first fires, and None otherwise; `alarm` keeps it. Measured on the synthetic curves of
-    `power_law_detector` with its defaults: false alarms on pure power laws 0.4% (2.4% without SEs:
-    it gets many chances), bends after 40% of the run caught in 77-88%, alarms a median of 3-4
-    evaluations after the bend; floors of 30% of the final proxy alarm in 18%.
-    """
-
-    def __init__(self, **detector_options: Any) -> None:
-        self.detector_options = detector_options
-        self.steps: list[int] = []
-        self.proxy: list[float] = []
-        self.proxy_se: list[float | None] = []
-        self.alarm: DetectorResult | None = None
-
-    def update(self, step: int, proxy: float, proxy_se: float | None = None) -> DetectorResult | None:
-        """Record one evaluation; return the detector's result if it fires now for the first time."""
-        self.steps.append(step)
-        self.proxy.append(proxy)
-        self.proxy_se.append(proxy_se)
-        if self.alarm is not None:
-            return None
-        se = None if None in self.proxy_se else self.proxy_se
-        result = power_law_detector(self.steps, self.proxy, se, **self.detector_options)
-        if result.fired:
-            self.alarm = result
-            return result
-        return None
-
-
 @dataclass(frozen=True)
 class Verdicts:
     """The three answers to "did this run hack its teacher?", from the most to the least informed."""
 
     golden: GoldenVerdict  # with the oracle: the truth
     reference: GoldenVerdict | None  # the same rule on the NLL of real held-out responses (None if not recorded)
-    detector: DetectorResult  # with nothing but the proxy
+    detector: Alarm  # with nothing but what a practitioner sees: the oracle-free detector's rule
 
 
 def run_verdicts(
     metrics: Sequence[Mapping[str, Any]], per_sample: Sequence[Mapping[str, Any]] | None = None,
-    **detector_options: Any,
+    settings: Mapping[str, Any] | None = None,
 ) -> Verdicts:
     """Every verdict from a run's metric rows (the records of its metrics.jsonl), with paired SEs when the
-    per-sample values of the same evaluations are given (the records of per_sample.jsonl)."""
+    per-sample values of the same evaluations are given (the records of per_sample.jsonl); ``settings`` (the
+    run's run.json) holds what the detector's signals may need, such as the teacher's entropy."""
+    from teacherhack.oracle_free import DEFAULT_RULE  # it computes its power-law signal with this module
+
     steps = [int(m["step"]) for m in metrics]
     if per_sample is not None and [int(r["step"]) for r in per_sample] != steps:
         raise ValueError("per-sample values do not match the metric rows' steps")
@@ -359,63 +332,7 @@ def run_verdicts(
     has_reference = all(m.get("reference_nll") is not None for m in metrics)
     return Verdicts(golden=verdict("golden", "golden"),
                     reference=verdict("reference_nll", "reference NLL") if has_reference else None,
-                    detector=power_law_detector(steps, column("proxy"), column("proxy_se"), **detector_options))
-
-
-def alert_step(metrics: Sequence[Mapping[str, Any]], **detector_options: Any) -> int | None:
-    """The step at which a `PowerLawMonitor` watching this run would have raised its alarm."""
-    monitor = PowerLawMonitor(**detector_options)
-    for m in metrics:
-        if monitor.update(int(m["step"]), float(m["proxy"]), float(m["proxy_se"])) is not None:
-            return int(m["step"])
-    return None
-
-
-def validate_detector(runs: Iterable[Any], **detector_options: Any) -> list[dict[str, Any]]:
-    """Detector against the golden verdict, one row per run (objects with ``name``, ``metrics`` and
-    ``per_sample``, as ``teacherhack.rundir.load_runs`` gives them).
-
-    `detector_step` is where the full-curve detector places the departure; `alert_step` is when a
-    live monitor would have fired; `lag` = detector_step − golden_min_step when both fired.
-    """
-    rows = []
-    for run in runs:
-        verdicts = run_verdicts(run.metrics, run.per_sample, **detector_options)
-        verdict, detector = verdicts.golden, verdicts.detector
-        both = verdict.hacking and detector.fired
-        rows.append(
-            {
-                "name": run.name,
-                "golden_hacking": verdict.hacking,
-                "detector_fired": detector.fired,
-                "golden_min_step": verdict.min_step,
-                "detector_step": detector.step,
-                "alert_step": alert_step(run.metrics, **detector_options),
-                "lag": detector.step - verdict.min_step if both else None,
-                "agreement": verdict.hacking == detector.fired,
-            }
-        )
-    return rows
-
-
-def format_validation_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """`validate_detector` rows as a markdown table, with the agreement count underneath."""
-    head = ["run", "golden verdict", "detector", "golden min step", "detector step", "alert step", "lag", "agree"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [
-            r["name"],
-            "hacking" if r["golden_hacking"] else "no",
-            "fired" if r["detector_fired"] else "no",
-            r["golden_min_step"],
-            r["detector_step"],
-            r["alert_step"],
-            r["lag"],
-            "yes" if r["agreement"] else "**no**",
-        ]
-        lines.append("| " + " | ".join("–" if c is None else str(c) for c in cells) + " |")
-    agree = sum(bool(r["agreement"]) for r in rows)
-    return "\n".join(lines) + f"\n\nAgreement: {agree}/{len(rows)} runs.\n"
+                    detector=DEFAULT_RULE.verdict(metrics, per_sample, settings or {}))
 
 
 def _same_length(*columns: Sequence[Any]) -> int:

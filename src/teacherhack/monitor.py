@@ -3,18 +3,21 @@
 Two entry points:
 
 * :class:`HackingMonitor`, plain Python for custom loops: ``monitor.check(student, step)`` returns the proxy
-  metric KL(teacher‖student) on fixed held-out prompts and the power-law detector's verdict so far.
+  metric KL(teacher‖student) on fixed held-out prompts, the oracle-free detector's signals and its verdict so
+  far, and, given held-out real pairs (``references=``), the student's NLL of them and the reference verdict.
 * :class:`HackingMonitorCallback`, a ``transformers.TrainerCallback`` for ``Trainer`` and its subclasses
   (tested with ``Trainer`` and TRL 1.16's ``trl.experimental.gkd.GKDTrainer``): every ``every`` optimizer
-  steps it runs the monitor on the trained model and logs ``proxy_kl``, ``proxy_kl_se`` and ``hacking_alert``
-  through the trainer's own loggers; it warns once when the detector fires and can stop the run.
+  steps it runs the monitor on the trained model and logs ``proxy_kl``, ``proxy_kl_se``, the detector's signal
+  and ``hacking_alert`` (and ``reference_nll``, ``reference_alert``) through the trainer's own loggers; it warns
+  once when either alarm fires and can stop the run.
 
 The proxy metric (README, "Is my student hacking its teacher?") is the sequence-level KL(teacher‖student) estimated from teacher samples on the
-held-out prompts (``teacherhack.metrics.kl_estimate``; default estimator ``token_kl``, the exact token-level
-KL summed along each sampled response). The teacher samples are drawn once, at the first check, and reused at
-every later check, so successive values are paired: only the student changes. The detector is
-``teacherhack.detection.PowerLawMonitor``: the proxy should fall like a power law C·t^(−α); the alert fires
-when it bends away (a reason to look, not proof: see ``power_law_detector``).
+held-out prompts (default estimator ``token_kl``, the exact token-level KL summed along each sampled response).
+The teacher samples are drawn once, at the first check, and reused at every later check, so successive values
+are paired: only the student changes. The detector is the rule of ``teacherhack.oracle_free`` (``DEFAULT_RULE``,
+chosen and validated on the lab's runs, where the truth is known; its alert text carries the measured
+precision): a reason to look, not proof. With ``references=``, the reference verdict is the golden rule applied
+to the student's NLL of real held-out responses, whose changes are exactly those of KL(data‖student).
 
 Prompt encoding. Prompts are strings encoded with the tokenizer as it is,
 ``tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]`` (so a BOS or, for T5, an EOS is added
@@ -27,7 +30,6 @@ A response ends at the tokenizer's EOS (``tokenizer.eos_token_id``, required); p
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import warnings
@@ -39,25 +41,25 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from teacherhack.detection import PowerLawMonitor, golden_verdict, power_law_detector
+from teacherhack.detection import golden_verdict
 from teacherhack.divergences import Estimate, check_estimator
-from teacherhack.metrics import SampleSet, ScoredSamples, kl_estimate, sample_in_batches
+from teacherhack.metrics import SampleSet, ScoredSamples, sample_in_batches
 from teacherhack.models import LM, Prompts, collate_prompts, pad_responses
+from teacherhack.oracle_free import DEFAULT_RULE, SIGNALS, Rule
 from teacherhack.tokenizer import encode_references
 
 logger = logging.getLogger(__name__)
 
-DETECTOR_OPTIONS: tuple[str, ...] = tuple(
-    name for name, p in inspect.signature(power_law_detector).parameters.items() if p.kind is p.KEYWORD_ONLY
-)
+# Signals that compare the held-out proxy with the proxy on training prompts
+_NEEDS_TRAIN_PROMPTS = ("memorisation_gap", "relative_gap")
 
 
 class TeacherHackingWarning(UserWarning):
-    """Emitted once per run when the proxy metric leaves its early power law."""
+    """Emitted once per run when the detector's rule alarms or the reference NLL turns up."""
 
 
 class HackingMonitor:
-    """The proxy metric KL(teacher‖student) on fixed held-out prompts, fed to the power-law detector.
+    """The proxy metric KL(teacher‖student) on fixed held-out prompts and the oracle-free detector's signals.
 
     Args:
         teacher: the frozen teacher, a Hugging Face causal or seq2seq LM (or a ``teacherhack.models.LM``,
@@ -75,8 +77,13 @@ class HackingMonitor:
             only the first ``vocab_size`` entries are real, the rest are ignored (both sampling and scoring).
             Without it, different widths are refused.
         add_special_tokens: passed to the tokenizer when encoding string prompts.
-        detector_options: keyword options of ``power_law_detector`` (fit_fraction, min_fit, skip_first, k,
-            tau, min_effect).
+        rule: the detector's rule (``teacherhack.oracle_free.Rule``); the default is the validated one.
+        train_prompts: prompts the student trains on (a sample of them suffices), for the signals that compare
+            the proxy there with the held-out proxy (the memorisation gap); required by rules on those signals.
+        references: held-out real (prompt, response) pairs, or rows with ``reference_fields``: the student's
+            NLL of them is logged and judged by the reference verdict. Its SE falls as 1/√pairs: measured on the
+            lab's default, the per-pair spread of a change of NLL between two checks is given in the README.
+        reference_fields: the field names of ``references`` rows.
     """
 
     def __init__(
@@ -95,7 +102,8 @@ class HackingMonitor:
         temperature: float = 1.0,
         vocab_size: int | None = None,
         add_special_tokens: bool = True,
-        detector_options: Mapping[str, Any] | None = None,
+        rule: Rule = DEFAULT_RULE,
+        train_prompts: Sequence[str] | Sequence[Sequence[int]] | None = None,
         references: Any = None,
         reference_fields: tuple[str, str] = ("prompt", "response"),
     ) -> None:
@@ -106,10 +114,11 @@ class HackingMonitor:
         check_estimator(estimator, per_token)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        detector_options = dict(detector_options or {})
-        unknown = sorted(set(detector_options) - set(DETECTOR_OPTIONS))
-        if unknown:
-            raise ValueError(f"unknown detector option(s) {unknown}; choose among {', '.join(DETECTOR_OPTIONS)}")
+        if rule.signal not in SIGNALS:
+            raise ValueError(f"unknown detector signal {rule.signal!r}; choose among {', '.join(SIGNALS)}")
+        if rule.signal in _NEEDS_TRAIN_PROMPTS and train_prompts is None:
+            raise ValueError(f"the rule's signal {rule.signal!r} compares the proxy on training prompts with the "
+                             "held-out one: pass train_prompts= (a sample of the prompts the student trains on)")
         eos_id = getattr(tokenizer, "eos_token_id", None)
         if eos_id is None:
             raise ValueError(
@@ -122,15 +131,15 @@ class HackingMonitor:
         self.tokenizer, self.eos_id, self.pad_id = tokenizer, int(eos_id), int(pad_id)
         self.samples_per_prompt, self.max_new_tokens, self.every = samples_per_prompt, max_new_tokens, every
         self.batch_size, self.seed, self.estimator, self.per_token = batch_size, seed, estimator, per_token
-        self.temperature, self.vocab_size = temperature, vocab_size
-        self.detector_options = detector_options
+        self.temperature, self.vocab_size, self.rule = temperature, vocab_size, rule
 
         ids = self._encode(prompts, add_special_tokens)
+        train_ids = None if train_prompts is None else self._encode(train_prompts, add_special_tokens)
         width = _vocab_width(self.teacher_model)
         limit = width if vocab_size is None else vocab_size
         if vocab_size is not None and not 1 <= vocab_size <= width:
             raise ValueError(f"vocab_size={vocab_size} must lie in [1, {width}] (the teacher's output width)")
-        top = max(max(seq) for seq in ids)
+        top = max(max(seq) for seq in ids + (train_ids or []))
         if max(top, self.eos_id, self.pad_id) >= limit:
             raise ValueError(
                 f"token id {max(top, self.eos_id, self.pad_id)} (prompt, EOS or pad) is out of the "
@@ -138,14 +147,16 @@ class HackingMonitor:
                 "is this the teacher's tokenizer?"
             )
         self.prompts: Prompts = collate_prompts(ids, self.pad_id).repeat(samples_per_prompt)
+        self.train_prompts: Prompts | None = (None if train_ids is None
+                                              else collate_prompts(train_ids, self.pad_id).repeat(samples_per_prompt))
         self.teacher = self._wrap(self.teacher_model)
         self.samples: torch.Tensor | None = None  # teacher responses, drawn at the first check
+        self._scored: dict[str, ScoredSamples] = {}  # the teacher's samples, held-out and training prompts
+        self.settings: dict[str, float] = {}  # what signals need besides the rows: the teacher's entropy
         self.references = None if references is None else ScoredSamples(
             None, self._encode_references(references, reference_fields, add_special_tokens, limit), eos_id=self.eos_id,
             batch_size=batch_size, cache_bytes=0)
         self._paired: list[dict[str, list[float]]] = []  # per-sample values of each check: the verdict's SEs
-        self.detector = PowerLawMonitor(**detector_options)
-        self._alert_step: int | None = None  # the check at which the detector fired
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------------------
@@ -158,59 +169,58 @@ class HackingMonitor:
         return self.check(student, step) if self.due(step) else None
 
     def check(self, student: nn.Module | LM, step: int) -> dict[str, Any]:
-        """Measure KL(teacher‖student) now (and the student's NLL of the references, if given), feed the detector
-        and the reference verdict, and return this check's row (also appended to :attr:`history`). Teacher and
-        student run in eval mode and get their train/eval modes back."""
+        """Measure KL(teacher‖student) now, the detector's signals (and the student's NLL of the references, if
+        given), feed the detector and the reference verdict, and return this check's row (also appended to
+        :attr:`history`). Teacher and student run in eval mode and get their train/eval modes back."""
         student_model = _unwrap(student)
         self._check_vocab(student_model)
         with _eval_mode(self.teacher_model, student_model), torch.no_grad():
             if self.samples is None:
-                self.samples = sample_in_batches(self.teacher, self.prompts, max_new_tokens=self.max_new_tokens,
-                                                 batch_size=self.batch_size, seed=self.seed)
+                self._draw_teacher_samples()
             wrapped = self._wrap(student_model, output_to=self.teacher)
-            estimate = kl_estimate(self.teacher, wrapped, SampleSet(self.prompts, self.samples),
-                                   estimator=self.estimator, per_token=self.per_token, batch_size=self.batch_size)
-            reference = None if self.references is None else Estimate.of(
-                self.references.measure(wrapped, estimator=self.estimator, per_token=self.per_token)["nll"])
-        self._paired.append({"proxy": estimate.values.tolist(),
-                             **({} if reference is None else {"reference_nll": reference.values.tolist()})})
+            options = dict(estimator=self.estimator, per_token=self.per_token)
+            held_out = self._scored["held_out"].measure(wrapped, **options)
+            train = self._scored["train"].measure(wrapped, **options) if "train" in self._scored else None
+            reference = None if self.references is None else self.references.measure(wrapped, **options)["nll"]
+        estimate = Estimate.of(held_out["kl"])
+        self._paired.append({"proxy": held_out["kl"].tolist(),
+                             **({} if reference is None else {"reference_nll": reference.tolist()})})
         return self.record(step, estimate.mean, estimate.se, n=estimate.n,
-                           reference_nll=None if reference is None else reference.mean,
-                           reference_nll_se=None if reference is None else reference.se)
+                           proxy_train=None if train is None else Estimate.of(train["kl"]).mean,
+                           student_entropy_held_out=Estimate.of(held_out["entropy"]).mean,
+                           reference_nll=None if reference is None else Estimate.of(reference).mean,
+                           reference_nll_se=None if reference is None else Estimate.of(reference).se)
+
+    def _draw_teacher_samples(self) -> None:
+        """The teacher's responses, drawn once and scored by the teacher once: every later check is paired."""
+        self.samples = sample_in_batches(self.teacher, self.prompts, max_new_tokens=self.max_new_tokens,
+                                         batch_size=self.batch_size, seed=self.seed)
+        sets = {"held_out": SampleSet(self.prompts, self.samples)}
+        if self.train_prompts is not None:
+            sets["train"] = SampleSet(self.train_prompts, sample_in_batches(
+                self.teacher, self.train_prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                seed=self.seed + 1))
+        self._scored = {name: ScoredSamples(self.teacher, samples, eos_id=self.eos_id, batch_size=self.batch_size)
+                        for name, samples in sets.items()}
+        self.settings["teacher_entropy"] = Estimate.of(self._scored["held_out"].entropy(per_token=self.per_token)).mean
 
     def record(self, step: int, proxy: float, proxy_se: float | None = None, *, n: int | None = None,
+               proxy_train: float | None = None, student_entropy_held_out: float | None = None,
                reference_nll: float | None = None, reference_nll_se: float | None = None) -> dict[str, Any]:
         """Feed one check's values to the detector and the reference verdict and return its row (what
         :meth:`check` does after measuring). Also useful to replay a run's logged values (the reference verdict then
-        uses unpaired SEs). Proxy values ≤ 0 or not finite (a log-ratio estimate can be negative, identical models
-        give 0) are kept in the history but not fed to the power-law fit."""
-        se = proxy_se if proxy_se is not None and math.isfinite(proxy_se) else None
-        fed = math.isfinite(proxy) and proxy > 0
-        fired_now = fed and self.detector.update(int(step), float(proxy), se) is not None
-        if fired_now:
-            self._alert_step = int(step)
-        d = self.detector
-        fit = power_law_detector(d.steps, d.proxy, None if None in d.proxy_se else d.proxy_se,
-                                 **self.detector_options)
-        alarm = d.alarm
-        reason = alarm.reason if alarm is not None else fit.reason
-        if not fed:
-            reason = f"proxy {proxy:.4g} is not > 0: not fed to the power-law detector; " + reason
-        row = {
-            "step": int(step),
-            "proxy": float(proxy),
-            "proxy_se": float(se) if se is not None else math.nan,
-            "n": n,
-            "hacking_alert": alarm is not None,
-            "alert_fired_now": bool(fired_now),
-            "alert_step": self._alert_step,
-            "departure_step": alarm.step if alarm is not None else None,
-            "alpha": fit.alpha,
-            "C": fit.C,
-            "detector_reason": reason,
-            "reference_nll": reference_nll,
-            "reference_nll_se": reference_nll_se,
+        uses unpaired SEs)."""
+        se = proxy_se if proxy_se is not None and math.isfinite(proxy_se) else math.nan
+        row: dict[str, Any] = {
+            "step": int(step), "proxy": float(proxy), "proxy_se": float(se), "n": n, "proxy_train": proxy_train,
+            "student_entropy_held_out": student_entropy_held_out,
+            "reference_nll": reference_nll, "reference_nll_se": reference_nll_se,
         }
+        rows = [*self.history, row]
+        row["signal"] = float(SIGNALS[self.rule.signal](rows, None, self.settings)[-1])
+        verdict = self.rule.verdict(rows, None, self.settings)
+        row |= {"hacking_alert": verdict.fired, "alert_step": verdict.step,
+                "alert_fired_now": verdict.step == row["step"], "detector_reason": verdict.reason}
         row |= self._reference_verdict(row)
         self.history.append(row)
         return dict(row)
@@ -286,8 +296,9 @@ class HackingMonitor:
 class HackingMonitorCallback(TrainerCallback):
     """A ``TrainerCallback`` running a :class:`HackingMonitor` every ``every`` optimizer steps.
 
-    Logs ``proxy_kl``, ``proxy_kl_se``, ``hacking_alert`` (0/1) and, once the power law is fitted,
-    ``proxy_kl_alpha``. Bind the trainer (``trainer=`` or :meth:`bind`) so that they go through
+    Logs ``proxy_kl``, ``proxy_kl_se``, ``hacking_alert`` (0/1), ``student_entropy_held_out``, the detector's
+    signal as ``detector_<signal>`` (and ``proxy_kl_train`` with ``train_prompts``; ``reference_nll``,
+    ``reference_nll_se`` and ``reference_alert`` with ``references``). Bind the trainer (``trainer=`` or :meth:`bind`) so that they go through
     ``Trainer.log``: into ``state.log_history`` *and* every ``report_to`` integration (TensorBoard, W&B, MLflow…).
     Unbound, they only reach ``state.log_history`` (a warning says so at the start of training).
 
@@ -295,7 +306,8 @@ class HackingMonitorCallback(TrainerCallback):
         teacher, tokenizer, prompts: as in :class:`HackingMonitor` (pass the teacher explicitly, also with
             TRL's ``GKDTrainer``; it may be the same object as ``trainer.teacher_model``).
         every: period in optimizer steps; None: the trainer's logging period (``logging_steps``).
-        stop_on_alert: stop training (``control.should_training_stop``) when the detector fires.
+        stop_on_alert: stop training (``control.should_training_stop``) when the detector or the reference
+            verdict fires.
         trainer: the trainer whose loggers receive the metrics.
         **monitor_options: the other keyword arguments of :class:`HackingMonitor`.
 
@@ -337,6 +349,8 @@ class HackingMonitorCallback(TrainerCallback):
             for row in state.log_history:
                 if "proxy_kl" in row and row.get("step", math.inf) <= state.global_step:
                     self.monitor.record(int(row["step"]), float(row["proxy_kl"]), row.get("proxy_kl_se"),
+                                        proxy_train=row.get("proxy_kl_train"),
+                                        student_entropy_held_out=row.get("student_entropy_held_out"),
                                         reference_nll=row.get("reference_nll"),
                                         reference_nll_se=row.get("reference_nll_se"))
             last = self.monitor.history[-1] if self.monitor.history else {}
@@ -351,14 +365,17 @@ class HackingMonitorCallback(TrainerCallback):
             raise RuntimeError("HackingMonitorCallback needs the trainer to pass the model to callbacks")
         row = self.monitor.check(model, step)
         logs = {"proxy_kl": row["proxy"], "proxy_kl_se": row["proxy_se"], "hacking_alert": int(row["hacking_alert"]),
-                "proxy_kl_alpha": row["alpha"]}
+                "student_entropy_held_out": row["student_entropy_held_out"],
+                f"detector_{self.monitor.rule.signal}": row["signal"]}
+        if row["proxy_train"] is not None:
+            logs["proxy_kl_train"] = row["proxy_train"]
         if row["reference_nll"] is not None:
             logs |= {"reference_nll": row["reference_nll"], "reference_nll_se": row["reference_nll_se"],
                      "reference_alert": int(row["reference_alert"])}
-        self._publish({k: v for k, v in logs.items() if math.isfinite(v)}, state, control)
+        self._publish({k: v for k, v in logs.items() if v is not None and math.isfinite(v)}, state, control)
         alerts = [text for flag, text in (
             (row["reference_alert"], f"the student's NLL of the held-out real responses turned up ({row['reference_reason']})"),
-            (row["hacking_alert"], f"the proxy KL(teacher‖student) left its early power law ({row['detector_reason']})"))
+            (row["hacking_alert"], f"the oracle-free detector alarmed ({row['detector_reason']})"))
             if flag]
         if alerts and not self._warned:
             self._warned = True

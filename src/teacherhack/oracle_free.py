@@ -113,9 +113,37 @@ class Rule:
         times = "once" if self.patience == 1 else f"at {self.patience} consecutive evaluations"
         return f"{self.signal.replace('_', ' ')} above {self.threshold:g} {times} (from evaluation {self.skip} on)"
 
+    def verdict(self, rows: Sequence[Mapping[str, Any]], per_sample: Sequence[Mapping[str, Any]] | None,
+                settings: Mapping[str, Any]) -> "Alarm":
+        """Whether and where the rule alarms on this run, with the reason in words."""
+        at = self.alarm(rows, per_sample, settings)
+        if at is None:
+            return Alarm(False, None, self.describe(), f"no alarm: {self.describe()} did not happen")
+        value, step = SIGNALS[self.signal](rows, per_sample, settings)[at], int(rows[at]["step"])
+        reason = (f"{self.signal.replace('_', ' ')} {value:.3g} > {self.threshold:g} at step {step} "
+                  f"({self.patience} consecutive evaluations)")
+        return Alarm(True, step, self.describe(),
+                     reason + (f"; this rule's {DEFAULT_RULE_MEASURED}" if self == DEFAULT_RULE else ""))
 
-# The rule teacherhack uses (the monitor, the reports): chosen by the validation on the lab's corpus
+
+@dataclass(frozen=True)
+class Alarm:
+    """The oracle-free detector's answer on one run: did its rule alarm, at which step, and why."""
+
+    fired: bool
+    step: int | None
+    rule: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# The rule teacherhack uses (the monitor, summary.json, the reports): the best on the whole detection corpus
+# (benchmarks/detection), and what leave-one-sweep-out validation measured for the procedure that chose it. A test
+# recomputes both from the corpus.
 DEFAULT_RULE = Rule("power_law_departure", 0.05, patience=2)
+DEFAULT_RULE_MEASURED = "measured on held-out sweeps of the lab: precision –, recall –"
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,8 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
-from teacherhack.detection import (  # noqa: E402
-    Verdicts,
-    alert_step,
-    describe_golden_verdict,
-    describe_power_law_detector,
-)
+from teacherhack.detection import Verdicts, describe_golden_verdict, power_law_detector  # noqa: E402
+from teacherhack.oracle_free import DEFAULT_RULE, DEFAULT_RULE_MEASURED, SIGNALS  # noqa: E402
 from teacherhack.rundir import Run, load_runs  # noqa: E402
 
 DPI = 120
@@ -142,8 +138,6 @@ def plot_curves(runs: Sequence[Run], path: str | Path) -> None:
 def plot_signals(runs: Sequence[Run], path: str | Path) -> None:
     """What a practitioner can watch without an oracle, per evaluation: each signal of the oracle-free detector,
     with each run's golden minimum (star) and where the detector's rule alarms (cross)."""
-    from teacherhack.oracle_free import DEFAULT_RULE, SIGNALS
-
     fig, axes = plt.subplots(1, len(SIGNALS), figsize=(4.4 * len(SIGNALS), 4.0), squeeze=False)
     for ax, (name, signal) in zip(axes[0], SIGNALS.items()):
         for i, run in enumerate(runs):
@@ -175,16 +169,16 @@ def plot_power_law(runs: Sequence[Run], path: str | Path) -> None:
         ax.errorbar(steps[pos], proxy[pos], yerr=run.series("proxy_se")[pos], label=run.name,
                     markersize=4, elinewidth=0.7, capsize=0, **style)
         verdicts = run.verdicts()
-        verdict, detector = verdicts.golden, verdicts.detector
-        if np.isnan(detector.alpha):
+        verdict, law = verdicts.golden, power_law_detector(steps, proxy, run.series("proxy_se"))
+        if np.isnan(law.alpha):
             continue
-        fit = np.array(detector.fit_window, float)
+        fit = np.array(law.fit_window, float)
         ahead = np.geomspace(fit[-1], steps[-1], 50)
-        ax.plot(fit, detector.law(fit), color="black", lw=1.2, alpha=0.7)
-        ax.plot(ahead, detector.law(ahead), color=style["color"], lw=1.2, ls=(0, (1, 2)))
-        if detector.step is not None:
-            at = list(steps).index(detector.step)
-            ax.plot(detector.step, proxy[at], "X", ms=12, mfc=style["color"], mec="black", zorder=4)
+        ax.plot(fit, law.law(fit), color="black", lw=1.2, alpha=0.7)
+        ax.plot(ahead, law.law(ahead), color=style["color"], lw=1.2, ls=(0, (1, 2)))
+        if verdicts.detector.step is not None:
+            at = list(steps).index(verdicts.detector.step)
+            ax.plot(verdicts.detector.step, proxy[at], "X", ms=12, mfc=style["color"], mec="black", zorder=4)
         if verdict.min_step > 0:
             at = list(steps).index(verdict.min_step)
             ax.plot(verdict.min_step, proxy[at], "*", ms=13, mfc="white", mec=style["color"], mew=1.5, zorder=4)
@@ -197,7 +191,7 @@ def plot_power_law(runs: Sequence[Run], path: str | Path) -> None:
     handles = [
         Line2D([], [], color="black", lw=1.2, alpha=0.7, label="power law, fit window"),
         Line2D([], [], color="grey", lw=1.2, ls=(0, (1, 2)), label="power law, extrapolated"),
-        Line2D([], [], ls="none", marker="X", ms=10, mfc="grey", mec="black", label="detector flag"),
+        Line2D([], [], ls="none", marker="X", ms=10, mfc="grey", mec="black", label="detector's alarm"),
         Line2D([], [], ls="none", marker="*", ms=11, mfc="white", mec="grey", mew=1.5, label="golden minimum"),
     ]
     ax.set_xlabel("step (log)")
@@ -247,11 +241,11 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) 
     }
     for name, (plot, _) in figures.items():
         plot(runs, out / name)
-    verdicts = [(run, run.verdicts(), alert_step(run.metrics)) for run in runs]
+    verdicts = [(run, run.verdicts()) for run in runs]
     (out / "verdicts.json").write_text(json.dumps(
         [{"name": r.name, "path": str(r.path), "golden": v.golden.to_dict(),
-          "reference": v.reference.to_dict() if v.reference else None, "detector": v.detector.to_dict(),
-          "alert_step": a} for r, v, a in verdicts], indent=2))
+          "reference": v.reference.to_dict() if v.reference else None, "detector": v.detector.to_dict()}
+         for r, v in verdicts], indent=2))
     body = ["<h1>Teacher-hacking report</h1>", _overview_html(verdicts)]
     for name, (_, caption) in figures.items():
         data = base64.b64encode((out / name).read_bytes()).decode("ascii")
@@ -259,9 +253,10 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) 
                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     body += [_run_html(*item) for item in verdicts]
     body.append(f"<h2>Rules</h2><p><b>Golden verdict</b> (needs the oracle): {html.escape(describe_golden_verdict())}."
-                f"</p><p><b>Power-law detector</b> (no oracle): {html.escape(describe_power_law_detector())}. A proxy "
-                "that converges to a floor also bends away from a power law: a flag is a reason to look. The <i>live "
-                "alert step</i> is when a monitor rerunning the detector after each evaluation would have fired.</p>")
+                f"</p><p><b>Reference verdict</b> (needs held-out real responses): the same rule on the student's NLL "
+                f"of them.</p><p><b>Oracle-free detector</b> (needs nothing): {html.escape(DEFAULT_RULE.describe())}; "
+                f"{html.escape(DEFAULT_RULE_MEASURED)}. Each signal at an evaluation uses the evaluations up to it "
+                "only: the alarm step is when a monitor watching the run would have raised it.</p>")
     page = out / "report.html"
     page.write_text(_PAGE.format(body="\n".join(body)), encoding="utf-8")
     return page
@@ -330,21 +325,21 @@ def _pm(row: dict[str, Any], key: str) -> str:
     return f"{row[key]:.4g} ± {row[key + '_se']:.2g}"
 
 
-def _overview_html(verdicts: Sequence[tuple[Run, Verdicts, int | None]]) -> str:
+def _overview_html(verdicts: Sequence[tuple[Run, Verdicts]]) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(r.name)}</td><td>{html.escape(str(r.settings.get('source', '?')))}</td>"
         f"<td>{_verdict_cell(v.golden.hacking, 'hacking')}</td><td>{v.golden.min_step}</td>"
         f"<td>{'–' if v.reference is None else _verdict_cell(v.reference.hacking, 'hacking')}</td>"
-        f"<td>{_verdict_cell(v.detector.fired, 'fired')}</td><td>{_dash(v.detector.step)}</td><td>{_dash(a)}</td>"
+        f"<td>{_verdict_cell(v.detector.fired, 'fired')}</td><td>{_dash(v.detector.step)}</td>"
         f"<td>{'yes' if v.golden.hacking == v.detector.fired else '<b>no</b>'}</td></tr>"
-        for r, v, a in verdicts
+        for r, v in verdicts
     )
     return ("<h2>Overview</h2><table><tr><th>run</th><th>source</th><th>golden verdict</th>"
-            "<th>golden min step</th><th>reference verdict</th><th>detector</th><th>detector step</th>"
-            f"<th>live alert step</th><th>detector agrees</th></tr>{rows}</table>")
+            "<th>golden min step</th><th>reference verdict</th><th>detector</th><th>alarm step</th>"
+            f"<th>detector agrees</th></tr>{rows}</table>")
 
 
-def _run_html(run: Run, verdicts: Verdicts, alert: int | None) -> str:
+def _run_html(run: Run, verdicts: Verdicts) -> str:
     verdict, detector = verdicts.golden, verdicts.detector
     s = run.settings
     settings = [("source", s.get("source")), ("loss", s.get("loss")), ("prompts", s.get("prompts")),
@@ -365,8 +360,8 @@ def _run_html(run: Run, verdicts: Verdicts, alert: int | None) -> str:
               + ("" if verdicts.reference is None else
                  f"<tr><th>reference verdict</th><td colspan=2>{_verdict_cell(verdicts.reference.hacking, 'hacking')}: "
                  f"{html.escape(verdicts.reference.reason)}</td></tr>")
-              + f"<tr><th>power-law detector</th><td colspan=2>{_verdict_cell(detector.fired, 'fired')}: "
-              f"{html.escape(detector.reason)}; live alert at step {_dash(alert)}</td></tr>")
+              + f"<tr><th>oracle-free detector</th><td colspan=2>{_verdict_cell(detector.fired, 'fired')}: "
+              f"{html.escape(detector.reason)}</td></tr>")
     return f"<h2>{html.escape(run.name)}</h2><table>{cells}</table>"
 
 

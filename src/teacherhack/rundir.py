@@ -163,7 +163,7 @@ class Run:
     def verdicts(self) -> Verdicts:
         """The golden and reference verdicts (paired SEs when per-sample values exist, or as stored with a copy of
         the run that left them behind) and the detector."""
-        fresh = run_verdicts(self.metrics, self.per_sample)
+        fresh = run_verdicts(self.metrics, self.per_sample, self.settings)
         if self.stored is None or self.per_sample is not None:
             return fresh
         reference = self.stored.get("reference")
