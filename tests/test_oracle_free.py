@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from teacherhack.oracle_free import (
+    DEFAULT_RULE,
+    DEFAULT_RULE_MEASURED,
     Labelled,
     Rule,
     entropy_deficit,
+    labelled,
     leave_one_preset_out,
+    measured_text,
     memorisation_gap,
     objective,
     proxy_stall,
     score,
     trade_off,
 )
+from teacherhack.rundir import find_runs, load_run
 
 
 def rows(proxy, proxy_train=None, entropy=None):
@@ -77,3 +83,17 @@ def test_leave_one_preset_out_scores_each_preset_with_a_rule_chosen_on_the_other
     assert report["pooled"].precision == pytest.approx(6 / 7)
     curve = trade_off(runs, "memorisation_gap", patience=2)
     assert [c["threshold"] for c in curve] == sorted(c["threshold"] for c in curve) and curve[0]["recall"] >= curve[-1]["recall"]
+
+
+CORPUS = Path(__file__).resolve().parents[1] / "benchmarks" / "detection" / "runs"
+
+
+def test_the_default_rule_and_its_figures_are_those_the_corpus_gives():
+    """The rule the tool uses is the best on the whole detection corpus, and the precision and recall its alarms
+    state are the leave-one-sweep-out figures on that corpus, recomputed here from the stored runs."""
+    found = find_runs([CORPUS])
+    runs = [labelled(load_run(folder), group) for folder, group in found]
+    assert len({r.preset for r in runs}) >= 3 and len(runs) >= 40
+    report = leave_one_preset_out(runs)
+    assert report["in_sample"]["rule"] == DEFAULT_RULE
+    assert DEFAULT_RULE_MEASURED == measured_text(report)

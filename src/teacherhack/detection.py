@@ -2,9 +2,9 @@
 
 Teacher hacking (README, "Is my student hacking its teacher?"): the proxy KL(teacher‖student) keeps falling or stalls while the golden
 KL(oracle‖student) turns up. `golden_verdict` decides it from the golden metric, which only our
-semi-synthetic setup can see; the same rule on the student's NLL of real held-out responses is the
-"reference verdict" a practitioner can have; `power_law_detector` fits the paper's power law to the proxy,
-one of the oracle-free signals of `teacherhack.oracle_free`, whose validated rule is the third verdict.
+semi-synthetic setup can see (the same rule on the student's NLL of real held-out responses is the
+"reference verdict" a practitioner can have); `power_law_detector` fits the paper's power law to the proxy,
+one of the oracle-free signals of `teacherhack.oracle_free`.
 """
 
 from __future__ import annotations
@@ -13,13 +13,10 @@ import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from scipy.stats import t as student_t
-
-if TYPE_CHECKING:
-    from teacherhack.oracle_free import Alarm
 
 # Median of a chi-square with one degree of freedom: turns a median of squares into a variance.
 _CHI2_1_MEDIAN = 0.454936
@@ -191,15 +188,6 @@ def describe_golden_verdict() -> str:
             f"over-fitting, not hacking)")
 
 
-def describe_power_law_detector() -> str:
-    """The power-law detector's rule in words, from :func:`power_law_detector`'s own defaults."""
-    d = _defaults(power_law_detector)
-    return (f"fit log proxy = log C − α log step on the first {d['fit_fraction']:.0%} of the evaluations with step > 0 "
-            f"(at least {d['min_fit']}), extrapolate, and fire at the first of {d['k']} consecutive later evaluations "
-            f"whose log-residual exceeds max({d['min_effect']:g}, {d['tau']:g}σ), σ combining the curve's noise, the "
-            f"fit's extrapolation uncertainty and the proxy's standard error")
-
-
 def power_law_detector(
     steps: Sequence[int],
     proxy: Sequence[float],
@@ -295,44 +283,6 @@ def power_law_detector(
         fit_window=tuple(int(t[i]) for i in fit),
         reason=reason + note,
     )
-
-
-@dataclass(frozen=True)
-class Verdicts:
-    """The three answers to "did this run hack its teacher?", from the most to the least informed."""
-
-    golden: GoldenVerdict  # with the oracle: the truth
-    reference: GoldenVerdict | None  # the same rule on the NLL of real held-out responses (None if not recorded)
-    detector: Alarm  # with nothing but what a practitioner sees: the oracle-free detector's rule
-
-
-def run_verdicts(
-    metrics: Sequence[Mapping[str, Any]], per_sample: Sequence[Mapping[str, Any]] | None = None,
-    settings: Mapping[str, Any] | None = None,
-) -> Verdicts:
-    """Every verdict from a run's metric rows (the records of its metrics.jsonl), with paired SEs when the
-    per-sample values of the same evaluations are given (the records of per_sample.jsonl); ``settings`` (the
-    run's run.json) holds what the detector's signals may need, such as the teacher's entropy."""
-    from teacherhack.oracle_free import DEFAULT_RULE  # it computes its power-law signal with this module
-
-    steps = [int(m["step"]) for m in metrics]
-    if per_sample is not None and [int(r["step"]) for r in per_sample] != steps:
-        raise ValueError("per-sample values do not match the metric rows' steps")
-
-    def column(key: str) -> list[float]:
-        return [float(m[key]) for m in metrics]
-
-    def paired(key: str) -> list[Sequence[float]] | None:
-        return [r[key] for r in per_sample] if per_sample is not None and all(key in r for r in per_sample) else None
-
-    def verdict(metric: str, name: str) -> GoldenVerdict:
-        return golden_verdict(steps, column(metric), column(f"{metric}_se"), column("proxy"), column("proxy_se"),
-                              golden_values=paired(metric), proxy_values=paired("proxy"), name=name)
-
-    has_reference = all(m.get("reference_nll") is not None for m in metrics)
-    return Verdicts(golden=verdict("golden", "golden"),
-                    reference=verdict("reference_nll", "reference NLL") if has_reference else None,
-                    detector=DEFAULT_RULE.verdict(metrics, per_sample, settings or {}))
 
 
 def _same_length(*columns: Sequence[Any]) -> int:

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from teacherhack.detection import power_law_detector
+
 # An oracle-free signal: (metric rows so far, their per-sample values or None, the run's settings) → one value per
 # row (NaN where undefined); larger means "more suspicious".
 Signal = Callable[[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]] | None, Mapping[str, Any]], np.ndarray]
@@ -63,8 +65,6 @@ def power_law_departure(rows, per_sample, settings) -> np.ndarray:
     """The paper's sign: how far the held-out proxy sits above the power law C·t^(−α) fitted on the first third of
     the evaluations so far, in log space (the residual of ``teacherhack.detection.power_law_detector``, refitted at
     each evaluation as a live monitor would)."""
-    from teacherhack.detection import power_law_detector
-
     steps, proxy = [int(r["step"]) for r in rows], _column(rows, "proxy")
     out = np.full(len(rows), np.nan)
     for t in range(len(rows)):
@@ -101,7 +101,10 @@ class Rule:
               settings: Mapping[str, Any]) -> int | None:
         """The index of the evaluation at which a monitor watching the run would have raised the alarm. Each
         signal at evaluation t depends on evaluations up to t only, so the full-run computation equals the live one."""
-        values = SIGNALS[self.signal](rows, per_sample, settings)
+        return self.first_alarm(SIGNALS[self.signal](rows, per_sample, settings))
+
+    def first_alarm(self, values: np.ndarray) -> int | None:
+        """The index at which the rule alarms on its signal's values, or None."""
         count = 0
         for t, value in enumerate(values):
             count = count + 1 if t >= self.skip and math.isfinite(value) and value > self.threshold else 0
@@ -194,13 +197,22 @@ class Score:
         return {**asdict(self), "precision": self.precision, "recall": self.recall, "timely_recall": self.timely_recall}
 
 
-def score(rule: Rule, runs: Iterable[Labelled], max_lag: int = 2) -> Score:
+def signal_values(runs: Iterable[Labelled]) -> dict[tuple[str, str, str], np.ndarray]:
+    """Every signal of every run, computed once (a search scores many rules on the same values)."""
+    return {(run.preset, run.name, name): signal(run.rows, run.per_sample, run.settings)
+            for run in runs for name, signal in SIGNALS.items()}
+
+
+def score(rule: Rule, runs: Iterable[Labelled], max_lag: int = 2,
+          values: Mapping[tuple[str, str, str], np.ndarray] | None = None) -> Score:
+    """How ``rule`` does on ``runs`` (``values``: their signals from :func:`signal_values`, else computed here)."""
     hits = misses = false_alarms = quiet = timely = 0
     lags: list[int] = []
     for run in runs:
         if not run.hacking and not run.judged:
             continue  # not known yet: neither an alarm nor silence can be scored
-        fired = rule.alarm(run.rows, run.per_sample, run.settings)
+        fired = (rule.alarm(run.rows, run.per_sample, run.settings) if values is None
+                 else rule.first_alarm(values[run.preset, run.name, rule.signal]))
         if run.hacking and fired is not None:
             hits += 1
             lags.append(fired - run.min_index)
@@ -240,25 +252,28 @@ def leave_one_preset_out(runs: Sequence[Labelled], rules: Sequence[Rule] | None 
     per-preset choices and scores, the pooled score over the held-out presets, and, for reference, the rule that
     is best on all runs together with its (optimistic, in-sample) score."""
     rules = list(rules or candidates())
+    values = signal_values(runs)
     presets = sorted({r.preset for r in runs})
     folds = []
     for held in presets:
         train = [r for r in runs if r.preset != held]
         test = [r for r in runs if r.preset == held]
-        best = max(rules, key=lambda rule: objective(score(rule, train, max_lag)))
-        folds.append({"preset": held, "rule": best, "train": score(best, train, max_lag),
-                      "test": score(best, test, max_lag)})
+        best = max(rules, key=lambda rule: objective(score(rule, train, max_lag, values)))
+        folds.append({"preset": held, "rule": best, "train": score(best, train, max_lag, values),
+                      "test": score(best, test, max_lag, values)})
     pooled = folds[0]["test"]
     for fold in folds[1:]:
         pooled = pooled.merge(fold["test"])
-    overall = max(rules, key=lambda rule: objective(score(rule, runs, max_lag)))
-    return {"folds": folds, "pooled": pooled, "in_sample": {"rule": overall, "score": score(overall, runs, max_lag)}}
+    overall = max(rules, key=lambda rule: objective(score(rule, runs, max_lag, values)))
+    return {"folds": folds, "pooled": pooled,
+            "in_sample": {"rule": overall, "score": score(overall, runs, max_lag, values)}}
 
 
 def trade_off(runs: Sequence[Labelled], signal: str, patience: int = 2, max_lag: int = 2) -> list[dict[str, Any]]:
     """Precision against timely recall for one signal over its threshold grid (all runs): the curve a user picks
     an operating point from."""
-    return [{"threshold": rule.threshold, **score(rule, runs, max_lag).to_dict()}
+    values = signal_values(runs)
+    return [{"threshold": rule.threshold, **score(rule, runs, max_lag, values).to_dict()}
             for rule in candidates() if rule.signal == signal and rule.patience == patience]
 
 
@@ -299,6 +314,15 @@ def format_validation(report: Mapping[str, Any], max_lag: int = 2) -> str:
     best = report["in_sample"]
     lines.append(f"| all (in-sample, optimistic) | {best['rule'].describe()} | {cells(best['score'])} |")
     return "\n".join(lines)
+
+
+def measured_text(report: Mapping[str, Any], max_lag: int = 2) -> str:
+    """What the validation measured, in one line: the text the default rule's alarms carry."""
+    s, folds = report["pooled"], report["folds"]
+    runs = s.hits + s.misses + s.false_alarms + s.quiet
+    return (f"measured on {runs} lab runs of {len(folds)} sweeps, each left out in turn: precision "
+            f"{_pct(s.precision)}, recall {_pct(s.recall)} ({_pct(s.timely_recall)} within {max_lag} evaluations "
+            f"of the golden minimum)")
 
 
 def _pct(value: float) -> str:

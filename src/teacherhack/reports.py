@@ -22,9 +22,9 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
-from teacherhack.detection import Verdicts, describe_golden_verdict, power_law_detector  # noqa: E402
+from teacherhack.detection import describe_golden_verdict, power_law_detector  # noqa: E402
 from teacherhack.oracle_free import DEFAULT_RULE, DEFAULT_RULE_MEASURED, SIGNALS  # noqa: E402
-from teacherhack.rundir import Run, load_runs  # noqa: E402
+from teacherhack.rundir import Run, Verdicts, load_runs  # noqa: E402
 
 DPI = 120
 LINESTYLES = ("-", "--", "-.", ":")

@@ -18,7 +18,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 
-from teacherhack.detection import GoldenVerdict, Verdicts, run_verdicts
+from teacherhack.detection import GoldenVerdict, golden_verdict
 from teacherhack.errors import UserError
+from teacherhack.oracle_free import DEFAULT_RULE, Alarm
 
 METRICS, PER_SAMPLE, SETTINGS, CONFIG = "metrics.jsonl", "per_sample.jsonl", "run.json", "config.yaml"
 VERDICTS = "verdicts.json"  # a copy's verdicts, computed where the per-sample values were (the detection corpus)
@@ -147,6 +148,42 @@ class RunFolder:
         except BrokenRun as error:
             raise BrokenRun(f"{error}; delete {self.path} and rerun the same command to redo this run") from None
         return True
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """The three answers to "did this run hack its teacher?", from the most to the least informed."""
+
+    golden: GoldenVerdict  # with the oracle: the truth
+    reference: GoldenVerdict | None  # the same rule on the NLL of real held-out responses (None if not recorded)
+    detector: Alarm  # with nothing but what a practitioner sees: the oracle-free detector's rule
+
+
+def run_verdicts(
+    metrics: Sequence[Mapping[str, Any]], per_sample: Sequence[Mapping[str, Any]] | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> Verdicts:
+    """Every verdict from a run's metric rows (the records of its metrics.jsonl), with paired SEs when the
+    per-sample values of the same evaluations are given (the records of per_sample.jsonl); ``settings`` (the
+    run's run.json) holds what the detector's signals may need, such as the teacher's entropy."""
+    steps = [int(m["step"]) for m in metrics]
+    if per_sample is not None and [int(r["step"]) for r in per_sample] != steps:
+        raise ValueError("per-sample values do not match the metric rows' steps")
+
+    def column(key: str) -> list[float]:
+        return [float(m[key]) for m in metrics]
+
+    def paired(key: str) -> list[Sequence[float]] | None:
+        return [r[key] for r in per_sample] if per_sample is not None and all(key in r for r in per_sample) else None
+
+    def verdict(metric: str, name: str) -> GoldenVerdict:
+        return golden_verdict(steps, column(metric), column(f"{metric}_se"), column("proxy"), column("proxy_se"),
+                              golden_values=paired(metric), proxy_values=paired("proxy"), name=name)
+
+    has_reference = all(m.get("reference_nll") is not None for m in metrics)
+    return Verdicts(golden=verdict("golden", "golden"),
+                    reference=verdict("reference_nll", "reference NLL") if has_reference else None,
+                    detector=DEFAULT_RULE.verdict(metrics, per_sample, settings or {}))
 
 
 @dataclass(frozen=True)
