@@ -90,20 +90,22 @@ class ScoredSamples:
         return log_p
 
     @torch.no_grad()
-    def measure(self, q: LM, *, estimator: str, per_token: bool) -> dict[str, Tensor]:
-        """Per-sample values over every process: ``nll`` = −log q(y); ``entropy`` = q's next-token entropies summed
-        along these responses (how sure q is where it is scored, paired across evaluations); and ``kl`` = KL(p‖q)
-        when the responses are samples of p (estimated as ``estimator`` says)."""
-        kl, nll, entropy = [], [], []
+    def measure(self, q: LM, *, estimator: str, per_token: bool, entropy: bool = False) -> dict[str, Tensor]:
+        """Per-sample values over every process: ``nll`` = −log q(y); ``kl`` = KL(p‖q) when the responses are samples
+        of p (estimated as ``estimator`` says); with ``entropy``, q's next-token entropies summed along these
+        responses (how sure q is where it is scored, paired across evaluations)."""
+        kl, nll, entropies = [], [], []
         for index, (prompts, samples, mask) in enumerate(self.batches):
             samples, mask = samples.to(q.device), mask.to(q.device)
             log_q = q.next_token_logprobs(prompts, samples)
             nll.append(nll_values(log_q, samples, mask, per_token=per_token))
-            entropy.append(entropy_values(log_q, mask, per_token=per_token))
+            if entropy:
+                entropies.append(entropy_values(log_q, mask, per_token=per_token))
             if self.p is not None:
                 kl.append(kl_values(self._p_logprobs(index).to(q.device), log_q, samples, mask, estimator=estimator,
                                     per_token=per_token))
-        values = {"nll": torch.cat(nll), "entropy": torch.cat(entropy)} | ({"kl": torch.cat(kl)} if kl else {})
+        values = ({"nll": torch.cat(nll)} | ({"entropy": torch.cat(entropies)} if entropies else {})
+                  | ({"kl": torch.cat(kl)} if kl else {}))
         return {name: distributed.gather(v) for name, v in values.items()}  # every process's shard, in rank order
 
     @torch.no_grad()
@@ -162,7 +164,8 @@ class Evaluator:
 
     def __call__(self, student: LM, step: int) -> tuple[dict[str, float], dict[str, Estimate]]:
         """The metrics row, and the estimates themselves (their per-sample values pair across steps)."""
-        on = {name: scored.measure(student, **self.options) for name, scored in self.scored.items()}
+        on = {name: scored.measure(student, **self.options, entropy=name == "teacher")
+              for name, scored in self.scored.items()}
         values = {"golden": on["oracle"]["kl"], "proxy": on["teacher"]["kl"], "oracle_nll": on["oracle"]["nll"],
                   "student_entropy_held_out": on["teacher"]["entropy"]}
         if "train_teacher" in on:

@@ -179,7 +179,7 @@ class HackingMonitor:
                 self._draw_teacher_samples()
             wrapped = self._wrap(student_model, output_to=self.teacher)
             options = dict(estimator=self.estimator, per_token=self.per_token)
-            held_out = self._scored["held_out"].measure(wrapped, **options)
+            held_out = self._scored["held_out"].measure(wrapped, **options, entropy=True)
             train = self._scored["train"].measure(wrapped, **options) if "train" in self._scored else None
             reference = None if self.references is None else self.references.measure(wrapped, **options)["nll"]
         estimate = Estimate.of(held_out["kl"])
