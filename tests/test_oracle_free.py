@@ -14,6 +14,7 @@ from teacherhack.oracle_free import (
     Labelled,
     Rule,
     entropy_deficit,
+    format_agreement,
     labelled,
     leave_one_preset_out,
     measured_text,
@@ -83,6 +84,17 @@ def test_leave_one_preset_out_scores_each_preset_with_a_rule_chosen_on_the_other
     assert report["pooled"].precision == pytest.approx(6 / 7)
     curve = trade_off(runs, "memorisation_gap", patience=2)
     assert [c["threshold"] for c in curve] == sorted(c["threshold"] for c in curve) and curve[0]["recall"] >= curve[-1]["recall"]
+
+
+def test_agreement_of_the_reference_verdict_counts_judged_runs_per_sweep():
+    runs = [run("h1", "a", True, 4), run("h2", "a", True, 4), run("c1", "a", False, 10),
+            run("late", "a", False, 9, judged=False), run("h3", "b", True, 4)]
+    references = {("a", "h1"): True, ("a", "h2"): False, ("a", "c1"): True, ("a", "late"): True, ("b", "h3"): None}
+    table = format_agreement(runs, references).splitlines()
+    # sweep a: 3 judged runs with a reference verdict; 2 hack by the golden verdict, 2 by the reference, 1 both
+    assert table[2] == "| a | 3 | 2 | 2 | 1 | 1 | 1 | 1 |"
+    assert table[3] == "| b | 0 | 0 | 0 | 0 | 0 | 0 | 0 |"  # no reference recorded
+    assert table[4] == "| **all** | **3** | **2** | **2** | **1** | **1** | **1** | **1** |"
 
 
 CORPUS = Path(__file__).resolve().parents[1] / "benchmarks" / "detection" / "runs"

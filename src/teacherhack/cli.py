@@ -108,6 +108,7 @@ def _reproduction(args: argparse.Namespace) -> int:
 def _detect(args: argparse.Namespace) -> int:
     from teacherhack.oracle_free import (
         DEFAULT_RULE,
+        format_agreement,
         format_runs,
         format_validation,
         labelled,
@@ -122,9 +123,12 @@ def _detect(args: argparse.Namespace) -> int:
     if not loaded:
         raise UserError("no finished run to judge")
     runs = [labelled(run, group) for run, group in loaded]
-    references = {run.name: (None if (v := run.verdicts().reference) is None else v.hacking) for run, _ in loaded}
+    references = {(group, run.name): (None if (v := run.verdicts().reference) is None else v.hacking)
+                  for run, group in loaded}
     print(f"The oracle-free detector: {DEFAULT_RULE.describe()}.\n")
     print(format_runs(runs, DEFAULT_RULE, references))
+    print("\nThe reference verdict (real held-out responses) against the golden one, judged runs:\n")
+    print(format_agreement(runs, references))
     if len({r.preset for r in runs}) > 1:
         print("\nLeave one sweep out: the rule is chosen on every other sweep and scored on the one left out.\n")
         print(format_validation(leave_one_preset_out(runs)))

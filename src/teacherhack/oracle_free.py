@@ -285,17 +285,37 @@ def labelled(run: Any, group: str) -> Labelled:
                     run.per_sample, run.settings)
 
 
-def format_runs(runs: Sequence[Labelled], rule: Rule, references: Mapping[str, bool | None]) -> str:
-    """Per run: the golden verdict (the truth), the reference verdict, and when ``rule`` would have alarmed."""
+def format_runs(runs: Sequence[Labelled], rule: Rule, references: Mapping[tuple[str, str], bool | None]) -> str:
+    """Per run: the golden verdict (the truth), the reference verdict (``references``, by (sweep, run)), and when
+    ``rule`` would have alarmed."""
     lines = ["| sweep | run | golden verdict | golden minimum (evaluation) | reference verdict | alarm (evaluation) "
              "| lag |", "|---|---|---|---|---|---|---|"]
     for run in runs:
         fired = rule.alarm(run.rows, run.per_sample, run.settings)
         golden = "hacking" if run.hacking else "no" if run.judged else "not yet known"
-        reference = {True: "hacking", False: "no", None: "–"}[references.get(run.name)]
+        reference = {True: "hacking", False: "no", None: "–"}[references.get((run.preset, run.name))]
         lag = fired - run.min_index if fired is not None and run.hacking else None
         lines.append(f"| {run.preset} | {run.name} | {golden} | {run.min_index} | {reference} | "
                      f"{'–' if fired is None else fired} | {'–' if lag is None else f'{lag:+d}'} |")
+    return "\n".join(lines)
+
+
+def format_agreement(runs: Sequence[Labelled], references: Mapping[tuple[str, str], bool | None]) -> str:
+    """Does a student that hacks the oracle also get worse on real held-out text? Per sweep, the judged runs with
+    a reference verdict: how often the reference verdict (the golden rule on the NLL of real responses) says the
+    same as the golden one."""
+    lines = ["| sweep | runs | golden: hacking | reference: hacking | both | golden only | reference only | agree |",
+             "|---|---|---|---|---|---|---|---|"]
+    total = np.zeros(7, int)
+    for preset in sorted({r.preset for r in runs}):
+        pairs = [(r.hacking, references[r.preset, r.name]) for r in runs
+                 if r.preset == preset and (r.hacking or r.judged) and references.get((r.preset, r.name)) is not None]
+        counts = np.array([len(pairs), sum(g for g, _ in pairs), sum(f for _, f in pairs),
+                           sum(g and f for g, f in pairs), sum(g and not f for g, f in pairs),
+                           sum(f and not g for g, f in pairs), sum(g == f for g, f in pairs)])
+        total += counts
+        lines.append(f"| {preset} | " + " | ".join(str(int(c)) for c in counts) + " |")
+    lines.append("| **all** | " + " | ".join(f"**{int(c)}**" for c in total) + " |")
     return "\n".join(lines)
 
 
