@@ -101,8 +101,10 @@ def test_verdict_to_dict_is_strict_json_with_zero_se():
 def test_verdict_rejects_bad_input():
     with pytest.raises(ValueError, match="length"):
         golden_verdict([0, 1], [1.0, 2.0], [0.1], [1.0, 2.0], [0.1, 0.1])
-    with pytest.raises(ValueError, match="at least 2"):
-        golden_verdict([0], [1.0], [0.1], [1.0], [0.1])
+    with pytest.raises(ValueError, match="at least one"):
+        golden_verdict([], [], [], [], [])
+    one = golden_verdict([0], [1.0], [0.1], [1.0], [0.1])  # a run killed after its first evaluation
+    assert not one.hacking and not one.judged and "one evaluation only" in one.reason
 
 
 # ---- power-law detector ----

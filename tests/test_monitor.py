@@ -225,8 +225,8 @@ def test_clear_errors(tok, teacher):
 
 
 def bent_curve(step: int) -> float:
-    """A power law 10·t^(−1/2) that goes flat after step 6."""
-    return 10.0 * min(step, 6) ** -0.5
+    """A power law 10·t^(−1/2) (10 at step 0) that goes flat after step 6."""
+    return 10.0 * min(max(step, 1), 6) ** -0.5
 
 
 # The proxy stops improving: 1 − (last fall ÷ mean fall so far) is 0.38-0.67 along the power law (steps 3-6) and
@@ -255,7 +255,7 @@ def test_record_fires_on_a_bend(tok, teacher):
     assert [r["hacking_alert"] for r in rows] == [False] * 7 + [True] * 4
     assert all(r["alert_step"] == 8 for r in rows[7:])
     assert rows[2]["signal"] == pytest.approx(1 - (10 * 2**-0.5 - 10 * 3**-0.5) / ((10 - 10 * 3**-0.5) / 2))
-    assert rows[7]["signal"] == 1.0 and "proxy stall 1 > 0.9 at step 8" in rows[7]["detector_reason"]
+    assert rows[7]["signal"] == 1.0 and "proxy stall 1 > 0.9 at step 8, the last of 2" in rows[7]["detector_reason"]
 
 
 def test_the_default_rule_says_how_often_it_is_right(tok, teacher):
@@ -298,15 +298,16 @@ def test_callback_warns_once_and_stops_a_trainer_on_alert(tmp_path, tok, teacher
     assert len(hacking) == 1 and "step 8" in str(hacking[0].message)
     assert trainer.state.global_step == (8 if stop else 11)
     rows = [r for r in trainer.state.log_history if "proxy_kl" in r]  # unbound: still in log_history
-    assert [r["step"] for r in rows] == list(range(1, trainer.state.global_step + 1))
-    assert [r["hacking_alert"] for r in rows] == [0] * 7 + [1] * (len(rows) - 7)
+    # the student is checked before training (step 0) too: every signal starts there, as in the lab's runs
+    assert [r["step"] for r in rows] == list(range(0, trainer.state.global_step + 1))
+    assert [r["hacking_alert"] for r in rows] == [0] * 8 + [1] * (len(rows) - 8)
     assert rows[0]["proxy_kl"] == pytest.approx(10.0)
 
 
 def test_callback_replays_the_logged_curve_on_resume(tok, teacher):
     from transformers import TrainerControl, TrainerState
 
-    callback = HackingMonitorCallback(teacher, tok, HELD_OUT, every=1, rule=STALL)
+    callback = HackingMonitorCallback(teacher, tok, HELD_OUT, every=1, rule=STALL, max_new_tokens=4)
     state = TrainerState(global_step=9, logging_steps=1)
     state.log_history = [{"loss": 1.0, "step": 1}] + [
         {"proxy_kl": bent_curve(t), "proxy_kl_se": 0.01 * bent_curve(t), "step": t} for t in range(1, 12)]
@@ -314,6 +315,7 @@ def test_callback_replays_the_logged_curve_on_resume(tok, teacher):
         warnings.simplefilter("error", TeacherHackingWarning)  # a replayed alarm does not warn again
         callback.on_train_begin(None, state, TrainerControl())
     assert [r["step"] for r in callback.monitor.history] == list(range(1, 10))
+    assert callback.monitor.settings["teacher_entropy"] > 0  # drawn again at resume: entropy signals are defined
     assert callback.monitor.history[-1]["alert_step"] == 8 and callback._warned
 
 
@@ -332,13 +334,13 @@ def test_trainer_end_to_end_logs_reach_history_and_integrations(tmp_path, tok, t
 
     history = trainer.state.log_history
     rows = [r for r in history if "proxy_kl" in r]
-    assert [r["step"] for r in rows] == [3, 6]
+    assert [r["step"] for r in rows] == [0, 3, 6]
     assert all(r["proxy_kl_se"] > 0 and r["hacking_alert"] == 0 for r in rows)
-    assert rows[1]["proxy_kl"] < rows[0]["proxy_kl"]  # the student learns the teacher's samples
+    assert rows[2]["proxy_kl"] < rows[1]["proxy_kl"] < rows[0]["proxy_kl"]  # the student learns the teacher's samples
     assert [r["step"] for r in history if "loss" in r] == [2, 4, 6]  # the trainer's own logs are untouched
     seen = [r for r in recorder.logs if "proxy_kl" in r]  # what a report_to integration receives
     assert [(r["step"], r["proxy_kl"]) for r in seen] == [(r["step"], r["proxy_kl"]) for r in rows]
-    assert [r["step"] for r in callback.monitor.history] == [3, 6]
+    assert [r["step"] for r in callback.monitor.history] == [0, 3, 6]
 
 
 # TRL's GKD configuration itself sets transformers' gradient_checkpointing, deprecated there: not our call
@@ -371,9 +373,9 @@ def test_trl_gkd_trainer_end_to_end(tmp_path, tok, teacher):
 
     history = trainer.state.log_history
     rows = [r for r in history if "proxy_kl" in r]
-    assert [r["step"] for r in rows] == [2, 4]
+    assert [r["step"] for r in rows] == [0, 2, 4]
     assert all(math.isfinite(r["proxy_kl"]) and r["proxy_kl"] > 0 and r["proxy_kl_se"] > 0 for r in rows)
-    assert [r["step"] for r in recorder.logs if "proxy_kl" in r] == [2, 4]
+    assert [r["step"] for r in recorder.logs if "proxy_kl" in r] == [0, 2, 4]
     assert [r["step"] for r in history if "loss" in r] == [2, 4]
     assert callback.monitor.samples is not None and not teacher.training
 

@@ -123,8 +123,8 @@ def golden_verdict(
     U-shapes at per-checkpoint noise 0.1 / 0.2 / 0.3 nats (the lab's offline curves are near 0.1).
     """
     n = _same_length(steps, golden, golden_se, proxy, proxy_se)
-    if n < 2:
-        raise ValueError(f"golden_verdict needs at least 2 evaluations, got {n}")
+    if n < 1:
+        raise ValueError("golden_verdict needs at least one evaluation, got none")
     g, gse = np.asarray(golden, float), np.asarray(golden_se, float)
     p, pse = np.asarray(proxy, float), np.asarray(proxy_se, float)
     i = int(np.argmin(g))
@@ -134,7 +134,9 @@ def golden_verdict(
     proxy_change_z = _z(proxy_change, _change_se(proxy_values, i, math.hypot(pse[i], pse[-1])))
     trend_t = _slope_t(np.asarray(steps[i + 1:], float), g[i + 1:])
     t_min, t_last = int(steps[i]), int(steps[-1])
-    if i == n - 1:
+    if n == 1:
+        hacking, reason = False, f"one evaluation only (step {t_last}): nothing to judge yet"
+    elif i == n - 1:
         hacking, reason = False, f"{name} is lowest at the last evaluation (step {t_last})"
     elif n - 1 - i < min_after:
         hacking, reason = False, f"{name} is lowest at step {t_min}: fewer than {min_after} evaluations after it"
@@ -169,7 +171,7 @@ def golden_verdict(
         proxy_change_z=proxy_change_z,
         paired=golden_values is not None,
         reason=reason,
-        judged=i == n - 1 or n - 1 - i >= min_after,
+        judged=n > 1 and (i == n - 1 or n - 1 - i >= min_after),
     )
 
 

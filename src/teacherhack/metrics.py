@@ -115,12 +115,6 @@ class ScoredSamples:
                                              for i, (_, _, mask) in enumerate(self.batches)]))
 
 
-def kl_estimate(p: LM, q: LM, samples: SampleSet, *, estimator: str, per_token: bool, batch_size: int) -> Estimate:
-    """KL(p‖q) on responses drawn from p, scored batch by batch (nothing kept)."""
-    scored = ScoredSamples(p, samples, eos_id=p.eos_id, batch_size=batch_size, cache_bytes=0)
-    return Estimate.of(scored.measure(q, estimator=estimator, per_token=per_token)["kl"])
-
-
 # The per-sample values each evaluation saves (paired across evaluations: the verdicts' SEs of a change)
 PAIRED = ("golden", "proxy", "proxy_train", "oracle_nll", "reference_nll")
 

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from teacherhack import distributed
 from teacherhack.detection import golden_verdict
 from teacherhack.divergences import Estimate, check_estimator
 from teacherhack.metrics import SampleSet, ScoredSamples, sample_in_batches
@@ -71,7 +72,8 @@ class HackingMonitor:
         every: checking period in steps, used by :meth:`due` and :meth:`maybe_check`.
         batch_size: rows per forward pass when sampling and scoring.
         seed: seed of the teacher samples.
-        estimator, per_token: passed to ``kl_estimate`` (``per_token=True`` needs ``estimator="log_ratio"``).
+        estimator, per_token: how the KL is estimated from the samples (``teacherhack.divergences.kl_values``;
+            ``per_token=True`` needs ``estimator="log_ratio"``).
         temperature: both models' distributions are softmax(logits / temperature); 1.0 compares the models.
         vocab_size: the rule for teacher and student output layers of different widths (padded vocabularies):
             only the first ``vocab_size`` entries are real, the rest are ignored (both sampling and scoring).
@@ -84,6 +86,8 @@ class HackingMonitor:
             NLL of them is logged and judged by the reference verdict. Its SE falls as 1/√pairs: measured on the
             lab's default, the per-pair spread of a change of NLL between two checks is given in the README.
         reference_fields: the field names of ``references`` rows.
+        cache_mb: memory (on the teacher's device) for the teacher's log-probabilities on its own samples, kept
+            between checks when they fit; 0 (default) recomputes them at every check and holds nothing.
     """
 
     def __init__(
@@ -106,6 +110,7 @@ class HackingMonitor:
         train_prompts: Sequence[str] | Sequence[Sequence[int]] | None = None,
         references: Any = None,
         reference_fields: tuple[str, str] = ("prompt", "response"),
+        cache_mb: int = 0,
     ) -> None:
         for name, value in (("samples_per_prompt", samples_per_prompt), ("max_new_tokens", max_new_tokens),
                             ("every", every), ("batch_size", batch_size)):
@@ -153,9 +158,10 @@ class HackingMonitor:
         self.samples: torch.Tensor | None = None  # teacher responses, drawn at the first check
         self._scored: dict[str, ScoredSamples] = {}  # the teacher's samples, held-out and training prompts
         self.settings: dict[str, float] = {}  # what signals need besides the rows: the teacher's entropy
+        self.cache_bytes = cache_mb << 20
         self.references = None if references is None else ScoredSamples(
-            None, self._encode_references(references, reference_fields, add_special_tokens, limit), eos_id=self.eos_id,
-            batch_size=batch_size, cache_bytes=0)
+            None, _share(self._encode_references(references, reference_fields, add_special_tokens, limit)),
+            eos_id=self.eos_id, batch_size=batch_size, cache_bytes=0)
         self._paired: list[dict[str, list[float]]] = []  # per-sample values of each check: the verdict's SEs
         self.history: list[dict[str, Any]] = []
 
@@ -174,9 +180,8 @@ class HackingMonitor:
         :attr:`history`). Teacher and student run in eval mode and get their train/eval modes back."""
         student_model = _unwrap(student)
         self._check_vocab(student_model)
+        self.prepare()
         with _eval_mode(self.teacher_model, student_model), torch.no_grad():
-            if self.samples is None:
-                self._draw_teacher_samples()
             wrapped = self._wrap(student_model, output_to=self.teacher)
             options = dict(estimator=self.estimator, per_token=self.per_token)
             held_out = self._scored["held_out"].measure(wrapped, **options, entropy=True)
@@ -191,18 +196,24 @@ class HackingMonitor:
                            reference_nll=None if reference is None else Estimate.of(reference).mean,
                            reference_nll_se=None if reference is None else Estimate.of(reference).se)
 
-    def _draw_teacher_samples(self) -> None:
-        """The teacher's responses, drawn once and scored by the teacher once: every later check is paired."""
-        self.samples = sample_in_batches(self.teacher, self.prompts, max_new_tokens=self.max_new_tokens,
-                                         batch_size=self.batch_size, seed=self.seed)
-        sets = {"held_out": SampleSet(self.prompts, self.samples)}
-        if self.train_prompts is not None:
-            sets["train"] = SampleSet(self.train_prompts, sample_in_batches(
-                self.teacher, self.train_prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                seed=self.seed + 1))
-        self._scored = {name: ScoredSamples(self.teacher, samples, eos_id=self.eos_id, batch_size=self.batch_size)
-                        for name, samples in sets.items()}
-        self.settings["teacher_entropy"] = Estimate.of(self._scored["held_out"].entropy(per_token=self.per_token)).mean
+    def prepare(self) -> None:
+        """Draw the teacher's responses (once; every later check is paired) and its entropy along them. Each process
+        of a distributed run scores its own share of them, gathered into one estimate."""
+        if self.samples is not None:
+            return
+        with _eval_mode(self.teacher_model), torch.no_grad():
+            self.samples = sample_in_batches(self.teacher, self.prompts, max_new_tokens=self.max_new_tokens,
+                                             batch_size=self.batch_size, seed=self.seed)
+            sets = {"held_out": SampleSet(self.prompts, self.samples)}
+            if self.train_prompts is not None:
+                sets["train"] = SampleSet(self.train_prompts, sample_in_batches(
+                    self.teacher, self.train_prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                    seed=self.seed + 1))
+            self._scored = {name: ScoredSamples(self.teacher, _share(samples), eos_id=self.eos_id,
+                                                batch_size=self.batch_size, cache_bytes=self.cache_bytes)
+                            for name, samples in sets.items()}
+            entropy = self._scored["held_out"].entropy(per_token=self.per_token)
+        self.settings["teacher_entropy"] = Estimate.of(entropy).mean
 
     def record(self, step: int, proxy: float, proxy_se: float | None = None, *, n: int | None = None,
                proxy_train: float | None = None, student_entropy_held_out: float | None = None,
@@ -217,8 +228,9 @@ class HackingMonitor:
             "reference_nll": reference_nll, "reference_nll_se": reference_nll_se,
         }
         rows = [*self.history, row]
-        row["signal"] = float(SIGNALS[self.rule.signal](rows, None, self.settings)[-1])
-        verdict = self.rule.verdict(rows, None, self.settings)
+        values = SIGNALS[self.rule.signal](rows, None, self.settings)
+        row["signal"] = float(values[-1])
+        verdict = self.rule.verdict(rows, None, self.settings, values)
         row |= {"hacking_alert": verdict.fired, "alert_step": verdict.step,
                 "alert_fired_now": verdict.step == row["step"], "detector_reason": verdict.reason}
         row |= self._reference_verdict(row)
@@ -339,15 +351,17 @@ class HackingMonitorCallback(TrainerCallback):
             trainer.add_callback(self)
         return self
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.every is None:
             self.monitor.every = max(int(state.logging_steps or 1), 1)
         if self.trainer is None:
             logger.warning("HackingMonitorCallback is not bound to a trainer: proxy_kl goes to state.log_history "
                            "only, not to the report_to integrations; pass trainer= or call callback.bind(trainer)")
-        if not self.monitor.history:  # resuming from a checkpoint: the detector gets the logged curve back
-            for row in state.log_history:
-                if "proxy_kl" in row and row.get("step", math.inf) <= state.global_step:
+        logged = [row for row in state.log_history if "proxy_kl" in row]
+        if not self.monitor.history and logged:  # resuming from a checkpoint: the detector gets the logged curve back
+            self.monitor.prepare()  # the teacher's samples and entropy, as before the interruption (same seed)
+            for row in logged:
+                if row.get("step", math.inf) <= state.global_step:
                     self.monitor.record(int(row["step"]), float(row["proxy_kl"]), row.get("proxy_kl_se"),
                                         proxy_train=row.get("proxy_kl_train"),
                                         student_entropy_held_out=row.get("student_entropy_held_out"),
@@ -355,14 +369,19 @@ class HackingMonitorCallback(TrainerCallback):
                                         reference_nll_se=row.get("reference_nll_se"))
             last = self.monitor.history[-1] if self.monitor.history else {}
             self._warned = bool(last.get("hacking_alert") or last.get("reference_alert"))
+        if not self.monitor.history and state.global_step == 0 and model is not None:
+            self._check(model, state, control)  # the student before training: where every signal starts
         return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        step = state.global_step
-        if not self.monitor.due(step):
+        if not self.monitor.due(state.global_step):
             return control
         if model is None:
             raise RuntimeError("HackingMonitorCallback needs the trainer to pass the model to callbacks")
+        return self._check(model, state, control)
+
+    def _check(self, model: nn.Module, state, control):
+        step = state.global_step
         row = self.monitor.check(model, step)
         logs = {"proxy_kl": row["proxy"], "proxy_kl_se": row["proxy_se"], "hacking_alert": int(row["hacking_alert"]),
                 "student_entropy_held_out": row["student_entropy_held_out"],
@@ -384,6 +403,7 @@ class HackingMonitorCallback(TrainerCallback):
             logger.warning(message)
             warnings.warn(message, TeacherHackingWarning, stacklevel=2)
         if alerts and self.stop_on_alert:
+            logger.warning(f"stopping training at step {step}: " + "; ".join(alerts))
             control.should_training_stop = True
         return control
 
@@ -417,6 +437,12 @@ class _MonitoredLM(LM):
     def next_token_logprobs(self, prompts: Prompts, responses: torch.Tensor) -> torch.Tensor:
         out = super().next_token_logprobs(prompts, responses)
         return out if self._output_to is None else out.to(self._output_to.device)
+
+
+def _share(samples: SampleSet) -> SampleSet:
+    """This process's share of a sample set (all of it outside a distributed run): each sample is scored once, and
+    the gathered per-sample values hold every sample once."""
+    return samples[torch.tensor(distributed.shard(range(len(samples.prompts))), dtype=torch.long)]
 
 
 def _unwrap(model: nn.Module | LM) -> nn.Module:

@@ -35,8 +35,11 @@ def memorisation_gap(rows, per_sample, settings) -> np.ndarray:
 
 
 def relative_gap(rows, per_sample, settings) -> np.ndarray:
-    """The memorisation gap as a fraction of the held-out proxy (scale-free across tasks and sizes)."""
-    return memorisation_gap(rows, per_sample, settings) / _column(rows, "proxy")
+    """The memorisation gap as a fraction of the held-out proxy (scale-free across tasks and sizes; undefined
+    where the proxy is not positive)."""
+    proxy = _column(rows, "proxy")
+    positive = proxy > 0
+    return np.where(positive, memorisation_gap(rows, per_sample, settings) / np.where(positive, proxy, 1.0), np.nan)
 
 
 def entropy_deficit(rows, per_sample, settings) -> np.ndarray:
@@ -45,8 +48,8 @@ def entropy_deficit(rows, per_sample, settings) -> np.ndarray:
     teacher ever more closely becomes ever sharper."""
     entropy = _column(rows, "student_entropy_held_out")
     teacher = settings.get("teacher_entropy")
-    if teacher is None or not len(entropy) or not math.isfinite(entropy[0]) or entropy[0] == teacher:
-        return np.full(len(rows), np.nan)
+    if teacher is None or not len(entropy) or not math.isfinite(entropy[0]) or entropy[0] <= teacher:
+        return np.full(len(rows), np.nan)  # a student that starts as sharp as the teacher: no deficit to measure
     return (entropy[0] - entropy) / (entropy[0] - teacher)
 
 
@@ -56,6 +59,8 @@ def proxy_stall(rows, per_sample, settings) -> np.ndarray:
     proxy = _column(rows, "proxy")
     out = np.full(len(proxy), np.nan)
     for t in range(2, len(proxy)):
+        if not np.isfinite(proxy[[0, t - 1, t]]).all():
+            continue  # undefined, never an alarm
         mean_fall = (proxy[0] - proxy[t]) / t
         out[t] = 1.0 - (proxy[t - 1] - proxy[t]) / mean_fall if mean_fall > 0 else 1.0
     return out
@@ -114,19 +119,22 @@ class Rule:
 
     def describe(self) -> str:
         times = "once" if self.patience == 1 else f"at {self.patience} consecutive evaluations"
-        return f"{self.signal.replace('_', ' ')} above {self.threshold:g} {times} (from evaluation {self.skip} on)"
+        return (f"{self.signal.replace('_', ' ')} above {self.threshold:g} {times} (the first {self.skip} "
+                "evaluations ignored)")
 
     def verdict(self, rows: Sequence[Mapping[str, Any]], per_sample: Sequence[Mapping[str, Any]] | None,
-                settings: Mapping[str, Any]) -> "Alarm":
-        """Whether and where the rule alarms on this run, with the reason in words."""
-        at = self.alarm(rows, per_sample, settings)
+                settings: Mapping[str, Any], values: np.ndarray | None = None) -> "Alarm":
+        """Whether and where the rule alarms on this run, with the reason in words (``values``: the signal's, if
+        already computed)."""
+        values = SIGNALS[self.signal](rows, per_sample, settings) if values is None else values
+        at = self.first_alarm(values)
         if at is None:
             return Alarm(False, None, self.describe(), f"no alarm: {self.describe()} did not happen")
-        value, step = SIGNALS[self.signal](rows, per_sample, settings)[at], int(rows[at]["step"])
-        reason = (f"{self.signal.replace('_', ' ')} {value:.3g} > {self.threshold:g} at step {step} "
-                  f"({self.patience} consecutive evaluations)")
-        return Alarm(True, step, self.describe(),
-                     reason + (f"; this rule's {DEFAULT_RULE_MEASURED}" if self == DEFAULT_RULE else ""))
+        step = int(rows[at]["step"])
+        reason = f"{self.signal.replace('_', ' ')} {values[at]:.3g} > {self.threshold:g} at step {step}"
+        if self.patience > 1:
+            reason += f", the last of {self.patience} evaluations in a row above it"
+        return Alarm(True, step, self.describe(), reason + (f"; {DEFAULT_RULE_MEASURED}" if self == DEFAULT_RULE else ""))
 
 
 @dataclass(frozen=True)
@@ -146,7 +154,7 @@ class Alarm:
 # (benchmarks/detection), and what leave-one-sweep-out validation measured for the procedure that chose it. A test
 # recomputes both from the corpus.
 DEFAULT_RULE = Rule("power_law_departure", 0.05, patience=2)
-DEFAULT_RULE_MEASURED = "measured on held-out sweeps of the lab: precision –, recall –"
+DEFAULT_RULE_MEASURED = "validated on held-out sweeps of the lab: precision –, recall –"
 
 
 @dataclass(frozen=True)
@@ -340,7 +348,7 @@ def measured_text(report: Mapping[str, Any], max_lag: int = 2) -> str:
     """What the validation measured, in one line: the text the default rule's alarms carry."""
     s, folds = report["pooled"], report["folds"]
     runs = s.hits + s.misses + s.false_alarms + s.quiet
-    return (f"measured on {runs} lab runs of {len(folds)} sweeps, each left out in turn: precision "
+    return (f"validated on {runs} lab runs of {len(folds)} sweeps, each left out in turn: precision "
             f"{_pct(s.precision)}, recall {_pct(s.recall)} ({_pct(s.timely_recall)} within {max_lag} evaluations "
             f"of the golden minimum)")
 

@@ -1,4 +1,4 @@
-"""Show runs: the paper's figures, both verdicts, a standalone HTML report and a terminal summary.
+"""Show runs: the paper's figures, the three verdicts, a standalone HTML report and a terminal summary.
 
 Every function here takes run folders or lab folders (read through ``teacherhack.rundir``).
 """
@@ -234,7 +234,9 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) 
         "rise.png": (plot_rise, "How far each run ends above its minimum: golden (and the NLL of real held-out "
                                 "responses) minus its minimum, ±1 paired SE."),
         "curves.png": (plot_curves, "Training loss, proxy and golden against epoch, ±1 SE (the paper's Figure 5)."),
-        "power_law.png": (plot_power_law, "Proxy on log-log axes against its early power law."),
+        "power_law.png": (plot_power_law, "Proxy on log-log axes against the power law fitted on the first third of "
+                                          "the run (the detector's alarm, a cross, comes from fits on the "
+                                          "evaluations before it, as a live monitor makes them)."),
         "signals.png": (plot_signals, "The oracle-free signals, with each run's golden minimum (star) and the "
                                       "detector's alarm (cross)."),
         "cost.png": (plot_cost, "Golden against the cost of the data: generated tokens and wall time."),
@@ -263,7 +265,7 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) 
 
 
 def summarise(runs: Sequence[Run]) -> str:
-    """A short fixed-width table for the terminal: final metrics and both verdicts per run."""
+    """A short fixed-width table for the terminal: final metrics and the three verdicts per run."""
     head = ["run", "source", "evals", "final proxy", "final golden", "best golden @step", "golden", "reference",
             "detector"]
     rows = [head]
