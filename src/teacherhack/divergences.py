@@ -186,6 +186,12 @@ class _ChunkedDivergence(torch.autograd.Function):
         return (None, None, None, None, *grads)
 
 
+def _tempered(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+    """logits / τ in ``dtype``; at τ = 1 no [rows, V] copy is made beyond the dtype cast (x / 1 is exact)."""
+    logits = logits.to(dtype)
+    return logits if temperature == 1.0 else logits / temperature
+
+
 class _ForwardKL(torch.autograd.Function):
     """Σ_rows w · KL(p‖q) with p = softmax(teacher/τ) fixed and q = softmax(student/τ), and its gradient in closed
     form, w·(q − p)/τ per row: the same values as the generic path (same row formula), a third of its passes
@@ -193,8 +199,8 @@ class _ForwardKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t_logits, s_logits, w, temperature, compute_dtype):  # type: ignore[override]
-        log_p = torch.log_softmax(t_logits.to(compute_dtype) / temperature, dim=-1)
-        log_q = torch.log_softmax(s_logits.to(compute_dtype) / temperature, dim=-1)
+        log_p = torch.log_softmax(_tempered(t_logits, temperature, compute_dtype), dim=-1)
+        log_q = torch.log_softmax(_tempered(s_logits, temperature, compute_dtype), dim=-1)
         ctx.save_for_backward(log_p, log_q, w)
         ctx.temperature, ctx.dtype = temperature, s_logits.dtype
         return (_kl_rows(log_p, log_q).to(torch.float64) * w).sum()
@@ -245,8 +251,8 @@ def token_divergence(
         selected = w != 0
         if forward and not t_logits.requires_grad:  # the main loss, with its gradient in closed form
             return _ForwardKL.apply(t_logits[selected], s_logits[selected], w[selected], temperature, compute_dtype)
-        log_p = torch.log_softmax(t_logits[selected].to(compute_dtype) / temperature, dim=-1)
-        log_q = torch.log_softmax(s_logits[selected].to(compute_dtype) / temperature, dim=-1)
+        log_p = torch.log_softmax(_tempered(t_logits[selected], temperature, compute_dtype), dim=-1)
+        log_q = torch.log_softmax(_tempered(s_logits[selected], temperature, compute_dtype), dim=-1)
         rows = _divergence_rows(log_p, log_q, divergence, beta, alpha)
         return (rows.to(torch.float64) * w[selected]).sum()
 
