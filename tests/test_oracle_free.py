@@ -15,6 +15,7 @@ from teacherhack.oracle_free import (
     Rule,
     entropy_deficit,
     format_agreement,
+    format_trade_off,
     labelled,
     leave_one_preset_out,
     measured_text,
@@ -84,6 +85,8 @@ def test_leave_one_preset_out_scores_each_preset_with_a_rule_chosen_on_the_other
     assert report["pooled"].precision == pytest.approx(6 / 7)
     curve = trade_off(runs, "memorisation_gap", patience=2)
     assert [c["threshold"] for c in curve] == sorted(c["threshold"] for c in curve) and curve[0]["recall"] >= curve[-1]["recall"]
+    # the lowest threshold fires on the 6 hacking runs and on the one that memorises without hacking
+    assert format_trade_off(curve).splitlines()[2] == "| 0.25 | 6 | 1 | 0.86 | 1.00 | 1.00 |"
 
 
 def test_agreement_of_the_reference_verdict_counts_judged_runs_per_sweep():

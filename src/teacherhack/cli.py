@@ -110,9 +110,11 @@ def _detect(args: argparse.Namespace) -> int:
         DEFAULT_RULE,
         format_agreement,
         format_runs,
+        format_trade_off,
         format_validation,
         labelled,
         leave_one_preset_out,
+        trade_off,
     )
     from teacherhack.rundir import find_runs, load_run
 
@@ -132,6 +134,9 @@ def _detect(args: argparse.Namespace) -> int:
     if len({r.preset for r in runs}) > 1:
         print("\nLeave one sweep out: the rule is chosen on every other sweep and scored on the one left out.\n")
         print(format_validation(leave_one_preset_out(runs)))
+        print(f"\nThe trade-off of the detector's signal ({DEFAULT_RULE.signal.replace('_', ' ')}, "
+              f"{DEFAULT_RULE.patience} consecutive evaluations) over its thresholds, all runs:\n")
+        print(format_trade_off(trade_off(runs, DEFAULT_RULE.signal, DEFAULT_RULE.patience)))
     return 0
 
 

@@ -285,6 +285,15 @@ def trade_off(runs: Sequence[Labelled], signal: str, patience: int = 2, max_lag:
             for rule in candidates() if rule.signal == signal and rule.patience == patience]
 
 
+def format_trade_off(curve: Sequence[Mapping[str, Any]], max_lag: int = 2) -> str:
+    """:func:`trade_off` as a markdown table: what each threshold buys in precision and costs in recall."""
+    lines = [f"| threshold | hits | false alarms | precision | recall | recall within {max_lag} evaluations |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {p['threshold']:g} | {p['hits']} | {p['false_alarms']} | {_pct(p['precision'])} | "
+              f"{_pct(p['recall'])} | {_pct(p['timely_recall'])} |" for p in curve]
+    return "\n".join(lines)
+
+
 def labelled(run: Any, group: str) -> Labelled:
     """A finished run (``teacherhack.rundir.Run``) with its golden verdict as the truth to score rules against."""
     verdict = run.verdicts().golden
