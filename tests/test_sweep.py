@@ -111,6 +111,7 @@ def test_sweep_shares_upstream_and_resumes_after_a_kill(tiny_config: cfg.LabConf
     docs = tmp_path / "docs"
     (docs / "reproduction" / "sweep").mkdir(parents=True)  # notes and figures go by the sweep's folder
     (docs / "reproduction" / "sweep" / "NOTES.md").write_text("Tried twice; see the issue.")
+    (docs / "reproduction" / "NOTES.md").write_text("What this record holds.")
     write_reproduction([out], docs / "REPRODUCTION.md")
     record = (docs / "REPRODUCTION.md").read_text()
     command = next(line for line in record.splitlines() if line.startswith("Command: "))
@@ -118,6 +119,7 @@ def test_sweep_shares_upstream_and_resumes_after_a_kill(tiny_config: cfg.LabConf
     settings = shlex.split(command.split("--preset quick", 1)[1].split("`", 1)[0])[1::2]
     assert cfg.apply_overrides(cfg.resolve("quick"), cfg.parse_assignments(settings)) == tiny_config  # rerunnable
     assert summary["machine"] in record and "Tried twice; see the issue." in record and "| offline | 1 |" in record
+    assert record.index("What this record holds.") < record.index("## `sweep`")  # the record's own notes first
     assert f"| [`sweep`](#sweep) | 3 | 1 | {summary['wall_seconds'] / 60:.0f} min | " in record
     assert "![cost](reproduction/sweep/cost.png)" in record
     assert (docs / "reproduction" / "sweep" / "cost.png").read_bytes().startswith(b"\x89PNG")

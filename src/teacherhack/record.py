@@ -15,7 +15,8 @@ from teacherhack.sweeps import SWEEPS
 def write_reproduction(sweep_dirs: list[Path], path: Path, command_prefix: str = "teacherhack sweep") -> None:
     """docs/REPRODUCTION.md from finished sweeps: per sweep folder the command (with every ``--set`` its base
     configuration needs), machine, wall time, figures and findings, exactly as measured (regenerate it rather
-    than edit it). Hand-written notes come from ``reproduction/FOLDER/NOTES.md`` next to the record."""
+    than edit it). Hand-written notes come from ``reproduction/NOTES.md`` (the whole record) and
+    ``reproduction/FOLDER/NOTES.md`` (one sweep) next to the record."""
     figures = path.parent / "reproduction"
     sweeps = [(d, json.loads((d / "sweep.json").read_text()), json.loads((d / "findings.json").read_text()))
               for d in sweep_dirs]
@@ -34,6 +35,9 @@ def write_reproduction(sweep_dirs: list[Path], path: Path, command_prefix: str =
                  f"{sum(f['reproduced'] for f in summary['findings'])}/{len(summary['findings'])}") + " |"
               for sweep_dir, _, summary in sweeps]
     lines.append("")
+    intro = figures / "NOTES.md"  # hand-written context for the whole record (what it holds, what it does not)
+    if intro.exists():
+        lines += [intro.read_text().strip(), ""]
     for sweep_dir, plan, summary in sweeps:  # a section per folder: a preset may be swept twice (e.g. longer)
         base = cfg.from_dict(plan["base"])
         options = ([f"--preset {base.preset}"] if base.preset != "default" else []) + [
