@@ -218,8 +218,9 @@ def test_ctrl_c_stops_every_run_exits_130_and_the_same_command_resumes(tiny_task
                "--cache", str(tmp_path / "cache"), "--jobs", "2",
                *[arg for k, v in sets.items() for arg in ("--set", f"{k}={v}")]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # started as a script's background job is (SIGINT ignored): an interrupt must still stop it cleanly
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.time() + 300
     while not (tmp_path / "out" / "offline" / "checkpoint" / "state.json").exists():  # stage 2 is under way
         assert process.poll() is None and time.time() < deadline, process.communicate()

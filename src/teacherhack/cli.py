@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -231,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # started with SIGINT ignored (a background job of a script): an interrupt still means "stop cleanly,
+        # resumable", for this process and the workers it spawns
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return args.func(args)
     except UserError as error:
