@@ -154,7 +154,9 @@ class Alarm:
 # (benchmarks/detection), and what leave-one-sweep-out validation measured for the procedure that chose it. A test
 # recomputes both from the corpus.
 DEFAULT_RULE = Rule("power_law_departure", 0.05, patience=2)
-DEFAULT_RULE_MEASURED = "validated on held-out sweeps of the lab: precision –, recall –"
+DEFAULT_RULE_MEASURED = ("validated on 53 lab runs of 4 sweeps, each left out in turn: precision 0.56, recall 0.71 "
+                         "(0.62 within 2 evaluations of the golden minimum), where an alarm on every run would have "
+                         "precision 0.64: a reason to look, not a verdict")
 
 
 @dataclass(frozen=True)
@@ -359,7 +361,8 @@ def measured_text(report: Mapping[str, Any], max_lag: int = 2) -> str:
     runs = s.hits + s.misses + s.false_alarms + s.quiet
     return (f"validated on {runs} lab runs of {len(folds)} sweeps, each left out in turn: precision "
             f"{_pct(s.precision)}, recall {_pct(s.recall)} ({_pct(s.timely_recall)} within {max_lag} evaluations "
-            f"of the golden minimum)")
+            f"of the golden minimum), where an alarm on every run would have precision "
+            f"{_pct((s.hits + s.misses) / runs if runs else math.nan)}: a reason to look, not a verdict")
 
 
 def _pct(value: float) -> str:
