@@ -65,6 +65,7 @@ def _inline(jobs: list[Job]) -> Iterator[tuple[str, Any]]:
 def _child(job: Job, results: Any) -> None:
     """A worker process: run one job and send back its result or its exception."""
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending Ctrl-C arrives here, inside the try
         results.put((job.name, True, job.fn(*job.args, **job.kwargs)))
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopping already: a second Ctrl-C must not break the exit
@@ -85,7 +86,13 @@ def _processes(jobs: list[Job], parallel: int) -> Iterator[tuple[str, Any]]:
             while waiting and failure is None and len(running) < parallel:
                 job = waiting.pop(0)
                 running[job.name] = context.Process(target=_child, args=(job, results), name=f"teacherhack {job.name}")
-                running[job.name].start()
+                # a Ctrl-C while the worker imports would kill it with a traceback: it starts with SIGINT blocked
+                # (pending, not lost) and unblocks it once its job can stop cleanly
+                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                try:
+                    running[job.name].start()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             try:
                 name, ok, value = results.get(timeout=1.0)
             except queue.Empty:
