@@ -185,8 +185,8 @@ def test_run_verdicts_on_a_lab(tmp_path):
     off, on = (run.verdicts() for run in load_runs([tmp_path]))
     assert off.golden.hacking and off.golden.min_step == 900 and off.reference is None
     assert not on.golden.hacking and on.reference is None
-    if DEFAULT_RULE.signal == "power_law_departure":
-        assert off.detector.fired and 900 < off.detector.step <= 1600 and not on.detector.fired
+    assert DEFAULT_RULE.signal == "power_law_departure"
+    assert off.detector.fired and 900 < off.detector.step <= 1600 and not on.detector.fired
     for run, verdicts in zip(load_runs([tmp_path]), (off, on)):
         assert verdicts.detector == DEFAULT_RULE.verdict(run.metrics, run.per_sample, run.settings)
 

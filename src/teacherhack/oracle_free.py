@@ -216,13 +216,14 @@ def signal_values(runs: Iterable[Labelled]) -> dict[tuple[str, str, str], np.nda
 def score(rule: Rule, runs: Iterable[Labelled], max_lag: int = 2,
           values: Mapping[tuple[str, str, str], np.ndarray] | None = None) -> Score:
     """How ``rule`` does on ``runs`` (``values``: their signals from :func:`signal_values`, else computed here)."""
+    runs = list(runs)
+    values = signal_values(runs) if values is None else values
     hits = misses = false_alarms = quiet = timely = 0
     lags: list[int] = []
     for run in runs:
         if not run.hacking and not run.judged:
             continue  # not known yet: neither an alarm nor silence can be scored
-        fired = (rule.alarm(run.rows, run.per_sample, run.settings) if values is None
-                 else rule.first_alarm(values[run.preset, run.name, rule.signal]))
+        fired = rule.first_alarm(values[run.preset, run.name, rule.signal])
         if run.hacking and fired is not None:
             hits += 1
             lags.append(fired - run.min_index)

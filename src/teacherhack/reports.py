@@ -147,7 +147,7 @@ def plot_signals(runs: Sequence[Run], path: str | Path) -> None:
             best = int(np.argmin(run.series("golden")))
             if math.isfinite(values[best]):
                 ax.plot(steps[best], values[best], "*", ms=12, mfc=style["color"], mec="black", zorder=4)
-            alarm = DEFAULT_RULE.alarm(run.metrics, run.per_sample, run.settings) if name == DEFAULT_RULE.signal else None
+            alarm = DEFAULT_RULE.first_alarm(values) if name == DEFAULT_RULE.signal else None
             if alarm is not None:
                 ax.plot(steps[alarm], values[alarm], "X", ms=11, mfc=style["color"], mec="black", zorder=4)
         if name == DEFAULT_RULE.signal:
