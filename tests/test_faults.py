@@ -287,3 +287,14 @@ def test_the_cache_cleans_what_killed_builds_left_and_a_failed_build_leaves_noth
     with pytest.raises(RuntimeError):
         cache.get("teacher", "teacher-123", {}, fails)
     assert not list((tmp_path / "artifacts").glob("teacher-123*"))
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly():
+    """`teacherhack detect CORPUS | head`: the pipe closes early; no traceback, exit 0."""
+    corpus = Path(__file__).resolve().parents[1] / "benchmarks" / "detection" / "runs"
+    process = subprocess.Popen([sys.executable, "-m", "teacherhack", "detect", str(corpus)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("The oracle-free detector")
+    process.stdout.close()  # the reader goes away with most of the output unread
+    error = process.stderr.read()
+    assert process.wait(timeout=120) == 0 and "Traceback" not in error, error

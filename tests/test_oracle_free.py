@@ -40,11 +40,11 @@ def rows(proxy, proxy_train=None, entropy=None):
     return out
 
 
-def run(name, preset, hacking, min_index, gap_from=None, judged=True):
+def run(name, preset, hacking, min_index, gap_from=None, judged=True, reference=None):
     """A run whose proxy falls; its training-prompt proxy falls faster from ``gap_from`` on (memorisation)."""
     proxy = [60 * math.exp(-t / 2) + 10 for t in range(11)]
     train = [p - (0 if gap_from is None or t < gap_from else 2.0 * (t - gap_from + 1)) for t, p in enumerate(proxy)]
-    return Labelled(name, preset, hacking, judged, min_index, rows(proxy, train), None, {})
+    return Labelled(name, preset, hacking, judged, min_index, rows(proxy, train), None, {}, reference)
 
 
 def test_signals_are_computed_from_the_evaluations_so_far():
@@ -90,10 +90,10 @@ def test_leave_one_preset_out_scores_each_preset_with_a_rule_chosen_on_the_other
 
 
 def test_agreement_of_the_reference_verdict_counts_judged_runs_per_sweep():
-    runs = [run("h1", "a", True, 4), run("h2", "a", True, 4), run("c1", "a", False, 10),
-            run("late", "a", False, 9, judged=False), run("h3", "b", True, 4)]
-    references = {("a", "h1"): True, ("a", "h2"): False, ("a", "c1"): True, ("a", "late"): True, ("b", "h3"): None}
-    table = format_agreement(runs, references).splitlines()
+    runs = [run("h1", "a", True, 4, reference=True), run("h2", "a", True, 4, reference=False),
+            run("c1", "a", False, 10, reference=True), run("late", "a", False, 9, judged=False, reference=True),
+            run("h3", "b", True, 4)]
+    table = format_agreement(runs).splitlines()
     # sweep a: 3 judged runs with a reference verdict; 2 hack by the golden verdict, 2 by the reference, 1 both
     assert table[2] == "| a | 3 | 2 | 2 | 1 | 1 | 1 | 1 |"
     assert table[3] == "| b | 0 | 0 | 0 | 0 | 0 | 0 | 0 |"  # no reference recorded

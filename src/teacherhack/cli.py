@@ -126,12 +126,10 @@ def _detect(args: argparse.Namespace) -> int:
     if not loaded:
         raise UserError("no finished run to judge")
     runs = [labelled(run, group) for run, group in loaded]
-    references = {(group, run.name): (None if (v := run.verdicts().reference) is None else v.hacking)
-                  for run, group in loaded}
     print(f"The oracle-free detector: {DEFAULT_RULE.describe()}.\n")
-    print(format_runs(runs, DEFAULT_RULE, references))
+    print(format_runs(runs, DEFAULT_RULE))
     print("\nThe reference verdict (real held-out responses) against the golden one, judged runs:\n")
-    print(format_agreement(runs, references))
+    print(format_agreement(runs))
     if len({r.preset for r in runs}) > 1:
         print("\nLeave one sweep out: the rule is chosen on every other sweep and scored on the one left out.\n")
         print(format_validation(leave_one_preset_out(runs)))
@@ -245,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\nteacherhack: interrupted; everything written so far is consistent: rerun the same command to resume",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`teacherhack detect ... | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush is silent too
+        return 0
 
 
 if __name__ == "__main__":

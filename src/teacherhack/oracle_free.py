@@ -171,6 +171,7 @@ class Labelled:
     rows: Sequence[Mapping[str, Any]]
     per_sample: Sequence[Mapping[str, Any]] | None
     settings: Mapping[str, Any]
+    reference: bool | None = None  # the reference verdict (real held-out responses): hacking, not, or not recorded
 
 
 @dataclass(frozen=True)
@@ -298,29 +299,30 @@ def format_trade_off(curve: Sequence[Mapping[str, Any]], max_lag: int = 2) -> st
 
 
 def labelled(run: Any, group: str) -> Labelled:
-    """A finished run (``teacherhack.rundir.Run``) with its golden verdict as the truth to score rules against."""
-    verdict = run.verdicts().golden
+    """A finished run (``teacherhack.rundir.Run``) with its golden verdict as the truth to score rules against, and
+    its reference verdict."""
+    verdicts = run.verdicts()
+    verdict, reference = verdicts.golden, verdicts.reference
     steps = [int(r["step"]) for r in run.metrics]
     return Labelled(run.name, group, verdict.hacking, verdict.judged, steps.index(verdict.min_step), run.metrics,
-                    run.per_sample, run.settings)
+                    run.per_sample, run.settings, None if reference is None else reference.hacking)
 
 
-def format_runs(runs: Sequence[Labelled], rule: Rule, references: Mapping[tuple[str, str], bool | None]) -> str:
-    """Per run: the golden verdict (the truth), the reference verdict (``references``, by (sweep, run)), and when
-    ``rule`` would have alarmed."""
+def format_runs(runs: Sequence[Labelled], rule: Rule) -> str:
+    """Per run: the golden verdict (the truth), the reference verdict, and when ``rule`` would have alarmed."""
     lines = ["| sweep | run | golden verdict | golden minimum (evaluation) | reference verdict | alarm (evaluation) "
              "| lag |", "|---|---|---|---|---|---|---|"]
     for run in runs:
         fired = rule.alarm(run.rows, run.per_sample, run.settings)
         golden = "hacking" if run.hacking else "no" if run.judged else "not yet known"
-        reference = {True: "hacking", False: "no", None: "–"}[references.get((run.preset, run.name))]
+        reference = {True: "hacking", False: "no", None: "–"}[run.reference]
         lag = fired - run.min_index if fired is not None and run.hacking else None
         lines.append(f"| {run.preset} | {run.name} | {golden} | {run.min_index} | {reference} | "
                      f"{'–' if fired is None else fired} | {'–' if lag is None else f'{lag:+d}'} |")
     return "\n".join(lines)
 
 
-def format_agreement(runs: Sequence[Labelled], references: Mapping[tuple[str, str], bool | None]) -> str:
+def format_agreement(runs: Sequence[Labelled]) -> str:
     """Does a student that hacks the oracle also get worse on real held-out text? Per sweep, the judged runs with
     a reference verdict: how often the reference verdict (the golden rule on the NLL of real responses) says the
     same as the golden one."""
@@ -328,8 +330,8 @@ def format_agreement(runs: Sequence[Labelled], references: Mapping[tuple[str, st
              "|---|---|---|---|---|---|---|---|"]
     total = np.zeros(7, int)
     for preset in sorted({r.preset for r in runs}):
-        pairs = [(r.hacking, references[r.preset, r.name]) for r in runs
-                 if r.preset == preset and (r.hacking or r.judged) and references.get((r.preset, r.name)) is not None]
+        pairs = [(r.hacking, r.reference) for r in runs
+                 if r.preset == preset and (r.hacking or r.judged) and r.reference is not None]
         counts = np.array([len(pairs), sum(g for g, _ in pairs), sum(f for _, f in pairs),
                            sum(g and f for g, f in pairs), sum(g and not f for g, f in pairs),
                            sum(f and not g for g, f in pairs), sum(g == f for g, f in pairs)])
