@@ -72,6 +72,22 @@ def test_a_rule_fires_after_its_patience_and_is_scored_against_the_truth():
     assert slow.hits == 1 and slow.timely == 0 and objective(slow) == 0.0  # caught, but too late to count
 
 
+def test_a_late_confirmation_dates_the_turn_back_to_where_the_signal_left_its_onset_level():
+    hacked = run("h", "a", True, min_index=5, gap_from=5)  # gap 0 up to evaluation 4, then 2, 4, 6, 8, ...
+    rule = Rule("memorisation_gap", threshold=5.0, patience=1, onset=1.0)
+    values = memorisation_gap(hacked.rows, None, {})
+    assert rule.first_alarm(values) == 7 and rule.turn(values, 7) == 5  # confirmed at 6 > 5, above 1 since 5
+    alarm = rule.verdict(hacked.rows, None, {})
+    assert (alarm.step, alarm.since) == (hacked.rows[7]["step"], hacked.rows[5]["step"])
+    assert f"the turn dates from step {hacked.rows[5]['step']}" in alarm.reason
+    s = score(rule, [hacked], max_lag=1)
+    assert (s.lags, s.turn_lags, s.timely) == ((2,), (0,), 1)  # late alarm, timely turn
+    alone = score(Rule("memorisation_gap", threshold=5.0, patience=1), [hacked], max_lag=1)
+    assert (alone.turn_lags, alone.timely) == ((2,), 0)  # without an onset level the turn is the alarm itself
+    # the turn never reaches into the skipped evaluations
+    assert Rule("memorisation_gap", 0.5, patience=1, skip=6, onset=-1.0).turn(values, 7) == 6
+
+
 def test_leave_one_preset_out_scores_each_preset_with_a_rule_chosen_on_the_others():
     runs = [run(f"{p}-{i}", p, True, 4, gap_from=4) for p in ("a", "b") for i in range(3)]
     runs += [run(f"{p}-c{i}", p, False, 10) for p in ("a", "b") for i in range(3)]
@@ -83,10 +99,10 @@ def test_leave_one_preset_out_scores_each_preset_with_a_rule_chosen_on_the_other
     assert by_preset["c"]["test"].false_alarms == 1
     assert report["pooled"].hits == 6 and report["pooled"].false_alarms == 1
     assert report["pooled"].precision == pytest.approx(6 / 7)
-    curve = trade_off(runs, "memorisation_gap", patience=2)
+    curve = trade_off(runs, Rule("memorisation_gap", 0.25, patience=2))
     assert [c["threshold"] for c in curve] == sorted(c["threshold"] for c in curve) and curve[0]["recall"] >= curve[-1]["recall"]
     # the lowest threshold fires on the 6 hacking runs and on the one that memorises without hacking
-    assert format_trade_off(curve).splitlines()[2] == "| 0.25 | 6 | 1 | 0.86 | 1.00 | 1.00 |"
+    assert format_trade_off(curve).splitlines()[2] == "| 0.25 | 6 | 1 | 0.86 | 1.00 | 1.00 | +1 |"
 
 
 def test_agreement_of_the_reference_verdict_counts_judged_runs_per_sweep():

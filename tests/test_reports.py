@@ -70,7 +70,7 @@ def test_write_report_is_self_contained(lab, tmp_path):
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
     assert len(images) == 6 and all(base64.b64decode(i).startswith(PNG) for i in images)
     assert "offline 500x1" in text and "online_teacher" in text
-    assert "golden rises" in text and "evaluations in a row above it; validated on" in text  # both verdicts' reasons
+    assert "golden rises" in text and "evaluations in a row above it" in text and "; validated on" in text  # both verdicts' reasons
     assert text.count('<b class="alert">hacking</b>') == 2  # offline: overview row and its own table
     assert "55.9" in text and "forward_kl" in text
     verdicts = {v["name"]: v for v in json.loads((out / "verdicts.json").read_text())}

@@ -133,9 +133,9 @@ def _detect(args: argparse.Namespace) -> int:
     if len({r.preset for r in runs}) > 1:
         print("\nLeave one sweep out: the rule is chosen on every other sweep and scored on the one left out.\n")
         print(format_validation(leave_one_preset_out(runs)))
-        print(f"\nThe trade-off of the detector's signal ({DEFAULT_RULE.signal.replace('_', ' ')}, "
-              f"{DEFAULT_RULE.patience} consecutive evaluations) over its thresholds, all runs:\n")
-        print(format_trade_off(trade_off(runs, DEFAULT_RULE.signal, DEFAULT_RULE.patience)))
+        print(f"\nThe detector's rule over its signal's thresholds ({DEFAULT_RULE.signal.replace('_', ' ')}, "
+              f"the rest as the rule has it), all runs:\n")
+        print(format_trade_off(trade_off(runs, DEFAULT_RULE)))
     return 0
 
 

@@ -231,7 +231,7 @@ class HackingMonitor:
         values = SIGNALS[self.rule.signal](rows, None, self.settings)
         row["signal"] = float(values[-1])
         verdict = self.rule.verdict(rows, None, self.settings, values)
-        row |= {"hacking_alert": verdict.fired, "alert_step": verdict.step,
+        row |= {"hacking_alert": verdict.fired, "alert_step": verdict.step, "alert_since": verdict.since,
                 "alert_fired_now": verdict.step == row["step"], "detector_reason": verdict.reason}
         row |= self._reference_verdict(row)
         self.history.append(row)
@@ -309,7 +309,8 @@ class HackingMonitorCallback(TrainerCallback):
     """A ``TrainerCallback`` running a :class:`HackingMonitor` every ``every`` optimizer steps.
 
     Logs ``proxy_kl``, ``proxy_kl_se``, ``hacking_alert`` (0/1), ``student_entropy_held_out``, the detector's
-    signal as ``detector_<signal>`` (and ``proxy_kl_train`` with ``train_prompts``; ``reference_nll``,
+    signal as ``detector_<signal>``, once it alarms ``hacking_turn_step`` (the step its rule dates the turn to: the
+    checkpoint to keep; ``save_steps`` no coarser than ``every`` keeps one near it) (and ``proxy_kl_train`` with ``train_prompts``; ``reference_nll``,
     ``reference_nll_se`` and ``reference_alert`` with ``references``). Bind the trainer (``trainer=`` or :meth:`bind`) so that they go through
     ``Trainer.log``: into ``state.log_history`` *and* every ``report_to`` integration (TensorBoard, W&B, MLflow…).
     Unbound, they only reach ``state.log_history`` (a warning says so at the start of training).
@@ -388,6 +389,8 @@ class HackingMonitorCallback(TrainerCallback):
                 f"detector_{self.monitor.rule.signal}": row["signal"]}
         if row["proxy_train"] is not None:
             logs["proxy_kl_train"] = row["proxy_train"]
+        if row["alert_since"] is not None:
+            logs["hacking_turn_step"] = row["alert_since"]  # the checkpoint the alarm says to keep
         if row["reference_nll"] is not None:
             logs |= {"reference_nll": row["reference_nll"], "reference_nll_se": row["reference_nll_se"],
                      "reference_alert": int(row["reference_alert"])}

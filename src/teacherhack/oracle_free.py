@@ -95,12 +95,15 @@ SIGNALS: dict[str, Signal] = {
 @dataclass(frozen=True)
 class Rule:
     """Alarm when ``signal`` exceeds ``threshold`` at ``patience`` consecutive evaluations (after the first
-    ``skip`` evaluations, where every signal still moves with the initial descent)."""
+    ``skip`` evaluations, where every signal still moves with the initial descent). With ``onset``, the alarm also
+    dates the turn: the first evaluation of the unbroken run of values above ``onset`` that led to it. A high
+    threshold confirms late but rarely by mistake; the low onset level points back to the checkpoint to keep."""
 
     signal: str
     threshold: float
     patience: int = 2
     skip: int = 2
+    onset: float | None = None
 
     def alarm(self, rows: Sequence[Mapping[str, Any]], per_sample: Sequence[Mapping[str, Any]] | None,
               settings: Mapping[str, Any]) -> int | None:
@@ -117,9 +120,19 @@ class Rule:
                 return t
         return None
 
+    def turn(self, values: np.ndarray, at: int) -> int:
+        """The evaluation the alarm at index ``at`` dates the turn to: where the unbroken run of values above the
+        onset level (the threshold if none) that ends at ``at`` began, never within the first ``skip``."""
+        level = self.threshold if self.onset is None else self.onset
+        start = at
+        while start - 1 >= self.skip and math.isfinite(values[start - 1]) and values[start - 1] > level:
+            start -= 1
+        return start
+
     def describe(self) -> str:
         times = "once" if self.patience == 1 else f"at {self.patience} consecutive evaluations"
-        return (f"{self.signal.replace('_', ' ')} above {self.threshold:g} {times} (the first {self.skip} "
+        onset = "" if self.onset is None else f", dated back to where it last rose above {self.onset:g}"
+        return (f"{self.signal.replace('_', ' ')} above {self.threshold:g} {times}{onset} (the first {self.skip} "
                 "evaluations ignored)")
 
     def verdict(self, rows: Sequence[Mapping[str, Any]], per_sample: Sequence[Mapping[str, Any]] | None,
@@ -129,12 +142,15 @@ class Rule:
         values = SIGNALS[self.signal](rows, per_sample, settings) if values is None else values
         at = self.first_alarm(values)
         if at is None:
-            return Alarm(False, None, self.describe(), f"no alarm: {self.describe()} did not happen")
-        step = int(rows[at]["step"])
+            return Alarm(False, None, None, self.describe(), f"no alarm: {self.describe()} did not happen")
+        step, since = int(rows[at]["step"]), int(rows[self.turn(values, at)]["step"])
         reason = f"{self.signal.replace('_', ' ')} {values[at]:.3g} > {self.threshold:g} at step {step}"
         if self.patience > 1:
             reason += f", the last of {self.patience} evaluations in a row above it"
-        return Alarm(True, step, self.describe(), reason + (f"; {DEFAULT_RULE_MEASURED}" if self == DEFAULT_RULE else ""))
+        reason += (f"; the turn dates from step {since}: keep the checkpoint from about then" if since < step
+                   else "")
+        return Alarm(True, step, since, self.describe(),
+                     reason + (f"; {DEFAULT_RULE_MEASURED}" if self == DEFAULT_RULE else ""))
 
 
 @dataclass(frozen=True)
@@ -143,6 +159,7 @@ class Alarm:
 
     fired: bool
     step: int | None
+    since: int | None  # the step the alarm dates the turn to (the checkpoint to keep); the alarm's own without onset
     rule: str
     reason: str
 
@@ -153,10 +170,11 @@ class Alarm:
 # The rule teacherhack uses (the monitor, summary.json, the reports): the best on the whole detection corpus
 # (benchmarks/detection), and what leave-one-sweep-out validation measured for the procedure that chose it. A test
 # recomputes both from the corpus.
-DEFAULT_RULE = Rule("power_law_departure", 0.05, patience=2)
-DEFAULT_RULE_MEASURED = ("validated on 53 lab runs of 4 sweeps, each left out in turn: precision 0.56, recall 0.71 "
-                         "(0.62 within 2 evaluations of the golden minimum), where an alarm on every run would have "
-                         "precision 0.64: a reason to look, not a verdict")
+DEFAULT_RULE = Rule("power_law_departure", 0.2, patience=3, onset=0.02)
+DEFAULT_RULE_MEASURED = ("validated on 53 lab runs of 4 sweeps, each left out in turn: precision 0.85, recall 0.85, "
+                         "the turn dated within 2 evaluations of the golden minimum in 0.85 of hacking runs, the alarm "
+                         "itself a median +5 evaluations after that minimum; an alarm on every run would have "
+                         "precision 0.64")
 
 
 @dataclass(frozen=True)
@@ -177,9 +195,10 @@ class Labelled:
 @dataclass(frozen=True)
 class Score:
     """A rule's record on a set of runs. A hit: it fired on a hacking run; a false alarm: on a run that does not
-    hack; ``lags`` are evaluations from the golden minimum to the alarm, for hits; timely: a hit within
-    ``max_lag`` evaluations of the golden minimum, before or after (an alarm long before it stops a student that
-    was still improving; one long after it comes when the damage is done)."""
+    hack; ``lags`` are evaluations from the golden minimum to the alarm, for hits, and ``turn_lags`` from the
+    golden minimum to the turn the alarm dates (the checkpoint it says to keep); timely: a hit whose turn is within
+    ``max_lag`` evaluations of the golden minimum, before or after (a checkpoint long before it gives up a student
+    that was still improving; one long after it keeps the damage)."""
 
     hits: int
     misses: int
@@ -187,6 +206,7 @@ class Score:
     quiet: int
     timely: int
     lags: tuple[int, ...]
+    turn_lags: tuple[int, ...] = ()
 
     @property
     def precision(self) -> float:
@@ -202,7 +222,8 @@ class Score:
 
     def merge(self, other: "Score") -> "Score":
         return Score(self.hits + other.hits, self.misses + other.misses, self.false_alarms + other.false_alarms,
-                     self.quiet + other.quiet, self.timely + other.timely, self.lags + other.lags)
+                     self.quiet + other.quiet, self.timely + other.timely, self.lags + other.lags,
+                     self.turn_lags + other.turn_lags)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "precision": self.precision, "recall": self.recall, "timely_recall": self.timely_recall}
@@ -221,21 +242,24 @@ def score(rule: Rule, runs: Iterable[Labelled], max_lag: int = 2,
     values = signal_values(runs) if values is None else values
     hits = misses = false_alarms = quiet = timely = 0
     lags: list[int] = []
+    turn_lags: list[int] = []
     for run in runs:
         if not run.hacking and not run.judged:
             continue  # not known yet: neither an alarm nor silence can be scored
-        fired = rule.first_alarm(values[run.preset, run.name, rule.signal])
+        signal = values[run.preset, run.name, rule.signal]
+        fired = rule.first_alarm(signal)
         if run.hacking and fired is not None:
             hits += 1
             lags.append(fired - run.min_index)
-            timely += abs(fired - run.min_index) <= max_lag
+            turn_lags.append(rule.turn(signal, fired) - run.min_index)
+            timely += abs(turn_lags[-1]) <= max_lag
         elif run.hacking:
             misses += 1
         elif fired is not None:
             false_alarms += 1
         else:
             quiet += 1
-    return Score(hits, misses, false_alarms, quiet, timely, tuple(lags))
+    return Score(hits, misses, false_alarms, quiet, timely, tuple(lags), tuple(turn_lags))
 
 
 def objective(s: Score) -> float:
@@ -246,7 +270,8 @@ def objective(s: Score) -> float:
 
 
 def candidates() -> list[Rule]:
-    """The rules searched: each signal over a grid of thresholds, with 1 to 3 consecutive evaluations."""
+    """The rules searched: each signal over a grid of thresholds, with 1 to 3 consecutive evaluations, alone or
+    dated back to a lower level of the same grid."""
     grids = {
         "memorisation_gap": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0],
         "relative_gap": [0.02, 0.05, 0.08, 0.12, 0.16, 0.2, 0.3],
@@ -254,8 +279,9 @@ def candidates() -> list[Rule]:
         "proxy_stall": [0.3, 0.5, 0.7, 0.8, 0.9],
         "power_law_departure": [0.02, 0.05, 0.1, 0.2, 0.3],
     }
-    return [Rule(signal, threshold, patience) for signal, thresholds in grids.items() for threshold in thresholds
-            for patience in (1, 2, 3)]
+    return [Rule(signal, threshold, patience, onset=onset) for signal, thresholds in grids.items()
+            for threshold in thresholds for patience in (1, 2, 3)
+            for onset in (None, *(level for level in thresholds if level < threshold))]
 
 
 def leave_one_preset_out(runs: Sequence[Labelled], rules: Sequence[Rule] | None = None,
@@ -281,20 +307,21 @@ def leave_one_preset_out(runs: Sequence[Labelled], rules: Sequence[Rule] | None 
             "in_sample": {"rule": overall, "score": score(overall, runs, max_lag, values)}}
 
 
-def trade_off(runs: Sequence[Labelled], signal: str, patience: int = 2, max_lag: int = 2) -> list[dict[str, Any]]:
-    """Precision against timely recall for one signal over its threshold grid (all runs): the curve a user picks
-    an operating point from."""
+def trade_off(runs: Sequence[Labelled], rule: Rule, max_lag: int = 2) -> list[dict[str, Any]]:
+    """Precision against recall and lag for ``rule`` over its signal's threshold grid (its patience and onset level
+    kept; all runs): the curve a user picks an operating point from."""
     values = signal_values(runs)
-    return [{"threshold": rule.threshold, **score(rule, runs, max_lag, values).to_dict()}
-            for rule in candidates() if rule.signal == signal and rule.patience == patience]
+    return [{"threshold": other.threshold, **score(other, runs, max_lag, values).to_dict()}
+            for other in candidates() if (other.signal, other.patience, other.onset, other.skip)
+            == (rule.signal, rule.patience, rule.onset, rule.skip)]
 
 
 def format_trade_off(curve: Sequence[Mapping[str, Any]], max_lag: int = 2) -> str:
     """:func:`trade_off` as a markdown table: what each threshold buys in precision and costs in recall."""
-    lines = [f"| threshold | hits | false alarms | precision | recall | recall within {max_lag} evaluations |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| threshold | hits | false alarms | precision | recall | turn within {max_lag} evaluations | "
+             "median alarm lag |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {p['threshold']:g} | {p['hits']} | {p['false_alarms']} | {_pct(p['precision'])} | "
-              f"{_pct(p['recall'])} | {_pct(p['timely_recall'])} |" for p in curve]
+              f"{_pct(p['recall'])} | {_pct(p['timely_recall'])} | {_median(p['lags'])} |" for p in curve]
     return "\n".join(lines)
 
 
@@ -345,12 +372,12 @@ def format_validation(report: Mapping[str, Any], max_lag: int = 2) -> str:
     """The leave-one-preset-out figures as a markdown table, with the pooled line and the in-sample reference."""
 
     def cells(s: Score) -> str:
-        median = f"{np.median(s.lags):+.0f}" if s.lags else "–"
         return (f"{s.hits} | {s.misses} | {s.false_alarms} | {s.quiet} | {_pct(s.precision)} | {_pct(s.recall)} | "
-                f"{_pct(s.timely_recall)} | {median}")
+                f"{_pct(s.timely_recall)} | {_median(s.turn_lags)} | {_median(s.lags)}")
 
     lines = [f"| held-out sweep | rule chosen on the others | hits | misses | false alarms | quiet | precision | "
-             f"recall | recall within {max_lag} evaluations | median lag |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"recall | turn within {max_lag} evaluations | median turn lag | median alarm lag |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {f['preset']} | {f['rule'].describe()} | {cells(f['test'])} |" for f in report["folds"]]
     lines.append(f"| **pooled, held out** | | {cells(report['pooled'])} |")
     best = report["in_sample"]
@@ -363,9 +390,14 @@ def measured_text(report: Mapping[str, Any], max_lag: int = 2) -> str:
     s, folds = report["pooled"], report["folds"]
     runs = s.hits + s.misses + s.false_alarms + s.quiet
     return (f"validated on {runs} lab runs of {len(folds)} sweeps, each left out in turn: precision "
-            f"{_pct(s.precision)}, recall {_pct(s.recall)} ({_pct(s.timely_recall)} within {max_lag} evaluations "
-            f"of the golden minimum), where an alarm on every run would have precision "
-            f"{_pct((s.hits + s.misses) / runs if runs else math.nan)}: a reason to look, not a verdict")
+            f"{_pct(s.precision)}, recall {_pct(s.recall)}, the turn dated within {max_lag} evaluations of the golden "
+            f"minimum in {_pct(s.timely_recall)} of hacking runs, the alarm itself a median {_median(s.lags)} "
+            f"evaluations after that minimum; an alarm on every run would have precision "
+            f"{_pct((s.hits + s.misses) / runs if runs else math.nan)}")
+
+
+def _median(lags: Sequence[int]) -> str:
+    return f"{np.median(lags):+.0f}" if len(lags) else "–"
 
 
 def _pct(value: float) -> str:

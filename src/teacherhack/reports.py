@@ -281,7 +281,7 @@ def summarise(runs: Sequence[Run]) -> str:
             f"{_pm(best, 'golden')} @{best['step']}",
             "HACKING" if verdicts.golden.hacking else "no",
             "–" if verdicts.reference is None else "HACKING" if verdicts.reference.hacking else "no",
-            f"fired @{verdicts.detector.step}" if verdicts.detector.fired else "no",
+            f"fired @{verdicts.detector.step}, turn @{verdicts.detector.since}" if verdicts.detector.fired else "no",
         ])
     widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
@@ -333,11 +333,12 @@ def _overview_html(verdicts: Sequence[tuple[Run, Verdicts]]) -> str:
         f"<td>{_verdict_cell(v.golden.hacking, 'hacking')}</td><td>{v.golden.min_step}</td>"
         f"<td>{'–' if v.reference is None else _verdict_cell(v.reference.hacking, 'hacking')}</td>"
         f"<td>{_verdict_cell(v.detector.fired, 'fired')}</td><td>{_dash(v.detector.step)}</td>"
+        f"<td>{_dash(v.detector.since)}</td>"
         f"<td>{'yes' if v.golden.hacking == v.detector.fired else '<b>no</b>'}</td></tr>"
         for r, v in verdicts
     )
     return ("<h2>Overview</h2><table><tr><th>run</th><th>source</th><th>golden verdict</th>"
-            "<th>golden min step</th><th>reference verdict</th><th>detector</th><th>alarm step</th>"
+            "<th>golden min step</th><th>reference verdict</th><th>detector</th><th>alarm step</th><th>turn dated at</th>"
             f"<th>detector agrees</th></tr>{rows}</table>")
 
 
