@@ -99,6 +99,7 @@ def test_leave_one_preset_out_scores_each_preset_with_a_rule_chosen_on_the_other
     assert by_preset["c"]["test"].false_alarms == 1
     assert report["pooled"].hits == 6 and report["pooled"].false_alarms == 1
     assert report["pooled"].precision == pytest.approx(6 / 7)
+    assert report["fixed_guess"] == 1.0  # every hacking run has its minimum at evaluation 4: a guess finds it
     curve = trade_off(runs, Rule("memorisation_gap", 0.25, patience=2))
     assert [c["threshold"] for c in curve] == sorted(c["threshold"] for c in curve) and curve[0]["recall"] >= curve[-1]["recall"]
     # the lowest threshold fires on the 6 hacking runs and on the one that memorises without hacking

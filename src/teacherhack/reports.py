@@ -137,7 +137,8 @@ def plot_curves(runs: Sequence[Run], path: str | Path) -> None:
 
 def plot_signals(runs: Sequence[Run], path: str | Path) -> None:
     """What a practitioner can watch without an oracle, per evaluation: each signal of the oracle-free detector,
-    with each run's golden minimum (star) and where the detector's rule alarms (cross)."""
+    with each run's golden minimum (star), where the detector's rule alarms (cross) and the turn it dates the alarm
+    to (triangle)."""
     fig, axes = plt.subplots(1, len(SIGNALS), figsize=(4.4 * len(SIGNALS), 4.0), squeeze=False)
     for ax, (name, signal) in zip(axes[0], SIGNALS.items()):
         for i, run in enumerate(runs):
@@ -150,8 +151,12 @@ def plot_signals(runs: Sequence[Run], path: str | Path) -> None:
             alarm = DEFAULT_RULE.first_alarm(values) if name == DEFAULT_RULE.signal else None
             if alarm is not None:
                 ax.plot(steps[alarm], values[alarm], "X", ms=11, mfc=style["color"], mec="black", zorder=4)
+                turn = DEFAULT_RULE.turn(values, alarm)
+                ax.plot(steps[turn], values[turn], "v", ms=9, mfc=style["color"], mec="black", zorder=4)
         if name == DEFAULT_RULE.signal:
             ax.axhline(DEFAULT_RULE.threshold, color="0.35", ls=(0, (5, 3)), lw=1)
+            if DEFAULT_RULE.onset is not None:
+                ax.axhline(DEFAULT_RULE.onset, color="0.35", ls=(0, (1, 2)), lw=1)
         ax.set(xlabel="step", title=name.replace("_", " ") + (" (the detector's)" if name == DEFAULT_RULE.signal else ""))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -237,8 +242,9 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) 
         "power_law.png": (plot_power_law, "Proxy on log-log axes against the power law fitted on the first third of "
                                           "the run (the detector's alarm, a cross, comes from fits on the "
                                           "evaluations before it, as a live monitor makes them)."),
-        "signals.png": (plot_signals, "The oracle-free signals, with each run's golden minimum (star) and the "
-                                      "detector's alarm (cross)."),
+        "signals.png": (plot_signals, "The oracle-free signals, with each run's golden minimum (star), the "
+                                      "detector's alarm (cross) and the turn it dates the alarm to (triangle: the "
+                                      "checkpoint to keep); dashed, the rule's threshold; dotted, its onset level."),
         "cost.png": (plot_cost, "Golden against the cost of the data: generated tokens and wall time."),
     }
     for name, (plot, _) in figures.items():
