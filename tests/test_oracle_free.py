@@ -129,3 +129,22 @@ def test_the_default_rule_and_its_figures_are_those_the_corpus_gives():
     report = leave_one_preset_out(runs)
     assert report["in_sample"]["rule"] == DEFAULT_RULE
     assert DEFAULT_RULE_MEASURED == measured_text(report)
+
+
+def test_detect_prints_every_table_of_the_validation_from_the_corpus(capsys):
+    """`teacherhack detect CORPUS`: a row per run, the agreement table, the leave-one-sweep-out table whose pooled
+    line holds the figures the default rule's alarms state, the fixed-guess bar and the rule's trade-off."""
+    from teacherhack.cli import main
+
+    assert main(["detect", str(CORPUS)]) == 0
+    out = capsys.readouterr().out
+    runs = [labelled(load_run(folder), group) for folder, group in find_runs([CORPUS])]
+    report = leave_one_preset_out(runs)
+    assert out.startswith(f"The oracle-free detector: {DEFAULT_RULE.describe()}.")
+    assert sum(line.startswith(f"| {r.preset} | {r.name} |") for r in runs for line in out.splitlines()) == len(runs)
+    pooled = report["pooled"]
+    assert f"| **pooled, held out** | | {pooled.hits} | {pooled.misses} | {pooled.false_alarms} | {pooled.quiet} | " \
+           f"{pooled.precision:.2f} | {pooled.recall:.2f} |" in out
+    assert f"precision {pooled.precision:.2f}, recall {pooled.recall:.2f}" in DEFAULT_RULE_MEASURED
+    assert f"in {report['fixed_guess']:.2f} of the held-out hacking runs" in out
+    assert f"| {DEFAULT_RULE.threshold:g} | " in out.split("over its signal's thresholds")[1]
