@@ -17,6 +17,7 @@ import torch
 
 from teacherhack.divergences import (
     Estimate,
+    FrozenP,
     combine_jsd,
     entropy_values,
     kl_values,
@@ -256,6 +257,42 @@ def test_token_kl_expectation_equals_truth_exactly():
                 total += float((weights * vals.double()).sum()) / N_PROMPTS
             target = truth["kl_pq_tok" if per_token else "kl_pq"]
             assert total == pytest.approx(target, rel=1e-6, abs=1e-7), (est, per_token)
+
+
+def test_a_frozen_p_gives_the_same_kls_and_entropies_as_the_full_formulas():
+    """FrozenP (p's side computed once, then one product per q) against kl_values / entropy_values: exact
+    expectation over the enumerated outcomes, and the conventions where a token has probability 0 under p, q or
+    both (0·log 0 = 0, p > 0 = q gives +inf)."""
+    p, q = make_pair(0, 1.0, ("independent", 1.0))
+    truth = truths(p, q, N_PROMPTS)
+    outcomes, _ = all_outcomes()
+    mask = response_mask(outcomes, EOS)
+    for est, per_token in (("token_kl", False), ("log_ratio", False), ("log_ratio", True)):
+        total = 0.0
+        for prompt in range(N_PROMPTS):
+            prompts = torch.full((N_OUTCOMES,), prompt)
+            lp, lq = p.next_token_logprobs(prompts, outcomes), q.next_token_logprobs(prompts, outcomes)
+            frozen = FrozenP.of(lp, mask)
+            fast = frozen.kl_values(lq, outcomes, estimator=est, per_token=per_token)
+            torch.testing.assert_close(fast, kl_values(lp, lq, outcomes, mask, estimator=est, per_token=per_token),
+                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(frozen.entropy_values(), entropy_values(lp, mask), rtol=0, atol=0)
+            total += float((sequence_logprob(lp, outcomes, mask).exp() * fast.double()).sum()) / N_PROMPTS
+        assert total == pytest.approx(truth["kl_pq_tok" if per_token else "kl_pq"], rel=1e-5, abs=1e-6)
+    # zero probabilities: token 0 impossible under p everywhere, token 1 under q on the first row only, token 2
+    # under both on the second row
+    lp, lq = torch.log_softmax(torch.randn(2, 3, V), -1), torch.log_softmax(torch.randn(2, 3, V), -1)
+    lp[..., 0] = -math.inf
+    lq[0, :, 1] = -math.inf
+    lp[1, :, 2] = lq[1, :, 2] = -math.inf
+    lp, lq = lp - lp.logsumexp(-1, keepdim=True), lq - lq.logsumexp(-1, keepdim=True)
+    responses, mask = torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool)
+    fast = FrozenP.of(lp, mask).kl_values(lq, responses)
+    assert fast[0] == math.inf and math.isfinite(fast[1])
+    torch.testing.assert_close(fast, kl_values(lp, lq, responses, mask))
+    brute = -(lp.exp() * lp).nan_to_num(0.0).sum(-1).sum(-1).double()
+    torch.testing.assert_close(FrozenP.of(lp, mask).entropy_values(), brute)
+    torch.testing.assert_close(entropy_values(lp, mask), brute)
 
 
 def test_token_kl_per_token_is_rejected_because_it_would_be_biased():

@@ -557,10 +557,53 @@ def nll_values(logprobs: Tensor, responses: Tensor, mask: Tensor, *, per_token: 
 def entropy_values(logprobs: Tensor, mask: Tensor, *, per_token: bool = False) -> Tensor:
     """Per-sample estimates of a model's entropy H(q) from its own samples: the exact token-level entropies
     summed along each sampled prefix (unbiased, lower variance than −log q(y))."""
-    rows = _kl_rows(logprobs[mask].float(), torch.zeros_like(logprobs[mask], dtype=torch.float32))  # Σ q log q
-    values = torch.zeros(mask.shape, dtype=rows.dtype, device=rows.device)
-    values[mask] = -rows
+    values = torch.zeros(mask.shape, dtype=torch.float32, device=logprobs.device)
+    values[mask] = -_neg_entropy_rows(logprobs[mask].float())
     return _per_sequence(values, mask, per_token)
+
+
+def _neg_entropy_rows(log_p: Tensor) -> Tensor:
+    """Σ p log p per row, 0·log 0 = 0: the same terms as ``_kl_rows(log_p, 0)`` (a log-probability of −inf, clamped
+    to the lowest float, gives exp(·)·(·) = −0), in three passes over [rows, V] instead of its ten."""
+    clamped = log_p.clamp_min(torch.finfo(log_p.dtype).min)
+    return (clamped.exp() * clamped).sum(-1)
+
+
+@dataclass(frozen=True)
+class FrozenP:
+    """p's side of KL(p‖q) along fixed samples of p, computed once, for a p that does not change between
+    measurements (the lab's oracle and teacher on their reference samples): each later KL against a q is one
+    product with q's log-probabilities, KL = Σ p log p − Σ p log q per position, instead of the full formula's
+    passes over [rows, V]."""
+
+    log_p: Tensor  # [B, T, V]
+    mask: Tensor  # [B, T] the response positions that count
+    probs: Tensor  # [N, V] p at the N positions of ``mask``
+    neg_entropy: Tensor  # [N] Σ p log p there
+
+    @staticmethod
+    def of(log_p: Tensor, mask: Tensor) -> "FrozenP":
+        rows = log_p[mask].float()
+        return FrozenP(log_p, mask, rows.exp(), _neg_entropy_rows(rows))
+
+    def kl_values(self, q_logprobs: Tensor, responses: Tensor, *, estimator: str = "token_kl",
+                  per_token: bool = False) -> Tensor:
+        """:func:`kl_values` of p and q on these samples, to float32 rounding."""
+        device = q_logprobs.device  # p's side moves to q's device (no copy when they share one)
+        mask = self.mask.to(device)
+        if estimator == "token_kl":
+            rows = self.neg_entropy.to(device) - (self.probs.to(device) * q_logprobs[mask].float()).sum(-1)
+            if not torch.isnan(rows).any():  # NaN: 0·(−inf), a token both give probability 0: the full conventions
+                values = torch.zeros(mask.shape, dtype=rows.dtype, device=device)
+                values[mask] = rows
+                return _per_sequence(values, mask, per_token)
+        return kl_values(self.log_p.to(device), q_logprobs, responses, mask, estimator=estimator, per_token=per_token)
+
+    def entropy_values(self, *, per_token: bool = False) -> Tensor:
+        """:func:`entropy_values` of p on these samples (its own)."""
+        values = torch.zeros(self.mask.shape, dtype=self.neg_entropy.dtype, device=self.neg_entropy.device)
+        values[self.mask] = -self.neg_entropy
+        return _per_sequence(values, self.mask, per_token)
 
 
 def sequence_logprob(logprobs: Tensor, responses: Tensor, mask: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from teacherhack import distributed, seeds
-from teacherhack.divergences import Estimate, entropy_values, kl_values, nll_values, response_mask
+from teacherhack.divergences import Estimate, FrozenP, entropy_values, nll_values, response_mask
 from teacherhack.models import LM, Prompts
 
 
@@ -66,8 +66,9 @@ def draw_samples(model: LM, prompts: Prompts, *, samples_per_prompt: int, max_ne
 
 class ScoredSamples:
     """A fixed set of responses, in batches, scored against models q. When the responses are samples of a frozen
-    model p, p's next-token log-probabilities are kept after the first use if they fit in ``cache_bytes`` (the
-    lab's 1k vocabulary: yes; a 150k one: no), so later measurements need only q's forward pass."""
+    model p, p's side of the KL (:class:`teacherhack.divergences.FrozenP`) is kept after the first use if it fits
+    in ``cache_bytes`` (the lab's 1k vocabulary: yes; a 150k one: no), so later measurements need only q's
+    forward pass and one product."""
 
     def __init__(self, p: LM | None, samples: SampleSet, *, eos_id: int, batch_size: int, cache_bytes: int = 1 << 30):
         self.p, self.batches = p, []
@@ -76,18 +77,19 @@ class ScoredSamples:
             mask = response_mask(samples.responses[rows], eos_id)
             width = max(int(mask.sum(-1).max()), 1)  # drop columns that are padding in every row
             self.batches.append((samples.prompts[rows], samples.responses[rows, :width], mask[:, :width]))
-        size = sum(mask.numel() for _, _, mask in self.batches) * (p.vocab_size if p else 0) * 4
-        self.cache: list[Tensor] | None = [] if size <= cache_bytes else None
+        # p's log-probabilities and its probabilities at the response positions: two [positions, V] float32 copies
+        size = 2 * sum(mask.numel() for _, _, mask in self.batches) * (p.vocab_size if p else 0) * 4
+        self.cache: list[FrozenP] | None = [] if size <= cache_bytes else None
 
-    def _p_logprobs(self, index: int) -> Tensor:
+    def _frozen(self, index: int) -> FrozenP:
         assert self.p is not None
         if self.cache is not None and index < len(self.cache):
             return self.cache[index]
-        prompts, samples, _ = self.batches[index]
-        log_p = self.p.next_token_logprobs(prompts, samples.to(self.p.device))
+        prompts, samples, mask = self.batches[index]
+        frozen = FrozenP.of(self.p.next_token_logprobs(prompts, samples.to(self.p.device)), mask.to(self.p.device))
         if self.cache is not None:
-            self.cache.append(log_p)
-        return log_p
+            self.cache.append(frozen)
+        return frozen
 
     @torch.no_grad()
     def measure(self, q: LM, *, estimator: str, per_token: bool, entropy: bool = False) -> dict[str, Tensor]:
@@ -102,8 +104,7 @@ class ScoredSamples:
             if entropy:
                 entropies.append(entropy_values(log_q, mask, per_token=per_token))
             if self.p is not None:
-                kl.append(kl_values(self._p_logprobs(index).to(q.device), log_q, samples, mask, estimator=estimator,
-                                    per_token=per_token))
+                kl.append(self._frozen(index).kl_values(log_q, samples, estimator=estimator, per_token=per_token))
         values = ({"nll": torch.cat(nll)} | ({"entropy": torch.cat(entropies)} if entropies else {})
                   | ({"kl": torch.cat(kl)} if kl else {}))
         return {name: distributed.gather(v) for name, v in values.items()}  # every process's shard, in rank order
@@ -111,8 +112,8 @@ class ScoredSamples:
     @torch.no_grad()
     def entropy(self, *, per_token: bool) -> Tensor:
         """p's entropy, per sample, from these samples of p (over every process)."""
-        return distributed.gather(torch.cat([entropy_values(self._p_logprobs(i), mask.to(self.p.device), per_token=per_token)
-                                             for i, (_, _, mask) in enumerate(self.batches)]))
+        return distributed.gather(torch.cat([self._frozen(i).entropy_values(per_token=per_token)
+                                             for i in range(len(self.batches))]))
 
 
 # The per-sample values each evaluation saves (paired across evaluations: the verdicts' SEs of a change)
