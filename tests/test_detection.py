@@ -172,7 +172,8 @@ def test_a_nonpositive_proxy_is_left_out_and_said_so():
 def write_run(path, name, proxy, golden):
     path.mkdir(parents=True)
     rows = [{"step": int(s), "epoch": s / 50, "train_loss": None if s == 0 else 0.5, "proxy": float(p),
-             "proxy_se": 0.1, "golden": float(g), "golden_se": 0.1} for s, p, g in zip(STEPS, proxy, golden)]
+             "proxy_se": 0.01 * float(p), "golden": float(g), "golden_se": 0.1}  # the proxy's SE is its noise
+            for s, p, g in zip(STEPS, proxy, golden)]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (path / "run.json").write_text(json.dumps({"name": name, "source": "offline"}))
 

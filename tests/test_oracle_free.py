@@ -21,8 +21,10 @@ from teacherhack.oracle_free import (
     measured_text,
     memorisation_gap,
     objective,
+    proxy_rose,
     proxy_stall,
     score,
+    signal_series,
     trade_off,
 )
 from teacherhack.rundir import find_runs, load_run
@@ -70,6 +72,19 @@ def test_a_rule_fires_after_its_patience_and_is_scored_against_the_truth():
     assert s.precision == 1.0 and s.recall == 1.0 and objective(s) == 1.0
     slow = score(Rule("memorisation_gap", threshold=9.0, patience=1), [hacked], max_lag=2)
     assert slow.hits == 1 and slow.timely == 0 and objective(slow) == 0.0  # caught, but too late to count
+
+
+def test_no_rule_alarms_where_the_proxy_itself_rose():
+    """A student that moves away from the teacher too over-fits, which the proxy shows; the signals are
+    undefined there, whatever they say (the golden verdict does not call it hacking either)."""
+    proxy = [60, 40, 30, 25, 24, 24.5, 25, 27, 30, 34, 40]  # SE 0.5: 24.5 and 25 are within 3 SEs of 24, 27 not
+    r = [{"step": 100 * t, "proxy": p, "proxy_se": 0.5, "proxy_train": p - t} for t, p in enumerate(proxy)]
+    assert proxy_rose(r).tolist() == [False] * 7 + [True] * 4
+    gap = signal_series("memorisation_gap", r, None, {})
+    np.testing.assert_allclose(gap[:7], range(7))
+    assert np.isnan(gap[7:]).all()
+    assert Rule("memorisation_gap", 5.5, patience=1).alarm(r, None, {}) == 6  # the last evaluation before the rise
+    assert Rule("memorisation_gap", 6.5, patience=1).alarm(r, None, {}) is None  # above 6.5 only while rising
 
 
 def test_a_late_confirmation_dates_the_turn_back_to_where_the_signal_left_its_onset_level():

@@ -46,7 +46,7 @@ from teacherhack.detection import golden_verdict
 from teacherhack.divergences import Estimate, check_estimator
 from teacherhack.metrics import SampleSet, ScoredSamples, sample_in_batches
 from teacherhack.models import LM, Prompts, collate_prompts, pad_responses
-from teacherhack.oracle_free import DEFAULT_RULE, SIGNALS, Rule
+from teacherhack.oracle_free import DEFAULT_RULE, SIGNALS, Rule, signal_series
 from teacherhack.tokenizer import encode_references
 
 logger = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class HackingMonitor:
             "reference_nll": reference_nll, "reference_nll_se": reference_nll_se,
         }
         rows = [*self.history, row]
-        values = SIGNALS[self.rule.signal](rows, None, self.settings)
+        values = signal_series(self.rule.signal, rows, None, self.settings)
         row["signal"] = float(values[-1])
         verdict = self.rule.verdict(rows, None, self.settings, values)
         row |= {"hacking_alert": verdict.fired, "alert_step": verdict.step, "alert_since": verdict.since,

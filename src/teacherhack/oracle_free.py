@@ -92,6 +92,26 @@ SIGNALS: dict[str, Signal] = {
 }
 
 
+def proxy_rose(rows: Sequence[Mapping[str, Any]], z: float = 3.0) -> np.ndarray:
+    """Where the held-out proxy stands more than ``z`` standard errors above its best so far: the student moves
+    away from the teacher too, which is over-fitting that the proxy shows by itself, not teacher hacking (the
+    golden verdict's condition on the proxy, seen without an oracle)."""
+    proxy, se = _column(rows, "proxy"), _column(rows, "proxy_se")
+    out = np.zeros(len(rows), dtype=bool)
+    for t in range(len(rows)):
+        best = int(np.nanargmin(proxy[: t + 1])) if np.isfinite(proxy[: t + 1]).any() else t
+        spread = math.hypot(se[t], se[best])
+        out[t] = bool(np.isfinite(spread) and proxy[t] - proxy[best] > z * spread)
+    return out
+
+
+def signal_series(name: str, rows: Sequence[Mapping[str, Any]], per_sample: Sequence[Mapping[str, Any]] | None,
+                  settings: Mapping[str, Any]) -> np.ndarray:
+    """Signal ``name`` at each evaluation as rules read it: undefined (never an alarm) where the proxy rose."""
+    values = SIGNALS[name](rows, per_sample, settings)
+    return np.where(proxy_rose(rows), np.nan, values)
+
+
 @dataclass(frozen=True)
 class Rule:
     """Alarm when ``signal`` exceeds ``threshold`` at ``patience`` consecutive evaluations (after the first
@@ -109,7 +129,7 @@ class Rule:
               settings: Mapping[str, Any]) -> int | None:
         """The index of the evaluation at which a monitor watching the run would have raised the alarm. Each
         signal at evaluation t depends on evaluations up to t only, so the full-run computation equals the live one."""
-        return self.first_alarm(SIGNALS[self.signal](rows, per_sample, settings))
+        return self.first_alarm(signal_series(self.signal, rows, per_sample, settings))
 
     def first_alarm(self, values: np.ndarray) -> int | None:
         """The index at which the rule alarms on its signal's values, or None."""
@@ -139,7 +159,7 @@ class Rule:
                 settings: Mapping[str, Any], values: np.ndarray | None = None) -> "Alarm":
         """Whether and where the rule alarms on this run, with the reason in words (``values``: the signal's, if
         already computed)."""
-        values = SIGNALS[self.signal](rows, per_sample, settings) if values is None else values
+        values = signal_series(self.signal, rows, per_sample, settings) if values is None else values
         at = self.first_alarm(values)
         if at is None:
             return Alarm(False, None, None, self.describe(), f"no alarm: {self.describe()} did not happen")
@@ -171,7 +191,7 @@ class Alarm:
 # (benchmarks/detection), and what leave-one-sweep-out validation measured for the procedure that chose it. A test
 # recomputes both from the corpus.
 DEFAULT_RULE = Rule("power_law_departure", 0.2, patience=3, onset=0.02)
-DEFAULT_RULE_MEASURED = ("validated on 53 lab runs of 4 sweeps, each left out in turn: precision 0.85, recall 0.85, "
+DEFAULT_RULE_MEASURED = ("validated on 53 lab runs of 4 sweeps, each left out in turn: precision 0.91, recall 0.85, "
                          "the turn dated within 2 evaluations of the golden minimum in 0.85 of hacking runs (a fixed "
                          "guess of the minimum's evaluation: 0.94), the alarm itself a median +5 evaluations after "
                          "that minimum; an alarm on every run would have precision 0.64")
@@ -231,8 +251,8 @@ class Score:
 
 def signal_values(runs: Iterable[Labelled]) -> dict[tuple[str, str, str], np.ndarray]:
     """Every signal of every run, computed once (a search scores many rules on the same values)."""
-    return {(run.preset, run.name, name): signal(run.rows, run.per_sample, run.settings)
-            for run in runs for name, signal in SIGNALS.items()}
+    return {(run.preset, run.name, name): signal_series(name, run.rows, run.per_sample, run.settings)
+            for run in runs for name in SIGNALS}
 
 
 def score(rule: Rule, runs: Iterable[Labelled], max_lag: int = 2,

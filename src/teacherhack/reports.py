@@ -23,7 +23,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
 from teacherhack.detection import describe_golden_verdict, power_law_detector  # noqa: E402
-from teacherhack.oracle_free import DEFAULT_RULE, DEFAULT_RULE_MEASURED, SIGNALS  # noqa: E402
+from teacherhack.oracle_free import DEFAULT_RULE, DEFAULT_RULE_MEASURED, SIGNALS, signal_series  # noqa: E402
 from teacherhack.rundir import Run, Verdicts, load_runs  # noqa: E402
 
 DPI = 120
@@ -138,12 +138,12 @@ def plot_curves(runs: Sequence[Run], path: str | Path) -> None:
 def plot_signals(runs: Sequence[Run], path: str | Path) -> None:
     """What a practitioner can watch without an oracle, per evaluation: each signal of the oracle-free detector,
     with each run's golden minimum (star), where the detector's rule alarms (cross) and the turn it dates the alarm
-    to (triangle)."""
+    to (triangle); gaps where the proxy itself rose (no rule alarms there)."""
     fig, axes = plt.subplots(1, len(SIGNALS), figsize=(4.4 * len(SIGNALS), 4.0), squeeze=False)
-    for ax, (name, signal) in zip(axes[0], SIGNALS.items()):
+    for ax, name in zip(axes[0], SIGNALS):
         for i, run in enumerate(runs):
             style = _style(i)
-            steps, values = run.series("step"), signal(run.metrics, run.per_sample, run.settings)
+            steps, values = run.series("step"), signal_series(name, run.metrics, run.per_sample, run.settings)
             ax.plot(steps, values, label=run.name, markersize=3, **style)
             best = int(np.argmin(run.series("golden")))
             if math.isfinite(values[best]):
