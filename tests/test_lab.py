@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import TINY
 from teacherhack import config as cfg
 from teacherhack import lab
 from teacherhack.cli import main
@@ -214,3 +217,15 @@ def test_bf16_training_runs_the_lab_with_float32_metrics(tiny_config: cfg.LabCon
     plain = cfg.apply_overrides(config, {"precision": "float32"})
     lab.run_lab(plain, tmp_path / "plain", tmp_path / "cache")
     assert read_metrics(tmp_path / "plain" / "offline")[0]["golden"] != rows[0]["golden"]  # other upstream (keyed)
+
+
+def test_the_evaluation_benchmark_times_every_part_of_an_evaluation(tiny_task, tmp_path):
+    """scripts/bench_eval.py on a tiny lab: one JSON line with the evaluation's time and each part's."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_eval.py"
+    options = [f"--set={key}={'null' if value is None else value}" for key, value in TINY.items()]
+    out = subprocess.run([sys.executable, str(script), "--preset", "quick", f"--set=task.spec=jsonl:{tiny_task}",
+                          *options, "--cache", str(tmp_path / "cache"), "--repeats", "1"],
+                         capture_output=True, text=True, check=True, timeout=600).stdout
+    figures = json.loads(out.strip().splitlines()[-1])
+    parts = ("oracle_s", "teacher_s", "real_s", "train_teacher_s", "reverse_s")
+    assert figures["evaluation_s"] > 0 and all(figures[p] > 0 for p in parts)
