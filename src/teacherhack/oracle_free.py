@@ -2,7 +2,8 @@
 
 What a practitioner sees during distillation, per evaluation (``SIGNALS``): the proxy KL(teacher‖student) on
 held-out prompts, the same on training prompts, the training loss, the student's entropy and KL(student‖teacher).
-A :class:`Rule` turns one signal into an alarm as the run goes (it reads only the evaluations so far). Whether a
+A :class:`Rule` turns one signal into an alarm as the run goes (it reads only the evaluations so far, never alarms
+where the proxy itself rose, and can date the turn back to an earlier evaluation: the checkpoint to keep). Whether a
 rule is any good is measured on runs whose truth is known, the lab's, by :func:`leave_one_preset_out`: choose the
 rule on every sweep preset but one, test it on the one left out, for each preset in turn, so that no figure comes
 from a rule tuned on the runs it is scored on.
