@@ -256,6 +256,13 @@ def test_record_fires_on_a_bend(tok, teacher):
     assert all(r["alert_step"] == 8 for r in rows[7:])
     assert rows[2]["signal"] == pytest.approx(1 - (10 * 2**-0.5 - 10 * 3**-0.5) / ((10 - 10 * 3**-0.5) / 2))
     assert rows[7]["signal"] == 1.0 and "proxy stall 1 > 0.9 at step 8, the last of 2" in rows[7]["detector_reason"]
+    assert all(r["alert_since"] == 7 for r in rows[7:])  # the first of the two evaluations above 0.9
+    # a lower onset level dates the turn back to where the stall began to exceed it, the reason says so
+    dated = HackingMonitor(teacher, tok, HELD_OUT, rule=Rule("proxy_stall", 0.9, patience=2, onset=0.5))
+    rows = [dated.record(t, bent_curve(t), 0.01 * bent_curve(t)) for t in range(1, 12)]
+    signals = [r["signal"] for r in rows]
+    since = next(t for t in range(3, 8) if all(v > 0.5 for v in signals[t - 1:8]))  # steps are 1, 2, ...
+    assert rows[7]["alert_since"] == since < 8 and f"the turn dates from step {since}" in rows[7]["detector_reason"]
 
 
 def test_the_default_rule_says_how_often_it_is_right(tok, teacher):
@@ -301,6 +308,8 @@ def test_callback_warns_once_and_stops_a_trainer_on_alert(tmp_path, tok, teacher
     # the student is checked before training (step 0) too: every signal starts there, as in the lab's runs
     assert [r["step"] for r in rows] == list(range(0, trainer.state.global_step + 1))
     assert [r["hacking_alert"] for r in rows] == [0] * 8 + [1] * (len(rows) - 8)
+    # from the alarm on, the step the rule dates the turn to (its two evaluations above the threshold began at 7)
+    assert [r.get("hacking_turn_step") for r in rows] == [None] * 8 + [7] * (len(rows) - 8)
     assert rows[0]["proxy_kl"] == pytest.approx(10.0)
 
 
