@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from transformers import AutoTokenizer
 
 from teacherhack import config as cfg
 from teacherhack import seeds
-from teacherhack.cache import ArtifactCache
+from teacherhack.cache import ArtifactCache, default_cache_dir
 from teacherhack.distill import wrap
 from teacherhack.metrics import Evaluator, SampleSet, ScoredSamples, load_sample_sets, sample_in_batches
 from teacherhack.models import load_pretrained
@@ -42,13 +41,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default", choices=sorted(LAB_PRESETS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--cache", default=os.environ.get("TEACHERHACK_CACHE", str(Path.home() / ".cache/teacherhack")))
+    parser.add_argument("--cache", type=Path, default=default_cache_dir(), help="artifact cache (default: the lab's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     c = cfg.resolve(args.preset, cfg.parse_assignments(args.set))
-    up = prepare_upstream(c, ArtifactCache(Path(args.cache)), "cpu", {})
+    up = prepare_upstream(c, ArtifactCache(args.cache), "cpu", {})
     tokenizer = AutoTokenizer.from_pretrained(up.tokenizer)
     oracle, teacher, student = (wrap(load_pretrained(path), tokenizer, "cpu", temperature, c.models.vocab_size)
                                 for path, temperature in ((up.oracle, c.models.oracle_temperature), (up.teacher, 1.0),
