@@ -180,7 +180,7 @@ class Alarm:
 
     fired: bool
     step: int | None
-    since: int | None  # the step the alarm dates the turn to (the checkpoint to keep); the alarm's own without onset
+    since: int | None  # the step the alarm dates the turn to (the checkpoint to keep): see Rule.turn
     rule: str
     reason: str
 
