@@ -13,6 +13,7 @@ from teacherhack.oracle_free import (
     DEFAULT_RULE_MEASURED,
     Labelled,
     Rule,
+    converged,
     entropy_deficit,
     format_agreement,
     format_trade_off,
@@ -85,6 +86,28 @@ def test_no_rule_alarms_where_the_proxy_itself_rose():
     assert np.isnan(gap[7:]).all()
     assert Rule("memorisation_gap", 5.5, patience=1).alarm(r, None, {}) == 6  # the last evaluation before the rise
     assert Rule("memorisation_gap", 6.5, patience=1).alarm(r, None, {}) is None  # above 6.5 only while rising
+
+
+def test_a_rule_with_a_floor_is_quiet_once_the_student_has_all_but_become_the_teacher():
+    """A proxy that falls to a few hundredths of its start (a smooth teacher, fully imitated) departs from any
+    power law fitted early: with a floor the rule does not read the signal there, and reads it unchanged above."""
+    proxy = [60, 30, 15, 8, 4, 2, 1.0, 0.5, 0.3, 0.2, 0.2]  # below 0.02 × 60 = 1.2 from evaluation 6 on
+    r = [{"step": 100 * t, "proxy": p, "proxy_se": 0.01, "proxy_train": p - t} for t, p in enumerate(proxy)]
+    assert converged(r, 0.02).tolist() == [False] * 6 + [True] * 5
+    gap = signal_series("memorisation_gap", r, None, {})
+    floored = Rule("memorisation_gap", 4.5, patience=1, floor=0.02)
+    read = floored.read(gap, r)
+    np.testing.assert_allclose(read[:6], gap[:6])
+    assert np.isnan(read[6:]).all()
+    assert Rule("memorisation_gap", 5.5, patience=1).alarm(r, None, {}) == 6  # the gap reaches 6 at evaluation 6
+    assert Rule("memorisation_gap", 5.5, patience=1, floor=0.02).alarm(r, None, {}) is None
+    assert floored.alarm(r, None, {}) == 5  # above the floor the signal reads as before (gap 5 > 4.5)
+    assert "quiet once the proxy is below 0.02 of its first value" in floored.describe()
+    clean = Labelled("smooth", "a", False, True, 10, r, None, {})
+    assert score(Rule("memorisation_gap", 5.5, patience=1), [clean]).false_alarms == 1
+    assert score(Rule("memorisation_gap", 5.5, patience=1, floor=0.02), [clean]).quiet == 1
+    # the verdict reads the values through the floor too, computed here or given
+    assert not Rule("memorisation_gap", 5.5, patience=1, floor=0.02).verdict(r, None, {}, gap).fired
 
 
 def test_a_late_confirmation_dates_the_turn_back_to_where_the_signal_left_its_onset_level():

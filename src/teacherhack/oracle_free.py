@@ -3,7 +3,8 @@
 What a practitioner sees during distillation, per evaluation (``SIGNALS``): the proxy KL(teacher‖student) on
 held-out prompts, the same on training prompts, the training loss, the student's entropy and KL(student‖teacher).
 A :class:`Rule` turns one signal into an alarm as the run goes (it reads only the evaluations so far, never alarms
-where the proxy itself rose, and can date the turn back to an earlier evaluation: the checkpoint to keep). Whether a
+where the proxy itself rose, can stay quiet once the student has all but become the teacher, and can date the turn
+back to an earlier evaluation: the checkpoint to keep). Whether a
 rule is any good is measured on runs whose truth is known, the lab's, by :func:`leave_one_preset_out`: choose the
 rule on every sweep preset but one, test it on the one left out, for each preset in turn, so that no figure comes
 from a rule tuned on the runs it is scored on.
@@ -113,27 +114,44 @@ def signal_series(name: str, rows: Sequence[Mapping[str, Any]], per_sample: Sequ
     return np.where(proxy_rose(rows), np.nan, values)
 
 
+def converged(rows: Sequence[Mapping[str, Any]], floor: float) -> np.ndarray:
+    """Where the held-out proxy has fallen below ``floor`` times its first value: the student has all but become
+    the teacher. A signal read there sees the proxy flattening at its floor (a log-space departure from the early
+    power law grows without bound as the proxy nears 0), whether the teacher is good or bad."""
+    proxy = _column(rows, "proxy")
+    if not len(proxy) or not math.isfinite(proxy[0]) or proxy[0] <= 0:
+        return np.zeros(len(proxy), dtype=bool)
+    return proxy < floor * proxy[0]
+
+
 @dataclass(frozen=True)
 class Rule:
     """Alarm when ``signal`` exceeds ``threshold`` at ``patience`` consecutive evaluations (after the first
     ``skip`` evaluations, where every signal still moves with the initial descent). With ``onset``, the alarm also
     dates the turn: the first evaluation of the unbroken run of values above ``onset`` that led to it. A high
-    threshold confirms late but rarely by mistake; the low onset level points back to the checkpoint to keep."""
+    threshold confirms late but rarely by mistake; the low onset level points back to the checkpoint to keep.
+    With ``floor``, the rule stays quiet where the proxy is below that fraction of its first value
+    (:func:`converged`)."""
 
     signal: str
     threshold: float
     patience: int = 2
     skip: int = 2
     onset: float | None = None
+    floor: float | None = None
+
+    def read(self, values: np.ndarray, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """The signal's values (:func:`signal_series`) as this rule reads them: undefined where it is quiet."""
+        return values if self.floor is None else np.where(converged(rows, self.floor), np.nan, values)
 
     def alarm(self, rows: Sequence[Mapping[str, Any]], per_sample: Sequence[Mapping[str, Any]] | None,
               settings: Mapping[str, Any]) -> int | None:
         """The index of the evaluation at which a monitor watching the run would have raised the alarm. Each
         signal at evaluation t depends on evaluations up to t only, so the full-run computation equals the live one."""
-        return self.first_alarm(signal_series(self.signal, rows, per_sample, settings))
+        return self.first_alarm(self.read(signal_series(self.signal, rows, per_sample, settings), rows))
 
     def first_alarm(self, values: np.ndarray) -> int | None:
-        """The index at which the rule alarms on its signal's values, or None."""
+        """The index at which the rule alarms on its signal's values as it reads them (:meth:`read`), or None."""
         count = 0
         for t, value in enumerate(values):
             count = count + 1 if t >= self.skip and math.isfinite(value) and value > self.threshold else 0
@@ -153,14 +171,15 @@ class Rule:
     def describe(self) -> str:
         times = "once" if self.patience == 1 else f"at {self.patience} consecutive evaluations"
         onset = "" if self.onset is None else f", dated back to where it last rose above {self.onset:g}"
-        return (f"{self.signal.replace('_', ' ')} above {self.threshold:g} {times}{onset} (the first {self.skip} "
-                "evaluations ignored)")
+        floor = "" if self.floor is None else f", quiet once the proxy is below {self.floor:g} of its first value"
+        return (f"{self.signal.replace('_', ' ')} above {self.threshold:g} {times}{onset}{floor} (the first "
+                f"{self.skip} evaluations ignored)")
 
     def verdict(self, rows: Sequence[Mapping[str, Any]], per_sample: Sequence[Mapping[str, Any]] | None,
                 settings: Mapping[str, Any], values: np.ndarray | None = None) -> "Alarm":
-        """Whether and where the rule alarms on this run, with the reason in words (``values``: the signal's, if
-        already computed)."""
-        values = signal_series(self.signal, rows, per_sample, settings) if values is None else values
+        """Whether and where the rule alarms on this run, with the reason in words (``values``: the signal's, from
+        :func:`signal_series`, if already computed)."""
+        values = self.read(signal_series(self.signal, rows, per_sample, settings) if values is None else values, rows)
         at = self.first_alarm(values)
         if at is None:
             return Alarm(False, None, None, self.describe(), f"no alarm: {self.describe()} did not happen")
@@ -191,8 +210,8 @@ class Alarm:
 # The rule teacherhack uses (the monitor, summary.json, the reports): the best on the whole detection corpus
 # (benchmarks/detection), and what leave-one-sweep-out validation measured for the procedure that chose it. A test
 # recomputes both from the corpus.
-DEFAULT_RULE = Rule("power_law_departure", 0.2, patience=3, onset=0.02)
-DEFAULT_RULE_MEASURED = ("validated on 99 lab runs of 8 sweeps, each left out in turn: precision 0.79, recall 0.75, "
+DEFAULT_RULE = Rule("power_law_departure", 0.2, patience=3, onset=0.02, floor=0.02)
+DEFAULT_RULE_MEASURED = ("validated on 99 lab runs of 8 sweeps, each left out in turn: precision 0.89, recall 0.73, "
                          "the turn dated within 2 evaluations of the golden minimum in 0.59 of hacking runs (a fixed "
                          "guess of the minimum's evaluation: 0.84), the alarm itself a median +3 evaluations after "
                          "that minimum; an alarm on every run would have precision 0.65")
@@ -267,7 +286,7 @@ def score(rule: Rule, runs: Iterable[Labelled], max_lag: int = 2,
     for run in runs:
         if not run.hacking and not run.judged:
             continue  # not known yet: neither an alarm nor silence can be scored
-        signal = values[run.preset, run.name, rule.signal]
+        signal = rule.read(values[run.preset, run.name, rule.signal], run.rows)
         fired = rule.first_alarm(signal)
         if run.hacking and fired is not None:
             hits += 1
@@ -292,7 +311,7 @@ def objective(s: Score) -> float:
 
 def candidates() -> list[Rule]:
     """The rules searched: each signal over a grid of thresholds, with 1 to 3 consecutive evaluations, alone or
-    dated back to a lower level of the same grid."""
+    dated back to a lower level of the same grid, always read or quiet once the proxy has nearly reached 0."""
     grids = {
         "memorisation_gap": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0],
         "relative_gap": [0.02, 0.05, 0.08, 0.12, 0.16, 0.2, 0.3],
@@ -300,9 +319,10 @@ def candidates() -> list[Rule]:
         "proxy_stall": [0.3, 0.5, 0.7, 0.8, 0.9],
         "power_law_departure": [0.02, 0.05, 0.1, 0.2, 0.3],
     }
-    return [Rule(signal, threshold, patience, onset=onset) for signal, thresholds in grids.items()
+    return [Rule(signal, threshold, patience, onset=onset, floor=floor) for signal, thresholds in grids.items()
             for threshold in thresholds for patience in (1, 2, 3)
-            for onset in (None, *(level for level in thresholds if level < threshold))]
+            for onset in (None, *(level for level in thresholds if level < threshold))
+            for floor in (None, 0.01, 0.02, 0.05, 0.1)]
 
 
 def leave_one_preset_out(runs: Sequence[Labelled], rules: Sequence[Rule] | None = None,
@@ -336,12 +356,12 @@ def leave_one_preset_out(runs: Sequence[Labelled], rules: Sequence[Rule] | None 
 
 
 def trade_off(runs: Sequence[Labelled], rule: Rule, max_lag: int = 2) -> list[dict[str, Any]]:
-    """Precision against recall and lag for ``rule`` over its signal's threshold grid (its patience and onset level
-    kept; all runs): the curve a user picks an operating point from."""
+    """Precision against recall and lag for ``rule`` over its signal's threshold grid (its patience, onset level and
+    floor kept; all runs): the curve a user picks an operating point from."""
     values = signal_values(runs)
     return [{"threshold": other.threshold, **score(other, runs, max_lag, values).to_dict()}
-            for other in candidates() if (other.signal, other.patience, other.onset, other.skip)
-            == (rule.signal, rule.patience, rule.onset, rule.skip)]
+            for other in candidates() if (other.signal, other.patience, other.onset, other.skip, other.floor)
+            == (rule.signal, rule.patience, rule.onset, rule.skip, rule.floor)]
 
 
 def format_trade_off(curve: Sequence[Mapping[str, Any]], max_lag: int = 2) -> str:

@@ -148,10 +148,11 @@ def plot_signals(runs: Sequence[Run], path: str | Path) -> None:
             best = int(np.argmin(run.series("golden")))
             if math.isfinite(values[best]):
                 ax.plot(steps[best], values[best], "*", ms=12, mfc=style["color"], mec="black", zorder=4)
-            alarm = DEFAULT_RULE.first_alarm(values) if name == DEFAULT_RULE.signal else None
+            read = DEFAULT_RULE.read(values, run.metrics)  # quiet where the student has all but become the teacher
+            alarm = DEFAULT_RULE.first_alarm(read) if name == DEFAULT_RULE.signal else None
             if alarm is not None:
                 ax.plot(steps[alarm], values[alarm], "X", ms=11, mfc=style["color"], mec="black", zorder=4)
-                turn = DEFAULT_RULE.turn(values, alarm)
+                turn = DEFAULT_RULE.turn(read, alarm)
                 ax.plot(steps[turn], values[turn], "v", ms=9, mfc=style["color"], mec="black", zorder=4)
         if name == DEFAULT_RULE.signal:
             ax.axhline(DEFAULT_RULE.threshold, color="0.35", ls=(0, (5, 3)), lw=1)
