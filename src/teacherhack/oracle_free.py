@@ -275,23 +275,25 @@ def signal_values(runs: Iterable[Labelled]) -> dict[tuple[str, str, str], np.nda
             for run in runs for name in SIGNALS}
 
 
-def score(rule: Rule, runs: Iterable[Labelled], max_lag: int = 2,
-          values: Mapping[tuple[str, str, str], np.ndarray] | None = None) -> Score:
-    """How ``rule`` does on ``runs`` (``values``: their signals from :func:`signal_values`, else computed here)."""
-    runs = list(runs)
-    values = signal_values(runs) if values is None else values
+def outcome(rule: Rule, run: Labelled, values: Mapping[tuple[str, str, str], np.ndarray]) -> tuple[int | None, int | None]:
+    """Where ``rule`` alarms on ``run`` and the turn it dates the alarm to (evaluation indices; None, None if quiet)."""
+    signal = rule.read(values[run.preset, run.name, rule.signal], run.rows)
+    fired = rule.first_alarm(signal)
+    return fired, None if fired is None else rule.turn(signal, fired)
+
+
+def tally(outcomes: Iterable[tuple[Labelled, tuple[int | None, int | None]]], max_lag: int = 2) -> Score:
+    """The score of a rule's (run, :func:`outcome`) pairs against the runs' truth."""
     hits = misses = false_alarms = quiet = timely = 0
     lags: list[int] = []
     turn_lags: list[int] = []
-    for run in runs:
+    for run, (fired, turn) in outcomes:
         if not run.hacking and not run.judged:
             continue  # not known yet: neither an alarm nor silence can be scored
-        signal = rule.read(values[run.preset, run.name, rule.signal], run.rows)
-        fired = rule.first_alarm(signal)
         if run.hacking and fired is not None:
             hits += 1
             lags.append(fired - run.min_index)
-            turn_lags.append(rule.turn(signal, fired) - run.min_index)
+            turn_lags.append(turn - run.min_index)
             timely += abs(turn_lags[-1]) <= max_lag
         elif run.hacking:
             misses += 1
@@ -300,6 +302,14 @@ def score(rule: Rule, runs: Iterable[Labelled], max_lag: int = 2,
         else:
             quiet += 1
     return Score(hits, misses, false_alarms, quiet, timely, tuple(lags), tuple(turn_lags))
+
+
+def score(rule: Rule, runs: Iterable[Labelled], max_lag: int = 2,
+          values: Mapping[tuple[str, str, str], np.ndarray] | None = None) -> Score:
+    """How ``rule`` does on ``runs`` (``values``: their signals from :func:`signal_values`, else computed here)."""
+    runs = list(runs)
+    values = signal_values(runs) if values is None else values
+    return tally(((run, outcome(rule, run, values)) for run in runs), max_lag)
 
 
 def objective(s: Score) -> float:
@@ -334,25 +344,31 @@ def leave_one_preset_out(runs: Sequence[Labelled], rules: Sequence[Rule] | None 
     runs together with its (optimistic, in-sample) score."""
     rules = list(rules or candidates())
     values = signal_values(runs)
+    outcomes = {rule: [outcome(rule, run, values) for run in runs] for rule in rules}  # a rule's alarms, once
+
+    def scored(rule: Rule, chosen: Sequence[bool]) -> Score:
+        return tally(((run, o) for run, o, keep in zip(runs, outcomes[rule], chosen) if keep), max_lag)
+
     presets = sorted({r.preset for r in runs})
     folds, guessed, hacking = [], 0, 0
     for held in presets:
-        train = [r for r in runs if r.preset != held]
-        test = [r for r in runs if r.preset == held]
-        best = max(rules, key=lambda rule: objective(score(rule, train, max_lag, values)))
-        folds.append({"preset": held, "rule": best, "train": score(best, train, max_lag, values),
-                      "test": score(best, test, max_lag, values)})
-        minima = [r.min_index for r in train if r.hacking]
+        train = [run.preset != held for run in runs]
+        test = [not t for t in train]
+        best = max(rules, key=lambda rule: objective(scored(rule, train)))
+        folds.append({"preset": held, "rule": best, "train": scored(best, train), "test": scored(best, test)})
+        minima = [run.min_index for run, t in zip(runs, train) if t and run.hacking]
         if minima:
             guess = max(set(minima), key=minima.count)
-            guessed += sum(abs(r.min_index - guess) <= max_lag for r in test if r.hacking)
-            hacking += sum(r.hacking for r in test)
+            held_out = [run for run, t in zip(runs, test) if t and run.hacking]
+            guessed += sum(abs(run.min_index - guess) <= max_lag for run in held_out)
+            hacking += len(held_out)
     pooled = folds[0]["test"]
     for fold in folds[1:]:
         pooled = pooled.merge(fold["test"])
-    overall = max(rules, key=lambda rule: objective(score(rule, runs, max_lag, values)))
+    everything = [True] * len(runs)
+    overall = max(rules, key=lambda rule: objective(scored(rule, everything)))
     return {"folds": folds, "pooled": pooled, "fixed_guess": guessed / hacking if hacking else math.nan,
-            "in_sample": {"rule": overall, "score": score(overall, runs, max_lag, values)}}
+            "in_sample": {"rule": overall, "score": scored(overall, everything)}}
 
 
 def trade_off(runs: Sequence[Labelled], rule: Rule, max_lag: int = 2) -> list[dict[str, Any]]:
