@@ -116,8 +116,8 @@ def signal_series(name: str, rows: Sequence[Mapping[str, Any]], per_sample: Sequ
 
 def converged(rows: Sequence[Mapping[str, Any]], floor: float) -> np.ndarray:
     """Where the held-out proxy has fallen below ``floor`` times its first value: the student has all but become
-    the teacher. A signal read there sees the proxy flattening at its floor (a log-space departure from the early
-    power law grows without bound as the proxy nears 0), whether the teacher is good or bad."""
+    the teacher. There the proxy flattens at the student's last small distance to the teacher, which a power law
+    fitted to the early descent reads as a departure, whether the teacher is good or bad."""
     proxy = _column(rows, "proxy")
     if not len(proxy) or not math.isfinite(proxy[0]) or proxy[0] <= 0:
         return np.zeros(len(proxy), dtype=bool)
@@ -275,7 +275,8 @@ def signal_values(runs: Iterable[Labelled]) -> dict[tuple[str, str, str], np.nda
             for run in runs for name in SIGNALS}
 
 
-def outcome(rule: Rule, run: Labelled, values: Mapping[tuple[str, str, str], np.ndarray]) -> tuple[int | None, int | None]:
+def outcome(rule: Rule, run: Labelled,
+            values: Mapping[tuple[str, str, str], np.ndarray]) -> tuple[int | None, int | None]:
     """Where ``rule`` alarms on ``run`` and the turn it dates the alarm to (evaluation indices; None, None if quiet)."""
     signal = rule.read(values[run.preset, run.name, rule.signal], run.rows)
     fired = rule.first_alarm(signal)
