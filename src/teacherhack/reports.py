@@ -148,8 +148,10 @@ def plot_signals(runs: Sequence[Run], path: str | Path) -> None:
             best = int(np.argmin(run.series("golden")))
             if math.isfinite(values[best]):
                 ax.plot(steps[best], values[best], "*", ms=12, mfc=style["color"], mec="black", zorder=4)
+            if name != DEFAULT_RULE.signal:
+                continue
             read = DEFAULT_RULE.read(values, run.metrics)  # quiet where the student has all but become the teacher
-            alarm = DEFAULT_RULE.first_alarm(read) if name == DEFAULT_RULE.signal else None
+            alarm = DEFAULT_RULE.first_alarm(read)
             if alarm is not None:
                 ax.plot(steps[alarm], values[alarm], "X", ms=11, mfc=style["color"], mec="black", zorder=4)
                 turn = DEFAULT_RULE.turn(read, alarm)
