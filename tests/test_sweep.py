@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -292,3 +295,29 @@ def test_findings_of_the_new_questions():
     gone = [r if not (r["group"].startswith("pool=8000 online")) else {**r, "golden_final": r["golden_min"], "hacking": False}
             for r in horizon]
     assert [f["reproduced"] for f in sweeps.findings_horizon(gone)][:2] == [False, False]
+
+
+@pytest.mark.slow
+def test_the_detection_corpus_keeps_each_run_once(tiny_config: cfg.LabConfig, tmp_path: Path):
+    """scripts/export_detection_corpus.py: a run that an earlier sweep already holds, by its configuration or by its
+    curves under another name (the mixture at λ = 0 is the offline source, at λ = 1 the online student), is left
+    out, so that no held-out sweep has a twin in the folds that chose the detector's rule."""
+    cache = tmp_path / "cache"
+    lab.run_sweep("sources", tiny_config, tmp_path / "sources", cache, seeds=1)
+    lab.run_sweep("mixture", tiny_config, tmp_path / "mixture", cache, seeds=1)
+    shutil.copytree(tmp_path / "sources", tmp_path / "again")  # the same runs (configurations) in another sweep
+    script = Path(__file__).resolve().parents[1] / "scripts" / "export_detection_corpus.py"
+    sweeps_in_order = [str(tmp_path / name) for name in ("sources", "mixture", "again")]
+    done = subprocess.run([sys.executable, str(script), *sweeps_in_order, "--out", str(tmp_path / "corpus")],
+                          check=True, capture_output=True, text=True)
+    kept = sorted(str(p.parent.relative_to(tmp_path / "corpus" / "runs")) for p in
+                  (tmp_path / "corpus" / "runs").rglob("verdicts.json"))
+    assert kept == ["mixture/lambda=0.25/seed0", "mixture/lambda=0.5/seed0", "sources/offline/seed0",
+                    "sources/online_student/seed0", "sources/online_teacher/seed0"], done.stdout
+    assert "mixture/lambda=0.0/seed0: the run sources/offline/seed0, left out" in done.stdout
+    assert "mixture/lambda=1.0/seed0: the run sources/online_student/seed0, left out" in done.stdout
+    assert "again/offline/seed0: the run sources/offline/seed0, left out" in done.stdout
+    assert "5 runs exported" in done.stdout and "5 repeats" in done.stdout
+    for sweep in ("sources", "mixture"):
+        assert json.loads((tmp_path / "corpus" / "runs" / sweep / "sweep.json").read_text())["preset"] == sweep
+    assert not (tmp_path / "corpus" / "runs" / "again").exists()
