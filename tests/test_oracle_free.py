@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +14,14 @@ import pytest
 from teacherhack.oracle_free import (
     DEFAULT_RULE,
     DEFAULT_RULE_MEASURED,
+    SIGNALS,
     Labelled,
     Rule,
     converged,
+    each_signal,
     entropy_deficit,
     format_agreement,
+    format_each_signal,
     format_trade_off,
     labelled,
     leave_one_preset_out,
@@ -144,6 +150,21 @@ def test_leave_one_preset_out_scores_each_preset_with_a_rule_chosen_on_the_other
     assert format_trade_off(curve).splitlines()[2] == "| 0.25 | 6 | 1 | 0.86 | 1.00 | 1.00 | +1 |"
 
 
+def test_each_signal_alone_is_scored_left_one_sweep_out():
+    """What each signal is worth by itself: here only the memorisation gap carries the truth (the runs record no
+    entropy, so the entropy deficit never fires)."""
+    runs = [run(f"{p}-{i}", p, True, 4, gap_from=4) for p in ("a", "b") for i in range(3)]
+    runs += [run(f"{p}-c{i}", p, False, 10) for p in ("a", "b") for i in range(3)]
+    reports = each_signal(runs)
+    assert list(reports) == list(SIGNALS)
+    gap = reports["memorisation_gap"]["pooled"]
+    assert (gap.hits, gap.misses, gap.false_alarms) == (6, 0, 0)
+    deficit = reports["entropy_deficit"]["pooled"]
+    assert (deficit.hits, deficit.false_alarms) == (0, 0) and deficit.misses == 6
+    table = format_each_signal(reports).splitlines()
+    assert len(table) == 2 + len(SIGNALS) and table[2].startswith("| memorisation gap | 6 | 0 | 0 | 1.00 | 1.00 |")
+
+
 def test_agreement_of_the_reference_verdict_counts_judged_runs_per_sweep():
     runs = [run("h1", "a", True, 4, reference=True), run("h2", "a", True, 4, reference=False),
             run("c1", "a", False, 10, reference=True), run("late", "a", False, 9, judged=False, reference=True),
@@ -186,3 +207,17 @@ def test_detect_prints_every_table_of_the_validation_from_the_corpus(capsys):
     assert f"precision {pooled.precision:.2f}, recall {pooled.recall:.2f}" in DEFAULT_RULE_MEASURED
     assert f"in {report['fixed_guess']:.2f} of the held-out hacking runs" in out
     assert f"| {DEFAULT_RULE.threshold:g} | " in out.split("over its signal's thresholds")[1]
+    alone = out.split("Each signal alone")[1]
+    assert all(f"| {name.replace('_', ' ')} | " in alone for name in SIGNALS)
+
+
+def test_the_study_of_other_signals_runs_on_part_of_the_corpus(tmp_path: Path):
+    """benchmarks/detection/other_signals.py (the signals that did not earn a place): a row per signal, and the
+    runs the default rule misses with their teacher's distance to the oracle."""
+    for sweep in ("sources", "sources-teacher8", "sources-dialogue"):
+        shutil.copytree(CORPUS / sweep, tmp_path / sweep)
+    script = CORPUS.parent / "other_signals.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, capture_output=True,
+                         text=True).stdout
+    assert out.count(" of 3 |") == 8  # eight signals, each tried in the 3 folds
+    assert "| sources-dialogue | offline/seed0 | 21.6 | 21.7 | 14.4 |" in out  # a teacher no better than the start

@@ -321,8 +321,7 @@ def objective(s: Score) -> float:
 
 
 def candidates() -> list[Rule]:
-    """The rules searched: each signal over a grid of thresholds, with 1 to 3 consecutive evaluations, alone or
-    dated back to a lower level of the same grid, always read or quiet once the proxy has nearly reached 0."""
+    """The rules searched: each signal over a grid of thresholds (:func:`rules_for`)."""
     grids = {
         "memorisation_gap": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0],
         "relative_gap": [0.02, 0.05, 0.08, 0.12, 0.16, 0.2, 0.3],
@@ -330,21 +329,27 @@ def candidates() -> list[Rule]:
         "proxy_stall": [0.3, 0.5, 0.7, 0.8, 0.9],
         "power_law_departure": [0.02, 0.05, 0.1, 0.2, 0.3],
     }
-    return [Rule(signal, threshold, patience, onset=onset, floor=floor) for signal, thresholds in grids.items()
-            for threshold in thresholds for patience in (1, 2, 3)
-            for onset in (None, *(level for level in thresholds if level < threshold))
+    return [rule for signal, thresholds in grids.items() for rule in rules_for(signal, thresholds)]
+
+
+def rules_for(signal: str, thresholds: Sequence[float]) -> list[Rule]:
+    """The rules on one signal: each threshold, with 1 to 3 consecutive evaluations, alone or dated back to a lower
+    level of the same grid, always read or quiet once the proxy has nearly reached 0."""
+    return [Rule(signal, threshold, patience, onset=onset, floor=floor) for threshold in thresholds
+            for patience in (1, 2, 3) for onset in (None, *(level for level in thresholds if level < threshold))
             for floor in (None, 0.01, 0.02, 0.05, 0.1)]
 
 
-def leave_one_preset_out(runs: Sequence[Labelled], rules: Sequence[Rule] | None = None,
-                         max_lag: int = 2) -> dict[str, Any]:
+def leave_one_preset_out(runs: Sequence[Labelled], rules: Sequence[Rule] | None = None, max_lag: int = 2,
+                         values: Mapping[tuple[str, str, str], np.ndarray] | None = None) -> dict[str, Any]:
     """For each preset: the best rule on the others (by :func:`objective`), scored on that preset. Returns the
     per-preset choices and scores, the pooled score over the held-out presets, the baseline a dated turn must
     beat (``fixed_guess``: the share of held-out hacking runs whose golden minimum lies within ``max_lag`` of the
     evaluation where it most often lies in the other presets), and, for reference, the rule that is best on all
-    runs together with its (optimistic, in-sample) score."""
+    runs together with its (optimistic, in-sample) score. ``values``: :func:`signal_values` of ``runs``, if
+    already computed."""
     rules = list(rules or candidates())
-    values = signal_values(runs)
+    values = signal_values(runs) if values is None else values
     outcomes = {rule: [outcome(rule, run, values) for run in runs] for rule in rules}  # a rule's alarms, once
 
     def scored(rule: Rule, chosen: Sequence[bool]) -> Score:
@@ -370,6 +375,24 @@ def leave_one_preset_out(runs: Sequence[Labelled], rules: Sequence[Rule] | None 
     overall = max(rules, key=lambda rule: objective(scored(rule, everything)))
     return {"folds": folds, "pooled": pooled, "fixed_guess": guessed / hacking if hacking else math.nan,
             "in_sample": {"rule": overall, "score": scored(overall, everything)}}
+
+
+def each_signal(runs: Sequence[Labelled], max_lag: int = 2) -> dict[str, dict[str, Any]]:
+    """What each signal is worth by itself: :func:`leave_one_preset_out` with the search restricted to its rules."""
+    values, rules = signal_values(runs), candidates()
+    return {name: leave_one_preset_out(runs, [rule for rule in rules if rule.signal == name], max_lag, values)
+            for name in SIGNALS}
+
+
+def format_each_signal(reports: Mapping[str, Mapping[str, Any]], max_lag: int = 2) -> str:
+    """:func:`each_signal` as a markdown table: the held-out figures of each signal alone."""
+    lines = [f"| signal | hits | misses | false alarms | precision | recall | turn within {max_lag} evaluations | "
+             "rule chosen on all runs |", "|---|---|---|---|---|---|---|---|"]
+    for name, report in reports.items():
+        s = report["pooled"]
+        lines.append(f"| {name.replace('_', ' ')} | {s.hits} | {s.misses} | {s.false_alarms} | {_pct(s.precision)} | "
+                     f"{_pct(s.recall)} | {_pct(s.timely_recall)} | {report['in_sample']['rule'].describe()} |")
+    return "\n".join(lines)
 
 
 def trade_off(runs: Sequence[Labelled], rule: Rule, max_lag: int = 2) -> list[dict[str, Any]]:
