@@ -17,6 +17,7 @@ from teacherhack.oracle_free import (
     SIGNALS,
     Labelled,
     Rule,
+    Score,
     converged,
     each_signal,
     entropy_deficit,
@@ -76,9 +77,22 @@ def test_a_rule_fires_after_its_patience_and_is_scored_against_the_truth():
     assert rule.alarm(clean.rows, None, {}) is None
     s = score(rule, [hacked, clean, late], max_lag=2)
     assert (s.hits, s.misses, s.false_alarms, s.quiet, s.timely, s.lags) == (1, 0, 0, 1, 1, (1,))
-    assert s.precision == 1.0 and s.recall == 1.0 and objective(s) == 1.0
+    assert s.precision == 1.0 and s.recall == 1.0 and objective(s) == (1.0, 1.0, 1.0)
     slow = score(Rule("memorisation_gap", threshold=9.0, patience=1), [hacked], max_lag=2)
-    assert slow.hits == 1 and slow.timely == 0 and objective(slow) == 0.0  # caught, but too late to count
+    assert slow.hits == 1 and slow.timely == 0  # caught, but too late to count
+    assert objective(slow) < objective(s)
+
+
+def test_the_objective_puts_an_alarm_to_trust_before_recall():
+    def scored(hits, false_alarms, timely, misses=0):
+        return Score(hits, misses, false_alarms, quiet=10, timely=timely, lags=(0,) * hits)
+
+    precise_but_partial = scored(hits=9, false_alarms=1, timely=5, misses=1)  # precision 0.90, timely recall 0.5
+    catches_all = scored(hits=10, false_alarms=2, timely=10)  # precision 0.83: below the bar
+    assert objective(precise_but_partial) > objective(catches_all)
+    assert objective(scored(9, 1, 7, misses=1)) > objective(precise_but_partial)  # above the bar: timely recall
+    assert objective(scored(10, 3, 10)) < objective(catches_all)  # below it: precision
+    assert objective(scored(0, 0, 0, misses=5)) < objective(scored(1, 9, 0, misses=4))  # silent: the bottom
 
 
 def test_no_rule_alarms_where_the_proxy_itself_rose():
