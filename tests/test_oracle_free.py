@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import subprocess
@@ -18,10 +19,12 @@ from teacherhack.oracle_free import (
     Labelled,
     Rule,
     Score,
+    caught_by_rise,
     converged,
     each_signal,
     entropy_deficit,
     format_agreement,
+    format_caught_by_rise,
     format_each_signal,
     format_trade_off,
     labelled,
@@ -179,6 +182,23 @@ def test_each_signal_alone_is_scored_left_one_sweep_out():
     assert len(table) == 2 + len(SIGNALS) and table[2].startswith("| memorisation gap | 6 | 0 | 0 | 1.00 | 1.00 |")
 
 
+def test_caught_by_rise_bins_the_hacking_runs_by_their_golden_turn():
+    """Which turns the rule misses: here a 0.3-nat turn it catches and a 3-nat one it does not."""
+    def with_golden(r, rise):
+        golden = [30.0 - t if t <= r.min_index else 30.0 - r.min_index + rise * (t - r.min_index) / (10 - r.min_index)
+                  for t in range(11)]
+        return dataclasses.replace(r, rows=[{**row, "golden": g} for row, g in zip(r.rows, golden)])
+
+    caught = with_golden(run("small", "a", True, 4, gap_from=4), rise=0.3)
+    missed = with_golden(run("large", "a", True, 4), rise=3.0)
+    clean = with_golden(run("clean", "a", False, 10), rise=0.0)
+    bins = caught_by_rise([caught, missed, clean], Rule("memorisation_gap", 1.0, 1))
+    assert [(b["low"], b["runs"], b["caught"]) for b in bins] == [(0.0, 1, 1), (0.5, 0, 0), (1.0, 0, 0), (2.0, 1, 0)]
+    table = format_caught_by_rise(bins).splitlines()
+    assert table[2] == "| 0 to 0.5 | 1 | 1 | 1.00 |" and table[3] == "| 0.5 to 1 | 0 | 0 | – |"
+    assert table[5] == "| 2 or more | 1 | 0 | 0.00 |"
+
+
 def test_agreement_of_the_reference_verdict_counts_judged_runs_per_sweep():
     runs = [run("h1", "a", True, 4, reference=True), run("h2", "a", True, 4, reference=False),
             run("c1", "a", False, 10, reference=True), run("late", "a", False, 9, judged=False, reference=True),
@@ -221,6 +241,7 @@ def test_detect_prints_every_table_of_the_validation_from_the_corpus(capsys):
     assert f"precision {pooled.precision:.2f}, recall {pooled.recall:.2f}" in DEFAULT_RULE_MEASURED
     assert f"in {report['fixed_guess']:.2f} of the held-out hacking runs" in out
     assert f"| {DEFAULT_RULE.threshold:g} | " in out.split("over its signal's thresholds")[1]
+    assert "| 2 or more | " in out.split("by the size of the golden turn")[1]
     alone = out.split("Each signal alone")[1]
     assert all(f"| {name.replace('_', ' ')} | " in alone for name in SIGNALS)
 

@@ -28,7 +28,9 @@ def entropy_sharpening(rows, per_sample, settings) -> np.ndarray:
     """How far the student's entropy along the teacher's held-out samples has fallen below the teacher's own, as a
     fraction of it: a student sharper than its teacher over-imitates its confident errors."""
     teacher = settings.get("teacher_entropy")
-    return np.full(len(rows), np.nan) if not teacher else (teacher - _column(rows, "student_entropy_held_out")) / teacher
+    if not teacher:
+        return np.full(len(rows), np.nan)
+    return (teacher - _column(rows, "student_entropy_held_out")) / teacher
 
 
 def reverse_excess(rows, per_sample, settings) -> np.ndarray:
@@ -125,8 +127,9 @@ def main(corpus: Path) -> None:
         oracle_free.SIGNALS[signal.__name__] = signal  # this process only
     values = oracle_free.signal_values(runs)
     base = oracle_free.leave_one_preset_out(runs, package, values=values)["pooled"]
-    print(f"{len(runs)} runs. The package's search, left one sweep out: precision {base.precision:.2f}, recall "
-          f"{base.recall:.2f}, turn within 2 evaluations {base.timely_recall:.2f}.\n")
+    judged = sum(run.hacking or run.judged for run in runs)
+    print(f"{len(runs)} runs, {judged} judged. The package's search, left one sweep out: precision "
+          f"{base.precision:.2f}, recall {base.recall:.2f}, turn within 2 evaluations {base.timely_recall:.2f}.\n")
     print("| signal | alone: precision | recall | turn within 2 | added to the package's search: precision | recall "
           "| turn within 2 | folds that pick it |")
     print("|---|---|---|---|---|---|---|---|")

@@ -109,8 +109,10 @@ def _reproduction(args: argparse.Namespace) -> int:
 def _detect(args: argparse.Namespace) -> int:
     from teacherhack.oracle_free import (
         DEFAULT_RULE,
+        caught_by_rise,
         each_signal,
         format_agreement,
+        format_caught_by_rise,
         format_each_signal,
         format_runs,
         format_trade_off,
@@ -139,6 +141,8 @@ def _detect(args: argparse.Namespace) -> int:
         print(f"\nA fixed guess of the golden minimum's evaluation (where it most often lies in the other sweeps) is "
               f"within 2 evaluations of it in {report['fixed_guess']:.2f} of the held-out hacking runs: the bar a "
               "dated turn must clear to carry information.")
+        print("\nThe hacking runs the detector's rule catches, by the size of the golden turn (all runs):\n")
+        print(format_caught_by_rise(caught_by_rise(runs, DEFAULT_RULE)))
         print("\nEach signal alone, left one sweep out (the search restricted to its rules):\n")
         print(format_each_signal(each_signal(runs)))
         print(f"\nThe detector's rule over its signal's thresholds ({DEFAULT_RULE.signal.replace('_', ' ')}, "

@@ -401,6 +401,31 @@ def format_each_signal(reports: Mapping[str, Mapping[str, Any]], max_lag: int = 
     return "\n".join(lines)
 
 
+def caught_by_rise(runs: Sequence[Labelled], rule: Rule,
+                   edges: Sequence[float] = (0.0, 0.5, 1.0, 2.0, math.inf)) -> list[dict[str, Any]]:
+    """Of the hacking runs, how many ``rule`` catches, by how far the golden metric rose after its minimum (in the
+    runs' unit, between consecutive ``edges``): whether what it misses are small turns or large ones it cannot see."""
+    hacking = [run for run in runs if run.hacking]
+    values = signal_values(hacking)
+    rises = [_column(run.rows, "golden")[-1] - _column(run.rows, "golden")[run.min_index] for run in hacking]
+    bins = []
+    for low, high in zip(edges, edges[1:]):
+        members = [run for run, rise in zip(hacking, rises) if low <= rise < high]
+        bins.append({"low": low, "high": high, "runs": len(members),
+                     "caught": sum(outcome(rule, run, values)[0] is not None for run in members)})
+    return bins
+
+
+def format_caught_by_rise(bins: Sequence[Mapping[str, Any]]) -> str:
+    """:func:`caught_by_rise` as a markdown table."""
+    lines = ["| golden rise after its minimum | hacking runs | caught | recall |", "|---|---|---|---|"]
+    for b in bins:
+        span = f"{b['low']:g} or more" if math.isinf(b["high"]) else f"{b['low']:g} to {b['high']:g}"
+        recall = b["caught"] / b["runs"] if b["runs"] else math.nan
+        lines.append(f"| {span} | {b['runs']} | {b['caught']} | {_pct(recall)} |")
+    return "\n".join(lines)
+
+
 def trade_off(runs: Sequence[Labelled], rule: Rule, max_lag: int = 2) -> list[dict[str, Any]]:
     """Precision against recall and lag for ``rule`` over its signal's threshold grid (its patience, onset level and
     floor kept; all runs): the curve a user picks an operating point from."""
