@@ -182,7 +182,8 @@ def test_run_verdicts_on_a_lab(tmp_path):
     """A run folder's three verdicts: the golden one, no reference (not recorded), and the default detector rule
     (the power-law signal here), which alarms after the bend of the hacking run, dates the turn to within two
     evaluations of it, and stays quiet on the clean law."""
-    write_run(tmp_path / "offline", "offline", power_law(0, bend=900), 50 + 0.04 * (STEPS / 100 - 9) ** 2)
+    # a steep law (α = 0.5) that goes flat at step 900: by the end, 0.4 above it in log space
+    write_run(tmp_path / "offline", "offline", power_law(0, alpha=0.5, bend=900), 50 + 0.04 * (STEPS / 100 - 9) ** 2)
     write_run(tmp_path / "online", "online", power_law(1), 60 - 10 * (1 - np.exp(-STEPS / 500)))
     off, on = (run.verdicts() for run in load_runs([tmp_path]))
     assert off.golden.hacking and off.golden.min_step == 900 and off.reference is None

@@ -17,7 +17,7 @@ STEPS = np.arange(0, 16) * 100
 def write_run(path, name, golden, *, proxy=None, unit="nats/sequence", teacher=55.9, tokens=None, offline_tokens=0):
     """A run directory as the lab writes it; the proxy bends off its power law after step 700 by default."""
     t = np.maximum(STEPS, 100) / 100
-    proxy = 30 * np.minimum(t, 7) ** -0.35 if proxy is None else proxy
+    proxy = 30 * np.minimum(t, 7) ** -0.5 if proxy is None else proxy
     path.mkdir(parents=True)
     rows = [{"step": int(s), "epoch": s / 16, "train_loss": None if s == 0 else float(p) / 40, "proxy": float(p),
              "proxy_se": 0.15, "golden": float(g), "golden_se": 0.15, "tokens_generated": int(n),

@@ -210,11 +210,11 @@ class Alarm:
 # The rule teacherhack uses (the monitor, summary.json, the reports): the best on the whole detection corpus
 # (benchmarks/detection), and what leave-one-sweep-out validation measured for the procedure that chose it. A test
 # recomputes both from the corpus.
-DEFAULT_RULE = Rule("power_law_departure", 0.2, patience=3, onset=0.02, floor=0.1)
-DEFAULT_RULE_MEASURED = ("validated on 157 lab runs of 15 sweeps, each left out in turn: precision 0.92, recall 0.79, "
-                         "the turn dated within 2 evaluations of the golden minimum in 0.78 of hacking runs (a fixed "
-                         "guess of the minimum's evaluation: 0.94), the alarm itself a median +5 evaluations after "
-                         "that minimum; an alarm on every run would have precision 0.66")
+DEFAULT_RULE = Rule("power_law_departure", 0.3, patience=2, onset=0.02, floor=0.1)
+DEFAULT_RULE_MEASURED = ("validated on 156 lab runs of 20 sweeps, each left out in turn: precision 0.89, recall 0.62, "
+                         "the turn dated within 2 evaluations of the golden minimum in 0.62 of hacking runs (a fixed "
+                         "guess of the minimum's evaluation: 0.86), the alarm itself a median +4 evaluations after "
+                         "that minimum; an alarm on every run would have precision 0.64")
 
 
 @dataclass(frozen=True)
