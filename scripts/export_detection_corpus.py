@@ -30,15 +30,20 @@ def main() -> None:
     parser.add_argument("sweeps", nargs="+", type=Path, help="finished sweep folders")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/detection"))
     args = parser.parse_args()
+    if (args.out / "runs").exists() and any((args.out / "runs").iterdir()):
+        parser.error(f"{args.out / 'runs'} is not empty: remove it first (an old export would keep runs this one "
+                     "leaves out)")
     count, repeats, seen = 0, 0, []  # (run, its configuration, its golden and proxy curves), for each run read
     for sweep in args.sweeps:
         plan = json.loads((sweep / "sweep.json").read_text())
         for folder, group in find_runs([sweep]):
             run, loaded = Path(sweep.name) / folder.relative_to(sweep / "runs"), load_run(folder)
             config = (folder / CONFIG).read_text()
-            curves = np.array([(r["step"], r["golden"], r["proxy"]) for r in loaded.metrics])
+            curves = np.array([[np.nan if r.get(key) is None else float(r[key]) for key in ("step", "golden", "proxy")]
+                               for r in loaded.metrics])
             twin = next((kept for kept, other, others in seen if other == config or (
-                others.shape == curves.shape and np.allclose(others, curves, rtol=1e-4, atol=0))), None)
+                others.shape == curves.shape and np.allclose(others, curves, rtol=1e-4, atol=0, equal_nan=True))),
+                        None)
             seen.append((twin or run, config, curves))
             if twin:
                 print(f"{run}: the run {twin}, left out")

@@ -246,6 +246,7 @@ def test_detect_prints_every_table_of_the_validation_from_the_corpus(capsys):
     assert all(f"| {name.replace('_', ' ')} | " in alone for name in SIGNALS)
 
 
+@pytest.mark.slow
 def test_the_study_of_other_signals_runs_on_part_of_the_corpus(tmp_path: Path):
     """benchmarks/detection/other_signals.py (the signals that did not earn a place): a row per signal, and the
     runs the default rule misses with their teacher's distance to the oracle."""

@@ -321,3 +321,6 @@ def test_the_detection_corpus_keeps_each_run_once(tiny_config: cfg.LabConfig, tm
     for sweep in ("sources", "mixture"):
         assert json.loads((tmp_path / "corpus" / "runs" / sweep / "sweep.json").read_text())["preset"] == sweep
     assert not (tmp_path / "corpus" / "runs" / "again").exists()
+    again = subprocess.run([sys.executable, str(script), str(tmp_path / "sources"), "--out", str(tmp_path / "corpus")],
+                           capture_output=True, text=True)  # an old export would keep runs a new one leaves out
+    assert again.returncode == 2 and "is not empty: remove it first" in again.stderr

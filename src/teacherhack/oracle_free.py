@@ -354,7 +354,9 @@ def leave_one_preset_out(runs: Sequence[Labelled], rules: Sequence[Rule] | None 
     evaluation where it most often lies in the other presets), and, for reference, the rule that is best on all
     runs together with its (optimistic, in-sample) score. ``values``: :func:`signal_values` of ``runs``, if
     already computed."""
-    rules = list(rules or candidates())
+    rules = candidates() if rules is None else list(rules)
+    if not rules:
+        raise ValueError("no rules to choose from")
     values = signal_values(runs) if values is None else values
     outcomes = {rule: [outcome(rule, run, values) for run in runs] for rule in rules}  # a rule's alarms, once
 
@@ -403,9 +405,12 @@ def format_each_signal(reports: Mapping[str, Mapping[str, Any]], max_lag: int = 
 
 def caught_by_rise(runs: Sequence[Labelled], rule: Rule,
                    edges: Sequence[float] = (0.0, 0.5, 1.0, 2.0, math.inf)) -> list[dict[str, Any]]:
-    """Of the hacking runs, how many ``rule`` catches, by how far the golden metric rose after its minimum (in the
-    runs' unit, between consecutive ``edges``): whether what it misses are small turns or large ones it cannot see."""
+    """Of the hacking runs, how many ``rule`` catches, by how far the golden metric rose from its minimum to the end
+    (between consecutive ``edges``): whether what it misses are small turns or large ones it cannot see. Only the
+    runs in the most common metric unit count (nats per sequence in the lab; a per-token rise is another scale)."""
     hacking = [run for run in runs if run.hacking]
+    units = [run.settings.get("metric_unit") for run in hacking]
+    hacking = [run for run, unit in zip(hacking, units) if unit == max(units, key=units.count)]
     values = signal_values(hacking)
     rises = [_column(run.rows, "golden")[-1] - _column(run.rows, "golden")[run.min_index] for run in hacking]
     bins = []
@@ -418,7 +423,7 @@ def caught_by_rise(runs: Sequence[Labelled], rule: Rule,
 
 def format_caught_by_rise(bins: Sequence[Mapping[str, Any]]) -> str:
     """:func:`caught_by_rise` as a markdown table."""
-    lines = ["| golden rise after its minimum | hacking runs | caught | recall |", "|---|---|---|---|"]
+    lines = ["| golden rise from its minimum to the end | hacking runs | caught | recall |", "|---|---|---|---|"]
     for b in bins:
         span = f"{b['low']:g} or more" if math.isinf(b["high"]) else f"{b['low']:g} to {b['high']:g}"
         recall = b["caught"] / b["runs"] if b["runs"] else math.nan
