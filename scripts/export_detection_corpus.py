@@ -39,8 +39,7 @@ def main() -> None:
         for folder, group in find_runs([sweep]):
             run, loaded = Path(sweep.name) / folder.relative_to(sweep / "runs"), load_run(folder)
             config = (folder / CONFIG).read_text()
-            curves = np.array([[np.nan if r.get(key) is None else float(r[key]) for key in ("step", "golden", "proxy")]
-                               for r in loaded.metrics])
+            curves = np.column_stack([loaded.series(key) for key in ("step", "golden", "proxy")])
             twin = next((kept for kept, other, others in seen if other == config or (
                 others.shape == curves.shape and np.allclose(others, curves, rtol=1e-4, atol=0, equal_nan=True))),
                         None)

@@ -57,22 +57,15 @@ def gap_growth(rows, per_sample, settings) -> np.ndarray:
     return np.concatenate([[np.nan], np.diff(gap)])
 
 
-def _log_slopes(rows, key: str) -> np.ndarray:
-    """Per evaluation t ≥ 1: d log(key) / d log(step) over the interval (t − 1, t]."""
-    log_value, log_step = np.log(_column(rows, key)), np.log(np.maximum(_column(rows, "step"), 1.0))
-    return np.concatenate([[np.nan], np.diff(log_value) / np.diff(log_step)])
-
-
 def slope_ratio(rows, per_sample, settings) -> np.ndarray:
     """1 − the proxy's log-log slope over the last evaluation ÷ its slope over evaluations 1-3: 0 on a power law, 1
     once flat."""
     log_proxy, log_step = np.log(_column(rows, "proxy")), np.log(np.maximum(_column(rows, "step"), 1.0))
-    local = _log_slopes(rows, "proxy")
     out = np.full(len(rows), np.nan)
     if len(rows) > 4:
         early = (log_proxy[3] - log_proxy[1]) / (log_step[3] - log_step[1])
         if early < 0:
-            out[4:] = 1 - local[4:] / early
+            out[4:] = 1 - (np.diff(log_proxy) / np.diff(log_step))[3:] / early  # the slope over (t − 1, t]
     return out
 
 

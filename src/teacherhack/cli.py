@@ -119,6 +119,7 @@ def _detect(args: argparse.Namespace) -> int:
         format_validation,
         labelled,
         leave_one_preset_out,
+        signal_values,
         trade_off,
     )
     from teacherhack.rundir import find_runs, load_run
@@ -136,18 +137,19 @@ def _detect(args: argparse.Namespace) -> int:
     print(format_agreement(runs))
     if len({r.preset for r in runs}) > 1:
         print("\nLeave one sweep out: the rule is chosen on every other sweep and scored on the one left out.\n")
-        report = leave_one_preset_out(runs)
+        values = signal_values(runs)  # every signal on every run, once for all the tables below
+        report = leave_one_preset_out(runs, values=values)
         print(format_validation(report))
         print(f"\nA fixed guess of the golden minimum's evaluation (where it most often lies in the other sweeps) is "
               f"within 2 evaluations of it in {report['fixed_guess']:.2f} of the held-out hacking runs: the bar a "
               "dated turn must clear to carry information.")
         print("\nThe hacking runs the detector's rule catches, by the size of the golden turn (all runs):\n")
-        print(format_caught_by_rise(caught_by_rise(runs, DEFAULT_RULE)))
+        print(format_caught_by_rise(caught_by_rise(runs, DEFAULT_RULE, values=values)))
         print("\nEach signal alone, left one sweep out (the search restricted to its rules):\n")
-        print(format_each_signal(each_signal(runs)))
+        print(format_each_signal(each_signal(runs, values=values)))
         print(f"\nThe detector's rule over its signal's thresholds ({DEFAULT_RULE.signal.replace('_', ' ')}, "
               f"the rest as the rule has it), all runs:\n")
-        print(format_trade_off(trade_off(runs, DEFAULT_RULE)))
+        print(format_trade_off(trade_off(runs, DEFAULT_RULE, values=values)))
     return 0
 
 

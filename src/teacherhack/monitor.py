@@ -313,7 +313,8 @@ class HackingMonitorCallback(TrainerCallback):
     checkpoint to keep; ``save_steps`` no coarser than ``every`` keeps one near it), and ``proxy_kl_train`` with
     ``train_prompts``; ``reference_nll``, ``reference_nll_se`` and ``reference_alert`` with ``references``. Bind the
     trainer (``trainer=`` or :meth:`bind`) so that they go through ``Trainer.log``: into ``state.log_history``
-    *and* every ``report_to`` integration (TensorBoard, W&B, MLflow…). Unbound, they only reach ``state.log_history`` (a warning says so at the start of training).
+    *and* every ``report_to`` integration (TensorBoard, W&B, MLflow…). Unbound, they only reach
+    ``state.log_history`` (a warning says so at the start of training).
 
     Args:
         teacher, tokenizer, prompts: as in :class:`HackingMonitor` (pass the teacher explicitly, also with

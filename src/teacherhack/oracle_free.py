@@ -385,9 +385,10 @@ def leave_one_preset_out(runs: Sequence[Labelled], rules: Sequence[Rule] | None 
             "in_sample": {"rule": overall, "score": scored(overall, everything)}}
 
 
-def each_signal(runs: Sequence[Labelled], max_lag: int = 2) -> dict[str, dict[str, Any]]:
+def each_signal(runs: Sequence[Labelled], max_lag: int = 2,
+                values: Mapping[tuple[str, str, str], np.ndarray] | None = None) -> dict[str, dict[str, Any]]:
     """What each signal is worth by itself: :func:`leave_one_preset_out` with the search restricted to its rules."""
-    values, rules = signal_values(runs), candidates()
+    values, rules = signal_values(runs) if values is None else values, candidates()
     return {name: leave_one_preset_out(runs, [rule for rule in rules if rule.signal == name], max_lag, values)
             for name in SIGNALS}
 
@@ -403,15 +404,15 @@ def format_each_signal(reports: Mapping[str, Mapping[str, Any]], max_lag: int = 
     return "\n".join(lines)
 
 
-def caught_by_rise(runs: Sequence[Labelled], rule: Rule,
-                   edges: Sequence[float] = (0.0, 0.5, 1.0, 2.0, math.inf)) -> list[dict[str, Any]]:
+def caught_by_rise(runs: Sequence[Labelled], rule: Rule, edges: Sequence[float] = (0.0, 0.5, 1.0, 2.0, math.inf),
+                   values: Mapping[tuple[str, str, str], np.ndarray] | None = None) -> list[dict[str, Any]]:
     """Of the hacking runs, how many ``rule`` catches, by how far the golden metric rose from its minimum to the end
     (between consecutive ``edges``): whether what it misses are small turns or large ones it cannot see. Only the
     runs in the most common metric unit count (nats per sequence in the lab; a per-token rise is another scale)."""
     hacking = [run for run in runs if run.hacking]
     units = [run.settings.get("metric_unit") for run in hacking]
     hacking = [run for run, unit in zip(hacking, units) if unit == max(units, key=units.count)]
-    values = signal_values(hacking)
+    values = signal_values(hacking) if values is None else values
     rises = [_column(run.rows, "golden")[-1] - _column(run.rows, "golden")[run.min_index] for run in hacking]
     bins = []
     for low, high in zip(edges, edges[1:]):
@@ -431,10 +432,11 @@ def format_caught_by_rise(bins: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def trade_off(runs: Sequence[Labelled], rule: Rule, max_lag: int = 2) -> list[dict[str, Any]]:
+def trade_off(runs: Sequence[Labelled], rule: Rule, max_lag: int = 2,
+              values: Mapping[tuple[str, str, str], np.ndarray] | None = None) -> list[dict[str, Any]]:
     """Precision against recall and lag for ``rule`` over its signal's threshold grid (its patience, onset level and
     floor kept; all runs): the curve a user picks an operating point from."""
-    values = signal_values(runs)
+    values = signal_values(runs) if values is None else values
     return [{"threshold": other.threshold, **score(other, runs, max_lag, values).to_dict()}
             for other in candidates() if (other.signal, other.patience, other.onset, other.skip, other.floor)
             == (rule.signal, rule.patience, rule.onset, rule.skip, rule.floor)]
