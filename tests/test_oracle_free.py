@@ -180,6 +180,8 @@ def test_each_signal_alone_is_scored_left_one_sweep_out():
     assert (deficit.hits, deficit.false_alarms) == (0, 0) and deficit.misses == 6
     table = format_each_signal(reports).splitlines()
     assert len(table) == 2 + len(SIGNALS) and table[2].startswith("| memorisation gap | 6 | 0 | 0 | 1.00 | 1.00 |")
+    assert "turn within 2 evaluations" in table[0]
+    assert "turn within 1 evaluations" in format_each_signal(each_signal(runs, max_lag=1)).splitlines()[0]
 
 
 def test_caught_by_rise_bins_the_hacking_runs_by_their_golden_turn():

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from teacherhack import oracle_free
-from teacherhack.oracle_free import _column, proxy_stall
+from teacherhack.oracle_free import column, proxy_stall
 from teacherhack.rundir import find_runs, load_run
 
 
@@ -30,18 +30,18 @@ def entropy_sharpening(rows, per_sample, settings) -> np.ndarray:
     teacher = settings.get("teacher_entropy")
     if not teacher:
         return np.full(len(rows), np.nan)
-    return (teacher - _column(rows, "student_entropy_held_out")) / teacher
+    return (teacher - column(rows, "student_entropy_held_out")) / teacher
 
 
 def reverse_excess(rows, per_sample, settings) -> np.ndarray:
     """log(KL(student‖teacher) / KL(teacher‖student)): the student's own samples scored worse by the teacher than
     the teacher's samples by the student (mode-seeking errors the forward proxy does not see)."""
-    return np.log(_column(rows, "proxy_reverse") / _column(rows, "proxy"))
+    return np.log(column(rows, "proxy_reverse") / column(rows, "proxy"))
 
 
 def reverse_rise(rows, per_sample, settings) -> np.ndarray:
     """KL(student‖teacher) above its best so far, in standard errors."""
-    reverse, se = _column(rows, "proxy_reverse"), _column(rows, "proxy_reverse_se")
+    reverse, se = column(rows, "proxy_reverse"), column(rows, "proxy_reverse_se")
     out = np.full(len(rows), np.nan)
     for t in range(len(rows)):
         if np.isfinite(reverse[: t + 1]).any():
@@ -60,7 +60,7 @@ def gap_growth(rows, per_sample, settings) -> np.ndarray:
 def slope_ratio(rows, per_sample, settings) -> np.ndarray:
     """1 − the proxy's log-log slope over the last evaluation ÷ its slope over evaluations 1-3: 0 on a power law, 1
     once flat."""
-    log_proxy, log_step = np.log(_column(rows, "proxy")), np.log(np.maximum(_column(rows, "step"), 1.0))
+    log_proxy, log_step = np.log(column(rows, "proxy")), np.log(np.maximum(column(rows, "step"), 1.0))
     out = np.full(len(rows), np.nan)
     if len(rows) > 4:
         early = (log_proxy[3] - log_proxy[1]) / (log_step[3] - log_step[1])
@@ -72,7 +72,7 @@ def slope_ratio(rows, per_sample, settings) -> np.ndarray:
 def proxy_per_train_loss(rows, per_sample, settings) -> np.ndarray:
     """1 − the held-out proxy's fall per fall of the training loss (in logs) over the last evaluation, relative to
     the same over evaluations 1-3: the student still fits its training signal, but it no longer carries over."""
-    log_proxy, log_loss = np.log(_column(rows, "proxy")), np.log(_column(rows, "train_loss"))
+    log_proxy, log_loss = np.log(column(rows, "proxy")), np.log(column(rows, "train_loss"))
     out = np.full(len(rows), np.nan)
     if len(rows) > 4 and log_loss[3] != log_loss[1]:
         early = (log_proxy[3] - log_proxy[1]) / (log_loss[3] - log_loss[1])
@@ -84,7 +84,7 @@ def proxy_per_train_loss(rows, per_sample, settings) -> np.ndarray:
 
 def held_out_per_train(rows, per_sample, settings) -> np.ndarray:
     """1 − the held-out proxy's fall per fall of the proxy on training prompts (in logs), over the last evaluation."""
-    log_proxy, log_train = np.log(_column(rows, "proxy")), np.log(_column(rows, "proxy_train"))
+    log_proxy, log_train = np.log(column(rows, "proxy")), np.log(column(rows, "proxy_train"))
     out = np.full(len(rows), np.nan)
     fall = np.diff(log_train)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -95,7 +95,7 @@ def held_out_per_train(rows, per_sample, settings) -> np.ndarray:
 def stall_far(rows, per_sample, settings) -> np.ndarray:
     """The proxy's stall weighted by how far it still is from the teacher: a student that stops approaching its
     teacher while far from it."""
-    proxy = _column(rows, "proxy")
+    proxy = column(rows, "proxy")
     return proxy_stall(rows, per_sample, settings) * proxy / proxy[0] if proxy[0] > 0 else np.full(len(rows), np.nan)
 
 

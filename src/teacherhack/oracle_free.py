@@ -26,20 +26,21 @@ from teacherhack.detection import power_law_detector
 Signal = Callable[[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]] | None, Mapping[str, Any]], np.ndarray]
 
 
-def _column(rows: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
+def column(rows: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
+    """Metric ``key`` along a run's rows, NaN where a row lacks it: what a signal is built from."""
     return np.array([np.nan if r.get(key) is None else float(r[key]) for r in rows])
 
 
 def memorisation_gap(rows, per_sample, settings) -> np.ndarray:
     """Held-out proxy minus proxy on training prompts: it grows when the student fits what it trains on better
     than what it has not seen, the teacher's fixed samples memorised."""
-    return _column(rows, "proxy") - _column(rows, "proxy_train")
+    return column(rows, "proxy") - column(rows, "proxy_train")
 
 
 def relative_gap(rows, per_sample, settings) -> np.ndarray:
     """The memorisation gap as a fraction of the held-out proxy (scale-free across tasks and sizes; undefined
     where the proxy is not positive)."""
-    proxy = _column(rows, "proxy")
+    proxy = column(rows, "proxy")
     positive = proxy > 0
     return np.where(positive, memorisation_gap(rows, per_sample, settings) / np.where(positive, proxy, 1.0), np.nan)
 
@@ -48,7 +49,7 @@ def entropy_deficit(rows, per_sample, settings) -> np.ndarray:
     """How far the student's entropy, along the teacher's fixed held-out samples, has fallen towards the
     teacher's own along them: 0 where it started, 1 at the teacher's. A student that imitates an over-confident
     teacher ever more closely becomes ever sharper."""
-    entropy = _column(rows, "student_entropy_held_out")
+    entropy = column(rows, "student_entropy_held_out")
     teacher = settings.get("teacher_entropy")
     if teacher is None or not len(entropy) or not math.isfinite(entropy[0]) or entropy[0] <= teacher:
         return np.full(len(rows), np.nan)  # a student that starts as sharp as the teacher: no deficit to measure
@@ -58,7 +59,7 @@ def entropy_deficit(rows, per_sample, settings) -> np.ndarray:
 def proxy_stall(rows, per_sample, settings) -> np.ndarray:
     """How little the held-out proxy still improves: 1 − (its fall over the last evaluation ÷ its mean fall
     per evaluation so far). Near 0 while it falls steadily, near 1 once it has stopped."""
-    proxy = _column(rows, "proxy")
+    proxy = column(rows, "proxy")
     out = np.full(len(proxy), np.nan)
     for t in range(2, len(proxy)):
         if not np.isfinite(proxy[[0, t - 1, t]]).all():
@@ -72,7 +73,7 @@ def power_law_departure(rows, per_sample, settings) -> np.ndarray:
     """The paper's sign: how far the held-out proxy sits above the power law C·t^(−α) fitted on the first third of
     the evaluations so far, in log space (the residual of ``teacherhack.detection.power_law_detector``, refitted at
     each evaluation as a live monitor would)."""
-    steps, proxy = [int(r["step"]) for r in rows], _column(rows, "proxy")
+    steps, proxy = [int(r["step"]) for r in rows], column(rows, "proxy")
     out = np.full(len(rows), np.nan)
     for t in range(len(rows)):
         result = power_law_detector(steps[: t + 1], proxy[: t + 1])
@@ -98,7 +99,7 @@ def proxy_rose(rows: Sequence[Mapping[str, Any]], z: float = 3.0) -> np.ndarray:
     """Where the held-out proxy stands more than ``z`` standard errors above its best so far: the student moves
     away from the teacher too, which is over-fitting that the proxy shows by itself, not teacher hacking (the
     golden verdict's condition on the proxy, seen without an oracle)."""
-    proxy, se = _column(rows, "proxy"), _column(rows, "proxy_se")
+    proxy, se = column(rows, "proxy"), column(rows, "proxy_se")
     out = np.zeros(len(rows), dtype=bool)
     for t in range(len(rows)):
         best = int(np.nanargmin(proxy[: t + 1])) if np.isfinite(proxy[: t + 1]).any() else t
@@ -118,7 +119,7 @@ def converged(rows: Sequence[Mapping[str, Any]], floor: float) -> np.ndarray:
     """Where the held-out proxy has fallen below ``floor`` times its first value: the student has all but become
     the teacher. There the proxy flattens at the student's last small distance to the teacher, which a power law
     fitted to the early descent reads as a departure, whether the teacher is good or bad."""
-    proxy = _column(rows, "proxy")
+    proxy = column(rows, "proxy")
     if not len(proxy) or not math.isfinite(proxy[0]) or proxy[0] <= 0:
         return np.zeros(len(proxy), dtype=bool)
     return proxy < floor * proxy[0]
@@ -382,7 +383,7 @@ def leave_one_preset_out(runs: Sequence[Labelled], rules: Sequence[Rule] | None 
     everything = [True] * len(runs)
     overall = max(rules, key=lambda rule: objective(scored(rule, everything)))
     return {"folds": folds, "pooled": pooled, "fixed_guess": guessed / hacking if hacking else math.nan,
-            "in_sample": {"rule": overall, "score": scored(overall, everything)}}
+            "in_sample": {"rule": overall, "score": scored(overall, everything)}, "max_lag": max_lag}
 
 
 def each_signal(runs: Sequence[Labelled], max_lag: int = 2,
@@ -393,8 +394,9 @@ def each_signal(runs: Sequence[Labelled], max_lag: int = 2,
             for name in SIGNALS}
 
 
-def format_each_signal(reports: Mapping[str, Mapping[str, Any]], max_lag: int = 2) -> str:
+def format_each_signal(reports: Mapping[str, Mapping[str, Any]]) -> str:
     """:func:`each_signal` as a markdown table: the held-out figures of each signal alone."""
+    max_lag = next(iter(reports.values()))["max_lag"]
     lines = [f"| signal | hits | misses | false alarms | precision | recall | turn within {max_lag} evaluations | "
              "rule chosen on all runs |", "|---|---|---|---|---|---|---|---|"]
     for name, report in reports.items():
@@ -413,7 +415,7 @@ def caught_by_rise(runs: Sequence[Labelled], rule: Rule, edges: Sequence[float] 
     units = [run.settings.get("metric_unit") for run in hacking]
     hacking = [run for run, unit in zip(hacking, units) if unit == max(units, key=units.count)]
     values = signal_values(hacking) if values is None else values
-    rises = [_column(run.rows, "golden")[-1] - _column(run.rows, "golden")[run.min_index] for run in hacking]
+    rises = [column(run.rows, "golden")[-1] - column(run.rows, "golden")[run.min_index] for run in hacking]
     bins = []
     for low, high in zip(edges, edges[1:]):
         members = [run for run, rise in zip(hacking, rises) if low <= rise < high]
