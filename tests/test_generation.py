@@ -41,6 +41,7 @@ class RecordingSampler:
     """A stand-in for a separate engine (like vLLM): records when it receives the student's weights."""
 
     name = "recording"
+    any_threads = False
 
     def __init__(self, lm: LM):
         self.lm, self.synced_at, self.step = lm, [], None

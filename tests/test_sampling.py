@@ -237,3 +237,26 @@ def test_samples_fit_the_exact_sequence_distribution(arch):
 def test_the_goodness_of_fit_test_rejects_a_wrong_sampler(arch):
     """The same test on samples drawn at 1.3 × the temperature it scores at: rejected."""
     assert goodness_of_fit(enumerable_lm(arch), temperature=1.3, seed=11) < 1e-3
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_samples_and_their_logprobs_do_not_depend_on_the_thread_count(arch):
+    """What lets a launcher worker sample on the cores its finished siblings left (``launch.idle_cores``, for the
+    lean decoders only: T5's generic decoder returns other log-probability bits on 2 threads): the same draws
+    and distributions, bit for bit, on 1 and 2 threads, at the lab's model size."""
+    lm = LM(randomized(build_model(arch, "m", vocab_size=1024, pad_id=PAD, eos_id=EOS, max_positions=96, seed=0),
+                       0.05), pad_id=PAD, eos_id=EOS)
+    g = torch.Generator().manual_seed(0)
+    prompts = collate_prompts([torch.randint(2, 1024, (int(n),), generator=g).tolist()
+                               for n in torch.randint(1, 40, (64,), generator=g)], PAD)
+    before, drawn = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            drawn.append(lm.sample(prompts, max_new_tokens=24, generator=torch.Generator().manual_seed(1),
+                                   return_logprobs=True))
+    finally:
+        torch.set_num_threads(before)
+    (tokens_1, logprobs_1), (tokens_2, logprobs_2) = drawn
+    assert (tokens_1 != PAD).sum() > 64 * 12  # long responses: the draws had many chances to differ
+    assert torch.equal(tokens_1, tokens_2) and torch.equal(logprobs_1, logprobs_2)

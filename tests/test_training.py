@@ -237,6 +237,7 @@ def test_online_samples_count_generated_tokens():
 
 class CountingSampler:
     name = "stub"
+    any_threads = False
 
     def __init__(self):
         self.synced, self.sampled = [], 0

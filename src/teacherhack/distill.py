@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
@@ -81,7 +82,8 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
         references = load_sample_sets(up.references) | load_sample_sets(up.train_references)
         evaluator = Evaluator(oracle, teacher, references, estimator=e.estimator,
                               per_token=e.per_token, reverse_samples=e.reverse_samples, batch_size=e.batch_size,
-                              max_new_tokens=c.task.max_response_len, seed=c.seed + seeds.EVALUATION)
+                              max_new_tokens=c.task.max_response_len, seed=c.seed + seeds.EVALUATION,
+                              frozen=load_file(str(up.reference_scores)))
         scoring = time.time() - began  # the one-time scoring of the references, spent again on every resume
         if distributed.is_main():
             folder.write_settings(_settings(c, source_name, name, up, evaluator))

@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from teacherhack import decoding
 from teacherhack.models import LM, Prompts, pad_responses
 
 BACKENDS: tuple[str, ...] = ("auto", "hf", "vllm")
@@ -21,6 +22,7 @@ class Sampler(Protocol):
 
     name: str
     gives_logprobs: bool  # whether sample(..., return_logprobs=True) also returns each position's distribution
+    any_threads: bool  # whether its draws are the same bits on any number of CPU threads (launch.idle_cores)
 
     def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator,
                return_logprobs: bool = False) -> Tensor | tuple[Tensor, Tensor]: ...
@@ -37,6 +39,8 @@ class HFSampler:
 
     def __init__(self, model: LM):
         self.model = model
+        # the lean decoders: tests/test_sampling.py checks them bit for bit (the generic forward, T5's, is not)
+        self.any_threads = decoding.lean_supported(model.model)
 
     def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator,
                return_logprobs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -54,6 +58,7 @@ class VLLMSampler:
 
     name = "vllm"
     gives_logprobs = False
+    any_threads = False  # it runs on a GPU: CPU threads are not its business
 
     def __init__(self, path: Path, model: LM, *, gpu_memory_utilization: float = 0.3, dtype: str = "auto"):
         from vllm import LLM  # imported here: an optional dependency

@@ -15,9 +15,12 @@ import signal
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from teacherhack.errors import UserError
 
@@ -57,13 +60,34 @@ def launch(jobs: list[Job], *, parallel: int = 1, engine: str = "local", folder:
         raise UserError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
 
 
+_running: Any = None  # in a worker process: the launcher's count of its workers running now (shared memory)
+
+
+@contextmanager
+def idle_cores() -> Iterator[None]:
+    """Runs the body on the cores that no other worker of the launcher is using: in a worker, the machine's cores
+    divided by the workers running now (all of them once it is the last); elsewhere torch's setting, unchanged.
+    Only for work whose result does not depend on the thread count: sampling, which the tests check bit for bit
+    (a training step's reductions do depend on it). The lab's online-teacher run, the longest, samples on both
+    cores once its siblings are done."""
+    before = torch.get_num_threads()
+    if _running is not None:
+        torch.set_num_threads(max(before, len(os.sched_getaffinity(0)) // max(1, _running.value)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _inline(jobs: list[Job]) -> Iterator[tuple[str, Any]]:
     for job in jobs:
         yield job.name, job.fn(*job.args, **job.kwargs)
 
 
-def _child(job: Job, results: Any) -> None:
+def _child(job: Job, results: Any, running: Any) -> None:
     """A worker process: run one job and send back its result or its exception."""
+    global _running
+    _running = running
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending Ctrl-C arrives here, inside the try
         results.put((job.name, True, job.fn(*job.args, **job.kwargs)))
@@ -79,13 +103,14 @@ def _child(job: Job, results: Any) -> None:
 def _processes(jobs: list[Job], parallel: int) -> Iterator[tuple[str, Any]]:
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
+    count = context.Value("i", 0, lock=False)  # workers running, for idle_cores (written here only)
     waiting, running = list(jobs), {}
     failure: BaseException | None = None
     try:
         while running or (waiting and failure is None):
             while waiting and failure is None and len(running) < parallel:
                 job = waiting.pop(0)
-                running[job.name] = context.Process(target=_child, args=(job, results), name=f"teacherhack {job.name}")
+                running[job.name] = context.Process(target=_child, args=(job, results, count), name=f"teacherhack {job.name}")
                 # a Ctrl-C while the worker imports would kill it with a traceback: it starts with SIGINT blocked
                 # (pending, not lost) and unblocks it once its job can stop cleanly
                 blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -93,6 +118,7 @@ def _processes(jobs: list[Job], parallel: int) -> Iterator[tuple[str, Any]]:
                     running[job.name].start()
                 finally:
                     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                count.value = len(running)
             try:
                 name, ok, value = results.get(timeout=1.0)
             except queue.Empty:
@@ -101,9 +127,11 @@ def _processes(jobs: list[Job], parallel: int) -> Iterator[tuple[str, Any]]:
                         time.sleep(0.5)
                         if results.empty():
                             running.pop(name)
+                            count.value = len(running)
                             failure = failure or RunFailed(f"run {name} died with exit code {process.exitcode}")
                 continue
             running.pop(name).join()
+            count.value = len(running)
             if ok:
                 yield name, value
             else:

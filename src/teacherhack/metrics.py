@@ -9,6 +9,7 @@ evaluations are paired sample by sample: only the student changes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +71,8 @@ class ScoredSamples:
     in ``cache_bytes`` (the lab's 1k vocabulary: yes; a 150k one: no), so later measurements need only q's
     forward pass and one product."""
 
-    def __init__(self, p: LM | None, samples: SampleSet, *, eos_id: int, batch_size: int, cache_bytes: int = 1 << 30):
+    def __init__(self, p: LM | None, samples: SampleSet, *, eos_id: int, batch_size: int, cache_bytes: int = 1 << 30,
+                 frozen: Sequence[Tensor] | None = None):
         self.p, self.batches = p, []
         for start in range(0, len(samples.prompts), batch_size):
             rows = slice(start, start + batch_size)
@@ -80,6 +82,10 @@ class ScoredSamples:
         # p's log-probabilities and its probabilities at the response positions: two [positions, V] float32 copies
         size = 2 * sum(mask.numel() for _, _, mask in self.batches) * (p.vocab_size if p else 0) * 4
         self.cache: list[FrozenP] | None = [] if size <= cache_bytes else None
+        if frozen is not None and self.cache is not None:  # p's log-probabilities, scored before (reference_logprobs)
+            if [tuple(f.shape[:2]) for f in frozen] != [tuple(mask.shape) for _, _, mask in self.batches]:
+                raise ValueError("the precomputed log-probabilities do not match these samples' batches")
+            self.cache = [FrozenP.of(log_p, mask) for log_p, (_, _, mask) in zip(frozen, self.batches)]
 
     def _frozen(self, index: int) -> FrozenP:
         assert self.p is not None
@@ -116,6 +122,21 @@ class ScoredSamples:
                                              for i in range(len(self.batches))]))
 
 
+def reference_logprobs(models: Mapping[str, LM], references: Mapping[str, SampleSet], *, eos_id: int,
+                       batch_size: int) -> dict[str, Tensor]:
+    """Each frozen model's log-probabilities on its own reference samples (``models``: the set's name → its
+    model), batch by batch as :class:`ScoredSamples` scores them (keys ``name.batch``), for the sets whose
+    cache fits: what every stage-2 run of a configuration would otherwise compute again at its start. The same
+    bits either way (scoring does not depend on the thread count; tests/test_metrics.py)."""
+    out = {}
+    for name, model in models.items():
+        scored = ScoredSamples(model, references[name], eos_id=eos_id, batch_size=batch_size)
+        if scored.cache is not None:
+            with torch.no_grad():
+                out |= {f"{name}.{i}": scored._frozen(i).log_p for i in range(len(scored.batches))}
+    return out
+
+
 # The per-sample values each evaluation saves (paired across evaluations: the verdicts' SEs of a change)
 PAIRED = ("golden", "proxy", "proxy_train", "oracle_nll", "reference_nll")
 
@@ -124,7 +145,8 @@ class Evaluator:
     """Computes one metrics row for the current student. The fixed samples are given at construction (``oracle``
     and ``teacher``: their samples on the validation prompts; ``real``: the task's real responses to them;
     ``train_teacher``: the teacher's samples on training prompts) and the frozen models' log-probabilities on
-    them are computed once.
+    them are computed once, or given (``frozen``: :func:`reference_logprobs`, which the lab computes upstream for
+    all its runs).
 
     Row keys (each with ``_se``): golden = KL(oracle‖student); proxy = KL(teacher‖student) on held-out prompts;
     proxy_train = the same on training prompts (held-out minus train: how much of the fit is memorisation);
@@ -137,7 +159,8 @@ class Evaluator:
     """
 
     def __init__(self, oracle: LM, teacher: LM, references: dict[str, SampleSet], *, estimator: str,
-                 per_token: bool, reverse_samples: int, batch_size: int, max_new_tokens: int, seed: int):
+                 per_token: bool, reverse_samples: int, batch_size: int, max_new_tokens: int, seed: int,
+                 frozen: Mapping[str, Tensor] | None = None):
         self.oracle, self.teacher = oracle, teacher
         self.options = dict(estimator=estimator, per_token=per_token)
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
@@ -150,7 +173,11 @@ class Evaluator:
         self.scored = {}
         for name, samples in references.items():
             rows = torch.tensor(distributed.shard(range(len(samples.prompts))), dtype=torch.long)
-            self.scored[name] = ScoredSamples(models[name], samples[rows], eos_id=teacher.eos_id, batch_size=batch_size)
+            known = None  # the frozen side scored upstream, used where this process holds every row
+            if frozen and f"{name}.0" in frozen and distributed.world() == 1:
+                known = [frozen[f"{name}.{i}"] for i in range(sum(key.startswith(f"{name}.") for key in frozen))]
+            self.scored[name] = ScoredSamples(models[name], samples[rows], eos_id=teacher.eos_id, batch_size=batch_size,
+                                              frozen=known)
         self.teacher_golden = Estimate.of(self.scored["oracle"].measure(teacher, **self.options)["kl"])
         # what the student converges towards when it imitates the teacher closely (known without an oracle), and
         # the truth's own entropy (for analysis only)

@@ -8,12 +8,14 @@ processes each one gets its shard of the global batch (and samples only that sha
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from teacherhack import distributed, seeds
+from teacherhack.launch import idle_cores
 from teacherhack.generation import Sampler
 from teacherhack.divergences import response_mask
 from teacherhack.models import LM, Prompts, collate_prompts, pad_responses
@@ -127,8 +129,9 @@ class OnlineSamples:
         generator = seeds.generator(self.seed, seeds.ONLINE_SAMPLES, index,
                                     *([distributed.rank()] if distributed.launched() else []))
         prompts = collate_prompts([self.prompts[i] for i in rows], self.pad_id)
-        drawn = self.sampler.sample(prompts, max_new_tokens=self.max_new_tokens, generator=generator,
-                                    return_logprobs=self.keep_logprobs)
+        with idle_cores() if self.sampler.any_threads else contextlib.nullcontext():
+            drawn = self.sampler.sample(prompts, max_new_tokens=self.max_new_tokens, generator=generator,
+                                        return_logprobs=self.keep_logprobs)
         responses, logprobs = drawn if self.keep_logprobs else (drawn, None)
         batches, start = [], 0
         for step_rows in steps:

@@ -30,7 +30,16 @@ from teacherhack import seeds
 from teacherhack.cache import ArtifactCache
 from teacherhack.config import LabConfig, TrainConfig
 from teacherhack.distributed import log
-from teacherhack.metrics import SampleSet, draw_samples, sample_in_batches, save_sample_sets
+from safetensors.torch import save_file
+
+from teacherhack.metrics import (
+    SampleSet,
+    draw_samples,
+    load_sample_sets,
+    reference_logprobs,
+    sample_in_batches,
+    save_sample_sets,
+)
 from teacherhack.divergences import response_mask
 from teacherhack.models import LM, SIZES, build_model, collate_prompts, load_pretrained, pad_responses
 from teacherhack.sources import FixedPairs
@@ -327,6 +336,20 @@ def build_train_references(job: Job, out: Path) -> None:
     save_sample_sets(out / "references.safetensors", sets)
 
 
+@stage("reference_scores", reads=("models.oracle_temperature", "models.vocab_size", "eval.batch_size"),
+       parents=("tokenizer", "oracle", "teacher", "references", "train_references"))
+def build_reference_scores(job: Job, out: Path) -> None:
+    """The oracle's and the teacher's log-probabilities on their own evaluation references, computed once: every
+    stage-2 run's evaluator starts from them instead of scoring the references again (the same bits)."""
+    c = job.config
+    references = (load_sample_sets(job.path("references") / "references.safetensors")
+                  | load_sample_sets(job.path("train_references") / "references.safetensors"))
+    teacher = job.lm("teacher")
+    models = {"oracle": job.lm("oracle", c.models.oracle_temperature), "teacher": teacher, "train_teacher": teacher}
+    save_file(reference_logprobs(models, references, eos_id=teacher.eos_id, batch_size=c.eval.batch_size),
+              str(out / "scores.safetensors"))
+
+
 @stage("offline_data", reads=("models.vocab_size", "distill.prompts", "distill.generations_per_prompt", "seed",
                               *LENGTHS),
        checks=("distill.sources",), parents=("splits", "tokenizer", "teacher"),
@@ -433,6 +456,7 @@ class Upstream:
     student: Path
     references: Path  # held-out samples: the oracle's, the teacher's, the real responses
     train_references: Path  # the teacher's samples on training prompts
+    reference_scores: Path  # the oracle's and the teacher's log-probabilities on their own references
     distill_prompts: Path
     offline: Path | None  # None when no source of the configuration reads the offline dataset
     teacher_signals: Path | None  # the teacher's signals on it, when they were kept
@@ -464,7 +488,8 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
             _report_data(job.splits(), tokenizer, c)
     return Upstream(paths["splits"], paths["tokenizer"], paths["oracle"], paths["teacher"], paths["student"],
                     paths["references"] / "references.safetensors",
-                    paths["train_references"] / "references.safetensors", paths["distill_prompts"] / "pairs.json",
+                    paths["train_references"] / "references.safetensors",
+                    paths["reference_scores"] / "scores.safetensors", paths["distill_prompts"] / "pairs.json",
                     paths["offline_data"] / "pairs.json" if "offline_data" in paths else None,
                     _existing(paths.get("teacher_signals"), "signals.safetensors"))
 
