@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from teacherhack.errors import UserError
 
 ENGINES: tuple[str, ...] = ("local", "submitit")
@@ -70,6 +68,8 @@ def idle_cores() -> Iterator[None]:
     Only for work whose result does not depend on the thread count: sampling, which the tests check bit for bit
     (a training step's reductions do depend on it). The lab's online-teacher run, the longest, samples on both
     cores once its siblings are done."""
+    import torch  # here: the command line's help must not wait for torch
+
     before = torch.get_num_threads()
     if _running is not None:
         torch.set_num_threads(max(before, len(os.sched_getaffinity(0)) // max(1, _running.value)))
