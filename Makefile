@@ -1,8 +1,8 @@
 # The two commands of the README: `make lab` (set up, then run the main job) and `make test`.
 # The lab installs the runtime only; the test extras (datasets, TRL, submitit, TensorBoard) are for `make test`.
 # uv installs (pip bootstraps it): it unpacks in parallel and compiles the bytecode on every core, which matters
-# where PYTHONDONTWRITEBYTECODE is set (no bytecode is ever cached at import): 38 s from a cold cache where pip
-# took 57-69 s (BENCHMARKS.md). It looks for wheels where pip does (the local torch build): PIP_FIND_LINKS and
+# where PYTHONDONTWRITEBYTECODE is set (no bytecode is ever cached at import): 31-36 s from empty caches where
+# pip took 57-78 s (BENCHMARKS.md). It looks for wheels where pip does (the local torch build): PIP_FIND_LINKS and
 # pip's configured find-links.
 PYTHON ?= python3
 VENV := .venv
