@@ -110,7 +110,8 @@ def _processes(jobs: list[Job], parallel: int) -> Iterator[tuple[str, Any]]:
         while running or (waiting and failure is None):
             while waiting and failure is None and len(running) < parallel:
                 job = waiting.pop(0)
-                running[job.name] = context.Process(target=_child, args=(job, results, count), name=f"teacherhack {job.name}")
+                running[job.name] = context.Process(target=_child, args=(job, results, count),
+                                                    name=f"teacherhack {job.name}")
                 # a Ctrl-C while the worker imports would kill it with a traceback: it starts with SIGINT blocked
                 # (pending, not lost) and unblocks it once its job can stop cleanly
                 blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})

@@ -85,7 +85,8 @@ class ScoredSamples:
         if frozen is not None and self.cache is not None:  # p's log-probabilities, scored before (reference_logprobs)
             if [tuple(f.shape[:2]) for f in frozen] != [tuple(mask.shape) for _, _, mask in self.batches]:
                 raise ValueError("the precomputed log-probabilities do not match these samples' batches")
-            self.cache = [FrozenP.of(log_p, mask) for log_p, (_, _, mask) in zip(frozen, self.batches)]
+            self.cache = [FrozenP.of(log_p.to(p.device), mask.to(p.device))
+                          for log_p, (_, _, mask) in zip(frozen, self.batches)]
 
     def _frozen(self, index: int) -> FrozenP:
         assert self.p is not None
@@ -133,7 +134,7 @@ def reference_logprobs(models: Mapping[str, LM], references: Mapping[str, Sample
         scored = ScoredSamples(model, references[name], eos_id=eos_id, batch_size=batch_size)
         if scored.cache is not None:
             with torch.no_grad():
-                out |= {f"{name}.{i}": scored._frozen(i).log_p for i in range(len(scored.batches))}
+                out |= {f"{name}.{i}": scored._frozen(i).log_p.cpu() for i in range(len(scored.batches))}
     return out
 
 

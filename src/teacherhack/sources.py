@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from teacherhack import distributed, seeds
-from teacherhack.launch import idle_cores
 from teacherhack.generation import Sampler
 from teacherhack.divergences import response_mask
+from teacherhack.launch import idle_cores
 from teacherhack.models import LM, Prompts, collate_prompts, pad_responses
 from teacherhack.teacher_signals import SignalBatch, TeacherSignals
 

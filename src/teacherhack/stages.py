@@ -24,14 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from teacherhack import seeds
 from teacherhack.cache import ArtifactCache
 from teacherhack.config import LabConfig, TrainConfig
 from teacherhack.distributed import log
-from safetensors.torch import save_file
-
 from teacherhack.metrics import (
     SampleSet,
     draw_samples,
