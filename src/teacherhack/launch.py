@@ -72,7 +72,9 @@ def idle_cores() -> Iterator[None]:
 
     before = torch.get_num_threads()
     if _running is not None:
-        torch.set_num_threads(max(before, len(os.sched_getaffinity(0)) // max(1, _running.value)))
+        # the cores this process may run on (macOS has no affinity: all of them)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(before, cores // max(1, _running.value)))
     try:
         yield
     finally:
