@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from teacherhack.models import LM, build_model, collate_prompts
 from teacherhack.sources import Batch
@@ -37,6 +38,7 @@ def float32_attention(module, query, key, value, attention_mask, **kwargs):  # n
 
 
 AttentionInterface.register("float32_sdpa", float32_attention)
+AttentionMaskInterface.register("float32_sdpa", sdpa_mask)  # the masks Hugging Face builds for its own SDPA
 
 
 def seconds(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: SDPBackend, calls: int = 20) -> float:

@@ -49,6 +49,19 @@ def test_references_scored_upstream_give_the_same_metrics_bit_for_bit(setting):
     assert rows[0] == rows[1] and rows[0]["golden"] > 0
 
 
+def test_with_the_scores_given_the_oracle_never_scores_its_references(setting, monkeypatch):
+    """The stored scores are used, not recomputed: the oracle's forward never runs (no reverse KL here, whose fresh
+    student samples it must score)."""
+    oracle, teacher, student, references = setting
+    frozen = reference_logprobs({"oracle": oracle, "teacher": teacher, "train_teacher": teacher}, references,
+                                eos_id=EOS, batch_size=6)
+    calls = []
+    monkeypatch.setattr(oracle, "next_token_logprobs", lambda *args: calls.append(args))
+    evaluator = Evaluator(oracle, teacher, references, frozen=frozen, estimator="token_kl", per_token=False,
+                          reverse_samples=0, batch_size=6, max_new_tokens=16, seed=0)
+    assert evaluator(student, 0)[0]["golden"] > 0 and not calls
+
+
 def test_log_probabilities_of_other_samples_are_refused(setting):
     oracle, teacher, student, references = setting
     frozen = reference_logprobs({"oracle": oracle}, references, eos_id=EOS, batch_size=6)
