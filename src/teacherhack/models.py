@@ -10,8 +10,11 @@ ground truth, not just a sampling trick.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, overload
@@ -19,6 +22,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 from transformers import (
+    AttentionInterface,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoConfig,
@@ -30,10 +34,43 @@ from transformers import (
     T5Config,
     T5ForConditionalGeneration,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from teacherhack import decoding
 
 ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama", "t5")
+
+# Inside :func:`float32_attention`, Hugging Face's SDPA attention runs in float32 under bf16 autocast.
+_ATTENTION_IN_FLOAT32 = contextvars.ContextVar("attention_in_float32", default=False)
+SDPA = "teacherhack_sdpa"
+
+
+def _sdpa(module, query, key, value, attention_mask, **kwargs):  # noqa: ANN001, ANN003, ANN202
+    """Hugging Face's SDPA attention, the same bits, except inside :func:`float32_attention`: there, under bf16
+    autocast, its inputs are cast up to float32 and autocast is off around it. The CPU's fused attention kernel is
+    1.6-2.5× slower in bf16 than in float32 at the lab's shapes (``scripts/bench_attention.py``), and float32 is
+    the more exact of the two."""
+    if not _ATTENTION_IN_FLOAT32.get() or query.dtype == torch.float32:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast(query.device.type, enabled=False):
+        return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+
+
+AttentionInterface.register(SDPA, _sdpa)
+AttentionMaskInterface.register(SDPA, sdpa_mask)  # the masks Hugging Face builds for its own SDPA
+
+
+@contextlib.contextmanager
+def float32_attention(enabled: bool = True) -> Iterator[None]:
+    """Every :class:`LM`'s attention in float32 within (training precision ``bfloat16-fp32-attention``)."""
+    token = _ATTENTION_IN_FLOAT32.set(enabled)
+    try:
+        yield
+    finally:
+        _ATTENTION_IN_FLOAT32.reset(token)
 
 
 @dataclass(frozen=True)
@@ -142,6 +179,10 @@ class LM:
         if temperature <= 0:
             raise ValueError(f"model temperature must be > 0, got {temperature}")
         self.model, self.pad_id, self.eos_id, self.temperature = model, pad_id, eos_id, temperature
+        # The same attention, able to run in float32 (never saved); where the class follows Hugging Face's
+        # attention interface (else setting it only warns)
+        if model.config._attn_implementation == "sdpa" and model._can_set_attn_implementation():
+            model.set_attn_implementation(SDPA)
         self.module: torch.nn.Module = model  # what scoring calls: the model, or its DDP/FSDP wrapper in training
         self.encoder_decoder = bool(model.config.is_encoder_decoder)
         # the output layer then runs on the response positions only (the prompt's would be thrown away)

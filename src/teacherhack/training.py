@@ -27,7 +27,7 @@ from teacherhack.divergences import (
     token_cross_entropy,
     token_divergence,
 )
-from teacherhack.models import LM
+from teacherhack.models import LM, float32_attention
 from teacherhack.sources import Batch, Source
 from teacherhack.teacher_signals import SignalBatch, TeacherSignals
 
@@ -141,7 +141,8 @@ def optimizer_step(model: LM, ready: distributed.Prepared, batch: Batch, loss_fn
     micro-batches and normalised by the sequence count of the whole global batch: the loss of one big batch,
     whatever the number of processes or micro-batches. Returns the global loss and the gradient norm. A non-finite loss raises
     :class:`NonFiniteLoss` before any parameter changes. ``precision="bfloat16"``: the forward passes run under
-    bf16 autocast (weights, gradients and optimizer state stay float32; the loss itself is computed in float32)."""
+    bf16 autocast (weights, gradients and optimizer state stay float32; the loss itself is computed in float32);
+    ``"bfloat16-fp32-attention"``: the same with attention in float32."""
     for group in ready.optimizer.param_groups:
         group["lr"] = lr
     mask = response_mask(batch.responses, model.eos_id)
@@ -153,7 +154,8 @@ def optimizer_step(model: LM, ready: distributed.Prepared, batch: Batch, loss_fn
         last = index == len(micro_batches) - 1
         accelerator = ready.accelerator
         with contextlib.nullcontext() if accelerator is None or last else accelerator.no_sync(ready.module):
-            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=precision != "float32"), \
+                    float32_attention(precision == "bfloat16-fp32-attention"):
                 loss = loss_fn(batch[micro], denominator)
             if distributed.all_sum(0.0 if torch.isfinite(loss) else 1.0):
                 ready.optimizer.zero_grad(set_to_none=True)
