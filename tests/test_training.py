@@ -11,7 +11,7 @@ import torch
 
 from teacherhack.divergences import response_mask
 from teacherhack.generation import HFSampler
-from teacherhack.models import ARCHITECTURES, LM, build_model, collate_prompts
+from teacherhack.models import ARCHITECTURES, LM, build_model, collate_prompts, load_pretrained
 from teacherhack.seeds import generator as seeded_generator
 from teacherhack.sources import Batch, FixedPairs, Mixture, OnlineSamples
 from teacherhack.training import (
@@ -402,6 +402,71 @@ def test_steps_resumed_from_a_step_are_exact_and_train_takes_the_same_steps():
     c = make_lm(seed=0)
     train(c, source, sft_loss(c), **schedule)  # the upstream stages' loop takes the very same steps
     assert max_diff(params(a), params(c)) < 1e-7
+
+
+# --- precision -------------------------------------------------------------------------------------
+
+
+def precision_step(lm: LM, precision: str, loss_fn=None) -> tuple[float, dict[str, torch.Tensor]]:
+    """One SFT step (or ``loss_fn``'s) at ``precision``: its loss and the gradients before the step."""
+    source = FixedPairs(*pairs(4), batch_size=4, seed=0, pad_id=PAD, origin="offline")
+    optimizer = make_optimizer(lm, 0.0)  # lr 0: the gradients are what the step leaves to compare
+    with prepared(lm, optimizer) as ready:
+        grads = {}
+        hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: grads.__setitem__(n, p.grad.clone()))
+                 for n, p in lm.model.named_parameters()]
+        loss = optimizer_step(lm, ready, source.batch(0), loss_fn or sft_loss(lm), lr=0.0, precision=precision).loss
+        for hook in hooks:
+            hook.remove()
+    return loss, grads
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_fp32_attention_precision_runs_attention_in_float32_and_changes_nothing_else(arch, monkeypatch):
+    """Under bf16 autocast the attention kernel gets bf16 inputs; with ``bfloat16-fp32-attention``, float32 ones
+    (every other product stays bf16). Outside that precision, the LM's attention function is Hugging Face's own,
+    bit for bit."""
+    seen: list[torch.dtype] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, key, value, *args, **kwargs):  # the dtype the kernel computes in: autocast casts to bf16
+        device = query.device.type
+        seen.append(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype)
+        return sdpa(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    kinds = {}
+    for precision in ("float32", "bfloat16", "bfloat16-fp32-attention"):
+        seen.clear()
+        kinds[precision] = (precision_step(make_lm(arch), precision), set(seen))
+    assert [dtypes for _, dtypes in kinds.values()] == [{torch.float32}, {torch.bfloat16}, {torch.float32}]
+    (bf16_loss, bf16_grads), (fp32_attention_loss, _) = kinds["bfloat16"][0], kinds["bfloat16-fp32-attention"][0]
+    assert bf16_loss != fp32_attention_loss
+    hugging_face = make_lm(arch)
+    hugging_face.model.set_attn_implementation("sdpa")
+    loss, grads = precision_step(hugging_face, "bfloat16")
+    assert loss == bf16_loss and all(torch.equal(grads[n], bf16_grads[n]) for n in grads)
+
+
+def test_fp32_attention_reaches_the_frozen_teacher_s_forward_in_the_loss():
+    """The online-student loss runs the teacher's forward inside the training step's autocast: its attention is
+    float32 too, and the teacher's scores move with the precision as the student's do."""
+    student, teacher = make_lm(seed=0), make_lm(seed=1)
+    loss_fn = distill_loss(student, teacher, loss="forward_kl", beta=0.5, alpha=0.1, temperature=1.0,
+                           chunk_size=None)
+    bf16, _ = precision_step(student, "bfloat16", loss_fn)
+    mixed, _ = precision_step(student, "bfloat16-fp32-attention", loss_fn)
+    teacher.model.set_attn_implementation("sdpa")  # Hugging Face's attention: blind to the precision's switch
+    blind, _ = precision_step(student, "bfloat16-fp32-attention", loss_fn)
+    assert len({bf16, mixed, blind}) == 3
+
+
+def test_the_lm_s_attention_is_never_saved(tmp_path: Path):
+    lm = make_lm()
+    assert lm.model.config._attn_implementation == "teacherhack_sdpa"
+    lm.save(tmp_path)
+    assert "teacherhack" not in (tmp_path / "config.json").read_text()
+    assert load_pretrained(tmp_path).config._attn_implementation == "sdpa"
 
 
 # --- NaN guard -------------------------------------------------------------------------------------
