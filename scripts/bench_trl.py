@@ -14,8 +14,13 @@ teacherhack's own stage-2 pieces on the same assets (the data source, ``distill_
 
     .venv/bin/python scripts/bench_trl.py --steps 60 --warmup 5 --batch 8 --threads 2
     .venv/bin/python scripts/bench_trl.py --steps 60 --warmup 5 --batch 8 --threads 2 --bf16
+    .venv/bin/python scripts/bench_trl.py --steps 60 --warmup 5 --batch 8 --threads 2 --bf16 --fp32-attention
 
-One JSON line per measurement, then a table. TRL's ``trl.experimental`` warning is silenced.
+``--fp32-attention``: teacherhack's side at ``precision=bfloat16-fp32-attention`` (attention in float32 under the
+bf16 autocast; TRL's side stays at its own bf16).
+
+One JSON line per measurement, then a table: each pair's ratio (a pair runs back to back; this machine's speed
+drifts by ±15% between pairs) and the ratio of the medians. TRL's ``trl.experimental`` warning is silenced.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -46,7 +52,7 @@ def ours(args: argparse.Namespace, mode: str) -> dict:
     """teacherhack's stage-2 loop on the harness's assets, in a fresh process (see ``--child``)."""
     command = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--batch", str(args.batch), "--threads", str(args.threads), "--assets", str(args.assets),
-               *(["--bf16"] if args.bf16 else [])]
+               *(["--bf16"] if args.bf16 else []), *(["--fp32-attention"] if args.fp32_attention else [])]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("{")))
 
@@ -74,7 +80,7 @@ def child(args: argparse.Namespace) -> None:
         prompts.append(list(prompt))
         completions.append(list(full[len(prompt):]))
     assert all(c[-1] == eos for c in completions), "completions end with the end-of-turn token (EOS)"
-    precision = "bfloat16" if args.bf16 else "float32"
+    precision = "bfloat16-fp32-attention" if args.fp32_attention else "bfloat16" if args.bf16 else "float32"
     cache_seconds = 0.0
     if args.child == "off":
         start = time.perf_counter()
@@ -121,11 +127,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
+    parser.add_argument("--fp32-attention", action="store_true",
+                        help="with --bf16: teacherhack's attention in float32 (precision=bfloat16-fp32-attention)")
     parser.add_argument("--modes", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--repeats", type=int, default=2, help="measurements per side and mode (interleaved)")
     parser.add_argument("--assets", type=Path, default=Path("runs/gkd-assets"), help="built by the harness if missing")
     parser.add_argument("--child", choices=["off", "on"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.fp32_attention and not args.bf16:
+        parser.error("--fp32-attention needs --bf16 (it changes only the attention of the bf16 autocast)")
     if args.child:
         child(args)
         return
@@ -143,15 +153,18 @@ def main() -> None:
         rate = {side: [r["steps_per_s"] for r in records] for side, records in runs.items()}
         table.append((mode, rate, [r["steps_per_s_one_epoch"] for r in runs["teacherhack"]],
                       [r["peak_rss_mib"] for side in runs for r in runs[side]]))
-    print(f"\n{'bf16' if args.bf16 else 'fp32'}, batch {args.batch}, {args.threads} threads, {args.steps} steps "
-          f"({args.warmup} warm-up)")
-    print("| mode | TRL steps/s | teacherhack steps/s | ratio | teacherhack, teacher pass charged to one epoch |")
-    print("| --- | --- | --- | --- | --- |")
+    precision = ("bf16, teacherhack attention fp32" if args.fp32_attention else "bf16") if args.bf16 else "fp32"
+    print(f"\n{precision}, batch {args.batch}, {args.threads} threads, {args.steps} steps ({args.warmup} warm-up)")
+    print("| mode | TRL steps/s | teacherhack steps/s | ratio, pair by pair | ratio of the medians | "
+          "teacherhack, teacher pass charged to one epoch |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for mode, rate, epoch, _ in table:
         ratios = [ours_rate / trl_rate for ours_rate, trl_rate in zip(rate["teacherhack"], rate["trl"])]
+        medians = statistics.median(rate["teacherhack"]) / statistics.median(rate["trl"])
         once = ", ".join(f"{x:.1f}" for x in epoch if x) or "–"
         print(f"| {mode} | {', '.join(f'{x:.1f}' for x in rate['trl'])} | "
-              f"{', '.join(f'{x:.1f}' for x in rate['teacherhack'])} | {', '.join(f'{x:.2f}×' for x in ratios)} | {once} |")
+              f"{', '.join(f'{x:.1f}' for x in rate['teacherhack'])} | {', '.join(f'{x:.2f}×' for x in ratios)} | "
+              f"{medians:.2f}× | {once} |")
 
 
 if __name__ == "__main__":

@@ -50,16 +50,18 @@ def _sdpa(module, query, key, value, attention_mask, **kwargs):  # noqa: ANN001,
     """Hugging Face's SDPA attention, the same bits, except inside :func:`float32_attention`: there, under bf16
     autocast, its inputs are cast up to float32 and autocast is off around it (autocast would run the kernel in
     bf16 even on float32 inputs, such as Llama's rotated queries and keys). The CPU's fused attention kernel is
-    1.6-2.5× slower in bf16 than in float32 at the lab's shapes (``scripts/bench_attention.py``), and float32 is
+    1.8-3.6× slower in bf16 than in float32 at the lab's shapes (``scripts/bench_attention.py``), and float32 is
     the more exact of the two."""
     if not _ATTENTION_IN_FLOAT32.get():
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    def up(x):  # noqa: ANN001, ANN202 - masks and T5's position bias too
-        return x.float() if isinstance(x, Tensor) and x.is_floating_point() else x
-
     with torch.autocast(query.device.type, enabled=False):
-        return sdpa_attention_forward(module, up(query), up(key), up(value), up(attention_mask),
-                                      **{name: up(item) for name, item in kwargs.items()})
+        return sdpa_attention_forward(module, _up(query), _up(key), _up(value), _up(attention_mask),
+                                      **{name: _up(item) for name, item in kwargs.items()})
+
+
+def _up(x: object) -> object:
+    """A float tensor (queries, keys, values, a float mask, T5's position bias) in float32; anything else as is."""
+    return x.float() if isinstance(x, Tensor) and x.is_floating_point() else x
 
 
 AttentionInterface.register(SDPA, _sdpa)
