@@ -423,9 +423,8 @@ def precision_step(lm: LM, precision: str, loss_fn=None) -> tuple[float, dict[st
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_fp32_attention_precision_runs_attention_in_float32_and_changes_nothing_else(arch, monkeypatch):
-    """Under bf16 autocast the attention kernel gets bf16 inputs; with ``bfloat16-fp32-attention``, float32 ones
-    (every other product stays bf16). Outside that precision, the LM's attention function is Hugging Face's own,
-    bit for bit."""
+    """Under bf16 autocast the attention kernel computes in bf16; with ``bfloat16-fp32-attention``, in float32, which
+    changes the loss. Outside that precision, the LM's attention function is Hugging Face's own, bit for bit."""
     seen: list[torch.dtype] = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
