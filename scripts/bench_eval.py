@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from teacherhack import config as cfg
@@ -56,7 +57,8 @@ def main() -> None:
     start = time.perf_counter()
     evaluator = Evaluator(oracle, teacher, load_sample_sets(up.references) | load_sample_sets(up.train_references),
                           estimator=e.estimator, per_token=e.per_token, reverse_samples=e.reverse_samples,
-                          batch_size=e.batch_size, max_new_tokens=c.task.max_response_len, seed=c.seed + seeds.EVALUATION)
+                          batch_size=e.batch_size, max_new_tokens=c.task.max_response_len, seed=c.seed + seeds.EVALUATION,
+                          frozen=load_file(str(up.reference_scores)))  # as a stage-2 run builds it
     setup = time.perf_counter() - start
     figures = {"preset": args.preset, "threads": args.threads, "setup_s": setup,
                "evaluation_s": best(lambda: evaluator(student, 0), args.repeats)}

@@ -138,6 +138,26 @@ def reference_logprobs(models: Mapping[str, LM], references: Mapping[str, Sample
     return out
 
 
+def teacher_golden_key(estimator: str, per_token: bool) -> str:
+    """Where :func:`teacher_golden_values` are kept among the reference scores: they depend on the estimator."""
+    return f"teacher_golden.{estimator}.{'token' if per_token else 'sequence'}"
+
+
+def teacher_golden_values(oracle: LM, teacher: LM, samples: SampleSet, *, eos_id: int, batch_size: int,
+                          estimator: str, per_token: bool, scores: Mapping[str, Tensor] | None = None) -> Tensor:
+    """KL(oracle‖teacher) per oracle sample: the teacher's own golden distance, the same for every run of a
+    configuration, which the lab computes upstream once (``scores``: :func:`reference_logprobs`, whose oracle
+    side it reuses)."""
+    scored = ScoredSamples(oracle, samples, eos_id=eos_id, batch_size=batch_size, frozen=_stored(scores, "oracle"))
+    return scored.measure(teacher, estimator=estimator, per_token=per_token)["kl"]
+
+
+def _stored(scores: Mapping[str, Tensor] | None, name: str) -> list[Tensor] | None:
+    """The batches of reference set ``name``'s log-probabilities among ``scores`` (:func:`reference_logprobs`)."""
+    count = sum(key.startswith(f"{name}.") for key in scores or {})
+    return [scores[f"{name}.{i}"] for i in range(count)] if scores and count else None
+
+
 # The per-sample values each evaluation saves (paired across evaluations: the verdicts' SEs of a change)
 PAIRED = ("golden", "proxy", "proxy_train", "oracle_nll", "reference_nll")
 
@@ -146,8 +166,8 @@ class Evaluator:
     """Computes one metrics row for the current student. The fixed samples are given at construction (``oracle``
     and ``teacher``: their samples on the validation prompts; ``real``: the task's real responses to them;
     ``train_teacher``: the teacher's samples on training prompts) and the frozen models' log-probabilities on
-    them are computed once, or given (``frozen``: :func:`reference_logprobs`, which the lab computes upstream for
-    all its runs).
+    them are computed once, or given (``frozen``: :func:`reference_logprobs`, with :func:`teacher_golden_values`
+    under :func:`teacher_golden_key`, which the lab computes upstream for all its runs).
 
     Row keys (each with ``_se``): golden = KL(oracle‖student); proxy = KL(teacher‖student) on held-out prompts;
     proxy_train = the same on training prompts (held-out minus train: how much of the fit is memorisation);
@@ -172,14 +192,17 @@ class Evaluator:
         self.reverse_prompts = held_out[reverse_rows] if n else None
         models = {"oracle": oracle, "teacher": teacher, "train_teacher": teacher, "real": None}
         self.scored = {}
+        whole = frozen is not None and distributed.world() == 1  # what was scored upstream holds every row
         for name, samples in references.items():
             rows = torch.tensor(distributed.shard(range(len(samples.prompts))), dtype=torch.long)
-            known = None  # the frozen side scored upstream, used where this process holds every row
-            if frozen and f"{name}.0" in frozen and distributed.world() == 1:
-                known = [frozen[f"{name}.{i}"] for i in range(sum(key.startswith(f"{name}.") for key in frozen))]
             self.scored[name] = ScoredSamples(models[name], samples[rows], eos_id=teacher.eos_id, batch_size=batch_size,
-                                              frozen=known)
-        self.teacher_golden = Estimate.of(self.scored["oracle"].measure(teacher, **self.options)["kl"])
+                                              frozen=_stored(frozen, name) if whole else None)
+        golden = frozen.get(teacher_golden_key(estimator, per_token)) if whole else None
+        if golden is None:
+            golden = self.scored["oracle"].measure(teacher, **self.options)["kl"]
+        elif golden.shape != (len(references["oracle"].prompts),):
+            raise ValueError("the precomputed teacher's golden values do not match the oracle's samples")
+        self.teacher_golden = Estimate.of(golden)
         # what the student converges towards when it imitates the teacher closely (known without an oracle), and
         # the truth's own entropy (for analysis only)
         self.teacher_entropy = Estimate.of(self.scored["teacher"].entropy(per_token=per_token))

@@ -38,6 +38,8 @@ from teacherhack.metrics import (
     reference_logprobs,
     sample_in_batches,
     save_sample_sets,
+    teacher_golden_key,
+    teacher_golden_values,
 )
 from teacherhack.divergences import response_mask
 from teacherhack.models import LM, SIZES, build_model, collate_prompts, load_pretrained, pad_responses
@@ -335,18 +337,23 @@ def build_train_references(job: Job, out: Path) -> None:
     save_sample_sets(out / "references.safetensors", sets)
 
 
-@stage("reference_scores", reads=("models.oracle_temperature", "models.vocab_size", "eval.batch_size"),
+@stage("reference_scores", reads=("models.oracle_temperature", "models.vocab_size", "eval.batch_size",
+                                  "eval.estimator", "eval.per_token"),
        parents=("tokenizer", "oracle", "teacher", "references", "train_references"))
 def build_reference_scores(job: Job, out: Path) -> None:
-    """The oracle's and the teacher's log-probabilities on their own evaluation references, computed once: every
-    stage-2 run's evaluator starts from them instead of scoring the references again (the same bits)."""
-    c = job.config
+    """The oracle's and the teacher's log-probabilities on their own evaluation references, and the teacher's
+    golden distance on the oracle's, computed once: every stage-2 run's evaluator starts from them instead of
+    scoring the references again (the same bits)."""
+    c, e = job.config, job.config.eval
     references = (load_sample_sets(job.path("references") / "references.safetensors")
                   | load_sample_sets(job.path("train_references") / "references.safetensors"))
-    teacher = job.lm("teacher")
-    models = {"oracle": job.lm("oracle", c.models.oracle_temperature), "teacher": teacher, "train_teacher": teacher}
-    save_file(reference_logprobs(models, references, eos_id=teacher.eos_id, batch_size=c.eval.batch_size),
-              str(out / "scores.safetensors"))
+    oracle, teacher = job.lm("oracle", c.models.oracle_temperature), job.lm("teacher")
+    scores = reference_logprobs({"oracle": oracle, "teacher": teacher, "train_teacher": teacher}, references,
+                                eos_id=teacher.eos_id, batch_size=e.batch_size)
+    scores[teacher_golden_key(e.estimator, e.per_token)] = teacher_golden_values(
+        oracle, teacher, references["oracle"], eos_id=teacher.eos_id, batch_size=e.batch_size,
+        estimator=e.estimator, per_token=e.per_token, scores=scores)
+    save_file(scores, str(out / "scores.safetensors"))
 
 
 @stage("offline_data", reads=("models.vocab_size", "distill.prompts", "distill.generations_per_prompt", "seed",
