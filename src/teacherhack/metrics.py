@@ -98,11 +98,17 @@ class ScoredSamples:
             self.cache.append(frozen)
         return frozen
 
-    @torch.no_grad()
     def measure(self, q: LM, *, estimator: str, per_token: bool, entropy: bool = False) -> dict[str, Tensor]:
         """Per-sample values over every process: ``nll`` = −log q(y); ``kl`` = KL(p‖q) when the responses are samples
         of p (estimated as ``estimator`` says); with ``entropy``, q's next-token entropies summed along these
         responses (how sure q is where it is scored, paired across evaluations)."""
+        values = self.measure_here(q, estimator=estimator, per_token=per_token, entropy=entropy)
+        return {name: distributed.gather(v) for name, v in values.items()}  # every process's shard, in rank order
+
+    @torch.no_grad()
+    def measure_here(self, q: LM, *, estimator: str, per_token: bool, entropy: bool = False) -> dict[str, Tensor]:
+        """:meth:`measure` on this process's samples only: no collective, so one process may call it alone (the
+        upstream stages, which the main process builds while the others wait)."""
         kl, nll, entropies = [], [], []
         for index, (prompts, samples, mask) in enumerate(self.batches):
             samples, mask = samples.to(q.device), mask.to(q.device)
@@ -112,9 +118,8 @@ class ScoredSamples:
                 entropies.append(entropy_values(log_q, mask, per_token=per_token))
             if self.p is not None:
                 kl.append(self._frozen(index).kl_values(log_q, samples, estimator=estimator, per_token=per_token))
-        values = ({"nll": torch.cat(nll)} | ({"entropy": torch.cat(entropies)} if entropies else {})
-                  | ({"kl": torch.cat(kl)} if kl else {}))
-        return {name: distributed.gather(v) for name, v in values.items()}  # every process's shard, in rank order
+        return ({"nll": torch.cat(nll)} | ({"entropy": torch.cat(entropies)} if entropies else {})
+                | ({"kl": torch.cat(kl)} if kl else {}))
 
     @torch.no_grad()
     def entropy(self, *, per_token: bool) -> Tensor:
@@ -149,7 +154,7 @@ def teacher_golden_values(oracle: LM, teacher: LM, samples: SampleSet, *, eos_id
     configuration, which the lab computes upstream once (``scores``: :func:`reference_logprobs`, whose oracle
     side it reuses)."""
     scored = ScoredSamples(oracle, samples, eos_id=eos_id, batch_size=batch_size, frozen=_stored(scores, "oracle"))
-    return scored.measure(teacher, estimator=estimator, per_token=per_token)["kl"]
+    return scored.measure_here(teacher, estimator=estimator, per_token=per_token)["kl"]
 
 
 def _stored(scores: Mapping[str, Tensor] | None, name: str) -> list[Tensor] | None:
