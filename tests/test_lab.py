@@ -213,10 +213,12 @@ def test_bf16_training_runs_the_lab_with_float32_metrics(tiny_config: cfg.LabCon
     lab.run_lab(config, tmp_path / "lab", tmp_path / "cache")
     rows = read_metrics(tmp_path / "lab" / "offline")
     assert rows[-1]["proxy"] < rows[0]["proxy"] and all(math.isfinite(r["golden_se"]) for r in rows)
-    # the precision is an input of every stage that trains: float32 gets its own oracle, teacher and student
-    plain = cfg.apply_overrides(config, {"precision": "float32"})
-    lab.run_lab(plain, tmp_path / "plain", tmp_path / "cache")
-    assert read_metrics(tmp_path / "plain" / "offline")[0]["golden"] != rows[0]["golden"]  # other upstream (keyed)
+    # the precision is an input of every stage that trains: each gets its own oracle, teacher and student
+    for precision in ("float32", "bfloat16-fp32-attention"):
+        lab.run_lab(cfg.apply_overrides(config, {"precision": precision}), tmp_path / precision, tmp_path / "cache")
+    first = {run: read_metrics(tmp_path / run / "offline")[0]["golden"] for run in ("lab", "float32",
+                                                                                     "bfloat16-fp32-attention")}
+    assert len(set(first.values())) == 3, first  # other upstream (keyed), other numbers
 
 
 def test_the_evaluation_benchmark_times_every_part_of_an_evaluation(tiny_task, tmp_path):
