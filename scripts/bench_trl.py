@@ -19,8 +19,8 @@ teacherhack's own stage-2 pieces on the same assets (the data source, ``distill_
 ``--fp32-attention``: teacherhack's side at ``precision=bfloat16-fp32-attention`` (attention in float32 under the
 bf16 autocast; TRL's side stays at its own bf16).
 
-One JSON line per measurement, then a table: each pair's ratio (a pair runs back to back; this machine's speed
-drifts by ±15% between pairs) and the ratio of the medians. TRL's ``trl.experimental`` warning is silenced.
+One JSON line per measurement, then a table: each pair's ratio (a pair runs back to back; the development
+machine's speed drifts by up to 40% between pairs) and the ratio of the medians. TRL's ``trl.experimental`` warning is silenced.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--fp32-attention", action="store_true",
                         help="with --bf16: teacherhack's attention in float32 (precision=bfloat16-fp32-attention)")
     parser.add_argument("--modes", nargs="+", default=["off", "on"], choices=["off", "on"])
-    parser.add_argument("--repeats", type=int, default=2, help="measurements per side and mode (interleaved)")
+    parser.add_argument("--repeats", type=int, default=4, help="measurements per side and mode (interleaved)")
     parser.add_argument("--assets", type=Path, default=Path("runs/gkd-assets"), help="built by the harness if missing")
     parser.add_argument("--child", choices=["off", "on"], help=argparse.SUPPRESS)
     args = parser.parse_args()
