@@ -20,7 +20,8 @@ teacherhack's own stage-2 pieces on the same assets (the data source, ``distill_
 bf16 autocast; TRL's side stays at its own bf16).
 
 One JSON line per measurement, then a table: each pair's ratio (a pair runs back to back; the development
-machine's speed drifts by up to 40% between pairs) and the ratio of the medians. TRL's ``trl.experimental`` warning is silenced.
+machine's speed drifts by up to 40% between pairs) and the ratio of the medians. TRL's ``trl.experimental``
+warning is silenced.
 """
 
 from __future__ import annotations

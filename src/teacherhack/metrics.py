@@ -160,7 +160,7 @@ def teacher_golden_values(oracle: LM, teacher: LM, samples: SampleSet, *, eos_id
 def _stored(scores: Mapping[str, Tensor] | None, name: str) -> list[Tensor] | None:
     """The batches of reference set ``name``'s log-probabilities among ``scores`` (:func:`reference_logprobs`)."""
     count = sum(key.startswith(f"{name}.") for key in scores or {})
-    return [scores[f"{name}.{i}"] for i in range(count)] if scores and count else None
+    return [scores[f"{name}.{i}"] for i in range(count)] if count else None
 
 
 # The per-sample values each evaluation saves (paired across evaluations: the verdicts' SEs of a change)
