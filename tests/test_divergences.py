@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from teacherhack.divergences import token_cross_entropy, token_divergence
+from teacherhack.divergences import tempered, token_cross_entropy, token_divergence
 
 from conftest import CONFIG_IDS, CONFIGS, F32, F32_GRAD, F64, F64_GRAD, INF, REDUCTIONS  # noqa: E402
 
@@ -171,6 +171,22 @@ def test_temperature_applies_to_both_sides(divergence, beta, alpha):
     # one-sided temperature would be a different number
     one_sided = ref_reduce(ref_rows(t, s / 2.0, divergence, beta, alpha), mask, "sequence_mean")
     assert abs(float(got - one_sided)) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tempered_at_one_skips_the_division_with_the_same_bits(dtype):
+    """τ = 1 returns the logits themselves (no pass over [rows, V]); values and gradients are those of x / 1."""
+    x = (torch.randn(4, 7, 33) * 30).to(dtype).requires_grad_()
+    assert tempered(x, 1.0) is x
+    weights = torch.randn(4, 7, 33)
+    for cast in (None, torch.float32):
+        divided = x.to(cast or dtype) / 1.0
+        skipped = tempered(x, 1.0, cast)
+        assert skipped.dtype == (cast or dtype) and torch.equal(skipped, divided)
+        (grad_divided,) = torch.autograd.grad((divided.float() * weights).sum(), x)
+        (grad_skipped,) = torch.autograd.grad((skipped.float() * weights).sum(), x)
+        assert torch.equal(grad_skipped, grad_divided)
+    torch.testing.assert_close(tempered(x, 0.5, torch.float64), x.double() / 0.5, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("divergence,beta,alpha", CONFIGS, ids=CONFIG_IDS)

@@ -33,6 +33,8 @@ from transformers.models.llama.modeling_llama import (
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import ModelOutput
 
+from teacherhack.divergences import tempered
+
 # Activations the lean decoders implement, by their Hugging Face config names; any other falls back.
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_new": partial(F.gelu, approximate="tanh"),
@@ -323,7 +325,7 @@ def sample(decoder: Decoder, *, batch: int, vocab_size: int, max_new_tokens: int
     steps = 0
     while steps < max_new_tokens:
         logits = (decoder.prefill() if steps == 0 else decoder.step(tokens[:, steps - 1]))[:, :vocab_size]
-        logits = logits.float() / temperature  # entries past vocab_size pad the output layer: not tokens
+        logits = tempered(logits, temperature, torch.float32)  # entries past vocab_size pad the output layer: not tokens
         if logprobs is not None:
             logprobs[:, steps] = torch.log_softmax(logits, -1)
         token = inverse_cdf(torch.softmax(logits, -1), uniforms[steps]).masked_fill_(finished, pad_id)

@@ -186,9 +186,10 @@ class _ChunkedDivergence(torch.autograd.Function):
         return (None, None, None, None, *grads)
 
 
-def _tempered(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
-    """logits / τ in ``dtype``; at τ = 1 no [rows, V] copy is made beyond the dtype cast (x / 1 is exact)."""
-    logits = logits.to(dtype)
+def tempered(logits: Tensor, temperature: float, dtype: torch.dtype | None = None) -> Tensor:
+    """logits / τ (in ``dtype`` if given); at τ = 1 no [rows, V] copy is made beyond the dtype cast: x / 1 is exact,
+    so the values and their gradients are the same bits either way, without a pass over the vocabulary."""
+    logits = logits if dtype is None else logits.to(dtype)
     return logits if temperature == 1.0 else logits / temperature
 
 
@@ -199,8 +200,8 @@ class _ForwardKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t_logits, s_logits, w, temperature, compute_dtype):  # type: ignore[override]
-        log_p = torch.log_softmax(_tempered(t_logits, temperature, compute_dtype), dim=-1)
-        log_q = torch.log_softmax(_tempered(s_logits, temperature, compute_dtype), dim=-1)
+        log_p = torch.log_softmax(tempered(t_logits, temperature, compute_dtype), dim=-1)
+        log_q = torch.log_softmax(tempered(s_logits, temperature, compute_dtype), dim=-1)
         ctx.save_for_backward(log_p, log_q, w)
         ctx.temperature, ctx.dtype = temperature, s_logits.dtype
         return (_kl_rows(log_p, log_q).to(torch.float64) * w).sum()
@@ -251,8 +252,8 @@ def token_divergence(
         selected = w != 0
         if forward and not t_logits.requires_grad:  # the main loss, with its gradient in closed form
             return _ForwardKL.apply(t_logits[selected], s_logits[selected], w[selected], temperature, compute_dtype)
-        log_p = torch.log_softmax(_tempered(t_logits[selected], temperature, compute_dtype), dim=-1)
-        log_q = torch.log_softmax(_tempered(s_logits[selected], temperature, compute_dtype), dim=-1)
+        log_p = torch.log_softmax(tempered(t_logits[selected], temperature, compute_dtype), dim=-1)
+        log_q = torch.log_softmax(tempered(s_logits[selected], temperature, compute_dtype), dim=-1)
         rows = _divergence_rows(log_p, log_q, divergence, beta, alpha)
         return (rows.to(torch.float64) * w[selected]).sum()
 
@@ -344,7 +345,7 @@ def sparse_token_divergence(
         s_top = s_logits.gather(-1, safe_ids)[selected].to(compute_dtype) / temperature
         t_top = lp_w[selected].to(compute_dtype)
         if convention == "tail":  # the bucket is one more "logit" on each side: log-softmax over k + 1
-            s_rest = logsumexp_outside(s_logits[selected].to(compute_dtype) / temperature, safe_ids[selected])
+            s_rest = logsumexp_outside(tempered(s_logits[selected], temperature, compute_dtype), safe_ids[selected])
             s_top = torch.cat([s_top, s_rest.unsqueeze(-1)], -1)
             t_top = torch.cat([t_top, tail_w[0][selected].to(compute_dtype).clamp_min(0.0).log().unsqueeze(-1)], -1)
         rows = _divergence_rows(torch.log_softmax(t_top, -1), torch.log_softmax(s_top, -1), divergence, beta, alpha)
@@ -369,7 +370,7 @@ def token_cross_entropy(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     weights = _row_weights(mask.bool(), reduction, denominator)
     selected = weights != 0
-    log_q = torch.log_softmax(logits[selected].float() / temperature, dim=-1)
+    log_q = torch.log_softmax(tempered(logits[selected], temperature, torch.float32), dim=-1)
     nll = -log_q.gather(-1, targets[selected].unsqueeze(-1)).squeeze(-1)
     return (nll.to(torch.float64) * weights[selected]).sum().to(torch.float32)
 
@@ -453,7 +454,7 @@ def sampled_reverse_kl(
         )
     mask = mask.bool()
     weights = _row_weights(mask, reduction, denominator)
-    x = student_logits[mask].to(compute_dtype) / temperature
+    x = tempered(student_logits[mask], temperature, compute_dtype)
     picked = x.gather(-1, responses[mask].long().unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, -1)
     log_q = torch.zeros(mask.shape, dtype=compute_dtype, device=x.device).masked_scatter(mask, picked)
     log_p = torch.where(mask, teacher_token_logprobs.detach().to(compute_dtype), 0.0)

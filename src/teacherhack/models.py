@@ -38,6 +38,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from teacherhack import decoding
+from teacherhack.divergences import tempered
 
 ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama", "t5")
 
@@ -212,13 +213,13 @@ class LM:
             start = torch.full_like(responses[:, :1], self.model.config.decoder_start_token_id)
             out = self.module(input_ids=prompts.ids, attention_mask=prompts.mask.long(),
                               decoder_input_ids=torch.cat([start, responses[:, :-1]], 1), use_cache=False)
-            return out.logits[..., : self.vocab_limit] / self.temperature
+            return tempered(out.logits[..., : self.vocab_limit], self.temperature)
         ids = torch.cat([prompts.ids, responses[:, :-1]], 1)
         mask = torch.cat([prompts.mask, torch.ones_like(responses[:, :-1], dtype=torch.bool)], 1)
         positions = decoding.prompt_positions(mask)
         keep = {"logits_to_keep": responses.shape[1]} if self._keeps_logits else {}
         out = self.module(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False, **keep)
-        return out.logits[:, -responses.shape[1]:, : self.vocab_limit] / self.temperature
+        return tempered(out.logits[:, -responses.shape[1]:, : self.vocab_limit], self.temperature)
 
     def next_token_logprobs(self, prompts: Prompts, responses: Tensor) -> Tensor:
         return torch.log_softmax(self.logits(prompts, responses).float(), dim=-1)

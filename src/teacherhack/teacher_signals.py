@@ -63,7 +63,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from teacherhack.divergences import logsumexp_outside
+from teacherhack.divergences import logsumexp_outside, tempered
 from teacherhack.errors import UserError
 
 FORMAT = "teacherhack.teacher_signals"
@@ -166,7 +166,7 @@ class TeacherSignals:
         mask = mask.bool()
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), mask.sum(-1).cpu().cumsum(0)])
         with torch.no_grad():
-            rows = torch.log_softmax(logprobs[mask].float() / temperature, dim=-1)
+            rows = torch.log_softmax(tempered(logprobs[mask], temperature, torch.float32), dim=-1)
             if k is None:
                 return TeacherSignals(offsets, rows.cpu(), None, None, vocab, temperature, provenance)
             top, ids = rows.topk(k, dim=-1)
