@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from teacherhack.divergences import tempered, token_cross_entropy, token_divergence
+from teacherhack.divergences import select_rows, tempered, token_cross_entropy, token_divergence
 
 from conftest import CONFIG_IDS, CONFIGS, F32, F32_GRAD, F64, F64_GRAD, INF, REDUCTIONS  # noqa: E402
 
@@ -171,6 +171,29 @@ def test_temperature_applies_to_both_sides(divergence, beta, alpha):
     # one-sided temperature would be a different number
     one_sided = ref_reduce(ref_rows(t, s / 2.0, divergence, beta, alpha), mask, "sequence_mean")
     assert abs(float(got - one_sided)) > 1e-3
+
+
+@pytest.mark.parametrize("case", ["ragged", "non_contiguous", "every_row", "no_row", "mask_as_wide_as_x"])
+def test_select_rows_is_boolean_indexing_bit_for_bit(case):
+    """The same rows in the same order, and the same gradient (a row copy instead of an accumulation)."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 7, 40, generator=generator)
+    mask = torch.arange(7)[None] < torch.tensor([7, 0, 3, 5, 1])[:, None]
+    if case == "non_contiguous":
+        x = x[..., :33]
+    elif case == "every_row":
+        mask = torch.ones_like(mask)
+    elif case == "no_row":
+        mask = torch.zeros_like(mask)
+    elif case == "mask_as_wide_as_x":
+        x = x[..., 0]
+    x = x.clone().requires_grad_()
+    picked, reference = select_rows(x, mask), x[mask]
+    assert picked.shape == reference.shape and torch.equal(picked, reference)
+    upstream = torch.randn(reference.shape, generator=generator)
+    (grad,) = torch.autograd.grad(picked, x, upstream)
+    (grad_reference,) = torch.autograd.grad(reference, x, upstream)
+    assert torch.equal(grad, grad_reference)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
