@@ -209,7 +209,7 @@ class LlamaDecoder(_LeanDecoder):
         layers = model.model.layers[: config.num_hidden_layers]
         self.qkv = [_joined(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in layers]
         self.gate_up = [_joined(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in layers]
-        self.split = [attention.q_proj.out_features, attention.k_proj.out_features, attention.v_proj.out_features]
+        self.heads = [config.num_attention_heads, config.num_key_value_heads]  # of queries, of keys and values
 
     def _logits(self, ids: Tensor, positions: Tensor, bias: Tensor) -> Tensor:
         body = self.model.model
@@ -218,9 +218,10 @@ class LlamaDecoder(_LeanDecoder):
         for index, layer in enumerate(body.layers[: self.model.config.num_hidden_layers]):
             attention, mlp = layer.self_attn, layer.mlp
             h = _rms_norm(layer.input_layernorm, x)
-            q, k, v = (part.unflatten(-1, (-1, self.head_dim))
-                       for part in F.linear(h, *self.qkv[index]).split(self.split, -1))
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            qk, v = F.linear(h, *self.qkv[index]).unflatten(-1, (-1, self.head_dim)).split(
+                [self.heads[0] + self.heads[1], self.heads[1]], -2)
+            qk = qk * cos + _rotate_half(qk) * sin  # queries and keys rotated together: half the small ops
+            q, k = qk.split(self.heads, -2)
             x = x + _linear(attention.o_proj, self.cache.attend(index, q, k, v, bias, attention.scaling))
             h = _rms_norm(layer.post_attention_layernorm, x)
             gate, up = F.linear(h, *self.gate_up[index]).chunk(2, -1)
