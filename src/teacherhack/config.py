@@ -141,7 +141,7 @@ class LabConfig:
     threads: int | None = None  # torch threads; None = torch's default
     # Arithmetic of the training passes (every stage): "float32", or "bfloat16" autocast (CPUs with AVX-512 BF16,
     # GPUs): faster, with float32 weights, gradients and optimizer state; "bfloat16-fp32-attention": the same with
-    # attention in float32, 1.22-1.36x faster training steps on CPU (BENCHMARKS.md). Sampling and evaluation stay
+    # attention in float32, 1.11-1.36x faster training steps on CPU (BENCHMARKS.md). Sampling and evaluation stay
     # float32.
     precision: str = "bfloat16"
     task: TaskConfig = field(default_factory=TaskConfig)
