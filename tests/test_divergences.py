@@ -177,22 +177,22 @@ def test_temperature_applies_to_both_sides(divergence, beta, alpha):
 def test_select_rows_is_boolean_indexing_bit_for_bit(case):
     """The same rows in the same order, and the same gradient (a row copy instead of an accumulation)."""
     generator = torch.Generator().manual_seed(3)
-    x = torch.randn(5, 7, 40, generator=generator)
-    mask = torch.arange(7)[None] < torch.tensor([7, 0, 3, 5, 1])[:, None]
-    if case == "non_contiguous":
-        x = x[..., :33]
+    leaf = torch.randn(5, 7, 40, generator=generator).requires_grad_()
+    x, mask = leaf, torch.arange(7)[None] < torch.tensor([7, 0, 3, 5, 1])[:, None]
+    if case == "non_contiguous":  # a slice of the vocabulary, as a padded output layer gives
+        x = leaf[..., :33]
+        assert not x.is_contiguous()
     elif case == "every_row":
         mask = torch.ones_like(mask)
     elif case == "no_row":
         mask = torch.zeros_like(mask)
     elif case == "mask_as_wide_as_x":
-        x = x[..., 0]
-    x = x.clone().requires_grad_()
+        x = leaf[..., 0]
     picked, reference = select_rows(x, mask), x[mask]
     assert picked.shape == reference.shape and torch.equal(picked, reference)
     upstream = torch.randn(reference.shape, generator=generator)
-    (grad,) = torch.autograd.grad(picked, x, upstream)
-    (grad_reference,) = torch.autograd.grad(reference, x, upstream)
+    (grad,) = torch.autograd.grad(picked, leaf, upstream)
+    (grad_reference,) = torch.autograd.grad(reference, leaf, upstream)
     assert torch.equal(grad, grad_reference)
 
 

@@ -326,7 +326,7 @@ def sample(decoder: Decoder, *, batch: int, vocab_size: int, max_new_tokens: int
     steps = 0
     while steps < max_new_tokens:
         logits = (decoder.prefill() if steps == 0 else decoder.step(tokens[:, steps - 1]))[:, :vocab_size]
-        logits = tempered(logits, temperature, torch.float32)  # entries past vocab_size pad the output layer: not tokens
+        logits = tempered(logits, temperature, torch.float32)  # entries past vocab_size pad the output layer
         if logprobs is not None:
             logprobs[:, steps] = torch.log_softmax(logits, -1)
         token = inverse_cdf(torch.softmax(logits, -1), uniforms[steps]).masked_fill_(finished, pad_id)
