@@ -15,9 +15,12 @@ teacherhack's own stage-2 pieces on the same assets (the data source, ``distill_
     .venv/bin/python scripts/bench_trl.py --steps 60 --warmup 5 --batch 8 --threads 2
     .venv/bin/python scripts/bench_trl.py --steps 60 --warmup 5 --batch 8 --threads 2 --bf16
     .venv/bin/python scripts/bench_trl.py --steps 60 --warmup 5 --batch 8 --threads 2 --bf16 --fp32-attention
+    .venv/bin/python scripts/bench_trl.py --steps 60 --warmup 5 --batch 8 --threads 2 --modes on --teacher-prompt-cache
 
 ``--fp32-attention``: teacherhack's side at ``precision=bfloat16-fp32-attention`` (attention in float32 under the
-bf16 autocast; TRL's side stays at its own bf16).
+bf16 autocast; TRL's side stays at its own bf16). ``--teacher-prompt-cache``: on-policy, teacherhack keeps the
+teacher's keys and values on the dataset's prompts, computed once (``distill.teacher_prompt_cache``: the same
+distributions, not the same bits), and charges that pass as the off-policy mode charges its cached teacher.
 
 One JSON line per measurement, then a table: each pair's ratio (a pair runs back to back; the development
 machine's speed drifts by up to 40% between pairs) and the ratio of the medians. TRL's ``trl.experimental``
@@ -53,7 +56,8 @@ def ours(args: argparse.Namespace, mode: str) -> dict:
     """teacherhack's stage-2 loop on the harness's assets, in a fresh process (see ``--child``)."""
     command = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--batch", str(args.batch), "--threads", str(args.threads), "--assets", str(args.assets),
-               *(["--bf16"] if args.bf16 else []), *(["--fp32-attention"] if args.fp32_attention else [])]
+               *(["--bf16"] if args.bf16 else []), *(["--fp32-attention"] if args.fp32_attention else []),
+               *(["--teacher-prompt-cache"] if args.teacher_prompt_cache else [])]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("{")))
 
@@ -82,7 +86,7 @@ def child(args: argparse.Namespace) -> None:
         completions.append(list(full[len(prompt):]))
     assert all(c[-1] == eos for c in completions), "completions end with the end-of-turn token (EOS)"
     precision = "bfloat16-fp32-attention" if args.fp32_attention else "bfloat16" if args.bf16 else "float32"
-    cache_seconds = 0.0
+    cache_seconds, prompt_states = 0.0, None
     if args.child == "off":
         start = time.perf_counter()
         parts = []
@@ -96,9 +100,14 @@ def child(args: argparse.Namespace) -> None:
         source = FixedPairs(prompts, completions, batch_size=args.batch, seed=0, pad_id=pad, origin="offline",
                             signals=signals, eos_id=eos)
     else:
+        if args.teacher_prompt_cache:  # the teacher's keys and values on every prompt, once
+            start = time.perf_counter()
+            prompt_states = teacher.prompt_states(collate_prompts(prompts, pad))
+            cache_seconds = time.perf_counter() - start
         source = OnlineSamples(prompts, HFSampler(student), batch_size=args.batch, seed=0, pad_id=pad, eos_id=eos,
                                max_new_tokens=40, origin="online_student", sync_from=student)
-    loss_fn = distill_loss(student, teacher, loss="forward_kl", beta=0.5, alpha=0.1, temperature=1.0, chunk_size=None)
+    loss_fn = distill_loss(student, teacher, loss="forward_kl", beta=0.5, alpha=0.1, temperature=1.0, chunk_size=None,
+                           prompt_states=prompt_states)
     optimizer = make_optimizer(student, 1e-4)
     ends, tokens = [], []
     with prepared(student, optimizer) as ready:
@@ -130,6 +139,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
     parser.add_argument("--fp32-attention", action="store_true",
                         help="with --bf16: teacherhack's attention in float32 (precision=bfloat16-fp32-attention)")
+    parser.add_argument("--teacher-prompt-cache", action="store_true",
+                        help="on-policy: teacherhack's teacher keeps its keys and values on the prompts")
     parser.add_argument("--modes", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--repeats", type=int, default=4, help="measurements per side and mode (interleaved)")
     parser.add_argument("--assets", type=Path, default=Path("runs/gkd-assets"), help="built by the harness if missing")
@@ -155,6 +166,7 @@ def main() -> None:
         table.append((mode, rate, [r["steps_per_s_one_epoch"] for r in runs["teacherhack"]],
                       [r["peak_rss_mib"] for side in runs for r in runs[side]]))
     precision = ("bf16, teacherhack attention fp32" if args.fp32_attention else "bf16") if args.bf16 else "fp32"
+    precision += ", teacherhack's teacher prompt cache" if args.teacher_prompt_cache else ""
     print(f"\n{precision}, batch {args.batch}, {args.threads} threads, {args.steps} steps ({args.warmup} warm-up)")
     print("| mode | TRL steps/s | teacherhack steps/s | ratio, pair by pair | ratio of the medians | "
           "teacherhack, teacher pass charged to one epoch |")

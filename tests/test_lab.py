@@ -208,6 +208,32 @@ def test_top_k_signals_and_on_policy_reverse_kl_run_through_the_lab(tiny_config:
         cfg.validate(cfg.apply_overrides(tiny_config, {"distill.loss": "sampled_reverse_kl"}))
 
 
+def test_the_teacher_s_prompt_cache_runs_through_the_lab(tiny_config: cfg.LabConfig, tmp_path: Path, capsys):
+    """distill.teacher_prompt_cache: the same runs to float rounding; beyond its memory budget, the runs without it."""
+    base = cfg.apply_overrides(tiny_config, {"distill.sources": "online_student,mixture"})
+    runs = {"plain": base, "cached": cfg.apply_overrides(base, {"distill.teacher_prompt_cache": True}),
+            # (the mixture's offline half would lose its cached teacher signals too)
+            "over_budget": cfg.apply_overrides(base, {"distill.teacher_prompt_cache": True, "distill.teacher_cache_mb": 0,
+                                                      "distill.sources": "online_student"})}
+    logs = {}
+    for name, config in runs.items():
+        capsys.readouterr()
+        lab.run_lab(config, tmp_path / name, tmp_path / "cache")
+        logs[name] = capsys.readouterr().out
+    assert "keys and values" not in logs["plain"] and logs["cached"].count("the teacher's keys and values on ") == 2
+    assert logs["over_budget"].count("not kept, the teacher reads the prompts at every step") == 1
+    over, plain = ([{key: value for key, value in row.items() if not key.endswith("seconds")}
+                    for row in read_metrics(tmp_path / name / "online_student")] for name in ("over_budget", "plain"))
+    assert over == plain  # not kept: the very same run
+    for source in ("online_student", "mixture"):
+        plain, cached = (read_metrics(tmp_path / name / source) for name in ("plain", "cached"))
+        for a, b in zip(plain, cached):
+            assert b["golden"] == pytest.approx(a["golden"], rel=1e-4)
+            assert b["train_loss"] == (None if a["train_loss"] is None else pytest.approx(a["train_loss"], rel=1e-4))
+    with pytest.raises(cfg.ConfigError, match="teacher_prompt_cache"):
+        cfg.validate(cfg.apply_overrides(tiny_config, {"distill.teacher_prompt_cache": True, "models.arch": "t5"}))
+
+
 def test_bf16_training_runs_the_lab_with_float32_metrics(tiny_config: cfg.LabConfig, tmp_path: Path):
     config = cfg.apply_overrides(tiny_config, {"precision": "bfloat16", "distill.sources": "offline"})
     lab.run_lab(config, tmp_path / "lab", tmp_path / "cache")

@@ -357,3 +357,33 @@ def test_save_and_load_pretrained_round_trip(arch, tmp_path: Path):
     out_a = lm.sample(prompts, max_new_tokens=5, generator=torch.Generator().manual_seed(0))
     out_b = loaded.sample(prompts, max_new_tokens=5, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out_a, out_b)
+
+
+# --- a frozen decoder's prompt states ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_prompt_states_score_responses_as_the_full_forward_does(arch):
+    """Keys and values kept for every prompt (stored left-padded to the longest) serve any batch of them, in any
+    order and at its own width: the logits of the full forward, to float32 rounding."""
+    lm = make_lm(arch, "s")
+    prompts = [[int(t) for t in torch.randint(2, VOCAB, (n,), generator=torch.Generator().manual_seed(n))]
+               for n in (7, 1, 12, 3, 9, 2)]
+    states = lm.prompt_states(collate_prompts(prompts, PAD), batch_size=4)  # two batches of the prompt pass
+    assert states.nbytes == sum(t.numel() * 4 for layer in states.layers for t in layer) > 0
+    responses = torch.randint(2, VOCAB, (3, 5), generator=torch.Generator().manual_seed(0))
+    for rows in ([4, 0, 3], [3, 5, 1], [2, 2, 0]):
+        batch = collate_prompts([prompts[i] for i in rows], PAD)
+        prefix = states.prefix(torch.tensor(rows), batch)
+        with torch.no_grad():
+            full, cached = lm.logits(batch, responses), lm.logits(batch, responses, prefix)
+        torch.testing.assert_close(cached, full, atol=2e-5, rtol=0)
+    one_token = collate_prompts([prompts[1], prompts[1]], PAD)
+    assert states.prefix(torch.tensor([1, 1]), one_token) is None  # nothing before the last prompt token
+    with pytest.raises(ValueError, match="not the stored prompts"):
+        states.prefix(torch.tensor([0, 3, 4]), collate_prompts([prompts[i] for i in (4, 0, 3)], PAD))
+
+
+def test_prompt_states_refuse_an_encoder_decoder():
+    with pytest.raises(ValueError, match="decoder-only"):
+        make_lm("t5").prompt_states(collate_prompts(PROMPTS, PAD))

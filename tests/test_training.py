@@ -211,6 +211,35 @@ def test_a_frozen_model_s_samples_drawn_in_blocks_are_a_pure_function_of_step_an
         make(block=2, sync_from=lm)
 
 
+@pytest.mark.parametrize("loss_name", ["forward_kl", "sampled_reverse_kl"])
+def test_the_teacher_s_prompt_states_give_the_loss_and_gradient_of_its_full_forward(loss_name):
+    """distill.teacher_prompt_cache: online batches carry their prompts' rows, the loss runs the teacher on the
+    responses alone, and the loss and the student's gradient are those of the full teacher forward."""
+    teacher, prompts = eos_prone_lm(), pairs(12)[0]
+    source = OnlineSamples(prompts, HFSampler(teacher), batch_size=4, seed=5, pad_id=PAD, eos_id=EOS, max_new_tokens=6,
+                           origin="online_student")
+    batch = source.batch(2)
+    assert batch.prompt_rows is not None and batch[torch.tensor([1, 3])].prompt_rows.tolist() == \
+        batch.prompt_rows[[1, 3]].tolist()
+    states = teacher.prompt_states(collate_prompts(prompts, PAD))
+    calls = []
+    teacher.model.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape),
+                                        with_kwargs=True)
+    gradients = []
+    for prompt_states in (None, states):
+        student = make_lm(seed=3)
+        loss_fn = distill_loss(student, teacher, loss=loss_name, beta=0.5, alpha=0.1, temperature=1.0,
+                               chunk_size=None, prompt_states=prompt_states)
+        loss = loss_fn(batch, 4.0)
+        loss.backward()
+        gradients.append((loss.detach(), [p.grad.clone() for p in student.model.parameters()]))
+    assert calls[1][1] == batch.responses.shape[1] < calls[0][1]  # the prompts ran only once, up front
+    (plain, plain_grads), (cached, cached_grads) = gradients
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
+    for a, b in zip(cached_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_online_samples_draw_afresh_at_every_step():
     lm = eos_prone_lm()
     source = OnlineSamples([[5, 6]] * 4, HFSampler(lm), batch_size=4, seed=5, pad_id=PAD, eos_id=EOS, max_new_tokens=6,

@@ -102,6 +102,11 @@ class DistillConfig:
     # The offline dataset's full teacher distributions are computed once and kept (exact) when they fit in this
     # many MB; otherwise the teacher runs again at every step. 0: never keep them
     teacher_cache_mb: int = 1024
+    # Online sources whose loss runs the teacher (online_student, mixture): its keys and values on the distillation
+    # prompts are computed once and reused, so that its forward runs on the responses alone (decoder-only teachers;
+    # within teacher_cache_mb). The same distributions, not the same bits (about 1e-6 on the logits), so off by
+    # default: the recorded results were made without it
+    teacher_prompt_cache: bool = False
     # sampled_reverse_kl (online_student only): the per-token estimator of KL(student‖teacher) and the discount
     # of its reward-to-go (1: the unbiased sequence-level gradient; 0: the per-token advantage of Tinker's recipe)
     kl_estimator: str = "k1"
@@ -342,6 +347,8 @@ def validate(c: LabConfig) -> None:
     require(d.top_k is None or d.loss in DIVERGENCES,
             f"distill.top_k applies to the divergences on the teacher's distribution, not to loss {d.loss}")
     require(d.teacher_cache_mb >= 0, "distill.teacher_cache_mb must be >= 0")
+    require(not d.teacher_prompt_cache or c.models.arch != "t5",
+            "distill.teacher_prompt_cache keeps a decoder's keys and values: it needs models.arch gpt2 or llama")
     require(d.kl_estimator in KL_ESTIMATORS, f"distill.kl_estimator must be one of {', '.join(KL_ESTIMATORS)}")
     require(0.0 <= d.discount <= 1.0, "distill.discount must lie in [0, 1]")
     require(d.loss != "sampled_reverse_kl" or d.sources == ["online_student"],

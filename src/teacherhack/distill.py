@@ -18,9 +18,10 @@ from transformers import AutoTokenizer
 from teacherhack import distributed, seeds
 from teacherhack.config import LabConfig
 from teacherhack.distributed import log
+from teacherhack.errors import UserError
 from teacherhack.generation import make_sampler
 from teacherhack.metrics import PAIRED, Evaluator, load_sample_sets
-from teacherhack.models import LM, load_pretrained
+from teacherhack.models import LM, PromptStates, Prompts, collate_prompts, load_pretrained
 from teacherhack.rundir import RunFolder, load_run, summarise
 from teacherhack.sources import FixedPairs, Mixture, OnlineSamples, Source
 from teacherhack.teacher_signals import TeacherSignals, bytes_per_position
@@ -74,10 +75,11 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
                                          c.models.vocab_size)
                                     for path, temperature in ((up.oracle, c.models.oracle_temperature),
                                                               (up.teacher, 1.0), (up.student, 1.0)))
-        source = make_source(source_name, c, up, teacher, student)
+        source, label = make_source(source_name, c, up, teacher, student), name or source_name
         loss_fn = distill_loss(student, teacher, loss=d.loss, beta=d.beta, alpha=d.alpha,
                                temperature=d.loss_temperature, chunk_size=d.chunk_size, top_k=d.top_k,
-                               convention=d.top_k_convention, kl_estimator=d.kl_estimator, discount=d.discount)
+                               convention=d.top_k_convention, kl_estimator=d.kl_estimator, discount=d.discount,
+                               prompt_states=teacher_prompt_states(c, source, up, teacher, label))
         began = time.time()
         references = load_sample_sets(up.references) | load_sample_sets(up.train_references)
         evaluator = Evaluator(oracle, teacher, references, estimator=e.estimator,
@@ -88,7 +90,6 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
         if distributed.is_main():
             folder.write_settings(_settings(c, source_name, name, up, evaluator))
         optimizer = make_optimizer(student, d.lr)
-        label = name or source_name
         trackers = (Trackers(list(tracking.names), project=tracking.project, run_name=label,
                              logging_dir=tracking.logging_dir, config=c.to_dict())
                     if tracking and tracking.names and distributed.is_main() else None)
@@ -157,6 +158,27 @@ def make_source(name: str, c: LabConfig, up: Upstream, teacher: LM, student: LM)
                          origin="offline", signals=signals, eos_id=teacher.eos_id)
     return offline if name == "offline" else Mixture(offline, online(student, up.student, "online_student"),
                                                      fraction=d.mixture_lambda, seed=seed)
+
+
+def teacher_prompt_states(c: LabConfig, source: Source, up: Upstream, teacher: LM, label: str) -> PromptStates | None:
+    """The teacher's keys and values on the distillation prompts (``distill.teacher_prompt_cache``) for a source of
+    fresh samples whose loss runs the teacher on them (online student, mixture; online teacher when its sampling
+    distributions are not kept); None otherwise, or beyond ``distill.teacher_cache_mb``."""
+    online = source.online if isinstance(source, Mixture) else source
+    if not c.distill.teacher_prompt_cache or not isinstance(online, OnlineSamples) or online.keep_logprobs:
+        return None
+    prompts = collate_prompts(load_ids(up.distill_prompts)[0], teacher.pad_id)
+    try:  # the size from one prompt's states at the full width
+        size = teacher.prompt_states(Prompts(prompts.ids[:1], prompts.mask[:1])).nbytes * len(prompts)
+    except ValueError as error:
+        raise UserError(f"distill.teacher_prompt_cache: {error}") from error
+    if size > c.distill.teacher_cache_mb * 2**20:
+        log(f"{label}: the teacher's prompt states ({size / 2**20:.0f} MB) exceed distill.teacher_cache_mb="
+            f"{c.distill.teacher_cache_mb}: not kept, the teacher reads the prompts at every step")
+        return None
+    states = teacher.prompt_states(prompts, batch_size=SAMPLING_BATCH)
+    log(f"{label}: the teacher's keys and values on {len(prompts)} prompts kept ({size / 2**20:.0f} MB)")
+    return states
 
 
 def _settings(c: LabConfig, source: str, name: str | None, up: Upstream, evaluator: Evaluator) -> dict[str, Any]:

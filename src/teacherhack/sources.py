@@ -28,12 +28,14 @@ class Batch:
     responses: Tensor  # [B, T]: each row ends at its first EOS, padded after (or truncated, no EOS)
     origin: str  # "offline", "online_teacher", "online_student", "real", "oracle"
     teacher: SignalBatch | None = None  # the teacher's distributions at each position, when known without a forward
+    prompt_rows: Tensor | None = None  # online sources: each row's index in the source's prompt list
 
     def __getitem__(self, rows: Tensor) -> "Batch":
-        """A micro-batch: these rows, their signals with them."""
+        """A micro-batch: these rows, their signals and prompt indices with them."""
         signals = None if self.teacher is None else SignalBatch(
             *(None if t is None else t[rows] for t in (self.teacher.logprobs, self.teacher.ids, self.teacher.tail)))
-        return Batch(self.prompts[rows], self.responses[rows], self.origin, signals)
+        return Batch(self.prompts[rows], self.responses[rows], self.origin, signals,
+                     None if self.prompt_rows is None else self.prompt_rows[rows])
 
 
 class _Cycler:
@@ -139,7 +141,7 @@ class OnlineSamples:
             width = max(int(response_mask(responses[part], self.eos_id).sum(-1).max()), 1)
             signals = None if logprobs is None else SignalBatch(logprobs[part, :width].float())
             batches.append(Batch(collate_prompts([self.prompts[i] for i in step_rows], self.pad_id),
-                                 responses[part, :width], self.origin, signals))
+                                 responses[part, :width], self.origin, signals, torch.tensor(step_rows)))
             start += len(step_rows)
         return batches
 

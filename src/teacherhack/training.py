@@ -27,7 +27,7 @@ from teacherhack.divergences import (
     token_cross_entropy,
     token_divergence,
 )
-from teacherhack.models import LM, float32_attention
+from teacherhack.models import LM, PromptStates, float32_attention
 from teacherhack.sources import Batch, Source
 from teacherhack.teacher_signals import SignalBatch, TeacherSignals
 
@@ -51,7 +51,7 @@ def sft_loss(model: LM) -> LossFn:
 
 def distill_loss(student: LM, teacher: LM, *, loss: str, beta: float, alpha: float, temperature: float,
                  chunk_size: int | None, top_k: int | None = None, convention: str = "tail",
-                 kl_estimator: str = "k1", discount: float = 1.0) -> LossFn:
+                 kl_estimator: str = "k1", discount: float = 1.0, prompt_states: PromptStates | None = None) -> LossFn:
     """The stage-2 loss along the batch's responses.
 
     Divergences compare the teacher's and the student's next-token distributions: the full ones, or the
@@ -60,7 +60,9 @@ def distill_loss(student: LM, teacher: LM, *, loss: str, beta: float, alpha: flo
     signals computed once, or the teacher's own sampling distributions), else from a teacher forward.
     ``hard_ce`` is sequence-level KD with hard labels (cross-entropy on the sampled tokens);
     ``sampled_reverse_kl`` is on-policy distillation on the student's own samples, which needs only the
-    teacher's log-probability of each sampled token (``teacherhack.divergences.sampled_reverse_kl``)."""
+    teacher's log-probability of each sampled token (``teacherhack.divergences.sampled_reverse_kl``).
+    ``prompt_states``: the teacher's keys and values on the online source's prompts, computed once, so that its
+    forward runs on the responses alone (``distill.teacher_prompt_cache``)."""
     if loss == "hard_ce":
         return sft_loss(student)
 
@@ -70,7 +72,9 @@ def distill_loss(student: LM, teacher: LM, *, loss: str, beta: float, alpha: flo
         signals = batch.teacher
         if signals is None or (top_k is not None and signals.ids is None):
             with torch.no_grad():
-                log_p = teacher.next_token_logprobs(batch.prompts, batch.responses) if signals is None else \
+                prefix = (None if prompt_states is None or batch.prompt_rows is None
+                          else prompt_states.prefix(batch.prompt_rows, batch.prompts))
+                log_p = teacher.next_token_logprobs(batch.prompts, batch.responses, prefix) if signals is None else \
                     signals.logprobs.to(teacher.device)
             if loss == "sampled_reverse_kl":
                 token = log_p.gather(-1, responses.clamp_min(0).unsqueeze(-1)).squeeze(-1)
