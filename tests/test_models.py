@@ -380,6 +380,8 @@ def test_prompt_states_score_responses_as_the_full_forward_does(arch):
         torch.testing.assert_close(cached, full, atol=2e-5, rtol=0)
     one_token = collate_prompts([prompts[1], prompts[1]], PAD)
     assert states.prefix(torch.tensor([1, 1]), one_token) is None  # nothing before the last prompt token
+    only_one_token = lm.prompt_states(one_token)
+    assert only_one_token.nbytes == 0 and only_one_token.prefix(torch.tensor([1, 0]), one_token) is None
     with pytest.raises(ValueError, match="not the stored prompts"):
         states.prefix(torch.tensor([0, 3, 4]), collate_prompts([prompts[i] for i in (4, 0, 3)], PAD))
 

@@ -275,6 +275,8 @@ class LM:
             raise ValueError(f"prompt states need a decoder-only model with logits_to_keep; "
                              f"{type(self.model).__name__} is not one")
         prompts = prompts.to(self.device)
+        if prompts.ids.shape[1] == 1:  # one-token prompts: nothing comes before the last token
+            return PromptStates(prompts.ids, prompts.mask, (), self.model.config)
         positions = decoding.prompt_positions(prompts.mask)
         was_training, parts = self.model.training, []
         self.model.eval()
