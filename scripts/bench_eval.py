@@ -46,9 +46,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     c = cfg.resolve(args.preset, cfg.parse_assignments(args.set))
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    # built on the threads a lab would use (training's bits depend on them; the cache key does not), timed on --threads
     up = prepare_upstream(c, ArtifactCache(args.cache), "cpu", {})
+    torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(up.tokenizer)
     oracle, teacher, student = (wrap(load_pretrained(path), tokenizer, "cpu", temperature, c.models.vocab_size)
                                 for path, temperature in ((up.oracle, c.models.oracle_temperature), (up.teacher, 1.0),
