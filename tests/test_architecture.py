@@ -141,6 +141,18 @@ def test_changing_a_declared_key_changes_exactly_its_stage_and_descendants(pretr
     assert all((before[n] or {}).get("key") != (other[n] or {}).get("key") for n in STAGES if before[n])
 
 
+def test_the_training_stages_and_what_they_feed_are_keyed_by_the_cpu_thread_count():
+    """A training step's bits depend on the thread count: a cache filled on one count must not serve another."""
+    base = cfg.apply_overrides(cfg.resolve("default"), {"pretrain.epochs": 1.0})
+    one, two, accelerator = (stage_specs(base, "task-x", threads) for threads in (1, 2, None))
+    training = {s.name for s in STAGES.values() if s.collective and one[s.name] is not None}
+    assert {"oracle", "teacher", "student", "pretrain_oracle"} <= training
+    for other in (two, accelerator):
+        moved = {name for name in STAGES if (one[name] or {}).get("key") != (other[name] or {}).get("key")}
+        assert moved == {name for name in descendants(training) if one[name] is not None}
+    assert stage_specs(base, "task-x", 2) == two  # and the same count, the same keys
+
+
 def test_stage_two_settings_change_no_upstream_key_but_the_offline_dataset_and_its_signals():
     base = cfg.resolve("default")
     specs = stage_specs(base, "task-x")

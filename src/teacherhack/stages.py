@@ -432,9 +432,11 @@ def task_digest(task: Task) -> str:
     return f"task-{h.hexdigest()[:16]}"
 
 
-def stage_specs(config: LabConfig, task_key: str) -> dict[str, dict[str, Any] | None]:
+def stage_specs(config: LabConfig, task_key: str, threads: int | None = None) -> dict[str, dict[str, Any] | None]:
     """What each stage's key hashes (None for a stage this configuration does not need), in dependency order.
-    Pure: computes no artifact, so it is cheap and testable."""
+    ``threads``: the CPU threads the training stages run on (None on an accelerator): a training step's reductions,
+    so the trained models' bits, depend on them, while sampling and scoring give the same bits on any count. Pure:
+    computes no artifact, so it is cheap and testable."""
     keys: dict[str, str | None] = {"task": task_key}
     specs: dict[str, dict[str, Any] | None] = {}
     for s in STAGES.values():
@@ -445,6 +447,8 @@ def stage_specs(config: LabConfig, task_key: str) -> dict[str, dict[str, Any] | 
         inputs = s.inputs(ConfigView(config, s.reads, s.name)) if s.inputs else {key: _value(config, key) for key in s.reads}
         spec = {"kind": s.kind or s.name, "version": s.version, "inputs": _plain(inputs),
                 "parents": {p: keys[p] for p in s.parents if keys[p] is not None}}
+        if s.collective:  # a training stage
+            spec["threads"] = threads
         blob = json.dumps(spec, sort_keys=True, default=str)
         spec["key"] = keys[s.name] = f"{s.kind or s.name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
         specs[s.name] = spec
@@ -477,7 +481,7 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
     for reason, count in task.skipped.items():
         log(f"task {task.source}: skipped {count} rows ({reason})")
     timings["data"] = time.time() - start
-    specs = stage_specs(c, task_digest(task))
+    specs = stage_specs(c, task_digest(task), torch.get_num_threads() if torch.device(device).type == "cpu" else None)
     paths: dict[str, Path] = {}
     models: dict[Path, torch.nn.Module] = {}
     for s in STAGES.values():
