@@ -49,7 +49,8 @@ def main() -> None:
     c = cfg.resolve(args.preset, cfg.parse_assignments(args.set))
     if c.threads:
         torch.set_num_threads(c.threads)
-    # built on the threads a lab would use (training's bits depend on them; the cache key does not), timed on --threads
+    # built on the threads a lab would use (so that it finds the lab's cached models: they are keyed by them), timed
+    # on --threads
     up = prepare_upstream(c, ArtifactCache(args.cache), "cpu", {})
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(up.tokenizer)
