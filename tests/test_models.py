@@ -370,7 +370,8 @@ def test_prompt_states_score_responses_as_the_full_forward_does(arch):
     prompts = [[int(t) for t in torch.randint(2, VOCAB, (n,), generator=torch.Generator().manual_seed(n))]
                for n in (7, 1, 12, 3, 9, 2)]
     states = lm.prompt_states(collate_prompts(prompts, PAD), batch_size=4)  # two batches of the prompt pass
-    assert states.nbytes == sum(t.numel() * 4 for layer in states.layers for t in layer) > 0
+    size = models.SIZES["s"]  # keys and values of every layer, 6 prompts × 11 columns (the longest prompt but its last token)
+    assert states.nbytes == size.layers * 2 * 6 * size.heads * 11 * (size.width // size.heads) * 4
     responses = torch.randint(2, VOCAB, (3, 5), generator=torch.Generator().manual_seed(0))
     for rows in ([4, 0, 3], [3, 5, 1], [2, 2, 0]):
         batch = collate_prompts([prompts[i] for i in rows], PAD)

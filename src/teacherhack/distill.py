@@ -79,7 +79,7 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
         loss_fn = distill_loss(student, teacher, loss=d.loss, beta=d.beta, alpha=d.alpha,
                                temperature=d.loss_temperature, chunk_size=d.chunk_size, top_k=d.top_k,
                                convention=d.top_k_convention, kl_estimator=d.kl_estimator, discount=d.discount,
-                               prompt_states=teacher_prompt_states(c, source, up, teacher, label))
+                               prompt_states=teacher_prompt_states(c, source, teacher, label))
         began = time.time()
         references = load_sample_sets(up.references) | load_sample_sets(up.train_references)
         evaluator = Evaluator(oracle, teacher, references, estimator=e.estimator,
@@ -160,14 +160,14 @@ def make_source(name: str, c: LabConfig, up: Upstream, teacher: LM, student: LM)
                                                      fraction=d.mixture_lambda, seed=seed)
 
 
-def teacher_prompt_states(c: LabConfig, source: Source, up: Upstream, teacher: LM, label: str) -> PromptStates | None:
-    """The teacher's keys and values on the distillation prompts (``distill.teacher_prompt_cache``) for a source of
+def teacher_prompt_states(c: LabConfig, source: Source, teacher: LM, label: str) -> PromptStates | None:
+    """The teacher's keys and values on the source's prompts (``distill.teacher_prompt_cache``) for a source of
     fresh samples whose loss runs the teacher on them (online student, mixture; online teacher when its sampling
     distributions are not kept); None otherwise, or beyond ``distill.teacher_cache_mb``."""
     online = source.online if isinstance(source, Mixture) else source
     if not c.distill.teacher_prompt_cache or not isinstance(online, OnlineSamples) or online.keep_logprobs:
         return None
-    prompts = collate_prompts(load_ids(up.distill_prompts)[0], teacher.pad_id)
+    prompts = collate_prompts(online.prompts, teacher.pad_id)
     try:  # the size from one prompt's states at the full width
         size = teacher.prompt_states(Prompts(prompts.ids[:1], prompts.mask[:1])).nbytes * len(prompts)
     except ValueError as error:
