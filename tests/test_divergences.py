@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from teacherhack.divergences import select_rows, tempered, token_cross_entropy, token_divergence
+from teacherhack.divergences import _kl_rows, select_rows, tempered, token_cross_entropy, token_divergence
 
 from conftest import CONFIG_IDS, CONFIGS, F32, F32_GRAD, F64, F64_GRAD, INF, REDUCTIONS  # noqa: E402
 
@@ -707,13 +707,15 @@ def test_jsd_endpoint_bug_would_be_caught():
     assert fkl > 0.1  # whereas the unguarded formula gives 0·KL(P‖Q) + 1·KL(Q‖Q) = 0
 
 
+@pytest.mark.parametrize("masked", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_forward_kl_in_closed_form_equals_the_generic_path(temperature):
+def test_forward_kl_in_closed_form_equals_the_generic_path(temperature, masked):
     """The main loss takes a closed-form gradient when the teacher is frozen; the generic path (teacher logits that
     require a gradient) must give the same value and the same student gradient."""
     g = torch.Generator().manual_seed(3)
     teacher = torch.randn(3, 5, 11, generator=g, dtype=torch.float64)
-    teacher[0, 0, 2] = -math.inf  # a masked entry: exactly 0, never NaN
+    if masked:
+        teacher[0, 0, 2] = -math.inf  # a masked entry: exactly 0, never NaN
     student = torch.randn(3, 5, 11, generator=g, dtype=torch.float64)
     mask = torch.rand(3, 5, generator=g) > 0.3
     grads, values = [], []
@@ -726,3 +728,29 @@ def test_forward_kl_in_closed_form_equals_the_generic_path(temperature):
         grads.append(s.grad)
     assert values[0] == pytest.approx(values[1], rel=1e-12) and torch.isfinite(grads[0]).all()
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", ["finite", "q has zeros", "q has NaN", "strided", "mixed dtypes"])
+def test_kl_rows_shortcut_gives_the_bits_of_the_masked_formula(dtype, case):
+    """Without autograd and with every p > 0, ``_kl_rows`` skips its masks; the masked formula (what it runs when a
+    gradient is needed) must give exactly the same values, also where the +inf convention for q = 0 applies."""
+    g = torch.Generator().manual_seed(5)
+    log_p = torch.log_softmax(torch.randn(37, 300, generator=g, dtype=torch.float64) * 6, -1).to(dtype)
+    log_q = torch.log_softmax(torch.randn(37, 300, generator=g, dtype=torch.float64) * 6, -1).to(dtype)
+    if case == "q has zeros":
+        log_q[3, :7] = -math.inf
+    if case == "q has NaN":
+        log_q[4, 9] = math.nan
+    if case == "strided":
+        log_p, log_q = log_p[:, ::3], log_q.t().contiguous().t()[:, ::3]
+    if case == "mixed dtypes":
+        log_q = log_q.to(torch.float64 if dtype != torch.float64 else torch.float32)
+    fast = _kl_rows(log_p, log_q)
+    masked = _kl_rows(log_p.clone().requires_grad_(), log_q).detach()  # the general path
+    given_p = _kl_rows(log_p, log_q, log_p.exp())
+    assert fast.dtype == masked.dtype and torch.equal(fast.nan_to_num(), masked.nan_to_num())
+    assert torch.equal(given_p.nan_to_num(), masked.nan_to_num())
+    assert torch.equal(fast.isnan(), masked.isnan())
+    if case == "q has zeros":
+        assert fast[3] == math.inf
