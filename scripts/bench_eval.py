@@ -23,6 +23,7 @@ from teacherhack import config as cfg
 from teacherhack import seeds
 from teacherhack.cache import ArtifactCache, default_cache_dir
 from teacherhack.distill import wrap
+from teacherhack.launch import keep_freed_memory
 from teacherhack.metrics import Evaluator, SampleSet, ScoredSamples, load_sample_sets, sample_in_batches
 from teacherhack.models import load_pretrained
 from teacherhack.presets import LAB_PRESETS
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    keep_freed_memory()  # as a stage-2 run's process does
     c = cfg.resolve(args.preset, cfg.parse_assignments(args.set))
     if c.threads:
         torch.set_num_threads(c.threads)

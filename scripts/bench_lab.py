@@ -20,6 +20,7 @@ from pathlib import Path
 
 from teacherhack import config as cfg
 from teacherhack.lab import Engine, run_lab
+from teacherhack.launch import keep_freed_memory
 from teacherhack.presets import LAB_PRESETS
 
 
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--cache", help="use this cache (warm runs) instead of a fresh one")
     args = parser.parse_args()
+    keep_freed_memory()  # as the command line does
 
     config = cfg.resolve(args.preset, cfg.parse_assignments(args.set))
     work = Path(tempfile.mkdtemp(prefix="teacherhack-bench-"))

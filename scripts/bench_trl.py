@@ -68,11 +68,13 @@ def child(args: argparse.Namespace) -> None:
 
     from teacherhack.divergences import response_mask
     from teacherhack.generation import HFSampler
+    from teacherhack.launch import keep_freed_memory
     from teacherhack.models import LM, collate_prompts, load_pretrained, pad_responses
     from teacherhack.sources import FixedPairs, OnlineSamples
     from teacherhack.teacher_signals import TeacherSignals
     from teacherhack.training import distill_loss, make_optimizer, optimizer_step, prepared
 
+    keep_freed_memory()  # as a stage-2 run's process does
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.assets / "tokenizer")
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id

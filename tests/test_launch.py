@@ -1,11 +1,15 @@
 """The local launcher's parallel workers (teacherhack.launch): the cores a worker may sample on, with its siblings
-running and once they are done."""
+running and once they are done, and the memory a worker keeps for its next tensors."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import resource
+import sys
 import time
 
+import pytest
 import torch
 
 from teacherhack import launch
@@ -52,3 +56,23 @@ def test_outside_a_worker_the_thread_setting_is_left_alone():
             assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def faults_of_reallocations() -> int:
+    """The page faults of the last of six 64 MiB tensors made and freed one after the other (the first ones may
+    fault as the heap settles: an aligned block does not fit exactly in the one freed before it)."""
+    for _ in range(5):
+        torch.ones(16 << 20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 << 20)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_a_worker_reuses_the_memory_it_freed_where_a_plain_process_faults_it_in_again():
+    pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # glibc's defaults: the buffer went back to the kernel
+        assert pool.apply(faults_of_reallocations) > pages // 2
+    results = dict(launch.launch([launch.Job("worker", faults_of_reallocations), launch.Job("sibling", sibling)],
+                                 parallel=2))
+    assert results["worker"] < pages // 20

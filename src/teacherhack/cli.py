@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from teacherhack.errors import UserError
-from teacherhack.launch import ENGINES
+from teacherhack.launch import ENGINES, keep_freed_memory
 from teacherhack.presets import LAB_PRESETS
 from teacherhack.sweeps import SWEEPS
 from teacherhack.trackers import TRACKERS
@@ -244,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         # started with SIGINT ignored (a background job of a script): an interrupt still means "stop cleanly,
         # resumable", for this process and the workers it spawns

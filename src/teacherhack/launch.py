@@ -8,6 +8,7 @@ consistent either way, and rerunning the same command resumes.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import queue
@@ -58,6 +59,26 @@ def launch(jobs: list[Job], *, parallel: int = 1, engine: str = "local", folder:
         raise UserError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Keep the memory this process frees for its next tensors (glibc's allocator). By default glibc hands large
+    buffers back to the kernel when they are freed: those it maps on their own (from 128 KiB, a threshold that follows
+    the sizes freed up to 32 MiB; an evaluation's [rows, V] logits are above it) and the free memory piling up at the
+    top of its heap (a loss's [320, 2,048] buffers). The next buffer then faults its pages in afresh, zeroed by the
+    kernel, at about 1 µs a page: as long as a pass of arithmetic over them. Kept, they are reused. The arithmetic,
+    and so every bit, is unchanged; the process keeps its peak memory until it ends, plus what aligned blocks leave
+    between them (BENCHMARKS.md). Called where teacherhack's work starts: the command line and each launched run.
+    False where the C library has no ``mallopt`` or ignores it (macOS, Windows, musl)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 _running: Any = None  # in a worker process: the launcher's count of its workers running now (shared memory)
 
 
@@ -90,6 +111,7 @@ def _child(job: Job, results: Any, running: Any) -> None:
     """A worker process: run one job and send back its result or its exception."""
     global _running
     _running = running
+    keep_freed_memory()
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending Ctrl-C arrives here, inside the try
         results.put((job.name, True, job.fn(*job.args, **job.kwargs)))
@@ -168,7 +190,7 @@ def _submitit(jobs: list[Job], folder: Path, options: dict[str, str]) -> Iterato
     cluster = options.pop("cluster", None)
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     executor.update_parameters(**{key: _number(value) for key, value in options.items()})
-    submitted = {executor.submit(job.fn, *job.args, **job.kwargs): job.name for job in jobs}
+    submitted = {executor.submit(_run_kept, job.fn, *job.args, **job.kwargs): job.name for job in jobs}
     try:
         while submitted:
             for handle in [h for h in submitted if h.done()]:
@@ -179,6 +201,12 @@ def _submitit(jobs: list[Job], folder: Path, options: dict[str, str]) -> Iterato
         for handle in submitted:
             handle.cancel(check=False)
         raise
+
+
+def _run_kept(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A job on a cluster node, in a process of its own: with :func:`keep_freed_memory`, as locally."""
+    keep_freed_memory()
+    return fn(*args, **kwargs)
 
 
 def _number(value: str) -> Any:
