@@ -12,10 +12,15 @@ teacherhack's own stage-2 pieces on the same assets (the data source, ``distill_
   (the lab reuses its offline set for 64 epochs, where the charge vanishes);
 - on-policy: the student samples the completion (temperature 1) and is trained on it with forward KL.
 
+teacherhack's side runs in a process set up as a stage-2 run's is (``launch.keep_freed_memory``: glibc keeps freed
+memory for the next tensors); TRL's side runs with the C library's defaults, or with ``--trl-keep-freed-memory``
+under the same allocator settings (glibc's ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``).
+
     .venv/bin/python scripts/bench_trl.py --steps 60 --warmup 5 --batch 8 --threads 2
     .venv/bin/python scripts/bench_trl.py --steps 60 --warmup 5 --batch 8 --threads 2 --bf16
     .venv/bin/python scripts/bench_trl.py --steps 60 --warmup 5 --batch 8 --threads 2 --bf16 --fp32-attention
     .venv/bin/python scripts/bench_trl.py --steps 60 --warmup 5 --batch 8 --threads 2 --modes on --teacher-prompt-cache
+    .venv/bin/python scripts/bench_trl.py --steps 60 --warmup 5 --batch 8 --threads 2 --trl-keep-freed-memory
 
 ``--fp32-attention``: teacherhack's side at ``precision=bfloat16-fp32-attention`` (attention in float32 under the
 bf16 autocast; TRL's side stays at its own bf16). ``--teacher-prompt-cache``: on-policy, teacherhack keeps the
@@ -48,6 +53,8 @@ def trl(args: argparse.Namespace, mode: str) -> dict:
                "--batch", str(args.batch), "--threads", str(args.threads), "--assets", str(args.assets),
                "--temperature", "1.0", *(["--bf16"] if args.bf16 else [])]
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
+    if args.trl_keep_freed_memory:  # what teacherhack's keep_freed_memory sets, through glibc's environment
+        env |= {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("{")))
 
@@ -141,6 +148,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
     parser.add_argument("--fp32-attention", action="store_true",
                         help="with --bf16: teacherhack's attention in float32 (precision=bfloat16-fp32-attention)")
+    parser.add_argument("--trl-keep-freed-memory", action="store_true",
+                        help="TRL's side under the allocator settings teacherhack's processes use")
     parser.add_argument("--teacher-prompt-cache", action="store_true",
                         help="on-policy: teacherhack's teacher keeps its keys and values on the prompts")
     parser.add_argument("--modes", nargs="+", default=["off", "on"], choices=["off", "on"])
@@ -169,6 +178,7 @@ def main() -> None:
                       [r["peak_rss_mib"] for side in runs for r in runs[side]]))
     precision = ("bf16, teacherhack attention fp32" if args.fp32_attention else "bf16") if args.bf16 else "fp32"
     precision += ", teacherhack's teacher prompt cache" if args.teacher_prompt_cache else ""
+    precision += ", TRL with teacherhack's allocator settings" if args.trl_keep_freed_memory else ""
     print(f"\n{precision}, batch {args.batch}, {args.threads} threads, {args.steps} steps ({args.warmup} warm-up)")
     print("| mode | TRL steps/s | teacherhack steps/s | ratio, pair by pair | ratio of the medians | "
           "teacherhack, teacher pass charged to one epoch |")
