@@ -3,9 +3,9 @@ running and once they are done, and the memory a worker keeps for its next tenso
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
-import resource
 import sys
 import time
 
@@ -58,21 +58,31 @@ def test_outside_a_worker_the_thread_setting_is_left_alone():
         torch.set_num_threads(before)
 
 
-def faults_of_reallocations() -> int:
-    """The page faults of the last of six 64 MiB tensors made and freed one after the other (the first ones may
-    fault as the heap settles: an aligned block does not fit exactly in the one freed before it)."""
-    for _ in range(5):
-        torch.ones(16 << 20)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(16 << 20)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def mapped_apart_and_kept() -> tuple[int, int]:
+    """What glibc does with a 64 MiB tensor: the bytes it maps apart for it while it lives (returned to the kernel
+    when it is freed), and the bytes its heap still holds once it is freed."""
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = _MallInfo2
+    before = mallinfo2()
+    tensor = torch.ones(16 << 20)
+    during = mallinfo2()
+    del tensor
+    after = mallinfo2()
+    return during.hblkhd - before.hblkhd, after.arena - before.arena
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_a_worker_reuses_the_memory_it_freed_where_a_plain_process_faults_it_in_again():
-    pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
-    with multiprocessing.get_context("spawn").Pool(1) as pool:  # glibc's defaults: the buffer went back to the kernel
-        assert pool.apply(faults_of_reallocations) > pages // 2
-    results = dict(launch.launch([launch.Job("worker", faults_of_reallocations), launch.Job("sibling", sibling)],
+def test_a_worker_keeps_the_memory_it_frees_where_a_plain_process_returns_it():
+    size = 64 << 20
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # glibc's defaults
+        mapped, kept = pool.apply(mapped_apart_and_kept)
+    assert mapped >= size and kept < size
+    results = dict(launch.launch([launch.Job("worker", mapped_apart_and_kept), launch.Job("sibling", sibling)],
                                  parallel=2))
-    assert results["worker"] < pages // 20
+    mapped, kept = results["worker"]
+    assert mapped == 0 and kept >= size
