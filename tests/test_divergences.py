@@ -730,27 +730,42 @@ def test_forward_kl_in_closed_form_equals_the_generic_path(temperature, masked):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
 
 
+def masked_kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``_kl_rows``' masked formula, written out: what its shortcut must reproduce bit for bit."""
+    support = log_p > -math.inf
+    log_p = torch.where(support, log_p, 0.0)
+    log_q = torch.where(support, log_q, 0.0)
+    terms = torch.where(support, log_p.exp(), 0.0) * (log_p - log_q)
+    return torch.where(support & (log_q == -math.inf), math.inf, terms).sum(-1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("case", ["finite", "q has zeros", "q has NaN", "strided", "mixed dtypes"])
+@pytest.mark.parametrize("case", ["finite", "q has zeros", "q has NaN", "strided", "column-major", "mixed layouts",
+                                  "mixed dtypes", "p has zeros"])
 def test_kl_rows_shortcut_gives_the_bits_of_the_masked_formula(dtype, case):
-    """Without autograd and with every p > 0, ``_kl_rows`` skips its masks; the masked formula (what it runs when a
-    gradient is needed) must give exactly the same values, also where the +inf convention for q = 0 applies."""
+    """Without autograd, with every p > 0 and both sides laid out alike, ``_kl_rows`` skips its masks; it must give
+    exactly the masked formula's values in every case, also where the +inf convention for q = 0 applies."""
     g = torch.Generator().manual_seed(5)
     log_p = torch.log_softmax(torch.randn(37, 300, generator=g, dtype=torch.float64) * 6, -1).to(dtype)
     log_q = torch.log_softmax(torch.randn(37, 300, generator=g, dtype=torch.float64) * 6, -1).to(dtype)
-    if case == "q has zeros":
+    if case in ("q has zeros", "strided", "column-major", "mixed layouts"):
         log_q[3, :7] = -math.inf
     if case == "q has NaN":
         log_q[4, 9] = math.nan
+    if case == "p has zeros":
+        log_p[2, 5] = -math.inf
     if case == "strided":
-        log_p, log_q = log_p[:, ::3], log_q.t().contiguous().t()[:, ::3]
+        log_p, log_q = log_p[:, ::3], log_q[:, ::3]
+    if case == "column-major":
+        log_p, log_q = log_p.t().contiguous().t(), log_q.t().contiguous().t()
+    if case == "mixed layouts":
+        log_q = log_q.t().contiguous().t()
     if case == "mixed dtypes":
         log_q = log_q.to(torch.float64 if dtype != torch.float64 else torch.float32)
-    fast = _kl_rows(log_p, log_q)
-    masked = _kl_rows(log_p.clone().requires_grad_(), log_q).detach()  # the general path
-    given_p = _kl_rows(log_p, log_q, log_p.exp())
-    assert fast.dtype == masked.dtype and torch.equal(fast.nan_to_num(), masked.nan_to_num())
-    assert torch.equal(given_p.nan_to_num(), masked.nan_to_num())
-    assert torch.equal(fast.isnan(), masked.isnan())
+    reference = masked_kl_rows(log_p, log_q)
+    for got in (_kl_rows(log_p, log_q), _kl_rows(log_p, log_q, log_p.exp())):
+        assert got.dtype == reference.dtype and torch.equal(got.isnan(), reference.isnan())
+        bits = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}[got.dtype]
+        assert torch.equal(got.nan_to_num().view(bits), reference.nan_to_num().view(bits))
     if case == "q has zeros":
-        assert fast[3] == math.inf
+        assert reference[3] == math.inf

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from teacherhack import launch
+from teacherhack import cli, launch
 
 
 def until(condition, wait_s: float = 60.0) -> None:  # noqa: ANN001
@@ -63,26 +63,49 @@ class _MallInfo2(ctypes.Structure):
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def mapped_apart_and_kept() -> tuple[int, int]:
-    """What glibc does with a 64 MiB tensor: the bytes it maps apart for it while it lives (returned to the kernel
-    when it is freed), and the bytes its heap still holds once it is freed."""
-    mallinfo2 = ctypes.CDLL(None).mallinfo2
-    mallinfo2.restype = _MallInfo2
-    before = mallinfo2()
+def _has_mallinfo2() -> bool:
+    try:
+        return hasattr(ctypes.CDLL(None), "mallinfo2")  # glibc >= 2.33
+    except (OSError, TypeError):
+        return False
+
+
+def mapped_apart_and_kept() -> tuple[int, int, int]:
+    """What glibc does with large blocks: the bytes it maps apart (outside its heap, back to the kernel when freed)
+    for a 64 MiB tensor while it lives, then for a 96 MiB block, and the bytes its heap gives back to the kernel
+    once that block is freed (trimmed from the heap's top by default, were it there)."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _MallInfo2
+    libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+    before = libc.mallinfo2()
     tensor = torch.ones(16 << 20)
-    during = mallinfo2()
+    tensor_mapped = libc.mallinfo2().hblkhd - before.hblkhd
     del tensor
-    after = mallinfo2()
-    return during.hblkhd - before.hblkhd, after.arena - before.arena
+    before = libc.mallinfo2()
+    block = libc.malloc(96 << 20)
+    ctypes.memset(block, 1, 96 << 20)
+    during = libc.mallinfo2()
+    libc.free(block)
+    return tensor_mapped, during.hblkhd - before.hblkhd, during.arena - libc.mallinfo2().arena
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_a_worker_keeps_the_memory_it_frees_where_a_plain_process_returns_it():
-    size = 64 << 20
-    with multiprocessing.get_context("spawn").Pool(1) as pool:  # glibc's defaults
-        mapped, kept = pool.apply(mapped_apart_and_kept)
-    assert mapped >= size and kept < size
+@pytest.mark.skipif(not _has_mallinfo2(), reason="glibc's allocator (>= 2.33 for mallinfo2)")
+def test_workers_keep_the_memory_they_free_where_a_plain_process_returns_it():
+    mib = 1 << 20
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:  # glibc's defaults: both mapped apart
+        tensor_mapped, block_mapped, _ = pool.apply(mapped_apart_and_kept)
+    assert tensor_mapped >= 64 * mib and block_mapped >= 96 * mib
+    with context.Pool(1) as pool:  # a job on a cluster node (submitit)
+        on_a_node = pool.apply(launch._run_kept, (mapped_apart_and_kept,))
     results = dict(launch.launch([launch.Job("worker", mapped_apart_and_kept), launch.Job("sibling", sibling)],
                                  parallel=2))
-    mapped, kept = results["worker"]
-    assert mapped == 0 and kept >= size
+    for tensor_mapped, block_mapped, returned in (on_a_node, results["worker"]):
+        assert tensor_mapped == 0 and block_mapped == 0 and returned < mib  # both in the heap, and kept there
+
+
+def test_the_command_line_sets_its_process_up_to_keep_freed_memory(monkeypatch: pytest.MonkeyPatch, capsys):
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True))
+    assert cli.main(["config"]) == 0 and calls == [True]
+    assert "seed:" in capsys.readouterr().out

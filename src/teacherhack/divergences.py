@@ -64,11 +64,13 @@ def _kl_rows(log_p: Tensor, log_q: Tensor, p: Tensor | None = None) -> Tensor:
     in values and in gradients); p > 0 with q = 0 gives +inf, the true value. ``p``: exp(log p), where the caller
     has it already.
 
-    Outside autograd, when no log p is −inf or NaN (the usual case: log-softmax of finite logits), the masks below
-    are all true and are skipped: the same bits in three passes over [rows, V] and one buffer instead of ten
-    passes and eight buffers (whose fresh pages cost as much as the arithmetic on CPU)."""
+    Outside autograd, when no log p is −inf or NaN (the usual case: log-softmax of finite logits) and both sides
+    are laid out alike (so that every step below lays out its result as the masked formula's does), the masks are
+    all true and are skipped: the same bits in five or six passes over [rows, V], two of them reductions, and one
+    or two buffers, instead of eleven passes and nine buffers. The two reductions decide on the host (a device
+    sync on a GPU)."""
     if (not (torch.is_grad_enabled() and (log_p.requires_grad or log_q.requires_grad)) and log_p.numel()
-            and bool(log_p.min() > -math.inf)):
+            and log_p.shape == log_q.shape and log_p.stride() == log_q.stride() and bool(log_p.min() > -math.inf)):
         terms = (log_p - log_q).mul_(log_p.exp() if p is None else p)  # its dtype is the promoted one: no rounding
         if not bool(log_q.min() > -math.inf):  # some q = 0 (or NaN): the +inf convention below
             terms = torch.where(log_q == -math.inf, math.inf, terms)
