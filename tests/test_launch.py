@@ -59,8 +59,8 @@ def test_outside_a_worker_the_thread_setting_is_left_alone():
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 def _has_mallinfo2() -> bool:
@@ -76,7 +76,8 @@ def mapped_apart_and_kept() -> tuple[int, int, int]:
     once that block is freed (trimmed from the heap's top by default, were it there)."""
     libc = ctypes.CDLL(None)
     libc.mallinfo2.restype = _MallInfo2
-    libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
     before = libc.mallinfo2()
     tensor = torch.ones(16 << 20)
     tensor_mapped = libc.mallinfo2().hblkhd - before.hblkhd

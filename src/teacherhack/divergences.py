@@ -67,7 +67,7 @@ def _kl_rows(log_p: Tensor, log_q: Tensor, p: Tensor | None = None) -> Tensor:
     Outside autograd, when no log p is −inf or NaN (the usual case: log-softmax of finite logits) and both sides
     are laid out alike (so that every step below lays out its result as the masked formula's does), the masks are
     all true and are skipped: the same bits in five or six passes over [rows, V], two of them reductions, and one
-    or two buffers, instead of eleven passes and nine buffers. The two reductions decide on the host (a device
+    or two buffers, instead of eleven passes and ten buffers. The two reductions decide on the host (a device
     sync on a GPU)."""
     if (not (torch.is_grad_enabled() and (log_p.requires_grad or log_q.requires_grad)) and log_p.numel()
             and log_p.shape == log_q.shape and log_p.stride() == log_q.stride() and bool(log_p.min() > -math.inf)):
