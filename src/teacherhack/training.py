@@ -71,11 +71,13 @@ def distill_loss(student: LM, teacher: LM, *, loss: str, beta: float, alpha: flo
         responses = batch.responses.to(student.device)
         signals = batch.teacher
         if signals is None or (top_k is not None and signals.ids is None):
-            with torch.no_grad():
+            if signals is None:  # the teacher runs: on the responses alone where its prompts' states are kept
                 prefix = (None if prompt_states is None or batch.prompt_rows is None
                           else prompt_states.prefix(batch.prompt_rows, batch.prompts))
-                log_p = teacher.next_token_logprobs(batch.prompts, batch.responses, prefix) if signals is None else \
-                    signals.logprobs.to(teacher.device)
+                with torch.no_grad():
+                    log_p = teacher.next_token_logprobs(batch.prompts, batch.responses, prefix)
+            else:
+                log_p = signals.logprobs.to(teacher.device)
             if loss == "sampled_reverse_kl":
                 token = log_p.gather(-1, responses.clamp_min(0).unsqueeze(-1)).squeeze(-1)
                 return sampled_reverse_kl(student.logits(batch.prompts, batch.responses), token, responses, mask,
