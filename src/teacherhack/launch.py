@@ -70,7 +70,7 @@ def keep_freed_memory() -> bool:
     top of its heap (a loss's [320, 2,048] buffers). The next buffer then faults its pages in afresh, zeroed by the
     kernel, at about 1 µs a page: as long as a pass of arithmetic over them. Kept, they are reused. The arithmetic,
     and so every bit, is unchanged; the process keeps its peak memory until it ends, plus the holes that later
-    blocks do not fit (BENCHMARKS.md: the default lab's peak RSS 1.26-1.32 against 1.1-1.3 GiB). A buffer grown step
+    blocks do not fit (BENCHMARKS.md: the default lab's peak RSS 1.26-1.43 against 1.1-1.3 GiB). A buffer grown step
     by step while small tensors stay alive between its copies can leave many such holes; glibc's defaults do the
     same once their threshold has risen.
     Called where teacherhack's work starts: the command line and each launched run. False where the C library has
