@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers.activations import NewGELUActivation
 
 from teacherhack import decoding, models
 from teacherhack.models import (
@@ -390,3 +391,61 @@ def test_prompt_states_score_responses_as_the_full_forward_does(arch):
 def test_prompt_states_refuse_an_encoder_decoder():
     with pytest.raises(ValueError, match="decoder-only"):
         make_lm("t5").prompt_states(collate_prompts(PROMPTS, PAD))
+
+
+# --- the tanh GELU, faster where no gradient flows ------------------------------------------------
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_tanh_gelu_is_hugging_face_s_bit_for_bit(threads):
+    """In pieces that keep within the threads' ranges of the whole op (sizes below, at and above one piece, odd
+    sizes whose ranges end off the vector step), in every float dtype: the bits of Hugging Face's eight ops."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        hugging_face, fast = NewGELUActivation(), models.TanhGELU()
+        g = torch.Generator().manual_seed(threads)
+        for shape in [(0, 4), (1,), (7, 13, 33), (1, 32768), (1, 32769), (3, 65537), (5, 100_003), (16, 45, 384)]:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                x = (torch.randn(shape, generator=g) * 4).to(dtype)
+                expected, got = hugging_face(x), fast(x)
+                assert got.dtype == dtype and got.shape == x.shape
+                assert torch.equal(_bits(got), _bits(expected)), (shape, dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_lm_s_gelu_scores_the_same_bits_and_trains_as_hugging_face_s(monkeypatch):
+    """The LM swaps GPT-2's activation for :class:`TanhGELU`: scoring (a batch of 64 × 47 positions, whose
+    activations span several pieces) runs its pieces, autograd's forward runs Hugging Face's ops. The logits, with
+    and without a gradient, and the gradients are those of the stock model, bit for bit."""
+    lm = make_lm("gpt2", "s")
+    blocks = lm.model.transformer.h
+    assert all(type(block.mlp.act) is models.TanhGELU for block in blocks)
+    g = torch.Generator().manual_seed(0)
+    prompts = collate_prompts([torch.randint(2, VOCAB, (int(n),), generator=g).tolist()
+                               for n in torch.randint(1, 20, (64,), generator=g)], PAD)
+    responses = torch.randint(2, VOCAB, (64, 28), generator=g)
+    hugging_face_calls = []
+    hugging_face = NewGELUActivation.forward
+    monkeypatch.setattr(NewGELUActivation, "forward",
+                        lambda self, x: hugging_face_calls.append(x.requires_grad) or hugging_face(self, x))
+
+    def scores_and_gradients() -> list[torch.Tensor]:
+        with torch.no_grad():
+            scores = lm.logits(prompts, responses)
+        lm.model.zero_grad(set_to_none=True)
+        trained = lm.logits(prompts, responses)
+        trained.square().mean().backward()
+        return [scores, trained.detach()] + [p.grad for p in lm.model.parameters()]
+
+    fast = scores_and_gradients()
+    assert hugging_face_calls == [True] * len(blocks)  # only the forward that autograd records
+    for block in blocks:
+        block.mlp.act = NewGELUActivation()
+    stock = scores_and_gradients()
+    assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(fast, stock, strict=True))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import math
 
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from transformers import (
     T5Config,
     T5ForConditionalGeneration,
 )
+from transformers.activations import NewGELUActivation
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -78,6 +80,45 @@ def float32_attention(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _ATTENTION_IN_FLOAT32.reset(token)
+
+
+# What an elementwise CPU op runs on one thread: fewer elements than this are never split (at::internal::GRAIN_SIZE)
+_GRAIN = 32768
+
+
+def _thread_ranges(numel: int) -> list[tuple[int, int]]:
+    """The ranges into which an elementwise CPU op splits ``numel`` contiguous elements among its threads (ATen's
+    ``parallel_for``). Each range runs its vector loop from its own start, with scalar code for its last few
+    elements, so pieces that keep within these ranges, and start at a multiple of the vector loop's step, compute
+    each element with the same code as the whole op."""
+    threads = torch.get_num_threads()
+    if numel <= _GRAIN or threads == 1:
+        return [(0, numel)]
+    size = -(-numel // min(threads, -(-numel // _GRAIN)))
+    return [(start, min(numel, start + size)) for start in range(0, numel, size)]
+
+
+class TanhGELU(NewGELUActivation):
+    """Hugging Face's ``gelu_new`` (GPT-2's and T5 v1.1's activation), the same bits, faster where no gradient
+    flows. Hugging Face computes it as eight ops over the whole [B, T, 4·width] tensor, each a pass through memory;
+    here the same ops run in place on pieces of :data:`_GRAIN` elements that stay in cache (about 3× faster on the
+    lab's scoring activations, BENCHMARKS.md). Training's forward, which autograd records, is Hugging Face's own."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if (input.requires_grad and torch.is_grad_enabled()) or input.device.type != "cpu" or not input.is_contiguous():
+            return super().forward(input)
+        flat = input.view(-1)
+        out, half = torch.empty_like(flat), flat.new_empty(min(_GRAIN, flat.numel()))
+        for begin, end in _thread_ranges(flat.numel()):
+            for start in range(begin, end, _GRAIN):
+                stop = min(start + _GRAIN, end)
+                x, y, h = flat[start:stop], out[start:stop], half[: stop - start]
+                # 0.5 * x * (1 + tanh(√(2/π) · (x + 0.044715 · x³))), op for op as Hugging Face writes it (a sum
+                # or product with its operands swapped is the same float)
+                torch.pow(x, 3.0, out=y)
+                y.mul_(0.044715).add_(x).mul_(math.sqrt(2.0 / math.pi)).tanh_().add_(1.0)
+                y.mul_(torch.mul(x, 0.5, out=h))
+        return out.view(input.shape)
 
 
 @dataclass(frozen=True)
@@ -225,6 +266,10 @@ class LM:
         # attention interface (else setting it only warns)
         if model.config._attn_implementation == "sdpa" and model._can_set_attn_implementation():
             model.set_attn_implementation(SDPA)
+        for module in list(model.modules()):  # the same activation, faster where no gradient flows (never saved)
+            for name, child in module.named_children():
+                if type(child) is NewGELUActivation:
+                    setattr(module, name, TanhGELU())
         self.module: torch.nn.Module = model  # what scoring calls: the model, or its DDP/FSDP wrapper in training
         self.encoder_decoder = bool(model.config.is_encoder_decoder)
         # the output layer then runs on the response positions only (the prompt's would be thrown away)
