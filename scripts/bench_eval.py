@@ -4,8 +4,9 @@
     .venv/bin/python scripts/bench_eval.py --preset quick --cache /tmp/cache
 
 Builds (or finds in the artifact cache) the configuration's upstream artifacts, then times the evaluator's call
-(every metric of a metrics row), each reference set's scoring against the student, and the reverse-KL part (the
-student's own samples scored by oracle and teacher). Prints one JSON line: seconds, best of ``--repeats``.
+(every metric of a metrics row), each reference set's scoring against the student, the reverse-KL part (the
+student's own samples scored by oracle and teacher), and GPT-2's activation alone (Hugging Face's against
+``TanhGELU``). Prints one JSON line: seconds, best of ``--repeats``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
+from transformers.activations import NewGELUActivation
 
 from teacherhack import config as cfg
 from teacherhack import seeds
@@ -25,7 +27,7 @@ from teacherhack.cache import ArtifactCache, default_cache_dir
 from teacherhack.distill import wrap
 from teacherhack.launch import keep_freed_memory
 from teacherhack.metrics import Evaluator, SampleSet, ScoredSamples, load_sample_sets, sample_in_batches
-from teacherhack.models import load_pretrained
+from teacherhack.models import TanhGELU, load_pretrained
 from teacherhack.presets import LAB_PRESETS
 from teacherhack.stages import prepare_upstream
 
@@ -81,6 +83,16 @@ def main() -> None:
             own.measure(teacher, **evaluator.options)
             own.entropy(per_token=e.per_token)
         figures["reverse_s"] = best(reverse, args.repeats)
+    # GPT-2's activation alone, Hugging Face's eight passes against TanhGELU's pieces, at the width of the student's
+    # and of the oracle's MLPs on one batch of reference samples (as scoring runs it: no gradient)
+    prompts, responses, _ = evaluator.scored["oracle"].batches[0]
+    for name, model in (("student", student), ("oracle", oracle)):
+        config = model.model.config
+        if getattr(config, "activation_function", None) == "gelu_new":
+            x = torch.randn(len(prompts), prompts.ids.shape[1] + responses.shape[1], config.n_inner or 4 * config.n_embd)
+            with torch.no_grad():
+                figures[f"gelu_{name}_hugging_face_s"] = best(lambda: NewGELUActivation()(x), args.repeats)
+                figures[f"gelu_{name}_s"] = best(lambda: TanhGELU()(x), args.repeats)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
 
 

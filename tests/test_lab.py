@@ -255,5 +255,6 @@ def test_the_evaluation_benchmark_times_every_part_of_an_evaluation(tiny_task, t
                           *options, "--cache", str(tmp_path / "cache"), "--repeats", "1"],
                          capture_output=True, text=True, check=True, timeout=600).stdout
     figures = json.loads(out.strip().splitlines()[-1])
-    parts = ("oracle_s", "teacher_s", "real_s", "train_teacher_s", "reverse_s")
+    parts = ("oracle_s", "teacher_s", "real_s", "train_teacher_s", "reverse_s", "gelu_student_hugging_face_s",
+             "gelu_student_s", "gelu_oracle_hugging_face_s", "gelu_oracle_s")
     assert figures["evaluation_s"] > 0 and all(figures[p] > 0 for p in parts)

@@ -156,7 +156,11 @@ def write_reports(run_dirs: list[Path], out: Path) -> None:
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    """Where a sweep ran, with the CPU's vector kernels: the bits of a run depend on them (bf16 matrix products take
+    AMX tiles where the CPU has them, and round otherwise than AVX-512's), so the same seed gives other numbers on
+    another kind of CPU."""
+    kernels = torch.backends.cpu.get_cpu_capability() + (" + AMX" if torch.cpu._is_amx_tile_supported() else "")
+    return f"{platform.machine()} ({kernels}), {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
 def _job(name: str, c: LabConfig, source: str, up: Any, run_dir: Path, out: Path, engine: Engine, runs: int) -> Job:

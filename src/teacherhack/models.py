@@ -101,8 +101,8 @@ def _thread_ranges(numel: int) -> list[tuple[int, int]]:
 class TanhGELU(NewGELUActivation):
     """Hugging Face's ``gelu_new`` (GPT-2's and T5 v1.1's activation), the same bits, faster where no gradient
     flows. Hugging Face computes it as eight ops over the whole [B, T, 4·width] tensor, each a pass through memory;
-    here the same ops run in place on pieces of :data:`_GRAIN` elements that stay in cache (about 3× faster on the
-    lab's scoring activations, BENCHMARKS.md). Training's forward, which autograd records, is Hugging Face's own."""
+    here the same ops run in place on pieces of :data:`_GRAIN` elements that stay in cache (2.3-2.7× faster on
+    the lab's scoring activations, BENCHMARKS.md). Training's forward, which autograd records, is Hugging Face's own."""
 
     def forward(self, input: Tensor) -> Tensor:
         if (input.requires_grad and torch.is_grad_enabled()) or input.device.type != "cpu" or not input.is_contiguous():
