@@ -159,7 +159,8 @@ def machine() -> str:
     """Where a sweep ran, with the CPU's vector kernels: the bits of a run depend on them (bf16 matrix products take
     AMX tiles where the CPU has them, and round otherwise than AVX-512's), so the same seed gives other numbers on
     another kind of CPU."""
-    kernels = torch.backends.cpu.get_cpu_capability() + (" + AMX" if torch.cpu._is_amx_tile_supported() else "")
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # private in torch 2.13; absent, not named
+    kernels = torch.backends.cpu.get_cpu_capability() + (" + AMX" if amx else "")
     return f"{platform.machine()} ({kernels}), {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
