@@ -82,42 +82,33 @@ def float32_attention(enabled: bool = True) -> Iterator[None]:
         _ATTENTION_IN_FLOAT32.reset(token)
 
 
-# What an elementwise CPU op runs on one thread: fewer elements than this are never split (at::internal::GRAIN_SIZE)
-_GRAIN = 32768
-
-
-def _thread_ranges(numel: int) -> list[tuple[int, int]]:
-    """The ranges into which an elementwise CPU op splits ``numel`` contiguous elements among its threads (ATen's
-    ``parallel_for``). Each range runs its vector loop from its own start, with scalar code for its last few
-    elements, so pieces that keep within these ranges, and start at a multiple of the vector loop's step, compute
-    each element with the same code as the whole op."""
-    threads = torch.get_num_threads()
-    if numel <= _GRAIN or threads == 1:
-        return [(0, numel)]
-    size = -(-numel // min(threads, -(-numel // _GRAIN)))
-    return [(start, min(numel, start + size)) for start in range(0, numel, size)]
+# Elements per piece of TanhGELU: a multiple of every vector loop's step, and small enough to stay in cache
+_PIECE = 32768
 
 
 class TanhGELU(NewGELUActivation):
     """Hugging Face's ``gelu_new`` (GPT-2's and T5 v1.1's activation), the same bits, faster where no gradient
-    flows. Hugging Face computes it as eight ops over the whole [B, T, 4·width] tensor, each a pass through memory;
-    here the same ops run in place on pieces of :data:`_GRAIN` elements that stay in cache (2.3-2.7× faster on
-    the lab's scoring activations, BENCHMARKS.md). Training's forward, which autograd records, is Hugging Face's own."""
+    flows on one CPU thread (scoring, and the frozen teacher's forwards, in the lab's stage-2 runs and sweeps).
+    Hugging Face computes it as eight elementwise ops, each a pass through memory over the whole [B, T, 4·width]
+    tensor; here the same ops run in place on pieces of :data:`_PIECE` elements that stay in cache (2.1-2.6× faster
+    at the lab's scoring shapes, BENCHMARKS.md). On one thread an op runs its vector loop from the first element and
+    scalar code for the last few; each piece starts at a multiple of the loop's step, so every element goes through
+    the code the whole op gives it. On more threads, whose split of the whole op decides which elements take the
+    scalar code, and under autograd, which records the ops, Hugging Face's ops run."""
 
     def forward(self, input: Tensor) -> Tensor:
-        if (input.requires_grad and torch.is_grad_enabled()) or input.device.type != "cpu" or not input.is_contiguous():
+        if ((input.requires_grad and torch.is_grad_enabled()) or input.device.type != "cpu"
+                or not input.is_contiguous() or torch.get_num_threads() > 1):
             return super().forward(input)
         flat = input.view(-1)
-        out, half = torch.empty_like(flat), flat.new_empty(min(_GRAIN, flat.numel()))
-        for begin, end in _thread_ranges(flat.numel()):
-            for start in range(begin, end, _GRAIN):
-                stop = min(start + _GRAIN, end)
-                x, y, h = flat[start:stop], out[start:stop], half[: stop - start]
-                # 0.5 * x * (1 + tanh(√(2/π) · (x + 0.044715 · x³))), op for op as Hugging Face writes it (a sum
-                # or product with its operands swapped is the same float)
-                torch.pow(x, 3.0, out=y)
-                y.mul_(0.044715).add_(x).mul_(math.sqrt(2.0 / math.pi)).tanh_().add_(1.0)
-                y.mul_(torch.mul(x, 0.5, out=h))
+        out, half = torch.empty_like(flat), flat.new_empty(min(_PIECE, flat.numel()))
+        for start in range(0, flat.numel(), _PIECE):
+            x, y = flat[start:start + _PIECE], out[start:start + _PIECE]
+            # 0.5 * x * (1 + tanh(√(2/π) · (x + 0.044715 · x³))), op for op as Hugging Face writes it (a sum or a
+            # product with its operands swapped is the same float)
+            torch.pow(x, 3.0, out=y)
+            y.mul_(0.044715).add_(x).mul_(math.sqrt(2.0 / math.pi)).tanh_().add_(1.0)
+            y.mul_(torch.mul(x, 0.5, out=half[: len(x)]))
         return out.view(input.shape)
 
 
