@@ -89,7 +89,8 @@ def main() -> None:
     for name, model in (("student", student), ("oracle", oracle)):
         config = model.model.config
         if getattr(config, "activation_function", None) == "gelu_new":
-            x = torch.randn(len(prompts), prompts.ids.shape[1] + responses.shape[1], config.n_inner or 4 * config.n_embd)
+            positions = prompts.ids.shape[1] + responses.shape[1] - 1  # the prompt and all but the last response token
+            x = torch.randn(len(prompts), positions, config.n_inner or 4 * config.n_embd)
             with torch.no_grad():
                 figures[f"gelu_{name}_hugging_face_s"] = best(lambda: NewGELUActivation()(x), args.repeats)
                 figures[f"gelu_{name}_s"] = best(lambda: TanhGELU()(x), args.repeats)

@@ -21,6 +21,11 @@ def _single_thread():
     torch.set_num_threads(1)
 
 
+def float_bits(x: torch.Tensor) -> torch.Tensor:
+    """A float tensor's bits as integers of its width: equal only where the bits are (NaN payloads, −0.0)."""
+    return x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
 def make_task(path: Path, n: int = 700, seed: int = 0) -> Path:
     """Pairs "w1 w2 …" → the words reversed, upper-cased: learnable, varied, and prompt-dependent."""
     rng = random.Random(seed)

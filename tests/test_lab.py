@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import TINY
@@ -258,3 +259,13 @@ def test_the_evaluation_benchmark_times_every_part_of_an_evaluation(tiny_task, t
     parts = ("oracle_s", "teacher_s", "real_s", "train_teacher_s", "reverse_s", "gelu_student_hugging_face_s",
              "gelu_student_s", "gelu_oracle_hugging_face_s", "gelu_oracle_s")
     assert figures["evaluation_s"] > 0 and all(figures[p] > 0 for p in parts)
+
+
+def test_the_machine_names_the_kernels_that_a_run_s_bits_depend_on(monkeypatch):
+    """A sweep's record says which CPU kernels made it: the instruction set, and any limit the user set on it."""
+    for name in lab.ISA_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    assert f"({torch.backends.cpu.get_cpu_capability()}" in lab.machine()
+    assert "ISA" not in lab.machine()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)" in lab.machine()

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers.activations import NewGELUActivation
 
+from conftest import float_bits
 from teacherhack import decoding, models
 from teacherhack.models import (
     ARCHITECTURES,
@@ -396,31 +397,30 @@ def test_prompt_states_refuse_an_encoder_decoder():
 # --- the tanh GELU, faster where no gradient flows ------------------------------------------------
 
 
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_tanh_gelu_is_hugging_face_s_bit_for_bit(threads):
-    """On one thread in pieces (tensors smaller than one, of exactly one, one element more, several with an odd
-    remainder), on two as Hugging Face's whole ops, in every float dtype: the bits of Hugging Face's eight ops."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        hugging_face, fast = NewGELUActivation(), models.TanhGELU()
-        g = torch.Generator().manual_seed(threads)
-        for shape in [(0, 4), (1,), (7, 13, 33), (1, 32768), (1, 32769), (3, 65537), (5, 100_003), (16, 45, 384)]:
-            for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-                x = (torch.randn(shape, generator=g) * 4).to(dtype)
-                expected, got = hugging_face(x), fast(x)
-                assert got.dtype == dtype and got.shape == x.shape
-                assert torch.equal(_bits(got), _bits(expected)), (shape, dtype)
-    finally:
-        torch.set_num_threads(before)
+def test_tanh_gelu_is_hugging_face_s_bit_for_bit():
+    """On one thread, in pieces: every bf16 and float16 value (NaN payloads, infinities and subnormals included),
+    and random values in float32 and float64 at sizes below, at and above one piece, the bits of Hugging Face's
+    eight ops."""
+    hugging_face, fast = NewGELUActivation(), models.TanhGELU()
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = every.view(dtype)
+        assert torch.equal(float_bits(fast(x)), float_bits(hugging_face(x))), dtype
+    g = torch.Generator().manual_seed(0)
+    for shape in [(0, 4), (1,), (7, 13, 33), (1, 32768), (1, 32769), (3, 65537), (16, 45, 384)]:
+        for dtype in (torch.float32, torch.float64):
+            x = (torch.randn(shape, generator=g) * 4).to(dtype)
+            specials = torch.tensor([math.nan, -math.nan, math.inf, -math.inf, -0.0, torch.finfo(dtype).tiny / 4],
+                                    dtype=dtype)
+            tail = min(len(specials), x.numel())  # in the last piece's last elements
+            x.view(-1)[x.numel() - tail:] = specials[:tail]
+            got = fast(x)
+            assert got.dtype == dtype and got.shape == x.shape
+            assert torch.equal(float_bits(got), float_bits(hugging_face(x))), (shape, dtype)
 
 
 def test_the_lm_s_gelu_scores_the_same_bits_and_trains_as_hugging_face_s(monkeypatch):
-    """The LM swaps GPT-2's activation for :class:`TanhGELU`: on one thread, scoring (a batch of 64 × up to 47
+    """The LM swaps GPT-2's activation for :class:`TanhGELU`: on one thread, scoring (a batch of 64 × up to 46
     positions, whose activations span several pieces) runs its pieces; autograd's forward, and scoring on two
     threads, run Hugging Face's ops. The logits, with and without a gradient, and the gradients are those of the
     stock model, bit for bit."""
@@ -459,4 +459,4 @@ def test_the_lm_s_gelu_scores_the_same_bits_and_trains_as_hugging_face_s(monkeyp
         stock = scores_and_gradients()
     finally:
         torch.set_num_threads(before)
-    assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(fast, stock, strict=True))
+    assert all(torch.equal(float_bits(a), float_bits(b)) for a, b in zip(fast, stock, strict=True))

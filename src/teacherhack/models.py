@@ -82,7 +82,7 @@ def float32_attention(enabled: bool = True) -> Iterator[None]:
         _ATTENTION_IN_FLOAT32.reset(token)
 
 
-# Elements per piece of TanhGELU: a multiple of every vector loop's step, and small enough to stay in cache
+# Elements per piece of TanhGELU: small enough to stay in cache, and a multiple of every vector loop's step
 _PIECE = 32768
 
 
@@ -90,25 +90,27 @@ class TanhGELU(NewGELUActivation):
     """Hugging Face's ``gelu_new`` (GPT-2's and T5 v1.1's activation), the same bits, faster where no gradient
     flows on one CPU thread (scoring, and the frozen teacher's forwards, in the lab's stage-2 runs and sweeps).
     Hugging Face computes it as eight elementwise ops, each a pass through memory over the whole [B, T, 4·width]
-    tensor; here the same ops run in place on pieces of :data:`_PIECE` elements that stay in cache (2.1-2.6× faster
-    at the lab's scoring shapes, BENCHMARKS.md). On one thread an op runs its vector loop from the first element and
-    scalar code for the last few; each piece starts at a multiple of the loop's step, so every element goes through
-    the code the whole op gives it. On more threads, whose split of the whole op decides which elements take the
-    scalar code, and under autograd, which records the ops, Hugging Face's ops run."""
+    tensor; here the same ops, with the same operands in the same order, run in place on pieces of :data:`_PIECE`
+    elements that stay in cache (2.1-2.6× faster at the lab's scoring shapes, BENCHMARKS.md). Each element goes
+    through the same arithmetic either way. The pieces start at multiples of the vector loop's step, as a
+    precaution for builds whose vector and scalar code round differently: torch 2.13 on x86 does not (the tests
+    could not tell the pieces' size from another). On more threads the whole ops, split among them, are faster at
+    a training batch's sizes, so Hugging Face's ops run there, and under autograd, which records them. Not for
+    ``torch.func`` transforms or forward-mode AD, which the pieces' ``out=`` ops do not support."""
 
     def forward(self, input: Tensor) -> Tensor:
         if ((input.requires_grad and torch.is_grad_enabled()) or input.device.type != "cpu"
-                or not input.is_contiguous() or torch.get_num_threads() > 1):
+                or not input.is_contiguous() or not input.is_floating_point() or torch.get_num_threads() > 1):
             return super().forward(input)
         flat = input.view(-1)
         out, half = torch.empty_like(flat), flat.new_empty(min(_PIECE, flat.numel()))
         for start in range(0, flat.numel(), _PIECE):
-            x, y = flat[start:start + _PIECE], out[start:start + _PIECE]
-            # 0.5 * x * (1 + tanh(√(2/π) · (x + 0.044715 · x³))), op for op as Hugging Face writes it (a sum or a
-            # product with its operands swapped is the same float)
+            x, y, h = flat[start:start + _PIECE], out[start:start + _PIECE], half[: min(_PIECE, flat.numel() - start)]
+            # 0.5 * x * (1 + tanh(√(2/π) · (x + 0.044715 · x³))), each op's operands in Hugging Face's order (x86
+            # passes on the first operand's NaN, so a + b and b + a can differ in a NaN's bits)
             torch.pow(x, 3.0, out=y)
-            y.mul_(0.044715).add_(x).mul_(math.sqrt(2.0 / math.pi)).tanh_().add_(1.0)
-            y.mul_(torch.mul(x, 0.5, out=half[: len(x)]))
+            torch.add(x, y.mul_(0.044715), out=y).mul_(math.sqrt(2.0 / math.pi)).tanh_().add_(1.0)
+            torch.mul(torch.mul(x, 0.5, out=h), y, out=y)
         return out.view(input.shape)
 
 
