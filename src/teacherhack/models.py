@@ -94,7 +94,7 @@ class TanhGELU(NewGELUActivation):
     elements that stay in cache (2.1-2.6× faster at the lab's scoring shapes, BENCHMARKS.md). Each element goes
     through the same arithmetic either way. The pieces start at multiples of the vector loop's step, as a
     precaution for builds whose vector and scalar code round differently: torch 2.13 on x86 does not (the tests
-    could not tell the pieces' size from another). On more threads the whole ops, split among them, are faster at
+    pass with other piece sizes too). On more threads the whole ops, split among them, are faster at
     a training batch's sizes, so Hugging Face's ops run there, and under autograd, which records them. Not for
     ``torch.func`` transforms or forward-mode AD, which the pieces' ``out=`` ops do not support."""
 
