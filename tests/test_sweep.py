@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import TINY
 from teacherhack import cache as cache_module
@@ -100,7 +99,6 @@ def test_sweep_shares_upstream_and_resumes_after_a_kill(tiny_config: cfg.LabConf
     summary = lab.run_sweep("sources", tiny_config, out, cache, seeds=1)
     assert summary["runs"] == 3 and calls["n"] == 2  # the finished run was not repeated
     assert summary["wall_seconds"] > first_wall > 0 and "CPU cores" in summary["machine"]
-    assert f"({torch.backends.cpu.get_cpu_capability()}" in summary["machine"]  # the kernels its bits depend on
     for stage in ("oracle", "teacher", "student", "tokenizer", "references"):
         assert built.count(stage) == 1, (stage, built)
     assert {f["claim"] for f in summary["findings"]} >= {"Offline data → teacher hacking (golden turns up while the proxy does not)"}

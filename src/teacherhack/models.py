@@ -105,12 +105,12 @@ class TanhGELU(NewGELUActivation):
         flat = input.view(-1)
         out, half = torch.empty_like(flat), flat.new_empty(min(_PIECE, flat.numel()))
         for start in range(0, flat.numel(), _PIECE):
-            x, y, h = flat[start:start + _PIECE], out[start:start + _PIECE], half[: min(_PIECE, flat.numel() - start)]
+            x, y = flat[start:start + _PIECE], out[start:start + _PIECE]
             # 0.5 * x * (1 + tanh(√(2/π) · (x + 0.044715 · x³))), each op's operands in Hugging Face's order (x86
             # passes on the first operand's NaN, so a + b and b + a can differ in a NaN's bits)
             torch.pow(x, 3.0, out=y)
             torch.add(x, y.mul_(0.044715), out=y).mul_(math.sqrt(2.0 / math.pi)).tanh_().add_(1.0)
-            torch.mul(torch.mul(x, 0.5, out=h), y, out=y)
+            torch.mul(torch.mul(x, 0.5, out=half[: len(x)]), y, out=y)
         return out.view(input.shape)
 
 
