@@ -212,6 +212,45 @@ def test_a_non_finite_loss_exits_2_with_one_message_keeps_every_checkpoint_and_r
 
 
 @pytest.mark.slow
+def test_a_run_is_not_resumed_on_upstream_models_rebuilt_under_another_thread_count(tiny_task, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """The thread count is part of the upstream stages' keys (their bits depend on it): a killed run rerun under
+    another one would continue on another oracle and teacher, so it is refused and its folder left as it was."""
+    args = tiny_args(tiny_task, tmp_path / "out", tmp_path / "cache", "--set", "threads=null")
+    original, threads = distill.distill_loss, torch.get_num_threads()
+    calls = {"n": 0}
+
+    def diverges_at_step_6(*a, **k):
+        loss = original(*a, **k)
+
+        def wrapped(batch, denominator):
+            calls["n"] += 1
+            return loss(batch, denominator) * (float("nan") if calls["n"] == 6 else 1.0)
+
+        return wrapped
+
+    monkeypatch.setattr(distill, "distill_loss", diverges_at_step_6)
+    try:
+        torch.set_num_threads(1)
+        assert main(args) == 2
+        capsys.readouterr()
+        monkeypatch.setattr(distill, "distill_loss", original)
+        run = RunFolder(tmp_path / "out" / "offline")
+        before = (run.path / "metrics.jsonl").read_text()
+        torch.set_num_threads(2)
+        assert main(args) == 2
+        error = one_line_error(capsys)
+        assert "offline: its checkpoint at step 4 was taken on other upstream artifacts" in error
+        assert "oracle" in error and "teacher" in error
+        assert (run.path / "metrics.jsonl").read_text() == before
+        torch.set_num_threads(1)
+        assert main(args) == 0  # the settings it started with: it resumes
+        assert [r["step"] for r in run.metrics()] == [0, 4, 8, 12] and run.finished()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
 def test_ctrl_c_stops_every_run_exits_130_and_the_same_command_resumes(tiny_task, tmp_path):
     sets = {**TINY, "task.spec": f"jsonl:{tiny_task}", "distill.steps": 400, "distill.sources": "[offline, online_student, online_teacher]"}
     command = [sys.executable, "-m", "teacherhack", "lab", "--preset", "quick", "--out", str(tmp_path / "out"),
@@ -267,6 +306,20 @@ def test_a_run_whose_rows_do_not_follow_is_reported_with_the_fix(tmp_path):
     (run.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(BrokenRun, match=r"step 0 does not follow step 0; delete .* and rerun the same command"):
         run.finished()
+
+
+def test_a_line_cut_short_after_the_checkpoint_does_not_block_the_resume(tmp_path):
+    """A crash or a full disk can cut the last line written; it always lies past the checkpoint."""
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir(parents=True)
+    rows = [{"step": s, "epoch": 0.0, "train_loss": None, "proxy": 1.0, "proxy_se": 0.1, "golden": 2.0,
+             "golden_se": 0.1} for s in (0, 10, 20)]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (run.path / "metrics.jsonl").write_text(text[:-25])  # the row of step 20, cut short
+    (run.path / "per_sample.jsonl").write_text('{"step": 0, "golden": [1.0, 2.0]}\n{"step": 10, "golden": [1.0')
+    run.truncate(10)
+    assert [r["step"] for r in run.metrics()] == [0, 10]
+    assert [json.loads(line)["step"] for line in (run.path / "per_sample.jsonl").read_text().splitlines()] == [0]
 
 
 def test_the_cache_cleans_what_killed_builds_left_and_a_failed_build_leaves_nothing(tmp_path):

@@ -519,6 +519,21 @@ def test_non_finite_loss_takes_no_step(bad, bad_call):
     assert not optimizer.state  # AdamW never stepped
 
 
+def test_a_non_finite_gradient_of_a_finite_loss_takes_no_step():
+    lm = make_lm()
+    before = params(lm)
+    base = sft_loss(lm)
+
+    def loss_fn(batch: Batch, denominator: float) -> torch.Tensor:  # finite, but d sqrt(x)/dx at 0 is infinite
+        return base(batch, denominator) + torch.sqrt(0.0 * next(lm.model.parameters()).sum())
+
+    optimizer = make_optimizer(lm, 1e-2)
+    with pytest.raises(NonFiniteLoss, match="the gradient is not finite.*no step was taken"):
+        run_steps(lm, accumulation_batch(), loss_fn, steps=1, lr=1e-2, optimizer=optimizer)
+    assert max_diff(params(lm), before) == 0.0
+    assert not optimizer.state
+
+
 # --- checkpoints -----------------------------------------------------------------------------------
 
 

@@ -50,6 +50,7 @@ class LoopState:
     tokens_generated: int = 0  # online samples so far, over every process
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
+    upstream: dict[str, str] | None = None  # the upstream stages' cache keys (None: a checkpoint from before them)
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,9 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
         trackers = (Trackers(list(tracking.names), project=tracking.project, run_name=label,
                              logging_dir=tracking.logging_dir, config=c.to_dict())
                     if tracking and tracking.names and distributed.is_main() else None)
-        state = _resume(folder, student, optimizer, source, label)
+        state = _resume(folder, student, optimizer, source, label, up.keys)
         if state is None:  # a fresh run: evaluate the initial student first
-            state = LoopState(eval_seconds=scoring)
+            state = LoopState(eval_seconds=scoring, upstream=up.keys)
             _evaluate(folder, evaluator, student, source, state, d.steps, label, trackers)
         else:
             state.eval_seconds += scoring
@@ -199,9 +200,10 @@ def _settings(c: LabConfig, source: str, name: str | None, up: Upstream, evaluat
 
 
 def _resume(folder: RunFolder, student: LM, optimizer: torch.optim.Optimizer, source: Source,
-            label: str) -> LoopState | None:
+            label: str, upstream: dict[str, str]) -> LoopState | None:
     """The loop state of the last checkpoint (weights and optimizer restored, later evaluations dropped), or
-    None for a run that starts afresh (the folder's evaluations cleared)."""
+    None for a run that starts afresh (the folder's evaluations cleared). A checkpoint taken on other upstream
+    models or data (e.g. rebuilt under another thread count) is refused: its rows and the rest would mix two labs."""
     checkpoint = latest_checkpoint(folder.checkpoint_dir)
     main = distributed.is_main()
     if checkpoint is None:
@@ -209,6 +211,14 @@ def _resume(folder: RunFolder, student: LM, optimizer: torch.optim.Optimizer, so
             folder.reset()
         return None
     state = LoopState(**load_checkpoint(checkpoint, student, optimizer))
+    if state.upstream is not None and state.upstream != upstream:
+        changed = sorted(name for name in state.upstream.keys() | upstream.keys()
+                         if state.upstream.get(name) != upstream.get(name))
+        raise UserError(f"{label}: its checkpoint at step {state.step} was taken on other upstream artifacts "
+                        f"({', '.join(changed)} differ: rebuilt, e.g. under another thread count or on another device); "
+                        f"resuming would mix two labs. Rerun with the settings it started with, or delete "
+                        f"{folder.path} to start it over")
+    state.upstream = upstream
     if main:
         folder.truncate(state.step)
     if hasattr(source, "tokens_generated"):  # the global count, carried on by the main process

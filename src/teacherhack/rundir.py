@@ -117,6 +117,8 @@ class RunFolder:
             path = self.path / name
             if path.exists():
                 lines = [line for line in path.read_text().splitlines() if line.strip()]
+                if lines and not _parses(lines[-1]):
+                    lines.pop()  # a line cut short by a crash or a full disk: always written after the checkpoint
                 kept = [line for line in lines if json.loads(line)["step"] <= step]
                 path.write_text("".join(line + "\n" for line in kept))
 
@@ -280,6 +282,14 @@ def summarise(run: Run) -> dict[str, Any]:
             "reference_verdict": verdicts.reference.to_dict() if verdicts.reference else None,
             "detector": verdicts.detector.to_dict(), "steps": last["step"],
             "train_seconds": last.get("train_seconds"), "eval_seconds": last.get("eval_seconds")}
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -470,6 +470,7 @@ class Upstream:
     distill_prompts: Path
     offline: Path | None  # None when no source of the configuration reads the offline dataset
     teacher_signals: Path | None  # the teacher's signals on it, when they were kept
+    keys: dict[str, str]  # each stage's cache key: what a resumed stage-2 run checks it continues on
 
 
 def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: dict[str, float]) -> Upstream:
@@ -501,7 +502,8 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
                     paths["train_references"] / "references.safetensors",
                     paths["reference_scores"] / "scores.safetensors", paths["distill_prompts"] / "pairs.json",
                     paths["offline_data"] / "pairs.json" if "offline_data" in paths else None,
-                    _existing(paths.get("teacher_signals"), "signals.safetensors"))
+                    _existing(paths.get("teacher_signals"), "signals.safetensors"),
+                    {name: specs[name]["key"] for name in paths})
 
 
 def _existing(folder: Path | None, name: str) -> Path | None:

@@ -145,8 +145,8 @@ def optimizer_step(model: LM, ready: distributed.Prepared, batch: Batch, loss_fn
                    where: str = "train") -> Step:
     """One optimiser step on ``batch`` (this process's shard of the global batch), split into ``grad_accum``
     micro-batches and normalised by the sequence count of the whole global batch: the loss of one big batch,
-    whatever the number of processes or micro-batches. Returns the global loss and the gradient norm. A non-finite loss raises
-    :class:`NonFiniteLoss` before any parameter changes. ``precision="bfloat16"``: the forward passes run under
+    whatever the number of processes or micro-batches. Returns the global loss and the gradient norm. A non-finite loss or gradient
+    raises :class:`NonFiniteLoss` before any parameter changes. ``precision="bfloat16"``: the forward passes run under
     bf16 autocast (weights, gradients and optimizer state stay float32; the loss itself is computed in float32);
     ``"bfloat16-fp32-attention"``: the same with attention in float32."""
     for group in ready.optimizer.param_groups:
@@ -174,6 +174,10 @@ def optimizer_step(model: LM, ready: distributed.Prepared, batch: Batch, loss_fn
         norm = torch.nn.utils.clip_grad_norm_(model.model.parameters(), max_grad_norm)
     else:
         norm = ready.accelerator.clip_grad_norm_(ready.module.parameters(), max_grad_norm)
+    if not torch.isfinite(torch.as_tensor(norm)):  # a finite loss can still have a NaN or infinite gradient
+        ready.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"{where}: the gradient is not finite (batch from {batch.origin}); no step was taken and "
+                            f"the last checkpoint is intact. Lower the learning rate or check the data, then rerun.")
     ready.optimizer.step()
     ready.optimizer.zero_grad(set_to_none=True)
     return Step(distributed.all_sum(total), float(norm))
