@@ -142,6 +142,8 @@ def test_unknown_source_loss_preset():
     ({"oracle.lr": "0"}, "oracle"),
     ({"distill.prompts": str(TASK.n_distill + 1)}, "distill.prompts"),
     ({"distill.prompts": "0"}, "distill.prompts"),
+    ({"distill.loss": "sampled_reverse_kl", "distill.sources": "online_student", "distill.loss_temperature": "2"},
+     "sampled_reverse_kl .* needs distill.loss_temperature=1"),
 ])
 def test_validation_failures(overrides, message):
     with pytest.raises(ConfigError, match=message):

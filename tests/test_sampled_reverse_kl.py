@@ -195,6 +195,20 @@ def test_value_is_the_kl_estimate_and_k3_is_nonnegative():
     torch.testing.assert_close(tm, torch.where(mask, log_q - log_p, 0.0).sum() / mask.sum(), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_a_token_the_teacher_rules_out_gives_plus_infinity(estimator):
+    theta, phi = tables(1)
+    responses = sample(theta, 8, torch.Generator().manual_seed(0))
+    mask = response_mask(responses, EOS)
+    log_p = token_logprobs(phi, responses, 1.0)
+    log_p[0, 0] = -math.inf  # the teacher gives the first sampled token probability 0
+    logits = logits_of(theta, responses).requires_grad_()
+    value = sampled_reverse_kl(logits, log_p, responses, mask, estimator=estimator, compute_dtype=torch.float64)
+    assert value.item() == math.inf
+    value.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
 # --------------------------------------------------------------------------------------------------
 # Exact expectations by enumeration
 # --------------------------------------------------------------------------------------------------

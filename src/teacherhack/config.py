@@ -354,6 +354,9 @@ def validate(c: LabConfig) -> None:
     require(d.loss != "sampled_reverse_kl" or d.sources == ["online_student"],
             "distill.loss=sampled_reverse_kl is on-policy: it needs distill.sources=online_student (the student's "
             "own samples) and no other source")
+    require(d.loss != "sampled_reverse_kl" or d.loss_temperature == 1.0,
+            "distill.loss=sampled_reverse_kl estimates KL(student‖teacher) from the student's samples, which are drawn "
+            "at temperature 1: it needs distill.loss_temperature=1")
     require(c.eval.estimator in ESTIMATORS, f"eval.estimator must be one of {', '.join(ESTIMATORS)}")
     for section in ("pretrain", "oracle", "teacher", "student"):
         t: TrainConfig = getattr(c, section)

@@ -493,6 +493,8 @@ def sampled_reverse_kl(
     if estimator == "k3":
         surrogate = surrogate + (weights * costs.to(torch.float64)).sum()
     estimate = (weights * costs.detach().to(torch.float64)).sum()
+    if not torch.isfinite(surrogate):  # a token the teacher rules out: +inf, not inf − inf (no usable gradient)
+        return (estimate + 0.0 * log_q.sum()).to(compute_dtype)
     return (estimate + (surrogate - surrogate.detach())).to(compute_dtype)
 
 
