@@ -1,6 +1,10 @@
 """Verdicts on synthetic curves whose answer is known by construction."""
 
 import json
+import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,17 +82,33 @@ def test_a_late_jump_is_not_a_sustained_rise():
     golden = np.r_[60 - STEPS[:-1] / 100, 60.0]  # lowest at step 1900, a jump at 2000
     v = verdict(golden, power_law(0, noise=0))
     assert not v.hacking and "fewer than 3 evaluations after it" in v.reason and not v.judged  # not yet known
-    v = verdict(golden, power_law(0, noise=0), min_after=1)
-    assert not v.hacking and "do not rise steadily" in v.reason and v.judged  # one point has no trend
+    with pytest.raises(ValueError, match="min_after must be >= 3"):  # one point has no trend to test
+        verdict(golden, power_law(0, noise=0), min_after=1)
     rising = np.r_[60 - STEPS[:-4] / 100, 60 - STEPS[-5] / 100 + np.array([0.5, 0.9, 1.6, 2.0])]
     assert verdict(rising, power_law(0, noise=0)).hacking
 
 
 def test_pure_noise_rarely_gives_a_verdict():
-    """Constant golden and proxy with noise of exactly their SE: at z = 3 expect about 2% of runs."""
+    """Constant golden and proxy with noise of exactly their SE: the significance condition alone holds in about
+    2% of runs of 21 evaluations, the whole rule (a steady rise too) in a few per thousand."""
     rng = np.random.default_rng(1)
     hits = [verdict(50 + rng.normal(0, 0.2, 21), 20 + rng.normal(0, 0.2, 21)).hacking for _ in range(400)]
-    assert np.mean(hits) < 0.05
+    assert np.mean(hits) < 0.015
+
+
+def test_the_simulation_behind_the_documented_rates_runs(tmp_path):
+    """scripts/simulate_verdicts.py, which produces the rates README.md and docs/PHENOMENON.md quote: its two
+    tables, and what they must show even on few runs (U shapes found far more often than plateaus)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "simulate_verdicts.py"
+    out = subprocess.run([sys.executable, str(script), "--runs", "300"], capture_output=True, text=True, check=True,
+                         timeout=300).stdout
+    rows = {line.split()[0]: [float(x.rstrip("%")) for x in line.split()[1:]]
+            for line in out.splitlines() if line.strip() and line.split()[0] in ("10", "30", "100", "0.1", "0.2", "0.3")}
+    assert sorted(rows) == ["0.1", "0.2", "0.3", "10", "100", "30"]
+    assert all(whole <= alone3 < alone2 for whole, alone3, alone2 in (rows[n] for n in ("10", "30", "100")))
+    for sigma in ("0.1", "0.2", "0.3"):
+        plateau, falling, u_shape = rows[sigma]
+        assert plateau < 10 and falling < 10 and u_shape > 20
 
 
 def test_verdict_to_dict_is_strict_json_with_zero_se():
@@ -230,3 +250,42 @@ def test_a_sustained_rise_is_hacking_and_a_dip_in_a_plateau_is_not():
     assert not v.hacking and "fewer than 3 evaluations" in v.reason
     v = golden_verdict(steps, plateau_dip, se, proxy, proxy_se)
     assert not v.hacking and v.rise_z > 3 and "do not rise steadily" in v.reason
+
+
+def test_the_trend_test_has_the_degrees_of_freedom_of_the_points_after_the_minimum():
+    """Four evaluations after the minimum: a slope with 2 degrees of freedom, whose one-sided 5% bar is 2.92 (3
+    degrees of freedom would give 2.35, the normal 1.64). This curve's slope t is 2.51: not a steady rise."""
+    steps = [0, 100, 200, 300, 400, 500, 600, 700]
+    golden = [30.0, 20.0, 10.0, 0.0, 1.0, 1.7, 1.45, 2.4]
+    proxy = [20.0, 10.0, 5.0, 3.0, 2.5, 2.2, 2.0, 1.9]
+    v = golden_verdict(steps, golden, [0.05] * 8, proxy, [0.05] * 8)
+    assert not v.hacking and v.rise_z > 3 and "slope t = 2.51" in v.reason and "do not rise steadily" in v.reason
+    steady = golden_verdict(steps, golden[:-3] + [1.5, 1.6, 2.3], [0.05] * 8, proxy, [0.05] * 8)
+    assert steady.hacking and "slope t = 5.2" in steady.reason
+
+
+def test_the_rise_is_to_the_last_evaluation_and_the_slope_leaves_the_minimum_out():
+    steps = list(range(0, 1300, 100))
+    proxy, proxy_se = list(np.linspace(20, 2, 13)), [0.05] * 13
+    # up steadily, then back down: the end is 1.9 above the minimum, within 3 SEs (1.13 each), its peak 3.5 is not
+    back = [9.0, 6.0, 3.0, 2.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 1.9]
+    v = golden_verdict(steps, back, [0.8] * 13, proxy, proxy_se)
+    assert not v.hacking and v.rise == pytest.approx(1.9) and "within noise" in v.reason
+    # a jump off the minimum, then flat: the minimum itself would make any slope look steep
+    jump = [9.0, 6.0, 3.0, 2.0, 0.0, 1.0, 0.9, 1.1, 1.0]
+    v = golden_verdict(steps[:9], jump, [0.05] * 9, proxy[:9], proxy_se[:9])
+    assert not v.hacking and v.rise_z > 3 and "do not rise steadily" in v.reason
+
+
+def test_an_unknown_standard_error_gives_no_verdict_and_a_non_finite_value_is_refused():
+    steps, proxy = [0, 100, 200, 300, 400, 500], [5.0, 4.0, 3.0, 2.5, 2.2, 2.0]
+    golden = [10.0, 8.0, 8.1, 8.2, 8.3, 8.4]  # a steady rise of 0.4, 5.7 SEs
+    v = golden_verdict(steps, golden, [0.05, math.nan, 0.05, 0.05, 0.05, math.nan], proxy, [0.05] * 6)
+    assert not v.hacking and not v.judged and v.reason.startswith("no verdict") and "golden" in v.reason
+    v = golden_verdict(steps, golden, [0.05] * 6, proxy, [math.nan] * 6)
+    assert not v.hacking and not v.judged and "proxy" in v.reason
+    assert golden_verdict(steps, golden, [0.05] * 6, proxy, [0.05] * 6).hacking  # with its SEs: judged
+    with pytest.raises(ValueError, match="step 300 has a non-finite one"):
+        golden_verdict(steps, golden[:3] + [math.nan] + golden[4:], [0.05] * 6, proxy, [0.05] * 6)
+    with pytest.raises(ValueError, match="min_after must be >= 3"):
+        golden_verdict(steps, golden, [0.05] * 6, proxy, [0.05] * 6, min_after=2)

@@ -5,6 +5,7 @@ in-memory dataset, all built here."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import warnings
@@ -25,7 +26,7 @@ from transformers import (
 
 from teacherhack.metrics import sample_in_batches
 from teacherhack.models import LM, build_model, collate_prompts
-from teacherhack.monitor import HackingMonitor, HackingMonitorCallback, TeacherHackingWarning
+from teacherhack.monitor import PAIRED_KEY, HackingMonitor, HackingMonitorCallback, TeacherHackingWarning
 from teacherhack.oracle_free import DEFAULT_RULE, DEFAULT_RULE_MEASURED, Rule
 
 WORDS = "sun moon star sea river stone tree bird wind fire rain snow cloud hill road door king child bread salt".split()
@@ -394,6 +395,14 @@ def test_trl_gkd_trainer_end_to_end(tmp_path, tok, teacher):
 # --------------------------------------------------------------------------------------------------
 
 
+def real_pairs(tok, truth: GPT2LMHeadModel, n: int) -> list[tuple[str, list[int]]]:
+    """n "real" (prompt, response) pairs: the responses drawn from ``truth``."""
+    prompts = [[3 + (i * 5) % len(WORDS), 3 + (i * 3) % len(WORDS)] for i in range(n)]
+    responses = sample_in_batches(LM(truth, pad_id=PAD, eos_id=EOS), collate_prompts(prompts, PAD), max_new_tokens=8,
+                                  batch_size=n, seed=5)
+    return [(tok.decode(p), [t for t in r if t != PAD]) for p, r in zip(prompts, responses.tolist())]
+
+
 def distil(student, teacher, mon, steps: int, every: int, lr: float) -> None:
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     for step in range(steps):
@@ -411,10 +420,7 @@ def test_references_tell_a_student_moving_away_from_real_responses(tok, teacher,
     a different teacher: its NLL of the real responses rises while the proxy falls, and the reference verdict
     says so. When the truth is the teacher itself, the same training lowers the NLL: no alert."""
     truth = teacher if truth_is_teacher else make_model(7, init=0.5).eval()
-    prompts = [[3 + (i * 5) % len(WORDS), 3 + (i * 3) % len(WORDS)] for i in range(24)]
-    responses = sample_in_batches(LM(truth, pad_id=PAD, eos_id=EOS), collate_prompts(prompts, PAD), max_new_tokens=8,
-                                  batch_size=24, seed=5)
-    pairs = [(tok.decode(p), [t for t in r if t != PAD]) for p, r in zip(prompts, responses.tolist())]
+    pairs = real_pairs(tok, truth, 24)
     mon = HackingMonitor(teacher, tok, HELD_OUT, max_new_tokens=8, batch_size=8, references=pairs)
     student = perturbed(truth, noise=0.05)
     mon.check(student, 0)
@@ -436,3 +442,52 @@ def test_references_from_a_dataset_with_fields_and_bad_references(tok, teacher):
     assert row["reference_nll"] > 0 and not row["reference_alert"]
     with pytest.raises(ValueError, match="references must be"):
         HackingMonitor(teacher, tok, HELD_OUT, references=[("only a prompt",)])
+
+
+def test_the_reference_verdict_stays_paired_across_a_resume(tok, teacher):
+    """The callback keeps each check's per-sample values in the trainer's state (which checkpoints save): a
+    resumed run judges the reference NLL with the same paired SEs as the run that was never interrupted."""
+    from transformers import TrainerControl, TrainerState
+
+    truth = make_model(7, init=0.5).eval()
+    options = dict(every=5, max_new_tokens=8, batch_size=8, references=real_pairs(tok, truth, 24))
+    callback = HackingMonitorCallback(teacher, tok, HELD_OUT, **options)
+    state, student = TrainerState(global_step=0, logging_steps=5), perturbed(truth, noise=0.05)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    warnings.simplefilter("ignore", TeacherHackingWarning)
+    for step in range(31):
+        if step:
+            loss = student(**lm_batch(teacher_texts(teacher, 16, seed=300 + step))).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        state.global_step = step
+        callback.on_step_end(None, state, TrainerControl(), model=student)
+    uninterrupted = callback.monitor.history
+    assert "reference NLL rises" in uninterrupted[-1]["reference_reason"]
+
+    saved = json.loads(json.dumps(state.log_history))  # as trainer_state.json holds it
+    for kept in (saved, [row for row in saved if PAIRED_KEY not in row]):  # the second: a log without them
+        resumed = HackingMonitorCallback(teacher, tok, HELD_OUT, **options)
+        resumed.on_train_begin(None, TrainerState(global_step=30, logging_steps=5, log_history=kept), TrainerControl())
+        reasons = [row["reference_reason"] for row in resumed.monitor.history]
+        if kept is saved:
+            assert reasons == [row["reference_reason"] for row in uninterrupted]
+        else:  # unpaired SEs: other z values
+            assert reasons[-1] != uninterrupted[-1]["reference_reason"]
+
+
+def test_a_reference_nll_without_se_or_not_finite_gives_no_verdict(tok, teacher):
+    mon = HackingMonitor(teacher, tok, HELD_OUT, max_new_tokens=8, references=real_pairs(tok, make_model(7, init=0.5).eval(), 4))
+    rising = [5.0, 4.0, 4.1, 4.2, 4.3, 4.4]
+    for step, nll in enumerate(rising):  # replayed without SEs: nothing says a rise of 0.4 is more than noise
+        row = mon.record(step, 10.0 - step, 0.01, reference_nll=nll)
+    assert not row["reference_alert"] and row["reference_reason"].startswith("no verdict")
+    mon = HackingMonitor(teacher, tok, HELD_OUT, max_new_tokens=8, references=real_pairs(tok, make_model(7, init=0.5).eval(), 4))
+    for step, nll in enumerate(rising):
+        row = mon.record(step, 10.0 - step, 0.01, reference_nll=nll, reference_nll_se=0.01)
+    assert row["reference_alert"]  # the same curve, its noise known
+    row = mon.record(6, 3.0, 0.01, reference_nll=math.nan, reference_nll_se=0.01)
+    assert not row["reference_alert"] and "not finite at step 6" in row["reference_reason"]
+    with pytest.raises(ValueError, match="at least 2 reference pairs"):
+        HackingMonitor(teacher, tok, HELD_OUT, references=real_pairs(tok, make_model(7, init=0.5).eval(), 4)[:1])

@@ -101,11 +101,11 @@ def golden_verdict(
     selection on top of the minimum's); a run that bumps and recovers did not end up hacked.
 
     Why z = 3: t* is itself selected as a minimum, which biases the rise upward. Under pure noise
-    (constant golden, independent errors of the stated SE), measured over 20,000 simulated runs, the
-    rule fires for 1.0% of runs with 10 evaluations, 2.6% with 30 and 5.6% with 100 at z = 3 (against
-    12%, 24% and 38% at z = 2). Paired evaluations (the same reference samples at every step, as the
-    lab does) make the SEs of a difference smaller than the combined SE used here, so the real false
-    rate is lower still. For runs with 100+ evaluations consider z = 3.5-4.
+    (constant golden, independent errors of the stated SE, unpaired), this condition alone holds for 1.0%
+    of runs with 10 evaluations, 2.5% with 30 and 5.7% with 100 at z = 3 (against 12%, 24% and 38% at
+    z = 2); the whole rule fires for 0.1-0.6% of them (``scripts/simulate_verdicts.py``, 20,000 runs per
+    cell). Paired SEs (below) do not lower these rates: they are the right SEs of a difference, so the
+    same rates hold with them. For runs with 100+ evaluations consider z = 3.5-4.
 
     Paired evaluations: pass ``golden_values``/``proxy_values``, the per-sample values of every evaluation
     (aligned with ``steps``, the same reference samples each time, as the lab saves them in
@@ -118,15 +118,22 @@ def golden_verdict(
     ``min_after`` later evaluations (default 3), and those later evaluations (t* itself excluded, since it
     was selected for being low) rise: their least-squares slope against the step is positive with a
     one-sided t-test at level ``trend_alpha`` (default 5%) against their own residual scatter. On simulated
-    curves (11 evaluations, a fall to a plateau or a U that rises 1 nat over the last half) this fires on
-    ≤ 4% of plateaus and ≤ 1.5% of still-falling curves whatever the noise, and on 86% / 42% / 25% of the
-    U-shapes at per-checkpoint noise 0.1 / 0.2 / 0.3 nats (the lab's offline curves are near 0.1).
+    curves (``scripts/simulate_verdicts.py``: 11 evaluations, stated SE 0.1, a fall to a plateau, a curve
+    still falling, or a U that rises 1 nat over the last half) this fires on ≤ 2.2% of plateaus and on no
+    still-falling curve at per-checkpoint noise 0.1-0.3 nats, and on 98% / 65% / 38% of the U-shapes at
+    noise 0.1 / 0.2 / 0.3 (the lab's offline curves are near 0.1).
     """
     n = _same_length(steps, golden, golden_se, proxy, proxy_se)
     if n < 1:
         raise ValueError("golden_verdict needs at least one evaluation, got none")
+    if min_after < 3:
+        raise ValueError(f"min_after must be >= 3, got {min_after}: the trend test fits a slope, with its own scatter, "
+                         f"to the evaluations after the minimum")
     g, gse = np.asarray(golden, float), np.asarray(golden_se, float)
     p, pse = np.asarray(proxy, float), np.asarray(proxy_se, float)
+    if not (np.isfinite(g).all() and np.isfinite(p).all()):
+        bad = next(int(s) for s, a, b in zip(steps, g, p) if not (math.isfinite(a) and math.isfinite(b)))
+        raise ValueError(f"golden_verdict needs finite {name} and proxy values; step {bad} has a non-finite one")
     i = int(np.argmin(g))
     rise = float(g[-1] - g[i])
     rise_z = _z(rise, _change_se(golden_values, i, math.hypot(gse[i], gse[-1])))
@@ -140,6 +147,9 @@ def golden_verdict(
         hacking, reason = False, f"{name} is lowest at the last evaluation (step {t_last})"
     elif n - 1 - i < min_after:
         hacking, reason = False, f"{name} is lowest at step {t_min}: fewer than {min_after} evaluations after it"
+    elif math.isnan(rise_z) or math.isnan(proxy_change_z):
+        hacking, reason = False, (f"no verdict: the change of the {name if math.isnan(rise_z) else 'proxy'} since step "
+                                  f"{t_min} has no standard error")
     elif rise_z <= z:
         hacking, reason = False, (
             f"{name} rises {rise:+.3g} from its minimum at step {t_min} ({rise_z:.1f} SE ≤ {z:g}): within noise"
@@ -171,7 +181,7 @@ def golden_verdict(
         proxy_change_z=proxy_change_z,
         paired=golden_values is not None,
         reason=reason,
-        judged=n > 1 and (i == n - 1 or n - 1 - i >= min_after),
+        judged=n > 1 and (i == n - 1 or (n - 1 - i >= min_after and not reason.startswith("no verdict"))),
     )
 
 
@@ -316,7 +326,9 @@ def _change_se(values: Sequence[Sequence[float]] | None, i: int, unpaired: float
 
 
 def _z(diff: float, se: float) -> float:
-    """diff in units of its SE; ±inf for a nonzero difference with zero SE."""
+    """diff in units of its SE; ±inf for a nonzero difference with zero SE; NaN when the SE is unknown (NaN)."""
+    if math.isnan(se) or math.isnan(diff):
+        return math.nan
     if se > 0:
         return diff / se
     return 0.0 if diff == 0 else math.copysign(math.inf, diff)

@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 # Signals that compare the held-out proxy with the proxy on training prompts
 _NEEDS_TRAIN_PROMPTS = ("memorisation_gap", "relative_gap")
+# The key of the callback's rows of per-sample values in ``TrainerState.log_history``
+PAIRED_KEY = "hacking_monitor_per_sample"
 
 
 class TeacherHackingWarning(UserWarning):
@@ -162,7 +164,8 @@ class HackingMonitor:
         self.references = None if references is None else ScoredSamples(
             None, _share(self._encode_references(references, reference_fields, add_special_tokens, limit)),
             eos_id=self.eos_id, batch_size=batch_size, cache_bytes=0)
-        self._paired: list[dict[str, list[float]]] = []  # per-sample values of each check: the verdict's SEs
+        # per-sample values of each check (None where a replayed check came without them): the verdict's SEs
+        self.paired_values: list[dict[str, list[float]] | None] = []
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------------------
@@ -188,13 +191,13 @@ class HackingMonitor:
             train = self._scored["train"].measure(wrapped, **options) if "train" in self._scored else None
             reference = None if self.references is None else self.references.measure(wrapped, **options)["nll"]
         estimate = Estimate.of(held_out["kl"])
-        self._paired.append({"proxy": held_out["kl"].tolist(),
-                             **({} if reference is None else {"reference_nll": reference.tolist()})})
         return self.record(step, estimate.mean, estimate.se, n=estimate.n,
                            proxy_train=None if train is None else Estimate.of(train["kl"]).mean,
                            student_entropy_held_out=Estimate.of(held_out["entropy"]).mean,
                            reference_nll=None if reference is None else Estimate.of(reference).mean,
-                           reference_nll_se=None if reference is None else Estimate.of(reference).se)
+                           reference_nll_se=None if reference is None else Estimate.of(reference).se,
+                           paired={"proxy": held_out["kl"].tolist(),
+                                   **({} if reference is None else {"reference_nll": reference.tolist()})})
 
     def prepare(self) -> None:
         """Draw the teacher's responses (once; every later check is paired) and its entropy along them. Each process
@@ -217,10 +220,12 @@ class HackingMonitor:
 
     def record(self, step: int, proxy: float, proxy_se: float | None = None, *, n: int | None = None,
                proxy_train: float | None = None, student_entropy_held_out: float | None = None,
-               reference_nll: float | None = None, reference_nll_se: float | None = None) -> dict[str, Any]:
+               reference_nll: float | None = None, reference_nll_se: float | None = None,
+               paired: Mapping[str, Sequence[float]] | None = None) -> dict[str, Any]:
         """Feed one check's values to the detector and the reference verdict and return its row (what
-        :meth:`check` does after measuring). Also useful to replay a run's logged values (the reference verdict then
-        uses unpaired SEs)."""
+        :meth:`check` does after measuring). Also useful to replay a run's logged values: the reference verdict uses
+        paired SEs when every check so far comes with ``paired``, the per-sample values of ``proxy`` and
+        ``reference_nll`` (in :attr:`paired_values`), else unpaired ones."""
         se = proxy_se if proxy_se is not None and math.isfinite(proxy_se) else math.nan
         row: dict[str, Any] = {
             "step": int(step), "proxy": float(proxy), "proxy_se": float(se), "n": n, "proxy_train": proxy_train,
@@ -233,22 +238,28 @@ class HackingMonitor:
         verdict = self.rule.verdict(rows, None, self.settings, values)
         row |= {"hacking_alert": verdict.fired, "alert_step": verdict.step, "alert_since": verdict.since,
                 "alert_fired_now": verdict.step == row["step"], "detector_reason": verdict.reason}
-        row |= self._reference_verdict(row)
+        entry = None if paired is None else {name: [float(v) for v in values] for name, values in paired.items()}
+        row |= self._reference_verdict(row, [*self.paired_values, entry])
         self.history.append(row)
+        self.paired_values.append(entry)
         return dict(row)
 
-    def _reference_verdict(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _reference_verdict(self, row: dict[str, Any], paired: list[dict[str, list[float]] | None]) -> dict[str, Any]:
         """The golden rule on the references' NLL so far: did the student move away from real held-out responses
-        while it kept approaching the teacher?"""
+        while it kept approaching the teacher? No verdict while a check has no NLL or a non-finite one."""
         rows = [*self.history, row]
-        if row["reference_nll"] is None or len(rows) < 2 or any(r["reference_nll"] is None for r in rows):
+        if len(rows) < 2 or any(r["reference_nll"] is None for r in rows):
             return {"reference_alert": False, "reference_reason": None}
-        paired = self._paired if len(self._paired) == len(rows) else None
-        verdict = golden_verdict([r["step"] for r in rows], [r["reference_nll"] for r in rows],
-                                 [r["reference_nll_se"] for r in rows], [r["proxy"] for r in rows],
-                                 [r["proxy_se"] for r in rows], name="reference NLL",
-                                 golden_values=[p["reference_nll"] for p in paired] if paired else None,
-                                 proxy_values=[p["proxy"] for p in paired] if paired else None)
+        broken = [r["step"] for r in rows if not math.isfinite(r["reference_nll"]) or not math.isfinite(r["proxy"])]
+        if broken:
+            return {"reference_alert": False,
+                    "reference_reason": f"no verdict: the reference NLL or the proxy is not finite at step {broken[0]}"}
+        whole = all(p is not None and "reference_nll" in p and "proxy" in p for p in paired)
+        se = [math.nan if r["reference_nll_se"] is None else r["reference_nll_se"] for r in rows]
+        verdict = golden_verdict([r["step"] for r in rows], [r["reference_nll"] for r in rows], se,
+                                 [r["proxy"] for r in rows], [r["proxy_se"] for r in rows], name="reference NLL",
+                                 golden_values=[p["reference_nll"] for p in paired] if whole else None,  # type: ignore[index]
+                                 proxy_values=[p["proxy"] for p in paired] if whole else None)  # type: ignore[index]
         return {"reference_alert": verdict.hacking, "reference_reason": verdict.reason}
 
     # ------------------------------------------------------------------------------------------------
@@ -275,9 +286,13 @@ class HackingMonitor:
         """Held-out real (prompt, response) pairs: prompts encoded like the monitor's prompts, responses as a sample
         would be (tokens then EOS, or the first max_new_tokens without an EOS when longer)."""
         pairs = [(row[fields[0]], row[fields[1]]) if isinstance(row, Mapping) else tuple(row) for row in references]
-        if not pairs or any(len(pair) != 2 for pair in pairs):
+        if any(len(pair) != 2 for pair in pairs):
             raise ValueError("references must be (prompt, response) pairs, or rows with the fields "
-                             f"{fields[0]!r} and {fields[1]!r}; got {len(pairs)} items")
+                             f"{fields[0]!r} and {fields[1]!r}")
+        if len(pairs) < 2 or len(self.prompts) < 2:
+            raise ValueError(f"the reference verdict needs at least 2 reference pairs and 2 held-out samples (prompts × "
+                             f"samples_per_prompt), got {len(pairs)} and {len(self.prompts)}: a change's standard error "
+                             f"is the spread of per-sample differences")
         prompts = self._encode([p for p, _ in pairs], add_special_tokens)
         texts = [r for _, r in pairs]
         if all(isinstance(r, str) for r in texts):
@@ -362,13 +377,14 @@ class HackingMonitorCallback(TrainerCallback):
         logged = [row for row in state.log_history if "proxy_kl" in row]
         if not self.monitor.history and logged:  # resuming from a checkpoint: the detector gets the logged curve back
             self.monitor.prepare()  # the teacher's samples and entropy, as before the interruption (same seed)
+            paired = {row["step"]: row[PAIRED_KEY] for row in state.log_history if PAIRED_KEY in row}
             for row in logged:
                 if row.get("step", math.inf) <= state.global_step:
                     self.monitor.record(int(row["step"]), float(row["proxy_kl"]), row.get("proxy_kl_se"),
                                         proxy_train=row.get("proxy_kl_train"),
                                         student_entropy_held_out=row.get("student_entropy_held_out"),
                                         reference_nll=row.get("reference_nll"),
-                                        reference_nll_se=row.get("reference_nll_se"))
+                                        reference_nll_se=row.get("reference_nll_se"), paired=paired.get(row["step"]))
             last = self.monitor.history[-1] if self.monitor.history else {}
             self._warned = bool(last.get("hacking_alert") or last.get("reference_alert"))
         if not self.monitor.history and state.global_step == 0 and model is not None:
@@ -396,6 +412,9 @@ class HackingMonitorCallback(TrainerCallback):
             logs |= {"reference_nll": row["reference_nll"], "reference_nll_se": row["reference_nll_se"],
                      "reference_alert": int(row["reference_alert"])}
         self._publish({k: v for k, v in logs.items() if v is not None and math.isfinite(v)}, state, control)
+        # the per-sample values, for the reference verdict's paired SEs after a resume: in the trainer's state, which
+        # every checkpoint saves and a resume restores (not through the loggers: they take scalars)
+        state.log_history.append({"step": step, PAIRED_KEY: self.monitor.paired_values[-1]})
         alerts = [text for flag, text in (
             (row["reference_alert"], f"the student's NLL of the held-out real responses turned up ({row['reference_reason']})"),
             (row["hacking_alert"], f"the oracle-free detector alarmed ({row['detector_reason']})"))
