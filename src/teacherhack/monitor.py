@@ -254,12 +254,13 @@ class HackingMonitor:
         if broken:
             return {"reference_alert": False,
                     "reference_reason": f"no verdict: the reference NLL or the proxy is not finite at step {broken[0]}"}
-        whole = all(p is not None and "reference_nll" in p and "proxy" in p for p in paired)
+        values = [p for p in paired if p is not None and "reference_nll" in p and "proxy" in p]
+        whole = len(values) == len(rows)
         se = [math.nan if r["reference_nll_se"] is None else r["reference_nll_se"] for r in rows]
         verdict = golden_verdict([r["step"] for r in rows], [r["reference_nll"] for r in rows], se,
                                  [r["proxy"] for r in rows], [r["proxy_se"] for r in rows], name="reference NLL",
-                                 golden_values=[p["reference_nll"] for p in paired] if whole else None,  # type: ignore[index]
-                                 proxy_values=[p["proxy"] for p in paired] if whole else None)  # type: ignore[index]
+                                 golden_values=[p["reference_nll"] for p in values] if whole else None,
+                                 proxy_values=[p["proxy"] for p in values] if whole else None)
         return {"reference_alert": verdict.hacking, "reference_reason": verdict.reason}
 
     # ------------------------------------------------------------------------------------------------
