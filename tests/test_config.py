@@ -144,6 +144,18 @@ def test_unknown_source_loss_preset():
     ({"distill.prompts": "0"}, "distill.prompts"),
     ({"distill.loss": "sampled_reverse_kl", "distill.sources": "online_student", "distill.loss_temperature": "2"},
      "sampled_reverse_kl .* needs distill.loss_temperature=1"),
+    ({"threads": "-2"}, "threads must be >= 1"),
+    ({"threads": "0"}, "threads must be >= 1"),
+    ({"device": "gpu"}, "device must be auto, cpu"),
+    ({"distill.max_grad_norm": "-1"}, "distill.max_grad_norm must be > 0"),
+    ({"distill.max_grad_norm": "0"}, "distill.max_grad_norm must be > 0"),
+    ({"distill.max_grad_norm": "nan"}, "distill.max_grad_norm must be a finite number"),
+    ({"distill.lr": "inf"}, "distill.lr must be a finite number"),
+    ({"oracle.epochs": "inf"}, "oracle.epochs must be a finite number"),
+    ({"models.oracle_temperature": "inf"}, "models.oracle_temperature must be a finite number"),
+    ({"task.n_oracle": "0"}, "task.n_oracle must be > 0"),
+    ({"task.limit": "0"}, "task.limit must be > 0"),
+    ({"preset": "quick"}, "preset is not a setting: choose it with --preset"),
 ])
 def test_validation_failures(overrides, message):
     with pytest.raises(ConfigError, match=message):

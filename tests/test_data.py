@@ -272,6 +272,13 @@ def test_jsonl_line_separators_inside_strings_do_not_split_lines(tmp_path):
     assert load_task(str(tmp_path / "t.jsonl"), tmp_path).pairs == pairs  # the datasets-style reader too
 
 
+def test_jsonl_path_under_the_home_folder(tmp_path, monkeypatch):
+    """``--set task.spec=jsonl:~/data.jsonl``: the shell does not expand ``~`` inside an argument; teacherhack does."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_lines(tmp_path / "t.jsonl", json.dumps({"prompt": "hola", "response": "hello"}))
+    assert load_task("jsonl:~/t.jsonl", tmp_path).pairs == [Pair("hola", "hello")]
+
+
 def test_jsonl_missing_file(tmp_path):
     with pytest.raises(TaskError, match="does not exist"):
         load_task(f"jsonl:{tmp_path / 'nope.jsonl'}", tmp_path)

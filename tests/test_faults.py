@@ -99,6 +99,14 @@ def test_output_layers_of_different_sizes_are_refused_unless_the_real_size_is_de
     assert "--set models.vocab_size=300" in error and trained_nothing(tmp_path / "cache")
 
 
+def test_output_layers_smaller_than_the_tokenizer_are_refused(tiny_task, tmp_path, capsys):
+    folders = save_models(tmp_path, tiny_task, "llama", vocab_size=280)  # the tokenizer has 300
+    assert main(cli_args(folders, f"jsonl:{tiny_task}", tmp_path / "lab", tmp_path / "cache")) == 2
+    error = one_line_error(capsys)
+    assert "the tokenizer has 300 tokens but the models' output layers only 280" in error
+    assert trained_nothing(tmp_path / "cache")
+
+
 @pytest.mark.slow
 def test_a_declared_real_vocabulary_runs_padded_models_end_to_end(tiny_task, tmp_path):
     folders = save_models(tmp_path, tiny_task, "llama")
@@ -152,6 +160,11 @@ def test_a_data_set_too_small_for_the_splits_names_the_keys_to_lower(tmp_path, c
     assert main(tiny_args(task, tmp_path / "out", tmp_path / "cache")) == 2
     error = one_line_error(capsys)
     assert "lower task.n_oracle, task.n_stage1 or task.n_distill" in error
+    # following that advice in the same folder works: no run had started there, so its configuration may change
+    smaller = tiny_args(task, tmp_path / "out", tmp_path / "cache", "--set", "task.n_oracle=8", "--set",
+                        "task.n_stage1=8", "--set", "task.n_distill=8", "--set", "teacher.samples=8", "--set",
+                        "student.samples=8", "--set", "task.n_validation=8", "--set", "eval.prompts=8")
+    assert main(smaller) == 0, capsys.readouterr().err
 
 
 def test_set_takes_yaml_lists_and_the_help_says_so():
@@ -163,6 +176,19 @@ def test_set_takes_yaml_lists_and_the_help_says_so():
         cfg.resolve("quick", {"distill.sources": "[offline, teleport]"})
     lab_help = [a for a in build_parser()._subparsers._group_actions[0].choices["lab"]._actions if "--set" in a.option_strings]
     assert "[a, b]" in lab_help[0].help
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sweep", "sources", "--stretch", "nan"], "--stretch: must be a finite number above 0, got nan"),
+    (["sweep", "sources", "--stretch", "-2"], "--stretch: must be a finite number above 0, got -2"),
+    (["sweep", "sources", "--seeds", "0"], "--seeds: must be an integer above 0, got 0"),
+    (["lab", "--jobs", "-1"], "--jobs: must be an integer above 0, got -1"),
+    (["lab", "--jobs", "two"], "--jobs: expected an integer, got 'two'"),
+])
+def test_run_options_out_of_range_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.slow

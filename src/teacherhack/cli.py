@@ -9,11 +9,13 @@ answers at once; each command imports what it needs.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from teacherhack.errors import UserError
 from teacherhack.launch import ENGINES, keep_freed_memory
@@ -37,7 +39,7 @@ def _engine(args: argparse.Namespace, default_jobs: int):
         if not sep or not key:
             raise UserError(f"--engine-option expects KEY=VALUE, got {item!r}")
         options.append((key, value))
-    return Engine(jobs=args.jobs or default_jobs, name=args.engine, options=tuple(options), report_to=report_to)
+    return Engine(jobs=default_jobs if args.jobs is None else args.jobs, name=args.engine, options=tuple(options), report_to=report_to)
 
 
 def _lab(args: argparse.Namespace) -> int:
@@ -81,7 +83,8 @@ def _sweep(args: argparse.Namespace) -> int:
     base = stretched(cfg.resolve(args.preset, cfg.parse_assignments(args.set)), args.stretch)
     cache = Path(args.cache) if args.cache else default_cache_dir()
     preflight([base], Path(args.out), cache)
-    summary = run_sweep(args.sweep, base, Path(args.out), cache, seeds=args.seeds or SWEEPS[args.sweep].seeds,
+    seeds = SWEEPS[args.sweep].seeds if args.seeds is None else args.seeds
+    summary = run_sweep(args.sweep, base, Path(args.out), cache, seeds=seeds,
                         engine=_engine(args, 1))
     print(format_findings(args.sweep, summary))
     print(f"report: {Path(args.out) / 'report.html'}")
@@ -162,11 +165,26 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(kind: type) -> Callable[[str], Any]:
+    """An argparse type: a finite number of ``kind`` above 0."""
+    what = "an integer" if kind is int else "a finite number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be {what} above 0, got {text}")
+        return value
+    return parse
+
+
 def _run_options(parser: argparse.ArgumentParser, jobs_help: str) -> None:
     """Options of the commands that run stage 2 (lab, sweep): where, how, what they report to."""
     parser.add_argument("--preset", default="default", choices=sorted(LAB_PRESETS), help="base lab configuration")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
-    parser.add_argument("--jobs", type=int, default=None, help=jobs_help)
+    parser.add_argument("--jobs", type=_positive(int), default=None, help=jobs_help)
     parser.add_argument("--engine", default="local", choices=ENGINES,
                         help="where stage-2 runs execute: local processes, or SLURM through submitit")
     parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
@@ -206,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 f"{name}: {p.about}" for name, p in SWEEPS.items()))
     sweep.add_argument("sweep", choices=SWEEPS, metavar="PRESET", help=f"one of: {', '.join(SWEEPS)}")
     sweep.add_argument("--out", required=True, help="sweep folder")
-    sweep.add_argument("--seeds", type=int, help="seeds per setting (default: as many as fit in an hour on 2 "
+    sweep.add_argument("--seeds", type=_positive(int), help="seeds per setting (default: as many as fit in an hour on 2 "
                        "cores, 1-3 by preset)")
-    sweep.add_argument("--stretch", type=float, default=1.0,
+    sweep.add_argument("--stretch", type=_positive(float), default=1.0,
                        help="multiply the stage-2 steps, the evaluation interval and the distillation pool")
     _run_options(sweep, "runs in parallel processes, threads split between them (default 1)")
     sweep.set_defaults(func=_sweep)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -229,6 +231,18 @@ def _list_text(text: str, key: str) -> list[Any]:
     return text.split(",")
 
 
+def _floats(config: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every float setting, by its dotted key."""
+    found = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            found += _floats(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            found.append((f"{prefix}{f.name}", value))
+    return found
+
+
 def all_keys(cls: type = LabConfig, prefix: str = "") -> list[str]:
     keys = []
     for name, annotation in _field_types(cls).items():
@@ -244,6 +258,8 @@ def apply_overrides(config: LabConfig, overrides: dict[str, Any]) -> LabConfig:
     config = _copy(config)
     known = all_keys()
     for key, value in overrides.items():
+        if key == "preset":
+            raise ConfigError("preset is not a setting: choose it with --preset (a --set applies on top of it)")
         if key not in known:
             close = difflib.get_close_matches(key, known, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(known)}"
@@ -323,6 +339,12 @@ def validate(c: LabConfig) -> None:
         if not ok:
             raise ConfigError(message)
 
+    require(c.preset in LAB_PRESETS, f"unknown preset {c.preset!r}; choose one of {', '.join(LAB_PRESETS)}")
+    for key, value in _floats(c):
+        require(math.isfinite(value), f"{key} must be a finite number, got {value}")
+    require(c.threads is None or c.threads >= 1, f"threads must be >= 1 (or null: torch's default), got {c.threads}")
+    require(bool(re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", c.device)),
+            f"device must be auto, cpu, mps, cuda or cuda:N, got {c.device!r}")
     require(c.models.arch in ARCHITECTURES, f"models.arch must be one of {', '.join(ARCHITECTURES)}, got {c.models.arch!r}")
     for role in ("oracle", "teacher", "student"):
         value = getattr(c.models, role)
@@ -366,6 +388,8 @@ def validate(c: LabConfig) -> None:
         require(t.samples is None or t.samples > 0, f"{section}.samples must be > 0")
     require(d.steps > 0 and d.batch_size > 0 and d.grad_accum > 0 and d.lr > 0 and d.warmup >= 0,
             "distill: steps, batch_size, grad_accum, lr must be > 0 and warmup >= 0")
+    require(d.max_grad_norm > 0, f"distill.max_grad_norm must be > 0 (the gradient norm it clips to), got "
+                                 f"{d.max_grad_norm}")
     require(d.batch_size % d.grad_accum == 0, "distill.batch_size must be a multiple of distill.grad_accum")
     require(d.schedule in SCHEDULES, f"distill.schedule must be one of {', '.join(SCHEDULES)}")
     require(d.prompts is None or 0 < d.prompts <= c.task.n_distill, "distill.prompts must lie in [1, task.n_distill]")
@@ -375,6 +399,8 @@ def validate(c: LabConfig) -> None:
     require(d.sync_every >= 1, "distill.sync_every must be >= 1")
     t = c.task
     require(min(t.n_validation, t.n_distill, t.n_stage1) > 0, "task: n_validation, n_distill and n_stage1 must be > 0")
+    require(t.n_oracle is None or t.n_oracle > 0, "task.n_oracle must be > 0 (or null: every pair left)")
+    require(t.limit is None or t.limit > 0, "task.limit must be > 0 (or null: every pair)")
     require(t.max_prompt_len >= 2 and t.max_response_len >= 2, "task: max_prompt_len and max_response_len must be >= 2")
     require(t.vocab_size >= 64, "task.vocab_size must be >= 64")
     require(c.teacher.samples is None or c.teacher.samples <= t.n_stage1, "teacher.samples cannot exceed task.n_stage1")

@@ -102,7 +102,7 @@ def run_sweep(preset: str, base: LabConfig, out: Path, cache_root: Path, *, seed
         cfg.validate(config)
     with locked(out, "sweep folder"):
         plan_path = out / "sweep.json"
-        if plan_path.exists() and not _extends(json.loads(plan_path.read_text()), plan):
+        if plan_path.exists() and _started(out) and not _extends(json.loads(plan_path.read_text()), plan):
             raise cfg.ConfigError(f"{out} holds a different sweep ({plan_path}); choose another --out, or rerun the "
                                   f"same command (more --seeds are fine) to resume it")
         plan_path.write_text(json.dumps(plan, indent=1))
@@ -183,8 +183,9 @@ def _timed_run(*args: Any) -> tuple[dict[str, Any], float]:
 
 
 def _keep_config(saved: Path, c: LabConfig) -> None:
-    """Write the resolved configuration, or check that a folder being resumed was run with the same one."""
-    if saved.exists():
+    """Write the resolved configuration, or check that a folder being resumed was run with the same one (a folder
+    where no run has started yet, e.g. after an error in the data, takes the new one)."""
+    if saved.exists() and _started(saved.parent):
         previous = cfg.from_dict(yaml.safe_load(saved.read_text()))
         if previous.to_dict() != c.to_dict():
             raise cfg.ConfigError(f"{saved.parent} holds a run with a different configuration ({saved}); "
@@ -192,6 +193,11 @@ def _keep_config(saved: Path, c: LabConfig) -> None:
     distributed.barrier()  # every process has compared with the saved config before it is rewritten
     if distributed.is_main():
         c.dump(saved)
+
+
+def _started(folder: Path) -> bool:
+    """Whether a stage-2 run in ``folder`` has evaluated or saved a checkpoint: then its configuration is fixed."""
+    return any(folder.rglob("metrics.jsonl")) or any(folder.rglob("checkpoint"))
 
 
 def _extends(saved: dict[str, Any], plan: dict[str, Any]) -> bool:

@@ -77,6 +77,10 @@ def check_models(c: LabConfig) -> None:
         raise UserError("the models' output layers differ (" + ", ".join(f"{r} {w}" for r, w in widths.items())
                         + "): token ids would not line up. If they share one tokenizer and some output layers are "
                         f"padded, declare the real shared size, e.g. --set models.vocab_size={vocabulary}")
+    if declared is None and min(widths.values()) < vocabulary:
+        raise UserError(f"the tokenizer has {vocabulary} tokens but the models' output layers only "
+                        f"{min(widths.values())}: the ids beyond could be neither embedded nor predicted; use the "
+                        f"models' own tokenizer")
     if declared is not None and not vocabulary <= declared <= min(widths.values()):
         raise UserError(f"models.vocab_size={declared} must lie between the tokenizer's {vocabulary} tokens and the "
                         f"smallest output layer ({min(widths.values())})")

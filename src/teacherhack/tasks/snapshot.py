@@ -15,7 +15,7 @@ from teacherhack.tasks.base import BLANK_PAIR, Pair, Task, TaskError, decode_utf
 
 def load_jsonl(path: Path, prompt_field: str = "prompt", response_field: str = "response") -> Task:
     """The pairs of a JSON Lines file, one {prompt_field, response_field} object a line (see `parse_jsonl`)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise TaskError(f"task file {path} does not exist")
     return parse_jsonl(decode_utf8(path.read_bytes(), str(path)), str(path), prompt_field, response_field)
