@@ -306,6 +306,49 @@ def test_ctrl_c_stops_every_run_exits_130_and_the_same_command_resumes(tiny_task
         assert RunFolder(tmp_path / "out" / source).finished()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_launcher_leaves_no_worker_behind_and_the_same_command_resumes(tiny_task, tmp_path, how,
+                                                                               tmp_path_factory):
+    """`kill` (SIGTERM) stops the workers as Ctrl-C does; after `kill -9` of the launcher its workers stop
+    themselves (Linux): none goes on holding its run folder, so rerunning the command resumes at once."""
+    sets = {**TINY, "task.spec": f"jsonl:{tiny_task}", "distill.steps": 400, "distill.sources": "[offline, online_student]"}
+    cache = tmp_path_factory.getbasetemp() / "killed-launcher-cache"  # the upstream stages, built once for both
+    command = [sys.executable, "-m", "teacherhack", "lab", "--preset", "quick", "--out", str(tmp_path / "out"),
+               "--cache", str(cache), "--jobs", "2", *[arg for k, v in sets.items() for arg in ("--set", f"{k}={v}")]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "stderr.txt"  # not a pipe: its reader would wait for the workers, which inherit it
+    with log.open("w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    deadline = time.time() + 300
+    while not all((tmp_path / "out" / s / "checkpoint" / "state.json").exists() for s in ("offline", "online_student")):
+        assert process.poll() is None and time.time() < deadline, log.read_text()
+        time.sleep(0.2)
+    workers = [int((tmp_path / "out" / s / ".lock.owner").read_text().split()[1]) for s in ("offline", "online_student")]
+    process.send_signal(how)
+    process.wait(timeout=120)
+    err = log.read_text()
+    if how == signal.SIGTERM:
+        assert process.returncode == 130 and "Traceback" not in err and "rerun the same command to resume" in err
+    deadline = time.time() + 5
+    while any(_alive(pid) for pid in workers):  # a worker left going would train on for hundreds of steps (10 s)
+        assert time.time() < deadline, "a worker outlived its launcher"
+        time.sleep(0.1)
+    resumed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.count("resuming from step") == 2
+    for source in ("offline", "online_student"):
+        assert RunFolder(tmp_path / "out" / source).finished()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_a_second_process_in_the_same_folder_is_refused_with_who_holds_it(tiny_task, tmp_path, capsys):
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "

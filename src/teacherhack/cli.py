@@ -260,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
@@ -267,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         # started with SIGINT ignored (a background job of a script): an interrupt still means "stop cleanly,
         # resumable", for this process and the workers it spawns
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # `kill`, a job scheduler's stop: the same clean stop as Ctrl-C (the workers are stopped, not orphaned)
+    terminate = signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.func(args)
     except UserError as error:
@@ -279,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`teacherhack detect ... | head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush is silent too
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, terminate)
 
 
 if __name__ == "__main__":

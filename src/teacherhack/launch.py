@@ -115,6 +115,7 @@ def _child(job: Job, results: Any, running: Any) -> None:
     global _running
     _running = running
     keep_freed_memory()
+    _stop_with_parent()
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending Ctrl-C arrives here, inside the try
         results.put((job.name, True, job.fn(*job.args, **job.kwargs)))
@@ -125,6 +126,22 @@ def _child(job: Job, results: Any, running: Any) -> None:
         if not isinstance(error, UserError):  # a bug: keep the worker's traceback
             error = RunFailed(f"run {job.name} failed:\n{traceback.format_exc()}")
         results.put((job.name, False, error))
+
+
+def _stop_with_parent() -> None:
+    """In a worker on Linux: a Ctrl-C of its own (a clean, resumable stop) when the launching process dies, even by
+    ``kill -9``, so that no orphan goes on training and holding its run folder's lock."""
+    parent = multiprocessing.parent_process()
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError, TypeError):  # not Linux
+        return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGINT)
+    if parent is not None and os.getppid() != parent.pid:  # the parent died before the line above
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _processes(jobs: list[Job], parallel: int) -> Iterator[tuple[str, Any]]:
