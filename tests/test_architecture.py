@@ -153,6 +153,23 @@ def test_the_training_stages_and_what_they_feed_are_keyed_by_the_cpu_thread_coun
     assert stage_specs(base, "task-x", 2) == two  # and the same count, the same keys
 
 
+def test_a_model_folder_rewritten_in_place_gets_new_keys(tmp_path: Path):
+    """A model folder is named by its path in the configuration; what the path holds is hashed too (its files'
+    sizes and modification times), so new weights saved over old ones never reuse what the old ones built."""
+    folder = tmp_path / "my-teacher"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"old weights")
+    base = cfg.apply_overrides(cfg.resolve("default"), {"models.teacher": str(folder)})
+    before = stage_specs(base, "task-x")
+    assert stage_specs(base, "task-x") == before
+    (folder / "model.safetensors").write_bytes(b"new weights, longer")
+    after = stage_specs(base, "task-x")
+    moved = {name for name in STAGES if (before[name] or {}).get("key") != (after[name] or {}).get("key")}
+    readers = {s.name for s in STAGES.values() if "models.teacher" in s.reads and before[s.name] is not None}
+    assert "teacher" in moved and moved == {n for n in descendants(readers) if before[n] is not None}
+
+
 def test_stage_two_settings_change_no_upstream_key_but_the_offline_dataset_and_its_signals():
     base = cfg.resolve("default")
     specs = stage_specs(base, "task-x")

@@ -432,6 +432,19 @@ def task_digest(task: Task) -> str:
     return f"task-{h.hexdigest()[:16]}"
 
 
+_MODEL_KEYS = ("models.oracle", "models.teacher", "models.student")
+
+
+def _model_files(name: str) -> list[tuple[str, int, int]] | None:
+    """A local model folder's files (path, size, modification time in ns), None for a size preset or a hub id: a
+    folder whose weights are rewritten in place gets new keys, not the artifacts built from its old weights."""
+    folder = Path(name).expanduser()
+    if name in SIZES or not folder.is_dir():
+        return None
+    return [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()]
+
+
 def stage_specs(config: LabConfig, task_key: str, threads: int | None = None) -> dict[str, dict[str, Any] | None]:
     """What each stage's key hashes (None for a stage this configuration does not need), in dependency order.
     ``threads``: the CPU threads the training stages run on (None on an accelerator): a training step's reductions,
@@ -445,6 +458,8 @@ def stage_specs(config: LabConfig, task_key: str, threads: int | None = None) ->
             keys[s.name] = specs[s.name] = None
             continue
         inputs = s.inputs(ConfigView(config, s.reads, s.name)) if s.inputs else {key: _value(config, key) for key in s.reads}
+        inputs |= {f"{key} files": files for key in s.reads if key in _MODEL_KEYS
+                   and (files := _model_files(_value(config, key))) is not None}
         spec = {"kind": s.kind or s.name, "version": s.version, "inputs": _plain(inputs),
                 "parents": {p: keys[p] for p in s.parents if keys[p] is not None}}
         if s.collective:  # a training stage
