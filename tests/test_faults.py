@@ -191,6 +191,16 @@ def test_run_options_out_of_range_are_refused_by_the_parser(argv, message, capsy
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_a_shortcut_and_a_set_that_contradict_each_other_are_refused(tmp_path, capsys):
+    folder = str(tmp_path / "my-oracle")
+    assert main(["lab", "--out", str(tmp_path / "out"), "--oracle", folder, "--set", "models.oracle=xxs"]) == 2
+    error = one_line_error(capsys)
+    assert f"--oracle {folder} and --set models.oracle=xxs contradict each other" in error
+    assert not (tmp_path / "out").exists()
+    assert main(["lab", "--out", str(tmp_path / "out"), "--engine-option", "timeout_min=60"]) == 2
+    assert "--engine-option sets the cluster's parameters: it needs --engine submitit" in one_line_error(capsys)
+
+
 @pytest.mark.slow
 def test_dropped_and_cut_rows_are_reported(tmp_path, capsys):
     task = make_task(tmp_path / "task.jsonl")

@@ -39,7 +39,10 @@ def _engine(args: argparse.Namespace, default_jobs: int):
         if not sep or not key:
             raise UserError(f"--engine-option expects KEY=VALUE, got {item!r}")
         options.append((key, value))
-    return Engine(jobs=default_jobs if args.jobs is None else args.jobs, name=args.engine, options=tuple(options), report_to=report_to)
+    if options and args.engine == "local":
+        raise UserError("--engine-option sets the cluster's parameters: it needs --engine submitit")
+    return Engine(jobs=default_jobs if args.jobs is None else args.jobs, name=args.engine, options=tuple(options),
+                  report_to=report_to)
 
 
 def _lab(args: argparse.Namespace) -> int:
@@ -54,7 +57,13 @@ def _lab(args: argparse.Namespace) -> int:
     shortcuts = {"models.oracle": args.oracle, "models.teacher": args.teacher, "models.student": args.student,
                  "task.spec": args.task}
     overrides = {key: value for key, value in shortcuts.items() if value is not None}
-    config = cfg.resolve("paper" if args.scale == "paper" else args.preset, overrides | cfg.parse_assignments(args.set))
+    assignments = cfg.parse_assignments(args.set)
+    for key in overrides.keys() & assignments.keys():
+        if str(overrides[key]) != str(assignments[key]):
+            flag = "--task" if key == "task.spec" else f"--{key.split('.')[1]}"
+            raise UserError(f"{flag} {overrides[key]} and --set {key}={assignments[key]} contradict each other; "
+                            f"give one of them")
+    config = cfg.resolve("paper" if args.scale == "paper" else args.preset, overrides | assignments)
     out = Path(args.out) if args.out else Path("runs") / f"lab-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     cache = Path(args.cache) if args.cache else default_cache_dir()
     engine = _engine(args, 1 if launched() else len(config.distill.sources))  # all at once: no idle core at the end
