@@ -730,6 +730,32 @@ def test_forward_kl_in_closed_form_equals_the_generic_path(temperature, masked):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_kl_in_closed_form_equals_the_generic_path_on_what_training_feeds_it(chunk_size, dtype):
+    """The closed form is the path every stage-2 step takes: the same value and student gradient as the generic
+    path with chunks, bf16 logits, padded vocabulary columns and garbage (NaN) outside the mask."""
+    g = torch.Generator().manual_seed(5)
+    teacher = torch.randn(3, 6, 12, generator=g)
+    student = torch.randn(3, 6, 12, generator=g)
+    mask = torch.rand(3, 6, generator=g) > 0.3
+    mask[0, 0] = True
+    teacher[0, 0, 2] = -math.inf  # a token the teacher rules out
+    teacher[..., 11] = student[..., 11] = math.nan  # a padded column beyond vocab_size
+    teacher[~mask] = student[~mask] = math.nan  # positions that do not count
+    grads, values = [], []
+    for frozen in (True, False):
+        s = student.to(dtype).requires_grad_()
+        t = teacher.to(dtype).requires_grad_(not frozen)
+        loss = token_divergence(t, s, mask, temperature=0.7, vocab_size=11, chunk_size=chunk_size)
+        loss.backward()
+        values.append(loss.item())
+        grads.append(s.grad.float())
+    assert math.isfinite(values[0]) and values[0] == pytest.approx(values[1], rel=1e-6)
+    assert torch.isfinite(grads[0][mask][..., :11]).all()
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 def masked_kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """``_kl_rows``' masked formula, written out: what its shortcut must reproduce bit for bit."""
     support = log_p > -math.inf
