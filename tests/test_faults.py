@@ -316,6 +316,24 @@ def test_ctrl_c_stops_every_run_exits_130_and_the_same_command_resumes(tiny_task
         assert RunFolder(tmp_path / "out" / source).finished()
 
 
+def test_a_run_resumed_on_another_thread_count_says_its_remaining_bits_differ(tmp_path, capsys):
+    from test_training import make_lm
+
+    from teacherhack.training import make_optimizer, save_checkpoint
+
+    student, threads = make_lm(), torch.get_num_threads()
+    optimizer = make_optimizer(student, 1e-3)
+    run = RunFolder(tmp_path / "run")
+    save_checkpoint(run.checkpoint_dir, student, optimizer,
+                    {"step": 4, "upstream": {"oracle": "oracle-1"}, "threads": threads + 1})
+    state = distill._resume(run, student, optimizer, object(), "offline", {"oracle": "oracle-1"})
+    assert state.step == 4 and state.threads == threads
+    assert f"offline: warning: started on {threads + 1} CPU threads, resumed on {threads}" in capsys.readouterr().out
+    save_checkpoint(run.checkpoint_dir, student, optimizer, {"step": 4, "upstream": {"oracle": "oracle-1"}, "threads": threads})
+    distill._resume(run, student, optimizer, object(), "offline", {"oracle": "oracle-1"})
+    assert "warning" not in capsys.readouterr().out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
 def test_a_killed_launcher_leaves_no_worker_behind_and_the_same_command_resumes(tiny_task, tmp_path, how,

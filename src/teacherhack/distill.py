@@ -51,6 +51,7 @@ class LoopState:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     upstream: dict[str, str] | None = None  # the upstream stages' cache keys (None: a checkpoint from before them)
+    threads: int | None = None  # the CPU threads its training steps ran on (their reductions' bits depend on them)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
                     if tracking and tracking.names and distributed.is_main() else None)
         state = _resume(folder, student, optimizer, source, label, up.keys)
         if state is None:  # a fresh run: evaluate the initial student first
-            state = LoopState(eval_seconds=scoring, upstream=up.keys)
+            state = LoopState(eval_seconds=scoring, upstream=up.keys, threads=_training_threads(student))
             _evaluate(folder, evaluator, student, source, state, d.steps, label, trackers)
         else:
             state.eval_seconds += scoring
@@ -199,6 +200,11 @@ def _settings(c: LabConfig, source: str, name: str | None, up: Upstream, evaluat
                                                        getattr(torch, d.top_k_dtype) if d.top_k else None)}
 
 
+def _training_threads(student: LM) -> int | None:
+    """The CPU threads a training step runs on (None on an accelerator)."""
+    return torch.get_num_threads() if student.device.type == "cpu" else None
+
+
 def _resume(folder: RunFolder, student: LM, optimizer: torch.optim.Optimizer, source: Source,
             label: str, upstream: dict[str, str]) -> LoopState | None:
     """The loop state of the last checkpoint (weights and optimizer restored, later evaluations dropped), or
@@ -219,6 +225,11 @@ def _resume(folder: RunFolder, student: LM, optimizer: torch.optim.Optimizer, so
                         f"resuming would mix two labs. Rerun with the settings it started with, or delete "
                         f"{folder.path} to start it over")
     state.upstream = upstream
+    threads = _training_threads(student)
+    if None not in (state.threads, threads) and state.threads != threads:
+        log(f"{label}: warning: started on {state.threads} CPU threads, resumed on {threads} (another --jobs or "
+            f"machine): its remaining steps are valid but not bit for bit those of an uninterrupted run")
+    state.threads = threads
     if main:
         folder.truncate(state.step)
     if hasattr(source, "tokens_generated"):  # the global count, carried on by the main process
