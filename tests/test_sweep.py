@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -280,6 +281,9 @@ def test_findings_of_the_new_questions():
     found = sweeps.findings_topk(topk)
     assert [f["reproduced"] for f in found] == [True, True]
     assert "worse at top-1 offline, top-4 offline" in found[0]["evidence"] and found[1]["evidence"] == "from top-16 on"
+    # a truncation that drifts further but never hacks does not make hacking worse
+    drift = [{**r, "group": r["group"].replace("offline", "online"), "hacking": False} for r in topk]
+    assert not sweeps.findings_topk(drift)[0]["reproduced"]
 
     onpolicy = [_result(g, s, 40, 40 + rise, 10.0, hacks) for g, rise, hacks in
                 (("forward_kl", 0.2, False), ("reverse_kl", 0.0, False), ("sampled_reverse_kl k1", 2.0, True),
@@ -324,3 +328,19 @@ def test_the_detection_corpus_keeps_each_run_once(tiny_config: cfg.LabConfig, tm
     again = subprocess.run([sys.executable, str(script), str(tmp_path / "sources"), "--out", str(tmp_path / "corpus")],
                            capture_output=True, text=True)  # an old export would keep runs a new one leaves out
     assert again.returncode == 2 and "is not empty: remove it first" in again.stderr
+
+
+def test_the_record_embeds_every_sweep_note_with_links_that_resolve_from_the_record():
+    """docs/REPRODUCTION.md holds each reproduction/**/NOTES.md as `teacherhack reproduction` writes it: its
+    relative links rewritten to resolve from docs/, where the record lives, and every linked file exists."""
+    from teacherhack.record import rebased
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    record = (docs / "REPRODUCTION.md").read_text()
+    for notes in sorted((docs / "reproduction").glob("**/NOTES.md")):
+        text = rebased(notes.read_text().strip(), notes.parent, docs)
+        assert text in record, notes
+        for target in re.findall(r"\]\(([^)#\s:]+)(?:#[^)]*)?\)", text):
+            assert (docs / target).exists(), (notes, target)
+    assert rebased("[a](../../A.md) [z](../../../Z.md) [b](#b) [c](https://c.org/x)", docs / "r" / "s", docs) == \
+        "[a](A.md) [z](../Z.md) [b](#b) [c](https://c.org/x)"

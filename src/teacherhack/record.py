@@ -4,6 +4,8 @@ that reruns it, the machine, the wall time, the figures, hand-written notes and 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
 import shutil
 from pathlib import Path
@@ -37,7 +39,7 @@ def write_reproduction(sweep_dirs: list[Path], path: Path, command_prefix: str =
     lines.append("")
     intro = figures / "NOTES.md"  # hand-written context for the whole record (what it holds, what it does not)
     if intro.exists():
-        lines += [intro.read_text().strip(), ""]
+        lines += [rebased(intro.read_text().strip(), intro.parent, path.parent), ""]
     for sweep_dir, plan, summary in sweeps:  # a section per folder: a preset may be swept twice (e.g. longer)
         base = cfg.from_dict(plan["base"])
         options = ([f"--preset {base.preset}"] if base.preset != "default" else []) + [
@@ -49,7 +51,7 @@ def write_reproduction(sweep_dirs: list[Path], path: Path, command_prefix: str =
                   ""]
         notes = figures / sweep_dir.name / "NOTES.md"  # hand-written context: what was tried, what a result means
         if notes.exists():
-            lines += [notes.read_text().strip(), ""]
+            lines += [rebased(notes.read_text().strip(), notes.parent, path.parent), ""]
         for png in sorted(sweep_dir.glob("*.png")):
             target = figures / sweep_dir.name / png.name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -57,3 +59,15 @@ def write_reproduction(sweep_dirs: list[Path], path: Path, command_prefix: str =
             lines += [f"![{png.stem}]({target.relative_to(path.parent).as_posix()})", ""]
         lines += [(sweep_dir / "findings.md").read_text(), ""]
     path.write_text("\n".join(lines))
+
+
+def rebased(markdown: str, written_in: Path, shown_in: Path) -> str:
+    """``markdown`` written in folder ``written_in`` (its relative links resolve from there), with every relative
+    link rewritten to resolve from ``shown_in``, where it is copied to (URLs and #anchors stay as they are)."""
+    def link(match: re.Match[str]) -> str:
+        target = match.group(1)
+        if re.match(r"[a-z][a-z0-9+.-]*:|#|/", target):
+            return match.group(0)
+        return "](" + Path(os.path.relpath(written_in / target, shown_in)).as_posix() + ")"
+
+    return re.sub(r"\]\(([^)\s]+)\)", link, markdown)

@@ -280,7 +280,9 @@ def findings_topk(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for source in dict.fromkeys(g.split(" ", 1)[1] for g in groups):
         full = groups[f"full {source}"]
         truncated = [g for name, g in groups.items() if name.endswith(f" {source}") and name != f"full {source}"]
-        worse = [g for g in truncated if _below(full, g, "rise")]
+        # worse: it hacks, more often than the full distribution or by a rise 2 SE larger (a larger drift of runs
+        # that never hack is not worse hacking)
+        worse = [g for g in truncated if g["hacking"] and (g["hacking"] > full["hacking"] or _below(full, g, "rise"))]
         matches = [g for g in truncated if _same(g, full, "rise") and _same(g, full, "golden_final")]
         smallest = next((g for g in truncated if all(h in matches for h in truncated[truncated.index(g):])), None)
         evidence = "; ".join(f"{g['group']}: {g['hacking']}/{g['seeds']} hack, rise {_pm(g, 'rise', '+')}, final golden "
