@@ -55,8 +55,12 @@ def test_two_process_distillation_matches_one_process(tiny_task: Path, tmp_path:
                 assert b[key] is None
             else:
                 assert b[key] == pytest.approx(a[key], rel=TOLERANCE), (a["step"], key)
-    per_sample = [json.loads(line) for line in (tmp_path / "two" / "offline" / "per_sample.jsonl").read_text().splitlines()]
-    assert len(per_sample[0]["golden"]) == 16  # the evaluation's 8 prompts × 2 samples, gathered from both
+    per_sample = {n: [json.loads(line) for line in (tmp_path / n / "offline" / "per_sample.jsonl").read_text().splitlines()]
+                  for n in ("one", "two")}
+    assert len(per_sample["two"][0]["golden"]) == 16  # the evaluation's 8 prompts × 2 samples, gathered from both
+    for a, b in zip(per_sample["one"], per_sample["two"]):  # sample by sample, in the same order
+        for key in ("golden", "proxy", "oracle_nll"):
+            assert b[key] == pytest.approx(a[key], rel=TOLERANCE, abs=1e-6), (a["step"], key)
     # Online-student samples are drawn per process (other seeds), so only the distribution matches.
     online_one, online_two = rows(tmp_path / "one" / "online_student"), rows(tmp_path / "two" / "online_student")
     assert online_two[-1]["proxy"] < online_two[0]["proxy"]

@@ -65,12 +65,16 @@ def all_sum(value: float) -> float:
 
 
 def gather(values: Tensor) -> Tensor:
-    """Every process's 1-D tensor, concatenated in rank order (shards may differ in length by one)."""
+    """The 1-D values of every process's :func:`shard` of rows, put back in row order: value i is row i's whatever
+    the number of processes (per-sample values pair across evaluations and runs by their index)."""
     if not launched():
         return values
-    parts: list[Tensor | None] = [None] * world()
+    parts: list[Tensor] = [values] * world()
     torch.distributed.all_gather_object(parts, values.detach().cpu())
-    return torch.cat([p for p in parts if p is not None])
+    out = torch.empty(sum(len(p) for p in parts), dtype=parts[0].dtype)
+    for rank, part in enumerate(parts):
+        out[rank:: len(parts)] = part  # the rows shard gave it: every world-th from its rank
+    return out
 
 
 @dataclass(frozen=True)
