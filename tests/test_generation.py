@@ -75,3 +75,44 @@ def test_responses_follow_the_eos_convention():
     assert _end_at_eos([4, 5, EOS, 7], "stop", EOS) == [4, 5, EOS]
     assert _end_at_eos([4, 5], "stop", EOS) == [4, 5, EOS]  # an engine that hides the stop token
     assert _end_at_eos([4, 5], "length", EOS) == [4, 5]  # truncated: no EOS
+
+
+def test_the_vllm_sampler_seeds_every_row_and_draws_real_tokens_only(monkeypatch, tmp_path):
+    """vLLM itself is not installable here: a stand-in module records what the sampler asks of it. Each request
+    gets a seed of its own (one shared seed gives identical prompts identical responses), and with a declared
+    real vocabulary smaller than the output layer only its ids may be drawn, as LM.sample does."""
+    import sys
+    import types
+
+    calls = []
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+
+    class Output:
+        def __init__(self, tokens, reason):
+            self.token_ids, self.finish_reason = tokens, reason
+
+    class LLM:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        def generate(self, requests, params, use_tqdm):
+            calls.append((requests, params))
+            return [types.SimpleNamespace(outputs=[Output([5, 6], "stop")]) for _ in requests]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    padded = LM(build_model("gpt2", "xxs", vocab_size=48, pad_id=PAD, eos_id=EOS, max_positions=32, seed=0),
+                pad_id=PAD, eos_id=EOS, vocab_size=40)
+    sampler = generation.VLLMSampler(tmp_path, padded)
+    prompts = collate_prompts([[5, 6, 2], [5, 6, 2], [7, 2]], PAD)
+    out = sampler.sample(prompts, max_new_tokens=8, generator=torch.Generator().manual_seed(3))
+    requests, params = calls[0]
+    assert [r["prompt_token_ids"] for r in requests] == [[5, 6, 2], [5, 6, 2], [7, 2]]
+    assert len(params) == 3 and len({p.seed for p in params}) == 3
+    assert all(p.allowed_token_ids == list(range(40)) and p.temperature == 1.0 for p in params)
+    assert out.tolist() == [[5, 6, EOS]] * 3  # stopped at EOS: the EOS is put back
+    again = sampler.sample(prompts, max_new_tokens=8, generator=torch.Generator().manual_seed(3))
+    assert [p.seed for p in calls[1][1]] == [p.seed for p in params] and torch.equal(again, out)
+    assert generation.VLLMSampler(tmp_path, tiny_lm()).allowed is None  # nothing padded: no restriction

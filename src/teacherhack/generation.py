@@ -53,8 +53,9 @@ class HFSampler:
 
 class VLLMSampler:
     """vLLM on a saved copy of the model (token ids in, token ids out; no tokenizer). Sampling matches
-    :meth:`LM.sample`: softmax(logits/τ), no top-k or top-p, stop at EOS. ``sync`` loads the trained
-    model's current weights into the engine in place (vLLM ≥ 0.9, ``LLM.apply_model``)."""
+    :meth:`LM.sample`: softmax(logits/τ) over the real vocabulary (a padded output layer's extra ids are never
+    drawn), no top-k or top-p, stop at EOS, each row with a seed of its own. ``sync`` loads the trained model's
+    current weights into the engine in place (vLLM ≥ 0.9, ``LLM.apply_model``)."""
 
     name = "vllm"
     gives_logprobs = False
@@ -64,6 +65,8 @@ class VLLMSampler:
         from vllm import LLM  # imported here: an optional dependency
 
         self.eos_id, self.pad_id, self.temperature = model.eos_id, model.pad_id, model.temperature
+        width = model.model.get_output_embeddings().weight.shape[0]
+        self.allowed = list(range(model.vocab_size)) if model.vocab_size < width else None
         self.llm = LLM(model=str(path), skip_tokenizer_init=True, gpu_memory_utilization=gpu_memory_utilization,
                        dtype=dtype, enforce_eager=True)
 
@@ -74,9 +77,12 @@ class VLLMSampler:
         if return_logprobs:
             raise ValueError("the vllm sampler returns tokens only (gives_logprobs is False)")
 
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        params = SamplingParams(temperature=self.temperature, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,
-                                seed=seed, stop_token_ids=[self.eos_id], detokenize=False)
+        # vLLM seeds each request's generator from its own parameters: one seed for all would draw the same noise
+        # in every row (identical prompts, identical responses)
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts.ids),), generator=generator).tolist()
+        params = [SamplingParams(temperature=self.temperature, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,
+                                 seed=seed, stop_token_ids=[self.eos_id], detokenize=False,
+                                 allowed_token_ids=self.allowed) for seed in seeds]
         requests = [{"prompt_token_ids": ids[mask].tolist()} for ids, mask in zip(prompts.ids, prompts.mask)]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         rows = [_end_at_eos(list(out.outputs[0].token_ids), out.outputs[0].finish_reason, self.eos_id)
