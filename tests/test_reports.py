@@ -161,3 +161,33 @@ def test_data_tokens_count_the_offline_dataset_up_front_and_online_samples_as_th
     online = load_run(write_run(tmp_path / "b", "online", np.full(16, 50.0), tokens=STEPS * 32))
     assert offline.data_tokens().tolist() == [8000.0] * 16
     assert online.data_tokens().tolist() == (STEPS * 32).astype(float).tolist()
+
+
+def test_a_report_on_a_run_with_only_its_first_evaluation(tmp_path):
+    run = write_run(tmp_path / "started", "offline", 50 + 0 * STEPS)
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines()[0] + "\n")  # step 0 only
+    write_report(run, tmp_path / "out")
+    assert (tmp_path / "out" / "power_law.png").read_bytes().startswith(PNG)
+
+
+def test_labels_say_what_the_bands_and_the_loss_are(tmp_path, monkeypatch):
+    """Bands are called paired only when the runs saved per-sample values; the sampled-token reverse KL's training
+    loss is a sequence's sum, every other loss a mean over tokens."""
+    import teacherhack.reports as reports
+
+    figures = []
+    monkeypatch.setattr(reports, "_save", lambda fig, path: figures.append(fig))
+    path = write_run(tmp_path / "r", "online_student", 50 + 0.05 * (STEPS / 100 - 7) ** 2)
+    reports.plot_rise([load_run(path)], tmp_path / "rise.png")
+    assert "(±1 unpaired SE)" in figures[-1].axes[0].get_title()
+    values = np.linspace(1.0, 2.0, 50)
+    (path / "per_sample.jsonl").write_text("".join(json.dumps({"step": int(s), "golden": (values + i).tolist()}) + "\n"
+                                                   for i, s in enumerate(STEPS)))
+    reports.plot_rise([load_run(path)], tmp_path / "rise.png")
+    assert "(±1 paired SE)" in figures[-1].axes[0].get_title()
+    reports.plot_curves([load_run(path)], tmp_path / "curves.png")
+    assert figures[-1].axes[0].get_ylabel() == "train loss [nats/token] ↓"
+    settings = json.loads((path / "run.json").read_text())
+    (path / "run.json").write_text(json.dumps({**settings, "loss": "sampled_reverse_kl"}))
+    reports.plot_curves([load_run(path)], tmp_path / "curves.png")
+    assert figures[-1].axes[0].get_ylabel() == "train loss [nats/seq] ↓"

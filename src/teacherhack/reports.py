@@ -70,7 +70,8 @@ def plot_proxy_golden(runs: Sequence[Run], path: str | Path) -> None:
 
 
 def plot_rise(runs: Sequence[Run], path: str | Path) -> None:
-    """How far each run ends above its best point: golden − its minimum against step (±1 paired standard error),
+    """How far each run ends above its best point: golden − its minimum against step (±1 SE of that difference,
+    paired when the runs saved per-sample values),
     and the same for the NLL of real held-out responses when recorded. Hacking is a curve that leaves zero and
     keeps climbing; a plateau stays near it."""
     unit = _common_unit(runs)
@@ -89,7 +90,9 @@ def plot_rise(runs: Sequence[Run], path: str | Path) -> None:
                             alpha=0.18, lw=0)
             ax.plot(steps[best], 0.0, "*", ms=12, mfc=style["color"], mec="black", zorder=4)
         ax.axhline(0.0, color="0.35", lw=0.8)
-        ax.set(xlabel="step", ylabel=f"− its minimum [{unit}]", title=f"{title} − its minimum (±1 paired SE)")
+        paired = all(_paired(run, key) for run in runs)
+        ax.set(xlabel="step", ylabel=f"− its minimum [{unit}]",
+               title=f"{title} − its minimum (±1 {'paired' if paired else 'unpaired'} SE)")
         ax.grid(alpha=0.3)
         lows = [np.nanmin(run.series(key)) for run in runs]
         top = max(float(np.nanmax(run.series(key)[int(np.argmin(run.series(key))):] - low)) for run, low in zip(runs, lows))
@@ -101,19 +104,28 @@ def plot_rise(runs: Sequence[Run], path: str | Path) -> None:
 def _change_se(run: Run, key: str, best: int) -> np.ndarray:
     """The standard error of (value at each evaluation − value at the minimum): paired per sample when the
     run saved per-sample values, else the two SEs combined."""
-    if run.per_sample is not None and all(key in r for r in run.per_sample):
+    if _paired(run, key):
+        assert run.per_sample is not None
         base = np.asarray(run.per_sample[best][key], float)
         return np.array([np.std(np.asarray(r[key], float) - base, ddof=1) / np.sqrt(base.size) for r in run.per_sample])
     se = run.series(f"{key}_se")
     return np.hypot(se, se[best])
 
 
+def _paired(run: Run, key: str) -> bool:
+    """Whether ``run`` saved the per-sample values of ``key`` at every evaluation (paired SEs of a change)."""
+    return run.per_sample is not None and all(key in r for r in run.per_sample)
+
+
 def plot_curves(runs: Sequence[Run], path: str | Path) -> None:
     """The paper's Figure 5: train loss, proxy and golden against epoch, ±1 SE bands; and, when recorded, the
     student's NLL of real held-out responses, the golden metric's stand-in that needs no oracle."""
     unit = _common_unit(runs)
+    # the sampled-token reverse KL is a sequence's sum (its reward-to-go); every other loss averages its tokens
+    loss_units = sorted({"nats/seq" if run.settings.get("loss") == "sampled_reverse_kl" else "nats/token"
+                         for run in runs})
     panels = [
-        ("train_loss", "train loss [nats/token] ↓", "training loss"),
+        ("train_loss", f"train loss [{' or '.join(loss_units)}] ↓", "training loss"),
         ("proxy", f"proxy KL(teacher‖student) [{unit}] ↓", "proxy"),
         ("golden", f"golden KL(oracle‖student) [{unit}] ↓", "golden"),
     ]
@@ -190,6 +202,10 @@ def plot_power_law(runs: Sequence[Run], path: str | Path) -> None:
         if verdict.min_step > 0:
             at = list(steps).index(verdict.min_step)
             ax.plot(verdict.min_step, proxy[at], "*", ms=13, mfc="white", mec=style["color"], mew=1.5, zorder=4)
+    if not any((run.series("step") > 0).any() for run in runs):
+        ax.text(0.5, 0.5, "no evaluation after step 0 yet", ha="center", va="center", transform=ax.transAxes)
+        _save(fig, path)
+        return
     ax.set_xscale("log")
     ax.set_yscale("log")
     for axis in (ax.xaxis, ax.yaxis):
@@ -240,7 +256,8 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) 
         "proxy_golden.png": (plot_proxy_golden, "Golden against proxy (the paper's Figure 4), and a zoom on the end of "
                                                 "the descent."),
         "rise.png": (plot_rise, "How far each run ends above its minimum: golden (and the NLL of real held-out "
-                                "responses) minus its minimum, ±1 paired SE."),
+                                "responses) minus its minimum, ±1 SE of that difference (paired per sample when the "
+                                "runs saved their per-sample values)."),
         "curves.png": (plot_curves, "Training loss, proxy and golden against epoch, ±1 SE (the paper's Figure 5)."),
         "power_law.png": (plot_power_law, "Proxy on log-log axes against the power law fitted on the first third of "
                                           "the run (the detector's alarm, a cross, comes from fits on the "
