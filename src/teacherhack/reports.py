@@ -71,9 +71,8 @@ def plot_proxy_golden(runs: Sequence[Run], path: str | Path) -> None:
 
 def plot_rise(runs: Sequence[Run], path: str | Path) -> None:
     """How far each run ends above its best point: golden − its minimum against step (±1 SE of that difference,
-    paired when the runs saved per-sample values),
-    and the same for the NLL of real held-out responses when recorded. Hacking is a curve that leaves zero and
-    keeps climbing; a plateau stays near it."""
+    paired when the runs saved per-sample values), and the same for the NLL of real held-out responses when
+    recorded. Hacking is a curve that leaves zero and keeps climbing; a plateau stays near it."""
     unit = _common_unit(runs)
     metrics = [("golden", "golden")]
     if all(m.get("reference_nll") is not None for run in runs for m in run.metrics):
