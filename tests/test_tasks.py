@@ -329,7 +329,8 @@ def rebuilt(tokenizer, edit):
     rules = json.loads(tokenizer.backend_tokenizer.to_str())
     edit(rules)
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(rules)), pad_token="<pad>",
-                                   eos_token="<eos>", sep_token="<sep>")
+                                   eos_token="<eos>", sep_token="<sep>",
+                                   split_special_tokens=tokenizer.split_special_tokens)
 
 
 def test_a_different_vocabulary_is_named(tokenizer):
@@ -370,6 +371,28 @@ def test_same_vocabulary_with_other_merges_is_named(tokenizer):
     other = rebuilt(tokenizer, lambda rules: rules["model"]["merges"].pop())
     with pytest.raises(TokenizerMismatch, match=r"same vocabulary but different tokenization rules \(model\)"):
         check_tokenizers({"oracle": tokenizer, "student": other})
+
+
+def test_same_vocabulary_with_other_added_token_rules_is_named(tokenizer):
+    """The same ids can still encode text differently: a special token that swallows the spaces around it, or
+    special tokens split like text."""
+    def strip_sep(rules):
+        for token in rules["added_tokens"]:
+            if token["content"] == "<sep>":
+                token["lstrip"] = token["rstrip"] = True
+
+    def whole(edit):  # special tokens kept whole, where their flags matter
+        other = rebuilt(tokenizer, edit)
+        other.split_special_tokens = False
+        return other
+
+    split = rebuilt(tokenizer, lambda rules: None)
+    split.split_special_tokens = not tokenizer.split_special_tokens
+    for first, other, rule in ((whole(lambda rules: None), whole(strip_sep), "added_tokens"),
+                               (tokenizer, split, "split_special_tokens")):
+        assert other("the <sep> cat")["input_ids"] != first("the <sep> cat")["input_ids"]
+        with pytest.raises(TokenizerMismatch, match=rf"same vocabulary but different tokenization rules \({rule}\)"):
+            check_tokenizers({"oracle": first, "student": other})
 
 
 def test_special_ids_for_ours_and_for_a_tokenizer_without_sep(tokenizer):

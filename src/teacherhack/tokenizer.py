@@ -87,7 +87,7 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], limit: int
 # --- Pretrained tokenizers: one tokenizer for all roles ----------------------------------------------
 
 SPECIAL_TOKENS = ("pad", "eos", "bos", "sep", "unk")
-TOKENIZATION_RULES = ("normalizer", "pre_tokenizer", "model")
+TOKENIZATION_RULES = ("normalizer", "pre_tokenizer", "model", "added_tokens")
 
 
 class TokenizerMismatch(TaskError):
@@ -99,7 +99,8 @@ def check_tokenizers(tokenizers: Mapping[str, PreTrainedTokenizerBase]) -> None:
 
     Distillation compares next-token distributions id by id, so the roles must agree on the
     vocabulary (token → id map), on the special tokens (pad, eos, bos, sep, unk ids) and, for fast
-    tokenizers, on how text becomes tokens (normalizer, pre-tokenizer, model and merges). Each role
+    tokenizers, on how text becomes tokens (normalizer, pre-tokenizer, model and merges, the added tokens and
+    their stripping and normalisation flags, whether special tokens are split). Each role
     is compared with the first; `TokenizerMismatch` says what differs.
     """
     items = list(tokenizers.items())
@@ -146,6 +147,8 @@ def _tokenizer_differences(name_a: str, a: PreTrainedTokenizerBase, name_b: str,
         rules_a = json.loads(a.backend_tokenizer.to_str())
         rules_b = json.loads(b.backend_tokenizer.to_str())
         changed = [part for part in TOKENIZATION_RULES if rules_a.get(part) != rules_b.get(part)]
+        if getattr(a, "split_special_tokens", False) != getattr(b, "split_special_tokens", False):
+            changed.append("split_special_tokens")
         if changed:
             differences.append(f"same vocabulary but different tokenization rules ({', '.join(changed)})")
     return differences
