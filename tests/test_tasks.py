@@ -116,6 +116,13 @@ def test_wmt14_from_parquet_with_nested_or_csv_with_flat_columns(tmp_path):
     assert load_task(f"wmt14:{write_csv(tmp_path / 'w.csv', flat)}", tmp_path).pairs == WMT_PAIRS
 
 
+def test_a_csv_row_with_more_values_than_columns_names_its_line(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,response\nhello,hola\nyes, it is,sí, lo es\n", encoding="utf-8")
+    with pytest.raises(TaskError, match=r"pairs.csv, line 3: 2 more value\(s\) than the header's 2 columns"):
+        load_task(str(path), tmp_path)
+
+
 def test_natural_instructions_template_and_alternative_field_names(tmp_path):
     assert load_task(f"natural-instructions:{write_jsonl(tmp_path / 'ni.jsonl', NI)}", tmp_path).pairs == NI_PAIRS
     renamed = [{"instruction": r["definition"], "input": r["inputs"], "output": r["targets"]} for r in NI]

@@ -226,7 +226,13 @@ def _open_local(path: Path, task_name: str, fmt: TaskFormat, *, split: str, conf
             rows = _read_json_records(path)
         elif suffix in (".csv", ".tsv"):
             handle = io.StringIO(decode_utf8(path.read_bytes(), str(path)), newline="")
-            rows = [dict(row) for row in csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")]
+            reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
+            rows = []
+            for row in reader:
+                if None in row:  # DictReader's key for the values beyond the header's columns
+                    raise TaskError(f"{path}, line {reader.line_num}: {len(row[None])} more value(s) than the "
+                                    f"header's {len(reader.fieldnames or [])} columns (an unquoted comma or tab?)")
+                rows.append(dict(row))
         elif suffix == ".parquet":
             import pyarrow.parquet
 
