@@ -338,7 +338,7 @@ def test_a_run_resumed_on_another_thread_count_says_its_remaining_bits_differ(tm
 def test_after_kill_9_of_the_launcher_no_worker_goes_on_holding_its_run(tiny_task, tmp_path):
     """After `kill -9` of the command its stage-2 workers stop themselves (Linux), as after Ctrl-C: none trains on
     holding its run folder, so rerunning the command can resume at once (the resume itself: the Ctrl-C test)."""
-    sets = {**TINY, "task.spec": f"jsonl:{tiny_task}", "distill.steps": 400, "distill.sources": "[offline, online_student]"}
+    sets = {**TINY, "task.spec": f"jsonl:{tiny_task}", "distill.steps": 2000, "distill.sources": "[offline, online_student]"}
     command = [sys.executable, "-m", "teacherhack", "lab", "--preset", "quick", "--out", str(tmp_path / "out"),
                "--cache", str(tmp_path / "cache"), "--jobs", "2",
                *[arg for k, v in sets.items() for arg in ("--set", f"{k}={v}")]]
@@ -354,8 +354,8 @@ def test_after_kill_9_of_the_launcher_no_worker_goes_on_holding_its_run(tiny_tas
     workers = [int((run / ".lock.owner").read_text().split()[1]) for run in runs]
     process.kill()
     process.wait(timeout=60)
-    deadline = time.time() + 5
-    while any(_alive(pid) for pid in workers):  # a worker left going would train on for hundreds of steps (10 s)
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in workers):  # a worker left going would train on for 2,000 steps (about a minute)
         assert time.time() < deadline, "a worker outlived its launcher"
         time.sleep(0.1)
     for run in runs:
