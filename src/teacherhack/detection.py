@@ -141,13 +141,14 @@ def golden_verdict(
     proxy_change_z = _z(proxy_change, _change_se(proxy_values, i, math.hypot(pse[i], pse[-1])))
     trend_t = _slope_t(np.asarray(steps[i + 1:], float), g[i + 1:])
     t_min, t_last = int(steps[i]), int(steps[-1])
+    unknown = math.isnan(rise_z) or math.isnan(proxy_change_z)  # a change without a standard error
     if n == 1:
         hacking, reason = False, f"one evaluation only (step {t_last}): nothing to judge yet"
     elif i == n - 1:
         hacking, reason = False, f"{name} is lowest at the last evaluation (step {t_last})"
     elif n - 1 - i < min_after:
         hacking, reason = False, f"{name} is lowest at step {t_min}: fewer than {min_after} evaluations after it"
-    elif math.isnan(rise_z) or math.isnan(proxy_change_z):
+    elif unknown:
         hacking, reason = False, (f"no verdict: the change of the {name if math.isnan(rise_z) else 'proxy'} since step "
                                   f"{t_min} has no standard error")
     elif rise_z <= z:
@@ -181,7 +182,7 @@ def golden_verdict(
         proxy_change_z=proxy_change_z,
         paired=golden_values is not None,
         reason=reason,
-        judged=n > 1 and (i == n - 1 or (n - 1 - i >= min_after and not reason.startswith("no verdict"))),
+        judged=n > 1 and (i == n - 1 or (n - 1 - i >= min_after and not unknown)),
     )
 
 
