@@ -95,6 +95,17 @@ def test_summarise_lists_each_run_and_verdict(lab):
     assert "online_teacher" in lines[3] and "HACKING" not in lines[3]
 
 
+def test_a_run_too_young_to_judge_reads_undecided_not_no(lab, tmp_path):
+    # lowest at step 1300: two evaluations after it, too few for the rule to tell a turn from a dip
+    write_run(lab / "late", "late", np.where(STEPS <= 1300, 60 - 0.005 * STEPS, 53.5 + 0.002 * (STEPS - 1300)))
+    text = summarise(load_runs(lab))
+    row = next(line for line in text.splitlines() if line.startswith("late "))
+    assert row.split()[-6:-4] == ["undecided", "–"]
+    page = write_report([lab], tmp_path / "out").read_text(encoding="utf-8")
+    late = re.search(r"<tr><td>late</td>.*?</tr>", page).group(0)  # its overview row
+    assert late.count("undecided") == 1 and late.endswith("<td>–</td></tr>")  # no agreement to count either way
+
+
 def test_per_token_units_reach_the_labels(tmp_path):
     run = load_run(write_run(tmp_path / "r", "offline", 2 + 0.01 * STEPS / 100, unit="nats/token", teacher=None))
     assert run.unit == "nats/token"

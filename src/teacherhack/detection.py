@@ -41,8 +41,18 @@ class GoldenVerdict:
     # to tell a turn from a dip, so "not hacking" means "not yet known" (a minimum at the last one is judged)
     judged: bool = True
 
+    @property
+    def word(self) -> str:
+        """"hacking", "no", or "undecided" (not judged: the reason says why), as every table prints it."""
+        return verdict_word(self.hacking, self.judged)
+
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
+
+
+def verdict_word(hacking: bool, judged: bool) -> str:
+    """A golden or reference verdict in one word: a run that is not judged is "undecided", not "no"."""
+    return "hacking" if hacking else "no" if judged else "undecided"
 
 
 @dataclass(frozen=True)

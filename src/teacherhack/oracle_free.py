@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from teacherhack.detection import power_law_detector
+from teacherhack.detection import power_law_detector, verdict_word
 
 # An oracle-free signal: (metric rows so far, their per-sample values or None, the run's settings) → one value per
 # row (NaN where undefined); larger means "more suspicious".
@@ -469,7 +469,7 @@ def format_runs(runs: Sequence[Labelled], rule: Rule) -> str:
              "| lag |", "|---|---|---|---|---|---|---|"]
     for run in runs:
         fired = rule.alarm(run.rows, run.per_sample, run.settings)
-        golden = "hacking" if run.hacking else "no" if run.judged else "not yet known"
+        golden = verdict_word(run.hacking, run.judged)
         reference = {True: "hacking", False: "no", None: "–"}[run.reference]
         lag = fired - run.min_index if fired is not None and run.hacking else None
         lines.append(f"| {run.preset} | {run.name} | {golden} | {run.min_index} | {reference} | "

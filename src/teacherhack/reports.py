@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
-from teacherhack.detection import describe_golden_verdict, power_law_detector  # noqa: E402
+from teacherhack.detection import GoldenVerdict, describe_golden_verdict, power_law_detector  # noqa: E402
 from teacherhack.oracle_free import DEFAULT_RULE, DEFAULT_RULE_MEASURED, SIGNALS, signal_series  # noqa: E402
 from teacherhack.rundir import Run, Verdicts, load_runs  # noqa: E402
 
@@ -304,8 +304,8 @@ def summarise(runs: Sequence[Run]) -> str:
             _pm(last, "proxy"),
             _pm(last, "golden"),
             f"{_pm(best, 'golden')} @{best['step']}",
-            "HACKING" if verdicts.golden.hacking else "no",
-            "–" if verdicts.reference is None else "HACKING" if verdicts.reference.hacking else "no",
+            _terminal_word(verdicts.golden),
+            "–" if verdicts.reference is None else _terminal_word(verdicts.reference),
             f"fired @{verdicts.detector.step}, turn @{verdicts.detector.since}" if verdicts.detector.fired else "no",
         ])
     widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
@@ -355,11 +355,11 @@ def _pm(row: dict[str, Any], key: str) -> str:
 def _overview_html(verdicts: Sequence[tuple[Run, Verdicts]]) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(r.name)}</td><td>{html.escape(str(r.settings.get('source', '?')))}</td>"
-        f"<td>{_verdict_cell(v.golden.hacking, 'hacking')}</td><td>{v.golden.min_step}</td>"
-        f"<td>{'–' if v.reference is None else _verdict_cell(v.reference.hacking, 'hacking')}</td>"
+        f"<td>{_golden_cell(v.golden)}</td><td>{v.golden.min_step}</td>"
+        f"<td>{'–' if v.reference is None else _golden_cell(v.reference)}</td>"
         f"<td>{_verdict_cell(v.detector.fired, 'fired')}</td><td>{_dash(v.detector.step)}</td>"
         f"<td>{_dash(v.detector.since)}</td>"
-        f"<td>{'yes' if v.golden.hacking == v.detector.fired else '<b>no</b>'}</td></tr>"
+        f"<td>{_agrees(v)}</td></tr>"
         for r, v in verdicts
     )
     return ("<h2>Overview</h2><table><tr><th>run</th><th>source</th><th>golden verdict</th>"
@@ -383,10 +383,10 @@ def _run_html(run: Run, verdicts: Verdicts) -> str:
     cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_dash(v))}</td></tr>" for k, v in settings)
     cells += "<tr><th>metric</th><th>final</th><th>best</th></tr>" + "".join(
         f"<tr><th>{k}</th><td>{html.escape(f)}</td><td>{html.escape(b)}</td></tr>" for k, f, b in metric_rows)
-    cells += (f"<tr><th>golden verdict</th><td colspan=2>{_verdict_cell(verdict.hacking, 'hacking')}: "
+    cells += (f"<tr><th>golden verdict</th><td colspan=2>{_golden_cell(verdict)}: "
               f"{html.escape(verdict.reason)}</td></tr>"
               + ("" if verdicts.reference is None else
-                 f"<tr><th>reference verdict</th><td colspan=2>{_verdict_cell(verdicts.reference.hacking, 'hacking')}: "
+                 f"<tr><th>reference verdict</th><td colspan=2>{_golden_cell(verdicts.reference)}: "
                  f"{html.escape(verdicts.reference.reason)}</td></tr>")
               + f"<tr><th>oracle-free detector</th><td colspan=2>{_verdict_cell(detector.fired, 'fired')}: "
               f"{html.escape(detector.reason)}</td></tr>")
@@ -401,6 +401,21 @@ def _teacher_text(settings: dict[str, Any]) -> str | None:
 
 def _verdict_cell(flag: bool, word: str) -> str:
     return f'<b class="alert">{word}</b>' if flag else "no"
+
+
+def _golden_cell(verdict: GoldenVerdict) -> str:
+    return _verdict_cell(True, "hacking") if verdict.hacking else verdict.word
+
+
+def _terminal_word(verdict: GoldenVerdict) -> str:
+    return verdict.word.upper() if verdict.hacking else verdict.word
+
+
+def _agrees(v: Verdicts) -> str:
+    """Whether the detector says what the golden verdict says; "–" where the golden verdict is undecided."""
+    if not (v.golden.hacking or v.golden.judged):
+        return "–"
+    return "yes" if v.golden.hacking == v.detector.fired else "<b>no</b>"
 
 
 def _dash(value: Any) -> str:
