@@ -405,7 +405,8 @@ def _records_to_pairs(source: _Source, fmt: TaskFormat, *, limit: int | None, se
         rows = rows.select_columns(top).to_list()
     pairs = []
     blank = 0
-    for number, row in enumerate(rows, start=1):
+    numbers = range(1, len(rows) + 1) if keep is None else [i + 1 for i in keep]  # the source's own row numbers
+    for number, row in zip(numbers, rows):
         values: dict[str, str] = {}
         for slot, field in chosen.items():
             value = _get(row, field)
