@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,25 @@ def test_the_simulation_behind_the_documented_rates_runs(tmp_path):
     for sigma in ("0.1", "0.2", "0.3"):
         plateau, falling, u_shape = rows[sigma]
         assert plateau < 10 and falling < 10 and u_shape > 20
+
+
+def test_the_simulation_behind_the_detectors_documented_rates_runs():
+    """scripts/simulate_detector.py, which produces the rates power_law_detector's docstring quotes: its tables, and
+    what they must show even on few curves (bends found far more often than a pure law, skip_first quiets a
+    transient)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "simulate_detector.py"
+    out = subprocess.run([sys.executable, str(script), "--seeds", "2"], capture_output=True, text=True, check=True,
+                         timeout=300).stdout
+    shares = {}
+    for line in out.splitlines():
+        name, _, cells = line.partition("  ")
+        found = re.findall(r"([\d.]+)%", cells)
+        if found:
+            shares[name.strip()] = [float(x) for x in found]
+    assert len(shares) == 1 + 9 + 3 + 2 and all(len(v) == 6 for k, v in shares.items() if not k.startswith("+"))
+    assert max(shares["pure power law"]) < 5
+    assert all(v[0] > 30 for k, v in shares.items() if k.startswith("bend at 25%") or k.startswith("bend at 40%"))
+    assert shares["+30%"][0] > shares["+30%"][2]  # skipping the warm-up quiets it
 
 
 def test_verdict_to_dict_is_strict_json_with_zero_se():

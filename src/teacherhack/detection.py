@@ -245,23 +245,21 @@ def power_law_detector(
     is the main knob between the two. A transient at the start (warm-up: early points above the
     later law) makes the fitted slope too steep and later points look high: raise `skip_first`.
 
-    Defaults chosen by measurement on synthetic curves (step 0 plus n ∈ {8, 12, 20, 40} evaluations
-    equally spaced, α ∈ {0.1, 0.3, 0.6}, log-normal noise σ ∈ {0.3%, 1%, 3%} with SE = σ·proxy;
+    Defaults chosen by measurement on synthetic curves (``scripts/simulate_detector.py``: step 0 plus n ∈ {8, 12,
+    20, 40} evaluations equally spaced, α ∈ {0.1, 0.3, 0.6}, log-normal noise σ ∈ {0.3%, 1%, 3%} with SE = σ·proxy;
     36 cells × 40 seeds per family), this function on the full curve:
-    - pure power law: fires on ≤ 0.1% of curves (≤ 0.6% without SEs); τ = 2 gives 0.5% (1.5%);
-      estimating s from the fit window's residuals instead gives 0.6-2%;
-    - bend after 40% of the run (later slope 0, 0.3α, or −0.2α i.e. rising): detected in 84% / 76% /
-      87%, a median 2-3 evaluations after the bend; the misses are mostly α = 0.1 with 3% noise, a
-      change within the noise (other cells: 85-97%). Bend after 25%: 77-88%; after 60%: 49-70%
-      (n = 8 leaves 3 points after it);
-    - floor F equal to 10% / 30% / 50% of the final proxy: fires on 0% / 17% / 24%
-      (min_effect 0.03: 4% / 22% / 32%, for a few points more detection of late bends);
+    - pure power law: fires on 0.1% of curves (0.3% without SEs, and with τ = 2);
+    - bend after 40% of the run (later log-slope 0, 0.3α, or −0.2α i.e. rising): detected in 81% / 72% / 84%, a
+      median 2-3 evaluations after the bend. Bend after 25%: 77-86%, 3-4 evaluations after it; after 60%:
+      47-66% (n = 8 leaves 3 points after it);
+    - floor F equal to 10% / 30% / 50% of the final proxy: fires on 0.2% / 17% / 24%
+      (min_effect 0.03: 4% / 21% / 32%, for a few points more detection of late bends);
     - transient (+10% or +30% at the first evaluation, decaying e-fold per evaluation): fires on
-      37% / 78% with skip_first = 0, 1% / 53% with 1, 0% / 1% with 2. skip_first = 1 costs the
-      detection of bends at 25% of the run (85% → 57%), hence the default 0: set it to cover the
+      36% / 79% with skip_first = 0, 1% / 52% with 1, 0.1% / 1.6% with 2. skip_first = 1 costs the
+      detection of bends at 25% of the run (84% → 57% for a stall), hence the default 0: set it to cover the
       warm-up when the first evaluations are visibly steeper than the rest.
-    fit_fraction 1/2 finds bends at 25% of the run 6 evaluations late instead of 3; k = 3 loses 2-9
-    points of detection for a few fewer floor flags (14% instead of 17%).
+    fit_fraction 1/2 finds bends at 25% of the run 6 evaluations late instead of 3-4 (and 63-80% of them instead of
+    77-86%); k = 3 loses 1-10 points of detection for a few fewer floor flags (15% instead of 17%).
     """
     n_all = _same_length(steps, proxy, *(() if proxy_se is None else (proxy_se,)))
     t, p = np.asarray(steps, float), np.asarray(proxy, float)

@@ -584,7 +584,10 @@ def nll_values(logprobs: Tensor, responses: Tensor, mask: Tensor, *, per_token: 
 
 def entropy_values(logprobs: Tensor, mask: Tensor, *, per_token: bool = False) -> Tensor:
     """Per-sample estimates of a model's entropy H(q) from its own samples: the exact token-level entropies
-    summed along each sampled prefix (unbiased, lower variance than −log q(y))."""
+    summed along each sampled prefix (unbiased, lower variance than −log q(y)). With ``per_token`` each sum is
+    divided by its own response's length, which estimates E[Σₜ Hₜ / |y|], not E[−log q(y) / |y|]: the length
+    depends on the tokens drawn (an EOS ends it), so the identity E[−log q(yₜ | y<t)] = E[Hₜ] does not survive the
+    division, and per-token cross-entropy minus per-token KL is not this entropy (per-sequence values are)."""
     values = torch.zeros(mask.shape, dtype=torch.float32, device=logprobs.device)
     values[mask] = -_neg_entropy_rows(select_rows(logprobs, mask).float())
     return _per_sequence(values, mask, per_token)
