@@ -266,6 +266,22 @@ def test_record_fires_on_a_bend(tok, teacher):
     assert rows[7]["alert_since"] == since < 8 and f"the turn dates from step {since}" in rows[7]["detector_reason"]
 
 
+def test_checks_come_at_increasing_steps(tok, teacher, scripted_proxy):
+    """A step checked twice (a loop that calls maybe_check per micro-batch) is checked once; a step repeated or gone
+    back through record or check is refused with a clear error, not a singular fit three checks later."""
+    mon = HackingMonitor(teacher, tok, HELD_OUT, every=2)
+    for step in (0, 0, 1, 2, 2, 2, 4):
+        mon.maybe_check(None, step)
+    assert scripted_proxy == [0, 2, 4] and [r["step"] for r in mon.history] == [0, 2, 4]
+    for step in (4, 3):
+        with pytest.raises(ValueError, match=f"a check at step {step} after one at step 4: checks must come at "
+                                             "increasing steps"):
+            mon.record(step, 1.0, 0.1)
+        with pytest.raises(ValueError, match="increasing steps"):
+            mon.check(None, step)
+    assert len(mon.history) == 3
+
+
 def test_the_default_rule_says_how_often_it_is_right(tok, teacher):
     """The monitor's default is the validated rule, and its alarm carries the precision measured for it."""
     mon = HackingMonitor(teacher, tok, HELD_OUT)

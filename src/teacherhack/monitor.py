@@ -174,13 +174,17 @@ class HackingMonitor:
         return step % self.every == 0
 
     def maybe_check(self, student: nn.Module | LM, step: int) -> dict[str, Any] | None:
-        """:meth:`check` when ``step`` is a multiple of ``every``, else None."""
-        return self.check(student, step) if self.due(step) else None
+        """:meth:`check` when ``step`` is a multiple of ``every`` not checked yet, else None (so a loop may call it
+        once per micro-batch under gradient accumulation)."""
+        if not self.due(step) or (self.history and step == self.history[-1]["step"]):
+            return None
+        return self.check(student, step)
 
     def check(self, student: nn.Module | LM, step: int) -> dict[str, Any]:
         """Measure KL(teacher‖student) now, the detector's signals (and the student's NLL of the references, if
         given), feed the detector and the reference verdict, and return this check's row (also appended to
         :attr:`history`). Teacher and student run in eval mode and get their train/eval modes back."""
+        self._check_order(step)
         student_model = _unwrap(student)
         self._check_vocab(student_model)
         self.prepare()
@@ -226,6 +230,7 @@ class HackingMonitor:
         :meth:`check` does after measuring). Also useful to replay a run's logged values: the reference verdict uses
         paired SEs when every check so far comes with ``paired``, the per-sample values of ``proxy`` and
         ``reference_nll`` (in :attr:`paired_values`), else unpaired ones."""
+        self._check_order(step)
         se = proxy_se if proxy_se is not None and math.isfinite(proxy_se) else math.nan
         row: dict[str, Any] = {
             "step": int(step), "proxy": float(proxy), "proxy_se": float(se), "n": n, "proxy_train": proxy_train,
@@ -243,6 +248,14 @@ class HackingMonitor:
         self.history.append(row)
         self.paired_values.append(entry)
         return dict(row)
+
+    def _check_order(self, step: int) -> None:
+        """Checks must come at increasing steps: the detector fits the proxy against the step (a repeated step makes
+        its fit singular, a step back bends the curve)."""
+        if self.history and step <= self.history[-1]["step"]:
+            raise ValueError(f"a check at step {step} after one at step {self.history[-1]['step']}: checks must come "
+                             f"at increasing steps (one per optimizer step, not per micro-batch; a new run needs a new "
+                             f"monitor)")
 
     def _reference_verdict(self, row: dict[str, Any], paired: list[dict[str, list[float]] | None]) -> dict[str, Any]:
         """The golden rule on the references' NLL so far: did the student move away from real held-out responses

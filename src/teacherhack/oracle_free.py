@@ -98,7 +98,9 @@ SIGNALS: dict[str, Signal] = {
 def proxy_rose(rows: Sequence[Mapping[str, Any]], z: float = 3.0) -> np.ndarray:
     """Where the held-out proxy stands more than ``z`` standard errors above its best so far: the student moves
     away from the teacher too, which is over-fitting that the proxy shows by itself, not teacher hacking (the
-    golden verdict's condition on the proxy, seen without an oracle)."""
+    golden verdict's condition on the proxy, seen without an oracle). The SEs are unpaired, as the detection corpus
+    keeps them (no per-sample values) and the rules were validated on it: a conservative mask, since the paired SE
+    of a change is usually several times smaller."""
     proxy, se = column(rows, "proxy"), column(rows, "proxy_se")
     out = np.zeros(len(rows), dtype=bool)
     for t in range(len(rows)):
