@@ -451,6 +451,34 @@ def test_the_cache_cleans_what_killed_builds_left_and_a_failed_build_leaves_noth
     assert not list((tmp_path / "artifacts").glob("teacher-123*"))
 
 
+RACE = """
+import sys, time
+from pathlib import Path
+from teacherhack.cache import ArtifactCache
+
+def build(path: Path) -> None:
+    time.sleep(1.0)
+    (path / "who").write_text(sys.argv[2])
+
+cache = ArtifactCache(Path(sys.argv[1]))
+path = cache.get("oracle", "oracle-race", {}, build)
+print(cache.events["oracle"], (path / "who").read_text())
+"""
+
+
+def test_two_commands_sharing_the_cache_build_an_artifact_once(tmp_path):
+    """Two commands that need the same missing artifact at once: one builds it while the other waits, then reuses
+    it (before, each built its own, the later one deleted the other's under its readers, or crashed renaming)."""
+    processes = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path), who], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for who in ("a", "b")]
+    results = [process.communicate(timeout=60) for process in processes]
+    assert all(process.returncode == 0 for process in processes), [err for _, err in results]
+    events = sorted(out.split() for out, _ in results)
+    builder = next(who for event, who in events if event == "built")
+    assert [event for event, _ in events] == ["built", "reused"] and all(who == builder for _, who in events)
+    assert [p.name for p in (tmp_path / "artifacts").iterdir()] == ["oracle-race"]
+
+
 def test_a_reader_that_goes_away_ends_the_output_quietly():
     """`teacherhack detect CORPUS | head`: the pipe closes early; no traceback, exit 0."""
     corpus = Path(__file__).resolve().parents[1] / "benchmarks" / "detection" / "runs"

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from filelock import FileLock
+
 from teacherhack import distributed
 
 TMP_MARK = ".tmp-"
@@ -38,30 +40,41 @@ class ArtifactCache:
             collective: bool = False) -> Path:
         """The artifact ``name`` (``KIND-KEY``), built first if missing. Under several processes a ``collective``
         build (training) runs on every process and the main one keeps its result; any other build runs on the
-        main process alone while the others wait."""
+        main process alone while the others wait. Two commands that share the cache take turns: the main process
+        holds ``ROOT/locks/NAME.lock`` while it looks for the artifact and builds it, so the second finds the first's
+        artifact instead of building it again over it."""
         path = self.artifacts / name
-        if (path / "spec.json").exists():
-            self.events[stage] = "reused"
-            return path
-        tmp = path.with_name(f"{path.name}{TMP_MARK}{_owner()}")
-        if collective or distributed.is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            try:
-                build(tmp)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)  # a failed or interrupted build leaves nothing
-                raise
-        distributed.barrier()
+        (self.root / "locks").mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.root / "locks" / f"{name}.lock")
         if distributed.is_main():
-            (tmp / "spec.json").write_text(json.dumps(spec, indent=1, sort_keys=True, default=str))
-            shutil.rmtree(path, ignore_errors=True)
-            tmp.rename(path)
-        elif collective:
-            shutil.rmtree(tmp, ignore_errors=True)
-        distributed.barrier()
-        self.events[stage] = "built"
-        return path
+            lock.acquire()  # released by the operating system if this process dies
+        try:
+            distributed.barrier()  # every process looks only once the main one holds the lock: they agree
+            if (path / "spec.json").exists():
+                self.events[stage] = "reused"
+                return path
+            tmp = path.with_name(f"{path.name}{TMP_MARK}{_owner()}")
+            if collective or distributed.is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                try:
+                    build(tmp)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)  # a failed or interrupted build leaves nothing
+                    raise
+            distributed.barrier()
+            if distributed.is_main():
+                (tmp / "spec.json").write_text(json.dumps(spec, indent=1, sort_keys=True, default=str))
+                shutil.rmtree(path, ignore_errors=True)  # a folder without spec.json: never a finished artifact
+                tmp.rename(path)
+            elif collective:
+                shutil.rmtree(tmp, ignore_errors=True)
+            distributed.barrier()
+            self.events[stage] = "built"
+            return path
+        finally:
+            if distributed.is_main():
+                lock.release()
 
     def clean(self) -> list[Path]:
         """Remove the temporary folders left by builds of this machine whose process was killed; return them.
