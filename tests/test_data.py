@@ -437,3 +437,33 @@ def test_encode_and_train_reject_impossible_sizes(tokenizer):
         encode_responses(tokenizer, ["a"], 0)
     with pytest.raises(ValueError, match="vocab_size must be at least 259"):
         train_tokenizer(CORPUS, vocab_size=100)
+
+
+LOCALE_SPLITS = """
+import locale
+import sys
+from pathlib import Path
+from teacherhack import config as cfg
+from teacherhack.stages import STAGES, Job, build_splits
+from teacherhack.tasks import Pair, Task
+
+assert locale.getpreferredencoding(False).lower() not in ("utf-8", "utf8")  # the locale this test is about
+pairs = [Pair(f"\\u00bfD\\u00f3nde est\\u00e1 {i}?", f"Aqu\\u00ed \\u2014 {i} \\u2016 \\u00f1") for i in range(400)]
+c = cfg.resolve("quick", {"task.n_distill": 8, "task.n_oracle": 8})
+out = Path(sys.argv[1])
+build_splits(Job(STAGES["splits"].view(c), {}, "cpu", Task(pairs, {}, "test")), out)
+splits = Job(STAGES["splits"].view(c), {"splits": out}, "cpu", Task(pairs, {}, "test")).splits()
+print(ascii(splits.validation[0].prompt))
+"""
+
+
+def test_splits_keep_the_tasks_characters_under_an_ascii_locale(tmp_path):
+    """A machine whose locale is not UTF-8 (LANG=C without Python's UTF-8 mode) wrote and read splits.json in its
+    own encoding: a UnicodeEncodeError for kjv-rv's Spanish, or, in latin-1, other characters without an error."""
+    script = tmp_path / "splits_in_c_locale.py"
+    script.write_text(LOCALE_SPLITS, encoding="ascii")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("'\\xbfD\\xf3nde est\\xe1 ")

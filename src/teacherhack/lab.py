@@ -141,7 +141,7 @@ def run_sweep(preset: str, base: LabConfig, out: Path, cache_root: Path, *, seed
         summary = {"preset": preset, "seeds": seeds, "runs": len(runs), "wall_seconds": wall_seconds(),
                    "machine": machine(), "findings": SWEEPS[preset].findings(results), "groups": group_table(results)}
         (out / "findings.json").write_text(json.dumps(summary, indent=1))
-        (out / "findings.md").write_text(format_findings(preset, summary))
+        (out / "findings.md").write_text(format_findings(preset, summary), encoding="utf-8")
         write_reports([out / "runs" / r.name for r in runs], out)
     return summary
 

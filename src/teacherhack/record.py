@@ -39,7 +39,7 @@ def write_reproduction(sweep_dirs: list[Path], path: Path, command_prefix: str =
     lines.append("")
     intro = figures / "NOTES.md"  # hand-written context for the whole record (what it holds, what it does not)
     if intro.exists():
-        lines += [rebased(intro.read_text().strip(), intro.parent, path.parent), ""]
+        lines += [rebased(intro.read_text(encoding="utf-8").strip(), intro.parent, path.parent), ""]
     for sweep_dir, plan, summary in sweeps:  # a section per folder: a preset may be swept twice (e.g. longer)
         base = cfg.from_dict(plan["base"])
         options = ([f"--preset {base.preset}"] if base.preset != "default" else []) + [
@@ -51,14 +51,14 @@ def write_reproduction(sweep_dirs: list[Path], path: Path, command_prefix: str =
                   ""]
         notes = figures / sweep_dir.name / "NOTES.md"  # hand-written context: what was tried, what a result means
         if notes.exists():
-            lines += [rebased(notes.read_text().strip(), notes.parent, path.parent), ""]
+            lines += [rebased(notes.read_text(encoding="utf-8").strip(), notes.parent, path.parent), ""]
         for png in sorted(sweep_dir.glob("*.png")):
             target = figures / sweep_dir.name / png.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(png, target)
             lines += [f"![{png.stem}]({target.relative_to(path.parent).as_posix()})", ""]
-        lines += [(sweep_dir / "findings.md").read_text(), ""]
-    path.write_text("\n".join(lines))
+        lines += [(sweep_dir / "findings.md").read_text(encoding="utf-8"), ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
 
 
 def rebased(markdown: str, written_in: Path, shown_in: Path) -> str:

@@ -130,7 +130,7 @@ class Job:
         return self.parents[parent]
 
     def splits(self) -> Splits:
-        data = json.loads((self.path("splits") / "splits.json").read_text())
+        data = json.loads((self.path("splits") / "splits.json").read_text(encoding="utf-8"))
         pairs = {name: [Pair(*p) for p in data[name]] for name in ("oracle_train", "stage1", "distill", "validation")}
         return Splits(**pairs, duplicates=data["duplicates"])
 
@@ -213,7 +213,8 @@ def build_splits(job: Job, out: Path) -> None:
                         n_oracle=t.n_oracle, seed=t.seed)
     data = {name: [[p.prompt, p.response] for p in getattr(splits, name)]
             for name in ("oracle_train", "stage1", "distill", "validation")}
-    (out / "splits.json").write_text(json.dumps({**data, "duplicates": splits.duplicates}, ensure_ascii=False))
+    (out / "splits.json").write_text(json.dumps({**data, "duplicates": splits.duplicates}, ensure_ascii=False),
+                                     encoding="utf-8")  # the task's own characters, whatever the locale
 
 
 @stage("tokenizer", reads=("task.vocab_size", "models.oracle", "models.teacher", "models.student"),
