@@ -22,6 +22,7 @@ from teacherhack import config as cfg
 from teacherhack import distill
 from teacherhack.cache import ArtifactCache
 from teacherhack.cli import build_parser, main
+from teacherhack.models import load_pretrained
 from teacherhack.rundir import BrokenRun, RunFolder, locked
 from test_pretrained_lab import cli_args, save_models
 
@@ -245,6 +246,28 @@ def test_a_non_finite_loss_exits_2_with_one_message_keeps_every_checkpoint_and_r
     monkeypatch.setattr(distill, "distill_loss", original)
     assert main(args) == 0  # the same command resumes from step 4
     assert [r["step"] for r in run.metrics()] == [0, 4, 8, 12] and run.finished()
+
+
+def test_a_kill_while_the_final_student_is_written_leaves_an_unfinished_run(tiny_task, tmp_path, monkeypatch):
+    """The final student is written aside and renamed: a kill mid-write left a truncated model.safetensors that
+    counted as a finished run, never rewritten, and that no one could load."""
+    args = tiny_args(tiny_task, tmp_path / "out", tmp_path / "cache", "--set", "distill.sources=[offline]")
+    original = distill.LM.save
+
+    def killed_mid_write(self, path):
+        if path.parent == tmp_path / "out" / "offline" and path.name.startswith("student"):  # not a checkpoint
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "model.safetensors").write_bytes(b"\x00" * 10)
+            raise KeyboardInterrupt("killed while writing")
+        original(self, path)
+
+    monkeypatch.setattr(distill.LM, "save", killed_mid_write)
+    assert main(args) == 130
+    run = RunFolder(tmp_path / "out" / "offline")
+    assert not run.finished()
+    monkeypatch.setattr(distill.LM, "save", original)
+    assert main(args) == 0 and run.finished()
+    assert load_pretrained(run.student_dir) is not None and not list(run.path.glob("*.partial"))
 
 
 @pytest.mark.slow

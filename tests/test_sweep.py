@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import TINY
 from teacherhack import cache as cache_module
@@ -344,3 +345,24 @@ def test_the_record_embeds_every_sweep_note_with_links_that_resolve_from_the_rec
             assert (docs / target).exists(), (notes, target)
     assert rebased("[a](../../A.md) [z](../../../Z.md) [b](#b) [c](https://c.org/x)", docs / "r" / "s", docs) == \
         "[a](A.md) [z](../Z.md) [b](#b) [c](https://c.org/x)"
+
+
+def test_a_sweep_trains_on_the_threads_its_configuration_names(tiny_config, tmp_path, monkeypatch):
+    """`--set threads=N` reached `teacherhack lab` only: a sweep trained on torch's default count while each run's
+    config.yaml said N (other bits than the lab's with the same seed)."""
+    seen = []
+
+    def stop(c, cache, device, timings):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(lab, "prepare_upstream", stop)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            with pytest.raises(RuntimeError, match="stop before training"):
+                lab.run_sweep("sources", cfg.apply_overrides(tiny_config, {"threads": threads}), tmp_path / str(threads),
+                              tmp_path / "cache", seeds=1)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 2]

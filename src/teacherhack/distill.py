@@ -5,6 +5,7 @@ results (batches, online samples and evaluations are pure functions of the seed 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,8 +120,12 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
                     if distributed.is_main():
                         save_checkpoint(folder.checkpoint_dir, student, optimizer, asdict(state))
                     clock = time.time()
-        if distributed.is_main():
-            student.save(folder.student_dir)
+        if distributed.is_main():  # written aside, then renamed: a kill mid-write leaves no "finished" run
+            partial = folder.student_dir.with_name(f"{folder.student_dir.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            student.save(partial)
+            shutil.rmtree(folder.student_dir, ignore_errors=True)
+            partial.rename(folder.student_dir)
         if trackers is not None:
             trackers.finish()
         distributed.barrier()

@@ -115,6 +115,8 @@ def run_sweep(preset: str, base: LabConfig, out: Path, cache_root: Path, *, seed
             timing_path.write_text(json.dumps({"wall_seconds": total}))
             return total
 
+        if base.threads:
+            torch.set_num_threads(base.threads)  # as the lab does: the upstream's and the runs' bits depend on it
         cache = ArtifactCache(cache_root)
         cache.clean()
         device = resolve_device(base.device)
