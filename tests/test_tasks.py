@@ -228,6 +228,31 @@ def test_bytes_that_are_not_utf8_are_located(tmp_path, name, content, line, colu
         load_task(f"xsum:{path}", tmp_path)
 
 
+def test_odd_but_valid_files_load_as_written(tmp_path):
+    """A byte-order mark (Excel's "CSV UTF-8"), a TSV field that starts with a quote, a field over csv's 128 KiB."""
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbfprompt,response\r\np1,r1\r\n")
+    assert [(p.prompt, p.response) for p in load_task(f"hf:{bom}", tmp_path).pairs] == [("p1", "r1")]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b'\xef\xbb\xbf{"prompt": "p1", "response": "r1"}\n')
+    assert [p.prompt for p in load_task(f"jsonl:{jsonl}", tmp_path).pairs] == ["p1"]
+    assert [p.prompt for p in load_task(f"hf:{jsonl}", tmp_path).pairs] == ["p1"]
+    tsv = tmp_path / "quote.tsv"
+    tsv.write_text('prompt\tresponse\n"Quoted start, then more\tresp1\np2\tr2\np3 x"\tr3\n', encoding="utf-8")
+    assert [(p.prompt, p.response) for p in load_task(f"hf:{tsv}", tmp_path).pairs] == [
+        ('"Quoted start, then more', "resp1"), ("p2", "r2"), ('p3 x"', "r3")]  # three rows, not two merged ones
+    long = write_csv(tmp_path / "long.csv", [{"prompt": "x" * 200_000, "response": "r"}])
+    assert len(load_task(f"hf:{long}", tmp_path).pairs[0].prompt) == 200_000
+
+
+@pytest.mark.parametrize("spec", ["jsonl", "hf"])
+def test_an_unpaired_surrogate_is_refused_with_its_line(tmp_path, spec):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"prompt": "ok", "response": "ok"}\n{"prompt": "a\\ud800", "response": "r"}\n', encoding="utf-8")
+    with pytest.raises(TaskError, match=r"s\.jsonl, (line|row) 2: field 'prompt' holds an unpaired surrogate"):
+        load_task(f"{spec}:{path}", tmp_path)
+
+
 def test_wrong_values_and_missing_files(tmp_path):
     path = write_parquet(tmp_path / "n.parquet", [{"prompt": "a", "response": 3}])
     with pytest.raises(TaskError, match="row 1: field 'response' holds int, not text"):
@@ -427,8 +452,10 @@ def test_truncation_report(tokenizer):
     limit = lengths[0] + 1  # the first prompt just fits with its SEP
     assert truncation_report(tokenizer, prompts, limit) == (sum(n > lengths[0] for n in lengths), 3)
     assert truncation_report(tokenizer, [], 8) == (0, 0)
-    with pytest.raises(TaskError, match="all 2 prompts are longer than 1 tokens"):
+    with pytest.raises(TaskError, match="all 2 prompts are longer than 1 tokens.*raise the maximum prompt length"):
         truncation_report(tokenizer, ["the cat sat", "a dog ran"], 2)
+    with pytest.raises(TaskError, match="all 2 responses are longer than 1 tokens.*raise the maximum response length"):
+        truncation_report(tokenizer, ["the cat sat", "a dog ran"], 2, "responses")
 
 
 PLAY = """# Act I

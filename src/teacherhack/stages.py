@@ -539,7 +539,7 @@ def _report_data(splits: Splits, tokenizer: PreTrainedTokenizerBase, c: LabConfi
     for name, (items, limit) in texts.items():
         key = "task.max_response_len" if name.endswith("responses") else "task.max_prompt_len"
         try:
-            cut, total = truncation_report(tokenizer, items, limit)
+            cut, total = truncation_report(tokenizer, items, limit, name.rsplit(" ", 1)[1])
         except TaskError as error:
             raise TaskError(f"{name}: {error} ({key}={limit})") from None
         if cut:

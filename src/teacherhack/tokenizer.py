@@ -183,22 +183,23 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
     return SpecialIds(prompt_end=eos if sep is None else sep, eos=eos, pad=eos if pad is None else pad)
 
 
-def truncation_report(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_len: int) -> tuple[int, int]:
-    """(prompts that `encode_prompts` would cut at `max_len`, prompts): a prompt keeps at most
-    `max_len` - 1 tokens, as one more ends it. Raises `TaskError` when every prompt would be cut,
-    since then no model sees a whole prompt: `max_len` is wrong for the task.
+def truncation_report(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int,
+                      what: str = "prompts") -> tuple[int, int]:
+    """(texts that `encode_prompts` or `encode_responses` would cut at `max_len`, texts): a prompt or response keeps
+    at most `max_len` - 1 tokens, as one more ends it. Raises `TaskError` when every text would be cut, since then
+    no model sees a whole one: `max_len` is wrong for the task (``what``: "prompts" or "responses", for the message).
     """
     if max_len < 2:
         raise ValueError(f"max_len must be at least 2 (one token plus SEP or EOS), got {max_len}")
     lengths: list[int] = []
-    for start in range(0, len(prompts), 1000):
-        batch = list(prompts[start : start + 1000])
+    for start in range(0, len(texts), 1000):
+        batch = list(texts[start : start + 1000])
         lengths += [len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]]
     truncated = sum(length > max_len - 1 for length in lengths)
     if lengths and truncated == len(lengths):
         raise TaskError(
-            f"all {truncated} prompts are longer than {max_len - 1} tokens (max_len {max_len} less the token "
-            f"that ends a prompt; the shortest has {min(lengths)}, the median {sorted(lengths)[len(lengths) // 2]}): "
-            "raise the maximum prompt length"
+            f"all {truncated} {what} are longer than {max_len - 1} tokens (max_len {max_len} less the token "
+            f"that ends one; the shortest has {min(lengths)}, the median {sorted(lengths)[len(lengths) // 2]}): "
+            f"raise the maximum {what.rstrip('s')} length"
         )
     return truncated, len(lengths)

@@ -142,7 +142,7 @@ def decode_utf8(raw: bytes, where: str) -> str:
     """`raw` as text; a byte that is not UTF-8 is a `TaskError` naming `where`, its line and column,
     so the user can find it in an editor (a bare UnicodeDecodeError gives only a file offset)."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark (Excel's "CSV UTF-8") is not text
     except UnicodeDecodeError as error:
         line = raw.count(b"\n", 0, error.start) + 1
         column = error.start - raw.rfind(b"\n", 0, error.start)
@@ -150,6 +150,17 @@ def decode_utf8(raw: bytes, where: str) -> str:
             f"{where}, line {line}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {column}); "
             "save the file as UTF-8"
         ) from None
+
+
+def valid_text(value: str, where: str, field: str) -> str:
+    """``value``, which JSON may hold as a lone surrogate (``"\\ud800"``) that no UTF-8 text can: refused here, with
+    where it came from, rather than as a UnicodeEncodeError where the pairs are hashed or tokenized."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise TaskError(f"{where}: field {field!r} holds an unpaired surrogate ({value[error.start]!a}), which is not "
+                        f"text; fix the escape in the file") from None
+    return value
 
 
 def numbered_lines(text: str) -> Iterator[tuple[int, str]]:

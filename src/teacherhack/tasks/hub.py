@@ -11,6 +11,7 @@ import json
 import os
 import re
 import socket
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from teacherhack.tasks.base import (
     no_field_overrides,
     numbered_lines,
     sample_indices,
+    valid_text,
 )
 
 @dataclass(frozen=True)
@@ -225,14 +227,7 @@ def _open_local(path: Path, task_name: str, fmt: TaskFormat, *, split: str, conf
         if suffix in (".jsonl", ".json"):
             rows = _read_json_records(path)
         elif suffix in (".csv", ".tsv"):
-            handle = io.StringIO(decode_utf8(path.read_bytes(), str(path)), newline="")
-            reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
-            rows = []
-            for row in reader:
-                if None in row:  # DictReader's key for the values beyond the header's columns
-                    raise TaskError(f"{path}, line {reader.line_num}: {len(row[None])} more value(s) than the "
-                                    f"header's {len(reader.fieldnames or [])} columns (an unquoted comma or tab?)")
-                rows.append(dict(row))
+            rows = _read_table(path, tsv=suffix == ".tsv")
         elif suffix == ".parquet":
             import pyarrow.parquet
 
@@ -242,9 +237,31 @@ def _open_local(path: Path, task_name: str, fmt: TaskFormat, *, split: str, conf
                             f"expected a folder or one of {', '.join(LOCAL_SUFFIXES)}")
     except TaskError:
         raise
-    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as error:  # pyarrow errors are ValueErrors
+    except (OSError, UnicodeDecodeError, ValueError) as error:  # pyarrow errors are ValueErrors
         raise TaskError(f"cannot read {path} as {suffix.lstrip('.').upper()}: {error}") from None
     return _Source(str(path), rows)
+
+
+def _read_table(path: Path, *, tsv: bool) -> list[dict]:
+    """The rows of a CSV (quoted fields may hold commas and newlines) or a TSV (one row a line, as tab-separated
+    files are written: a quote is a character, not the start of a field that runs on over lines and rows)."""
+    handle = io.StringIO(decode_utf8(path.read_bytes(), str(path)), newline="")
+    options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
+    reader = csv.DictReader(handle, **options)
+    limit = csv.field_size_limit(sys.maxsize)  # a long document is a field like any other (csv's default: 128 KiB)
+    rows = []
+    try:
+        for row in reader:
+            if None in row:  # DictReader's key for the values beyond the header's columns
+                raise TaskError(f"{path}, line {reader.line_num}: {len(row[None])} more value(s) than the "
+                                f"header's {len(reader.fieldnames or [])} columns (an unquoted comma or tab?)")
+            rows.append(dict(row))
+    except csv.Error as error:
+        kind = "TSV" if tsv else "CSV"
+        raise TaskError(f"{path}, line {reader.line_num}: cannot read it as {kind}: {error}") from None
+    finally:
+        csv.field_size_limit(limit)
+    return rows
 
 
 def _read_json_records(path: Path) -> list[dict]:
@@ -414,7 +431,7 @@ def _records_to_pairs(source: _Source, fmt: TaskFormat, *, limit: int | None, se
                 value = ""
             if not isinstance(value, str):
                 raise TaskError(f"{source.where}, row {number}: field {field!r} holds {type(value).__name__}, not text")
-            values[slot] = value
+            values[slot] = valid_text(value, f"{source.where}, row {number}", field)
         required = [slot for slot in chosen if slot not in fmt.optional]
         if all(values[slot].strip() for slot in required):
             pairs.append(Pair(fmt.prompt(values), values.get(fmt.response, "")))

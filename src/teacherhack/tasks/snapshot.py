@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from teacherhack.tasks.base import BLANK_PAIR, Pair, Task, TaskError, decode_utf8, numbered_lines
+from teacherhack.tasks.base import BLANK_PAIR, Pair, Task, TaskError, decode_utf8, numbered_lines, valid_text
 
 
 def load_jsonl(path: Path, prompt_field: str = "prompt", response_field: str = "response") -> Task:
@@ -39,7 +39,7 @@ def parse_jsonl(text: str, where: str, prompt_field: str = "prompt", response_fi
         for field in (prompt_field, response_field):
             if not isinstance(record.get(field), str):
                 raise TaskError(f"{where}, line {number}: field {field!r} is missing or not a string")
-            fields.append(record[field])
+            fields.append(valid_text(record[field], f"{where}, line {number}", field))
         if all(value.strip() for value in fields):
             pairs.append(Pair(*fields))
         else:
