@@ -509,3 +509,29 @@ def test_the_dialogue_builder_pairs_each_speech_with_the_next_speakers_reply_wit
     ]  # HIPPOLYTA answering herself is no pair, and QUINCE opens a new scene
     task = load_task(f"jsonl:{out}", cache_dir=tmp_path / "cache")
     assert [(p.prompt, p.response) for p in task.pairs] == [(p["prompt"], p["response"]) for p in pairs]
+
+
+def test_validation_prompts_that_a_cut_makes_training_prompts_are_reported(tokenizer, capsys):
+    """The splits are disjoint by prompt, but a prompt cut at max_prompt_len can become another: the lab says how
+    many of the validation prompts it scores the models see in training."""
+    from teacherhack import config as cfg
+    from teacherhack.stages import _report_leaks
+    from teacherhack.tasks import Splits
+
+    def pairs(prompts):
+        return [Pair(p, "r") for p in prompts]
+
+    validation = ["the cat sat on the mat and then it ran away", "a dog ran", "the sun rose over the hill"]
+    splits = Splits(oracle_train=pairs(["the cat sat on the mat and then it slept", "other"]),
+                    stage1=pairs(["a dog ran"]), distill=pairs(["x", "the sun rose over the hill and set"]),
+                    validation=pairs(validation), duplicates=0)
+    length = len(tokenizer("the cat sat on the mat and then it", add_special_tokens=False)["input_ids"]) + 1
+    c = cfg.resolve("quick", {"task.max_prompt_len": length, "eval.prompts": 3, "distill.prompts": 2,
+                              "task.n_validation": 3})
+    _report_leaks(splits, tokenizer, c)
+    out = capsys.readouterr().out
+    assert (f"3 of 3 validation prompts read as a training prompt once cut at task.max_prompt_len={length} (1 in the "
+            "oracle's pairs, 1 in stage 1, 1 in the distillation prompts)") in out
+    _report_leaks(splits, tokenizer, cfg.resolve("quick", {"task.max_prompt_len": 64, "eval.prompts": 3,
+                                                           "distill.prompts": 1, "task.n_validation": 3}))
+    assert "1 of 3 validation prompts" in capsys.readouterr().out  # only "a dog ran" is a training prompt, as is

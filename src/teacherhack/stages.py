@@ -544,6 +544,23 @@ def _report_data(splits: Splits, tokenizer: PreTrainedTokenizerBase, c: LabConfi
             raise TaskError(f"{name}: {error} ({key}={limit})") from None
         if cut:
             log(f"{cut} of {total} {name} are longer than {key}={limit} and are cut")
+    _report_leaks(splits, tokenizer, c)
+
+
+def _report_leaks(splits: Splits, tokenizer: PreTrainedTokenizerBase, c: LabConfig) -> None:
+    """Say how many validation prompts the models see in training after all: the splits are disjoint by prompt,
+    but two prompts that share their first ``task.max_prompt_len`` - 1 tokens are one prompt once cut."""
+    length = c.task.max_prompt_len
+    trained = {"the oracle's pairs": [p.prompt for p in splits.oracle_train], "stage 1": splits.stage1_prompts,
+               "the distillation prompts": splits.distill_prompts[: c.distill.prompts]}
+    seen = {name: {tuple(ids) for ids in encode_prompts(tokenizer, prompts, length)} for name, prompts in trained.items()}
+    held_out = [tuple(ids) for ids in encode_prompts(tokenizer, splits.validation_prompts[: c.eval.prompts], length)]
+    leaked = sum(any(ids in pool for pool in seen.values()) for ids in held_out)
+    if leaked:
+        where = ", ".join(f"{sum(ids in pool for ids in held_out)} in {name}" for name, pool in seen.items())
+        log(f"{leaked} of {len(held_out)} validation prompts read as a training prompt once cut at "
+            f"task.max_prompt_len={length} ({where}): their metrics are not held out; a longer task.max_prompt_len "
+            f"tells them apart")
 
 
 def _value(config: Any, key: str) -> Any:
