@@ -151,6 +151,11 @@ def test_the_training_stages_and_what_they_feed_are_keyed_by_the_cpu_thread_coun
         moved = {name for name in STAGES if (one[name] or {}).get("key") != (other[name] or {}).get("key")}
         assert moved == {name for name in descendants(training) if one[name] is not None}
     assert stage_specs(base, "task-x", 2) == two  # and the same count, the same keys
+    # the CPU's kernels too (AMX or AVX-512, an ISA limit, torch's version): a shared cache on another CPU kind
+    amx, avx512 = (stage_specs(base, "task-x", 1, kernels) for kernels in ("avx512 + AMX, torch 2.13.0+cpu",
+                                                                           "avx512, torch 2.13.0+cpu"))
+    moved = {name for name in STAGES if (amx[name] or {}).get("key") != (avx512[name] or {}).get("key")}
+    assert moved == {name for name in descendants(training) if one[name] is not None}
 
 
 def test_a_model_folder_rewritten_in_place_gets_new_keys(tmp_path: Path):

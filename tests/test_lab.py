@@ -14,7 +14,7 @@ import yaml
 
 from conftest import TINY
 from teacherhack import config as cfg
-from teacherhack import lab
+from teacherhack import lab, stages
 from teacherhack.cli import main
 from teacherhack.metrics import Evaluator
 
@@ -81,6 +81,12 @@ def test_lab_end_to_end_then_cache_reuse(tiny_config: cfg.LabConfig, tmp_path: P
     third = lab.run_lab(changed, tmp_path / "lab3", cache)
     assert third["cache"]["oracle"] == "reused" and third["cache"]["teacher"] == "built"
     assert third["cache"]["student"] == "reused"
+    # … and other CPU kernels (a cache shared with another kind of CPU, an ISA limit) retrain the models.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+        fourth = lab.run_lab(cfg.apply_overrides(tiny_config, {"distill.sources": "offline"}), tmp_path / "lab4", cache)
+    assert fourth["cache"]["oracle"] == fourth["cache"]["teacher"] == fourth["cache"]["student"] == "built"
+    assert fourth["cache"]["splits"] == fourth["cache"]["tokenizer"] == "reused"
 
 
 def test_killed_run_resumes_with_identical_results(tiny_config: cfg.LabConfig, tmp_path: Path, monkeypatch):
@@ -263,7 +269,7 @@ def test_the_evaluation_benchmark_times_every_part_of_an_evaluation(tiny_task, t
 
 def test_the_machine_names_the_kernels_that_a_run_s_bits_depend_on(monkeypatch):
     """A sweep's record says which CPU kernels made it: the instruction set, and any limit the user set on it."""
-    for name in lab.ISA_LIMITS:
+    for name in stages.ISA_LIMITS:
         monkeypatch.delenv(name, raising=False)
     assert f"({torch.backends.cpu.get_cpu_capability()}" in lab.machine()
     assert "ISA" not in lab.machine()

@@ -28,7 +28,7 @@ from teacherhack.distributed import log
 from teacherhack.launch import Job, launch
 from teacherhack.reports import write_report
 from teacherhack.rundir import RunFolder, load_run, locked
-from teacherhack.stages import prepare_upstream
+from teacherhack.stages import cpu_kernels, prepare_upstream
 from teacherhack.sweeps import SWEEPS, collect, expand, format_findings, group_table
 
 transformers.utils.logging.disable_progress_bar()  # our own progress lines say what is happening
@@ -157,18 +157,11 @@ def write_reports(run_dirs: list[Path], out: Path) -> None:
         write_report(dirs, out if index == 0 else out / unit.replace("nats/", "per_"))
 
 
-# Environment variables that hold oneDNN's or MKL's kernels to an older instruction set (and so change the bits)
-ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-
-
 def machine() -> str:
     """Where a sweep ran, with the CPU's vector kernels: the bits of a run depend on them (bf16 matrix products take
     AMX tiles where the CPU has them, and round otherwise than AVX-512's), so the same seed gives other numbers on
     another kind of CPU."""
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # private in torch 2.13; absent, not named
-    kernels = [torch.backends.cpu.get_cpu_capability() + (" + AMX" if amx else "")]
-    kernels += [f"{name}={os.environ[name]}" for name in ISA_LIMITS if os.environ.get(name)]  # held back by the user
-    return f"{platform.machine()} ({', '.join(kernels)}), {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    return f"{platform.machine()} ({cpu_kernels()}), {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
 def _job(name: str, c: LabConfig, source: str, up: Any, run_dir: Path, out: Path, engine: Engine, runs: int) -> Job:

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -446,10 +447,25 @@ def _model_files(name: str) -> list[tuple[str, int, int]] | None:
             for p in sorted(folder.rglob("*")) if p.is_file()]
 
 
-def stage_specs(config: LabConfig, task_key: str, threads: int | None = None) -> dict[str, dict[str, Any] | None]:
+# Environment variables that hold oneDNN's or MKL's kernels to an older instruction set (and so change the bits)
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_kernels() -> str:
+    """The CPU's vector kernels, which a training step's bits depend on: its instruction set (bf16 products take AMX
+    tiles where the CPU has them and round otherwise than AVX-512's) and any limit the user set on it."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # private in torch 2.13; absent, not named
+    kernels = [torch.backends.cpu.get_cpu_capability() + (" + AMX" if amx else "")]
+    kernels += [f"{name}={os.environ[name]}" for name in ISA_LIMITS if os.environ.get(name)]  # held back by the user
+    return ", ".join(kernels)
+
+
+def stage_specs(config: LabConfig, task_key: str, threads: int | None = None,
+                kernels: str | None = None) -> dict[str, dict[str, Any] | None]:
     """What each stage's key hashes (None for a stage this configuration does not need), in dependency order.
-    ``threads``: the CPU threads the training stages run on (None on an accelerator): a training step's reductions,
-    so the trained models' bits, depend on them, while sampling and scoring give the same bits on any count. Pure:
+    ``threads`` and ``kernels``: the CPU threads the training stages run on and the kernels they run (None on an
+    accelerator; :func:`cpu_kernels` with torch's version): a training step's reductions and rounding, so the
+    trained models' bits, depend on them, while sampling and scoring give the same bits on any thread count. Pure:
     computes no artifact, so it is cheap and testable."""
     keys: dict[str, str | None] = {"task": task_key}
     specs: dict[str, dict[str, Any] | None] = {}
@@ -465,6 +481,8 @@ def stage_specs(config: LabConfig, task_key: str, threads: int | None = None) ->
                 "parents": {p: keys[p] for p in s.parents if keys[p] is not None}}
         if s.collective:  # a training stage
             spec["threads"] = threads
+            if kernels is not None:
+                spec["kernels"] = kernels
         blob = json.dumps(spec, sort_keys=True, default=str)
         spec["key"] = keys[s.name] = f"{s.kind or s.name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
         specs[s.name] = spec
@@ -498,7 +516,9 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
     for reason, count in task.skipped.items():
         log(f"task {task.source}: skipped {count} rows ({reason})")
     timings["data"] = time.time() - start
-    specs = stage_specs(c, task_digest(task), torch.get_num_threads() if torch.device(device).type == "cpu" else None)
+    cpu = torch.device(device).type == "cpu"
+    specs = stage_specs(c, task_digest(task), torch.get_num_threads() if cpu else None,
+                        f"{cpu_kernels()}, torch {torch.__version__}" if cpu else None)
     paths: dict[str, Path] = {}
     models: dict[Path, torch.nn.Module] = {}
     for s in STAGES.values():
