@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +111,32 @@ def test_the_command_line_sets_its_process_up_to_keep_freed_memory(monkeypatch: 
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True))
     assert cli.main(["config"]) == 0 and calls == [True]
     assert "seed:" in capsys.readouterr().out
+
+
+def writes_after_a_while(marker: str) -> str:
+    time.sleep(4.0)
+    Path(marker).write_text("done")
+    return "finished"
+
+
+def fails_at_once() -> None:
+    raise RuntimeError("this run broke")
+
+
+@pytest.mark.parametrize("engine", ["local", "submitit"])
+def test_a_failing_run_lets_the_runs_going_finish_on_every_engine(engine, tmp_path, monkeypatch):
+    """The first failure stops new work; runs already going finish (on a cluster they held hours of work: the
+    submitit engine cancelled them), then the failure is raised."""
+    if engine == "submitit":
+        pytest.importorskip("submitit")
+        # its local executor's processes unpickle this module's jobs: they import it from here
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    marker = tmp_path / "marker"
+    jobs = [launch.Job("long", writes_after_a_while, (str(marker),)), launch.Job("broken", fails_at_once)]
+    options = (dict(folder=tmp_path / "logs", options={"cluster": "local", "timeout_min": "5"})
+               if engine == "submitit" else dict(parallel=2))
+    finished = []
+    with pytest.raises(Exception, match="this run broke"):
+        for name, result in launch.launch(jobs, engine=engine, **options):
+            finished.append((name, result))
+    assert finished == [("long", "finished")] and marker.read_text() == "done"

@@ -211,16 +211,27 @@ def _submitit(jobs: list[Job], folder: Path, options: dict[str, str]) -> Iterato
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     executor.update_parameters(**{key: _number(value) for key, value in options.items()})
     submitted = {executor.submit(_run_kept, job.fn, *job.args, **job.kwargs): job.name for job in jobs}
+    failure: Exception | None = None
     try:
         while submitted:
             for handle in [h for h in submitted if h.done()]:
                 name = submitted.pop(handle)
-                yield name, handle.result()  # a failed job raises here with its traceback
+                try:
+                    result = handle.result()  # a failed job raises here with its traceback
+                except Exception as error:  # as locally: start no more work, let the runs going finish
+                    failure = failure or error
+                    for waiting in [h for h in submitted if str(h.state).upper() == "PENDING"]:
+                        waiting.cancel(check=False)
+                        submitted.pop(waiting)
+                    continue
+                yield name, result
             time.sleep(1.0)
-    except BaseException:
+    except BaseException:  # Ctrl-C: stop everything at once
         for handle in submitted:
             handle.cancel(check=False)
         raise
+    if failure is not None:
+        raise failure
 
 
 def _run_kept(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
