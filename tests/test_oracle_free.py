@@ -36,6 +36,7 @@ from teacherhack.oracle_free import (
     proxy_stall,
     score,
     signal_series,
+    tally,
     trade_off,
 )
 from teacherhack.rundir import find_runs, load_run
@@ -145,8 +146,15 @@ def test_a_late_confirmation_dates_the_turn_back_to_where_the_signal_left_its_on
     assert (s.lags, s.turn_lags, s.timely) == ((2,), (0,), 1)  # late alarm, timely turn
     alone = score(Rule("memorisation_gap", threshold=5.0, patience=1), [hacked], max_lag=1)
     assert (alone.turn_lags, alone.timely) == ((2,), 0)  # without an onset level the turn is the alarm itself
-    # the turn never reaches into the skipped evaluations
-    assert Rule("memorisation_gap", 0.5, patience=1, skip=6, onset=-1.0).turn(values, 7) == 6
+    # a run above the onset level as far back as the signal is read (the skipped evaluations, or values not defined
+    # yet, as the power-law departure's first 5) dates nothing: its first readable value is no date
+    assert Rule("memorisation_gap", 0.5, patience=1, skip=6, onset=-1.0).turn(values, 7) is None
+    late = np.where(np.arange(len(values)) < 5, np.nan, values + 1)  # read from evaluation 5 on, above 1 at once
+    assert rule.first_alarm(late) == 7 and rule.turn(late, 7) is None
+    undated = rule.verdict(hacked.rows, None, {}, late)
+    assert undated.fired and undated.since is None and "the turn is not dated" in undated.reason
+    s = tally([(hacked, (7, None))], max_lag=1)
+    assert (s.hits, s.lags, s.turn_lags, s.timely) == (1, (2,), (), 0)  # a hit, but no timely turn
 
 
 def test_leave_one_preset_out_scores_each_preset_with_a_rule_chosen_on_the_others():

@@ -3,7 +3,11 @@
 import base64
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
@@ -202,3 +206,15 @@ def test_labels_say_what_the_bands_and_the_loss_are(tmp_path, monkeypatch):
     (path / "run.json").write_text(json.dumps({**settings, "loss": "sampled_reverse_kl"}))
     reports.plot_curves([load_run(path)], tmp_path / "curves.png")
     assert figures[-1].axes[0].get_ylabel() == "train loss [nats/seq] ↓"
+
+
+def test_the_signals_figures_in_the_docs_are_what_the_current_rule_draws(tmp_path):
+    """scripts/redraw_signals.py redraws README's and the record's signals figures from the detection corpus: a
+    change to the detector's rule that moves its alarm, its dated turn or its levels must come with the figures."""
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "scripts" / "redraw_signals.py"), "--out", str(tmp_path), "--sweeps",
+                    "sources"], check=True, capture_output=True, timeout=600)
+    for figure in ("figures/signals.png", "reproduction/sources/signals.png"):
+        drawn, kept = plt.imread(tmp_path / figure), plt.imread(root / "docs" / figure)
+        assert drawn.shape == kept.shape, figure
+        assert (np.abs(drawn - kept).max(-1) > 0.1).sum() == 0, figure  # at most antialiasing differs

@@ -338,8 +338,9 @@ class HackingMonitorCallback(TrainerCallback):
     """A ``TrainerCallback`` running a :class:`HackingMonitor` every ``every`` optimizer steps.
 
     Logs ``proxy_kl``, ``proxy_kl_se``, ``hacking_alert`` (0/1), ``student_entropy_held_out``, the detector's
-    signal as ``detector_<signal>``, once it alarms ``hacking_turn_step`` (the step its rule dates the turn to: the
-    checkpoint to keep; ``save_steps`` no coarser than ``every`` keeps one near it), and ``proxy_kl_train`` with
+    signal as ``detector_<signal>``, once it alarms ``hacking_turn_step`` if its rule dates the turn (the step it
+    dates it to: the checkpoint to keep; ``save_steps`` no coarser than ``every`` keeps one near it), and
+    ``proxy_kl_train`` with
     ``train_prompts``; ``reference_nll``, ``reference_nll_se`` and ``reference_alert`` with ``references``. Bind the
     trainer (``trainer=`` or :meth:`bind`) so that they go through ``Trainer.log``: into ``state.log_history``
     *and* every ``report_to`` integration (TensorBoard, W&B, MLflow…). Unbound, they only reach

@@ -12,6 +12,7 @@ from a rule tuned on the runs it is scored on.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -130,9 +131,11 @@ def converged(rows: Sequence[Mapping[str, Any]], floor: float) -> np.ndarray:
 @dataclass(frozen=True)
 class Rule:
     """Alarm when ``signal`` exceeds ``threshold`` at ``patience`` consecutive evaluations (after the first
-    ``skip`` evaluations, where every signal still moves with the initial descent). With ``onset``, the alarm also
-    dates the turn: the first evaluation of the unbroken run of values above ``onset`` that led to it. A high
-    threshold confirms late but rarely by mistake; the low onset level points back to the checkpoint to keep.
+    ``skip`` evaluations, where every signal still moves with the initial descent). The alarm also dates the turn:
+    the first evaluation of the unbroken run of values above ``onset`` (the threshold if none) that led to it, when
+    the signal was seen at or below that level just before; a run that goes back to the signal's first value (or to
+    a gap) dates nothing. A high threshold confirms late but rarely by mistake; the lower onset level points back to
+    the checkpoint to keep.
     With ``floor``, the rule stays quiet where the proxy is below that fraction of its first value
     (:func:`converged`)."""
 
@@ -162,14 +165,18 @@ class Rule:
                 return t
         return None
 
-    def turn(self, values: np.ndarray, at: int) -> int:
+    def turn(self, values: np.ndarray, at: int) -> int | None:
         """The evaluation the alarm at index ``at`` dates the turn to: where the unbroken run of values above the
-        onset level (the threshold if none) that ends at ``at`` began, never within the first ``skip``."""
+        onset level (the threshold if none) that ends at ``at`` began, if the evaluation before it was seen at or
+        below that level. None when the run reaches back to the first ``skip`` evaluations or to an undefined value
+        (the power-law departure is undefined for the first 5): the signal was above the level as far back as it can
+        be read, so where it rose through it is not known, and the first defined value is no date (on the detection
+        corpus it would have dated 60 of the default rule's 64 alarms to the same 6th evaluation)."""
         level = self.threshold if self.onset is None else self.onset
         start = at
         while start - 1 >= self.skip and math.isfinite(values[start - 1]) and values[start - 1] > level:
             start -= 1
-        return start
+        return start if start - 1 >= self.skip and math.isfinite(values[start - 1]) else None
 
     def describe(self) -> str:
         times = "once" if self.patience == 1 else f"at {self.patience} consecutive evaluations"
@@ -186,12 +193,17 @@ class Rule:
         at = self.first_alarm(values)
         if at is None:
             return Alarm(False, None, None, self.describe(), f"no alarm: {self.describe()} did not happen")
-        step, since = int(rows[at]["step"]), int(rows[self.turn(values, at)]["step"])
+        step, turn = int(rows[at]["step"]), self.turn(values, at)
+        since = None if turn is None else int(rows[turn]["step"])
         reason = f"{self.signal.replace('_', ' ')} {values[at]:.3g} > {self.threshold:g} at step {step}"
         if self.patience > 1:
             reason += f", the last of {self.patience} evaluations in a row above it"
-        reason += (f"; the turn dates from step {since}: keep the checkpoint from about then" if since < step
-                   else "")
+        level = self.threshold if self.onset is None else self.onset
+        if since is None:
+            reason += (f"; the turn is not dated: the signal has been above {level:g} since it can first be read, "
+                       f"so keep the last checkpoint you trust from before step {step}")
+        elif since < step:
+            reason += f"; the turn dates from step {since}: keep the checkpoint from about then"
         return Alarm(True, step, since, self.describe(),
                      reason + (f"; {DEFAULT_RULE_MEASURED}" if self == DEFAULT_RULE else ""))
 
@@ -202,7 +214,7 @@ class Alarm:
 
     fired: bool
     step: int | None
-    since: int | None  # the step the alarm dates the turn to (the checkpoint to keep): see Rule.turn
+    since: int | None  # the step the alarm dates the turn to (the checkpoint to keep), None if undated: Rule.turn
     rule: str
     reason: str
 
@@ -213,9 +225,9 @@ class Alarm:
 # The rule teacherhack uses (the monitor, summary.json, the reports): the best on the whole detection corpus
 # (benchmarks/detection), and what leave-one-sweep-out validation measured for the procedure that chose it. A test
 # recomputes both from the corpus.
-DEFAULT_RULE = Rule("power_law_departure", 0.3, patience=2, onset=0.02, floor=0.1)
-DEFAULT_RULE_MEASURED = ("validated on 156 lab runs of 20 sweeps, each left out in turn: precision 0.89, recall 0.62, "
-                         "the turn dated within 2 evaluations of the golden minimum in 0.62 of hacking runs (a fixed "
+DEFAULT_RULE = Rule("power_law_departure", 0.3, patience=2, onset=0.2, floor=0.1)
+DEFAULT_RULE_MEASURED = ("validated on 156 lab runs of 20 sweeps, each left out in turn: precision 0.85, recall 0.62, "
+                         "the turn dated within 2 evaluations of the golden minimum in 0.13 of hacking runs (a fixed "
                          "guess of the minimum's evaluation: 0.86), the alarm itself a median +4 evaluations after "
                          "that minimum; an alarm on every run would have precision 0.64")
 
@@ -239,9 +251,9 @@ class Labelled:
 class Score:
     """A rule's record on a set of runs. A hit: it fired on a hacking run; a false alarm: on a run that does not
     hack; ``lags`` are evaluations from the golden minimum to the alarm, for hits, and ``turn_lags`` from the
-    golden minimum to the turn the alarm dates (the checkpoint it says to keep); timely: a hit whose turn is within
-    ``max_lag`` evaluations of the golden minimum, before or after (a checkpoint long before it gives up a student
-    that was still improving; one long after it keeps the damage)."""
+    golden minimum to the turn the alarm dates (the checkpoint it says to keep), for hits that date one; timely: a
+    hit whose dated turn is within ``max_lag`` evaluations of the golden minimum, before or after (a checkpoint long
+    before it gives up a student that was still improving; one long after it keeps the damage)."""
 
     hits: int
     misses: int
@@ -280,7 +292,8 @@ def signal_values(runs: Iterable[Labelled]) -> dict[tuple[str, str, str], np.nda
 
 def outcome(rule: Rule, run: Labelled,
             values: Mapping[tuple[str, str, str], np.ndarray]) -> tuple[int | None, int | None]:
-    """Where ``rule`` alarms on ``run`` and the turn it dates the alarm to (evaluation indices; None, None if quiet)."""
+    """Where ``rule`` alarms on ``run`` and the turn it dates the alarm to (evaluation indices; None, None if quiet;
+    the turn None if undated)."""
     signal = rule.read(values[run.preset, run.name, rule.signal], run.rows)
     fired = rule.first_alarm(signal)
     return fired, None if fired is None else rule.turn(signal, fired)
@@ -297,8 +310,9 @@ def tally(outcomes: Iterable[tuple[Labelled, tuple[int | None, int | None]]], ma
         if run.hacking and fired is not None:
             hits += 1
             lags.append(fired - run.min_index)
-            turn_lags.append(turn - run.min_index)
-            timely += abs(turn_lags[-1]) <= max_lag
+            if turn is not None:  # an undated turn is not a timely one
+                turn_lags.append(turn - run.min_index)
+                timely += abs(turn_lags[-1]) <= max_lag
         elif run.hacking:
             misses += 1
         elif fired is not None:
@@ -329,16 +343,19 @@ def objective(s: Score) -> tuple[float, float, float]:
     return (1.0, r, p) if p >= PRECISION_BAR else (0.0, p, r)
 
 
+# Each signal's threshold grid: the levels the rules search alarm on and date the turn from
+GRIDS: dict[str, list[float]] = {
+    "memorisation_gap": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0],
+    "relative_gap": [0.02, 0.05, 0.08, 0.12, 0.16, 0.2, 0.3],
+    "entropy_deficit": [0.5, 0.7, 0.8, 0.9, 0.95, 1.0],
+    "proxy_stall": [0.3, 0.5, 0.7, 0.8, 0.9],
+    "power_law_departure": [0.02, 0.05, 0.1, 0.2, 0.3],
+}
+
+
 def candidates() -> list[Rule]:
-    """The rules searched: each signal over a grid of thresholds (:func:`rules_for`)."""
-    grids = {
-        "memorisation_gap": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0],
-        "relative_gap": [0.02, 0.05, 0.08, 0.12, 0.16, 0.2, 0.3],
-        "entropy_deficit": [0.5, 0.7, 0.8, 0.9, 0.95, 1.0],
-        "proxy_stall": [0.3, 0.5, 0.7, 0.8, 0.9],
-        "power_law_departure": [0.02, 0.05, 0.1, 0.2, 0.3],
-    }
-    return [rule for signal, thresholds in grids.items() for rule in rules_for(signal, thresholds)]
+    """The rules searched: each signal over its grid of thresholds (:func:`rules_for`)."""
+    return [rule for signal, thresholds in GRIDS.items() for rule in rules_for(signal, thresholds)]
 
 
 def rules_for(signal: str, thresholds: Sequence[float]) -> list[Rule]:
@@ -438,12 +455,13 @@ def format_caught_by_rise(bins: Sequence[Mapping[str, Any]]) -> str:
 
 def trade_off(runs: Sequence[Labelled], rule: Rule, max_lag: int = 2,
               values: Mapping[tuple[str, str, str], np.ndarray] | None = None) -> list[dict[str, Any]]:
-    """Precision against recall and lag for ``rule`` over its signal's threshold grid (its patience, onset level and
-    floor kept; all runs): the curve a user picks an operating point from."""
+    """Precision against recall and lag for ``rule`` over its signal's threshold grid (:data:`GRIDS`; its patience,
+    skip and floor kept, its onset level where it lies below the threshold, else the threshold dates the turn; all
+    runs): the curve a user picks an operating point from."""
     values = signal_values(runs) if values is None else values
-    return [{"threshold": other.threshold, **score(other, runs, max_lag, values).to_dict()}
-            for other in candidates() if (other.signal, other.patience, other.onset, other.skip, other.floor)
-            == (rule.signal, rule.patience, rule.onset, rule.skip, rule.floor)]
+    others = [dataclasses.replace(rule, threshold=threshold, onset=rule.onset if rule.onset is not None
+                                  and rule.onset < threshold else None) for threshold in GRIDS[rule.signal]]
+    return [{"threshold": other.threshold, **score(other, runs, max_lag, values).to_dict()} for other in others]
 
 
 def format_trade_off(curve: Sequence[Mapping[str, Any]], max_lag: int = 2) -> str:

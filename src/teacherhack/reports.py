@@ -149,7 +149,7 @@ def plot_curves(runs: Sequence[Run], path: str | Path) -> None:
 def plot_signals(runs: Sequence[Run], path: str | Path) -> None:
     """What a practitioner can watch without an oracle, per evaluation: each signal of the oracle-free detector,
     with each run's golden minimum (star), where the detector's rule alarms (cross) and the turn it dates the alarm
-    to (triangle); gaps where the proxy itself rose (no rule alarms there)."""
+    to (triangle; none where it dates none); gaps where the proxy itself rose (no rule alarms there)."""
     fig, axes = plt.subplots(1, len(SIGNALS), figsize=(4.4 * len(SIGNALS), 4.0), squeeze=False)
     for ax, name in zip(axes[0], SIGNALS):
         for i, run in enumerate(runs):
@@ -166,7 +166,8 @@ def plot_signals(runs: Sequence[Run], path: str | Path) -> None:
             if alarm is not None:
                 ax.plot(steps[alarm], values[alarm], "X", ms=11, mfc=style["color"], mec="black", zorder=4)
                 turn = DEFAULT_RULE.turn(read, alarm)
-                ax.plot(steps[turn], values[turn], "v", ms=9, mfc=style["color"], mec="black", zorder=4)
+                if turn is not None:  # a dated turn
+                    ax.plot(steps[turn], values[turn], "v", ms=9, mfc=style["color"], mec="black", zorder=4)
         if name == DEFAULT_RULE.signal:
             ax.axhline(DEFAULT_RULE.threshold, color="0.35", ls=(0, (5, 3)), lw=1)
             if DEFAULT_RULE.onset is not None:
@@ -263,7 +264,9 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) 
                                           "evaluations before it, as a live monitor makes them)."),
         "signals.png": (plot_signals, "The oracle-free signals, with each run's golden minimum (star), the "
                                       "detector's alarm (cross) and the turn it dates the alarm to (triangle: the "
-                                      "checkpoint to keep); dashed, the rule's threshold; dotted, its onset level."),
+                                      "checkpoint to keep; none where the signal was above the onset level as far "
+                                      "back as it can be read); dashed, the rule's threshold; dotted, its onset "
+                                      "level."),
         "cost.png": (plot_cost, "Golden against the cost of the data: generated tokens and wall time."),
     }
     for name, (plot, _) in figures.items():
@@ -306,7 +309,8 @@ def summarise(runs: Sequence[Run]) -> str:
             f"{_pm(best, 'golden')} @{best['step']}",
             _terminal_word(verdicts.golden),
             "–" if verdicts.reference is None else _terminal_word(verdicts.reference),
-            f"fired @{verdicts.detector.step}, turn @{verdicts.detector.since}" if verdicts.detector.fired else "no",
+            (f"fired @{verdicts.detector.step}, turn {_dated(verdicts.detector.since)}" if verdicts.detector.fired
+             else "no"),
         ])
     widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
@@ -416,6 +420,10 @@ def _agrees(v: Verdicts) -> str:
     if not (v.golden.hacking or v.golden.judged):
         return "–"
     return "yes" if v.golden.hacking == v.detector.fired else "<b>no</b>"
+
+
+def _dated(step: int | None) -> str:
+    return "undated" if step is None else f"@{step}"
 
 
 def _dash(value: Any) -> str:
