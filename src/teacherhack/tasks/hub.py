@@ -158,6 +158,7 @@ class _Source:
 
     where: str  # for error messages
     rows: Any  # datasets.Dataset | list[dict]
+    labels: list[str] | None = None  # where each row is in its file ("line 4"), for error messages; else "row N"
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -224,8 +225,9 @@ def _open_local(path: Path, task_name: str, fmt: TaskFormat, *, split: str, conf
                              cache_dir=cache_dir / "hf-datasets")
     suffix = path.suffix.lower()
     try:
+        labels = None  # rows are named "row N" unless the file has lines to name (a table's values are all text)
         if suffix in (".jsonl", ".json"):
-            rows = _read_json_records(path)
+            rows, labels = _read_json_records(path)
         elif suffix in (".csv", ".tsv"):
             rows = _read_table(path, tsv=suffix == ".tsv")
         elif suffix == ".parquet":
@@ -239,7 +241,7 @@ def _open_local(path: Path, task_name: str, fmt: TaskFormat, *, split: str, conf
         raise
     except (OSError, UnicodeDecodeError, ValueError) as error:  # pyarrow errors are ValueErrors
         raise TaskError(f"cannot read {path} as {suffix.lstrip('.').upper()}: {error}") from None
-    return _Source(str(path), rows)
+    return _Source(str(path), rows, labels)
 
 
 def _read_table(path: Path, *, tsv: bool) -> list[dict]:
@@ -264,8 +266,9 @@ def _read_table(path: Path, *, tsv: bool) -> list[dict]:
     return rows
 
 
-def _read_json_records(path: Path) -> list[dict]:
-    """A JSON array of objects, or JSON Lines (one object a line, blank lines skipped)."""
+def _read_json_records(path: Path) -> tuple[list[dict], list[str]]:
+    """A JSON array of objects, or JSON Lines (one object a line, blank lines skipped), and where each is ("line 4",
+    "item 2")."""
     text = decode_utf8(path.read_bytes(), str(path))
     if text.lstrip().startswith("["):
         try:
@@ -287,7 +290,7 @@ def _read_json_records(path: Path) -> list[dict]:
     for number, record in numbered:
         if not isinstance(record, dict):
             raise TaskError(f"{path}, {where} {number}: expected a JSON object")
-    return [record for _, record in numbered]
+    return [record for _, record in numbered], [f"{where} {number}" for number, _ in numbered]
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -422,16 +425,17 @@ def _records_to_pairs(source: _Source, fmt: TaskFormat, *, limit: int | None, se
         rows = rows.select_columns(top).to_list()
     pairs = []
     blank = 0
-    numbers = range(1, len(rows) + 1) if keep is None else [i + 1 for i in keep]  # the source's own row numbers
-    for number, row in zip(numbers, rows):
+    places = range(len(source)) if keep is None else keep  # the source's own rows, named as its file numbers them
+    labels = [source.labels[i] if source.labels else f"row {i + 1}" for i in places]
+    for label, row in zip(labels, rows):
         values: dict[str, str] = {}
         for slot, field in chosen.items():
             value = _get(row, field)
             if value is None:
                 value = ""
             if not isinstance(value, str):
-                raise TaskError(f"{source.where}, row {number}: field {field!r} holds {type(value).__name__}, not text")
-            values[slot] = valid_text(value, f"{source.where}, row {number}", field)
+                raise TaskError(f"{source.where}, {label}: field {field!r} holds {type(value).__name__}, not text")
+            values[slot] = valid_text(value, f"{source.where}, {label}", field)
         required = [slot for slot in chosen if slot not in fmt.optional]
         if all(values[slot].strip() for slot in required):
             pairs.append(Pair(fmt.prompt(values), values.get(fmt.response, "")))
