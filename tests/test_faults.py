@@ -496,7 +496,7 @@ def test_two_commands_sharing_the_cache_build_an_artifact_once(tmp_path):
                                   stderr=subprocess.PIPE, text=True) for who in ("a", "b")]
     results = [process.communicate(timeout=60) for process in processes]
     assert all(process.returncode == 0 for process in processes), [err for _, err in results]
-    events = sorted(out.split() for out, _ in results)
+    events = sorted(out.splitlines()[-1].split() for out, _ in results)  # the line before: a wait, if it waited
     builder = next(who for event, who in events if event == "built")
     assert [event for event, _ in events] == ["built", "reused"] and all(who == builder for _, who in events)
     assert [p.name for p in (tmp_path / "artifacts").iterdir()] == ["oracle-race"]

@@ -343,6 +343,10 @@ def test_callback_replays_the_logged_curve_on_resume(tok, teacher):
     assert [r["step"] for r in callback.monitor.history] == list(range(1, 10))
     assert callback.monitor.settings["teacher_entropy"] > 0  # drawn again at resume: entropy signals are defined
     assert callback.monitor.history[-1]["alert_step"] == 8 and callback._warned
+    # the same callback on a new training run (trainer.train() from scratch) starts a new curve, not the old one's
+    callback.on_train_begin(None, TrainerState(global_step=0, logging_steps=1), TrainerControl())
+    assert callback.monitor.history == [] and not callback._warned
+    callback.monitor.record(0, 10.0, 0.1)  # its checks from step 0 again: not refused as going back
 
 
 # --------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from teacherhack.oracle_free import (
     format_agreement,
     format_caught_by_rise,
     format_each_signal,
+    format_runs,
     format_trade_off,
     labelled,
     leave_one_preset_out,
@@ -218,6 +219,10 @@ def test_agreement_of_the_reference_verdict_counts_judged_runs_per_sweep():
     assert table[2] == "| a | 3 | 2 | 2 | 1 | 1 | 1 | 1 |"
     assert table[3] == "| b | 0 | 0 | 0 | 0 | 0 | 0 | 0 |"  # no reference recorded
     assert table[4] == "| **all** | **3** | **2** | **2** | **1** | **1** | **1** | **1** |"
+    # a reference verdict the rule cannot judge yet reads "undecided" per run, not "no"
+    late_reference = dataclasses.replace(run("h4", "a", True, 4, reference=False), reference_judged=False)
+    rows = format_runs([runs[1], late_reference], Rule("memorisation_gap", 100.0)).splitlines()
+    assert rows[2].split(" | ")[4] == "no" and rows[3].split(" | ")[4] == "undecided"
 
 
 CORPUS = Path(__file__).resolve().parents[1] / "benchmarks" / "detection" / "runs"

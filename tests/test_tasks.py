@@ -229,7 +229,7 @@ def test_bytes_that_are_not_utf8_are_located(tmp_path, name, content, line, colu
 
 
 def test_odd_but_valid_files_load_as_written(tmp_path):
-    """A byte-order mark (Excel's "CSV UTF-8"), a TSV field that starts with a quote, a field over csv's 128 KiB."""
+    """A byte-order mark (Excel's "CSV UTF-8"), a TSV quoted as csv and pandas write it, a field over csv's 128 KiB."""
     bom = tmp_path / "bom.csv"
     bom.write_bytes(b"\xef\xbb\xbfprompt,response\r\np1,r1\r\n")
     assert [(p.prompt, p.response) for p in load_task(f"hf:{bom}", tmp_path).pairs] == [("p1", "r1")]
@@ -238,9 +238,12 @@ def test_odd_but_valid_files_load_as_written(tmp_path):
     assert [p.prompt for p in load_task(f"jsonl:{jsonl}", tmp_path).pairs] == ["p1"]
     assert [p.prompt for p in load_task(f"hf:{jsonl}", tmp_path).pairs] == ["p1"]
     tsv = tmp_path / "quote.tsv"
-    tsv.write_text('prompt\tresponse\n"Quoted start, then more\tresp1\np2\tr2\np3 x"\tr3\n', encoding="utf-8")
-    assert [(p.prompt, p.response) for p in load_task(f"hf:{tsv}", tmp_path).pairs] == [
-        ('"Quoted start, then more', "resp1"), ("p2", "r2"), ('p3 x"', "r3")]  # three rows, not two merged ones
+    rows = [("He said \"hi\"", "r1"), ("two\nlines", "r2"), ("tab\there", "r3")]
+    with tsv.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(["prompt", "response"])
+        writer.writerows(rows)
+    assert [(p.prompt, p.response) for p in load_task(f"hf:{tsv}", tmp_path).pairs] == rows
     long = write_csv(tmp_path / "long.csv", [{"prompt": "x" * 200_000, "response": "r"}])
     assert len(load_task(f"hf:{long}", tmp_path).pairs[0].prompt) == 200_000
 

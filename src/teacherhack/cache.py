@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from teacherhack import distributed
 
@@ -46,8 +46,12 @@ class ArtifactCache:
         path = self.artifacts / name
         (self.root / "locks").mkdir(parents=True, exist_ok=True)
         lock = FileLock(self.root / "locks" / f"{name}.lock")
-        if distributed.is_main():
-            lock.acquire()  # released by the operating system if this process dies
+        if distributed.is_main():  # the lock is released by the operating system if its process dies
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                distributed.log(f"{stage}: another process is building {name}; waiting for it")
+                lock.acquire()
         try:
             distributed.barrier()  # every process looks only once the main one holds the lock: they agree
             if (path / "spec.json").exists():

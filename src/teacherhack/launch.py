@@ -204,6 +204,10 @@ def _interrupt(process: Any) -> None:
             pass
 
 
+# SLURM's states of a job that has not started: cancelled after a failure, as a local run would not be started
+QUEUED = ("PENDING", "REQUEUED", "CONFIGURING", "REQUEUE_HOLD", "REQUEUE_FED")
+
+
 def _submitit(jobs: list[Job], folder: Path, options: dict[str, str]) -> Iterator[tuple[str, Any]]:
     import submitit
 
@@ -220,7 +224,7 @@ def _submitit(jobs: list[Job], folder: Path, options: dict[str, str]) -> Iterato
                     result = handle.result()  # a failed job raises here with its traceback
                 except Exception as error:  # as locally: start no more work, let the runs going finish
                     failure = failure or error
-                    for waiting in [h for h in submitted if str(h.state).upper() == "PENDING"]:
+                    for waiting in [h for h in submitted if str(h.state).upper() in QUEUED]:
                         waiting.cancel(check=False)
                         submitted.pop(waiting)
                     continue

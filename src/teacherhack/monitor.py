@@ -390,18 +390,23 @@ class HackingMonitorCallback(TrainerCallback):
             logger.warning("HackingMonitorCallback is not bound to a trainer: proxy_kl goes to state.log_history "
                            "only, not to the report_to integrations; pass trainer= or call callback.bind(trainer)")
         logged = [row for row in state.log_history if "proxy_kl" in row]
-        if not self.monitor.history and logged:  # resuming from a checkpoint: the detector gets the logged curve back
+        # the detector's curve is the trainer's: a new training run starts a new one, a resumed or continued one
+        # (from a checkpoint, or trainer.train() again) gets its logged curve back, whatever this callback saw before
+        self.monitor.history.clear()
+        self.monitor.paired_values.clear()
+        if logged:
             self.monitor.prepare()  # the teacher's samples and entropy, as before the interruption (same seed)
             paired = {row["step"]: row[PAIRED_KEY] for row in state.log_history if PAIRED_KEY in row}
             for row in logged:
-                if row.get("step", math.inf) <= state.global_step:
+                last_step = self.monitor.history[-1]["step"] if self.monitor.history else -1
+                if last_step < row.get("step", math.inf) <= state.global_step:  # in order, each step once
                     self.monitor.record(int(row["step"]), float(row["proxy_kl"]), row.get("proxy_kl_se"),
                                         proxy_train=row.get("proxy_kl_train"),
                                         student_entropy_held_out=row.get("student_entropy_held_out"),
                                         reference_nll=row.get("reference_nll"),
                                         reference_nll_se=row.get("reference_nll_se"), paired=paired.get(row["step"]))
-            last = self.monitor.history[-1] if self.monitor.history else {}
-            self._warned = bool(last.get("hacking_alert") or last.get("reference_alert"))
+        last = self.monitor.history[-1] if self.monitor.history else {}
+        self._warned = bool(last.get("hacking_alert") or last.get("reference_alert"))  # a replayed alarm: warned
         if not self.monitor.history and state.global_step == 0 and model is not None:
             self._check(model, state, control)  # the student before training: where every signal starts
         return control

@@ -245,6 +245,7 @@ class Labelled:
     per_sample: Sequence[Mapping[str, Any]] | None
     settings: Mapping[str, Any]
     reference: bool | None = None  # the reference verdict (real held-out responses): hacking, not, or not recorded
+    reference_judged: bool = True  # False: the reference NLL's minimum came too late to know (it counts as "no")
 
 
 @dataclass(frozen=True)
@@ -480,7 +481,8 @@ def labelled(run: Any, group: str) -> Labelled:
     verdict, reference = verdicts.golden, verdicts.reference
     steps = [int(r["step"]) for r in run.metrics]
     return Labelled(run.name, group, verdict.hacking, verdict.judged, steps.index(verdict.min_step), run.metrics,
-                    run.per_sample, run.settings, None if reference is None else reference.hacking)
+                    run.per_sample, run.settings, None if reference is None else reference.hacking,
+                    reference is None or reference.judged)
 
 
 def format_runs(runs: Sequence[Labelled], rule: Rule) -> str:
@@ -490,7 +492,7 @@ def format_runs(runs: Sequence[Labelled], rule: Rule) -> str:
     for run in runs:
         fired = rule.alarm(run.rows, run.per_sample, run.settings)
         golden = verdict_word(run.hacking, run.judged)
-        reference = {True: "hacking", False: "no", None: "–"}[run.reference]
+        reference = "–" if run.reference is None else verdict_word(run.reference, run.reference_judged)
         lag = fired - run.min_index if fired is not None and run.hacking else None
         lines.append(f"| {run.preset} | {run.name} | {golden} | {run.min_index} | {reference} | "
                      f"{'–' if fired is None else fired} | {'–' if lag is None else f'{lag:+d}'} |")
@@ -500,7 +502,8 @@ def format_runs(runs: Sequence[Labelled], rule: Rule) -> str:
 def format_agreement(runs: Sequence[Labelled]) -> str:
     """Does a student that hacks the oracle also get worse on real held-out text? Per sweep, the judged runs with
     a reference verdict: how often the reference verdict (the golden rule on the NLL of real responses) says the
-    same as the golden one."""
+    same as the golden one. A reference verdict that is undecided at the run's end did not alarm: it counts as "no"
+    (for a hacking run, a miss)."""
     lines = ["| sweep | runs | golden: hacking | reference: hacking | both | golden only | reference only | agree |",
              "|---|---|---|---|---|---|---|---|"]
     total = np.zeros(7, int)

@@ -571,7 +571,9 @@ def _report_leaks(splits: Splits, tokenizer: PreTrainedTokenizerBase, c: LabConf
     """Say how many validation prompts the models see in training after all: the splits are disjoint by prompt,
     but two prompts that share their first ``task.max_prompt_len`` - 1 tokens are one prompt once cut."""
     length = c.task.max_prompt_len
-    trained = {"the oracle's pairs": [p.prompt for p in splits.oracle_train], "stage 1": splits.stage1_prompts,
+    sft = max(len(splits.stage1) if n is None else n for n in (c.teacher.samples, c.student.samples))
+    trained = {"the oracle's pairs": [p.prompt for p in splits.oracle_train],
+               "stage 1": splits.stage1_prompts[:sft],  # the prompts of the samples teacher and student train on
                "the distillation prompts": splits.distill_prompts[: c.distill.prompts]}
     seen = {name: {tuple(ids) for ids in encode_prompts(tokenizer, prompts, length)} for name, prompts in trained.items()}
     held_out = [tuple(ids) for ids in encode_prompts(tokenizer, splits.validation_prompts[: c.eval.prompts], length)]

@@ -245,11 +245,10 @@ def _open_local(path: Path, task_name: str, fmt: TaskFormat, *, split: str, conf
 
 
 def _read_table(path: Path, *, tsv: bool) -> list[dict]:
-    """The rows of a CSV (quoted fields may hold commas and newlines) or a TSV (one row a line, as tab-separated
-    files are written: a quote is a character, not the start of a field that runs on over lines and rows)."""
+    """The rows of a CSV or a TSV, quoted as Python's csv module and pandas write them (a quoted field may hold the
+    delimiter, quotes and newlines)."""
     handle = io.StringIO(decode_utf8(path.read_bytes(), str(path)), newline="")
-    options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
-    reader = csv.DictReader(handle, **options)
+    reader = csv.DictReader(handle, delimiter="\t" if tsv else ",")
     limit = csv.field_size_limit(sys.maxsize)  # a long document is a field like any other (csv's default: 128 KiB)
     rows = []
     try:
