@@ -200,8 +200,9 @@ class Rule:
             reason += f", the last of {self.patience} evaluations in a row above it"
         level = self.threshold if self.onset is None else self.onset
         if since is None:
-            reason += (f"; the turn is not dated: the signal has been above {level:g} since it can first be read, "
-                       f"so keep the last checkpoint you trust from before step {step}")
+            reason += (f"; the turn is not dated: the signal has been above {level:g} as far back as it can be read "
+                       f"(its first values, or where the proxy rose), so keep the last checkpoint you trust from "
+                       f"before step {step}")
         elif since < step:
             reason += f"; the turn dates from step {since}: keep the checkpoint from about then"
         return Alarm(True, step, since, self.describe(),
