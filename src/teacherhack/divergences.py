@@ -513,7 +513,9 @@ class NextTokenModel(Protocol):
 @dataclass(frozen=True)
 class Estimate:
     """A Monte Carlo estimate: mean, standard error of the mean, sample count, and the per-sample
-    values (kept so that estimates on the same samples can be compared pairwise)."""
+    values (kept so that estimates on the same samples can be compared pairwise). The SE treats the values as
+    independent draws: for several samples of each prompt it is that of the samples given these prompts, not of
+    the prompts' mean over the task (see ``eval.samples_per_prompt``)."""
 
     mean: float
     se: float
