@@ -131,11 +131,18 @@ def test_changing_a_declared_key_changes_exactly_its_stage_and_descendants(pretr
         assert must <= moved <= may, (key, sorted(moved), sorted(must), sorted(may))
         if (readers - hashes_all) - moved:
             summarised.add(key)
-    # the summarised keys are the model names (a size preset is not a tokenizer), the pre-training settings and
-    # the teacher-signal settings that only matter for one kind of signal
+    # the summarised keys are the model names (a size preset is not a tokenizer), the pre-training settings, the
+    # teacher-signal settings that only matter for one kind of signal, and the pool size beyond the part of it the
+    # training references draw on
     assert summarised <= {"models.oracle", "models.teacher", "models.student", "distill.loss_temperature",
-                          "distill.teacher_cache_mb", "distill.top_k_dtype", "pretrain.epochs"} | {
+                          "distill.teacher_cache_mb", "distill.top_k_dtype", "pretrain.epochs", "distill.prompts"} | {
         k for k in keys if k.startswith("pretrain.")}, sorted(summarised)
+    # the training references of pools of 500 and 400 prompts are the same first 200 (sweeps over the pool size share
+    # them), those of a pool smaller than eval.prompts are not
+    pools = {n: stage_specs(set_value(base, "distill.prompts", n), "task-x") for n in (500, 400, 150)}
+    assert pools[500]["train_references"]["key"] == pools[400]["train_references"]["key"]
+    assert pools[500]["train_references"]["key"] != pools[150]["train_references"]["key"]
+    assert pools[500]["offline_data"]["key"] != pools[400]["offline_data"]["key"]
     # and a new task (other pairs) changes everything
     other = stage_specs(base, "task-y")
     assert all((before[n] or {}).get("key") != (other[n] or {}).get("key") for n in STAGES if before[n])

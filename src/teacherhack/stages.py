@@ -326,7 +326,13 @@ def build_references(job: Job, out: Path) -> None:
 
 
 @stage("train_references", reads=("models.vocab_size", "distill.prompts", "eval.prompts", "eval.samples_per_prompt",
-                                  "eval.batch_size", "seed", *LENGTHS), parents=("splits", "tokenizer", "teacher"))
+                                  "eval.batch_size", "seed", *LENGTHS), parents=("splits", "tokenizer", "teacher"),
+       inputs=lambda c: {"vocab_size": c.models.vocab_size, "samples_per_prompt": c.eval.samples_per_prompt,
+                         "batch_size": c.eval.batch_size, "seed": c.seed, "lengths": [c.task.max_prompt_len,
+                                                                                      c.task.max_response_len],
+                         # the prompts it draws on: pools of any size from eval.prompts up give the same ones
+                         "prompts": c.eval.prompts if c.distill.prompts is None
+                         else min(c.distill.prompts, c.eval.prompts)})
 def build_train_references(job: Job, out: Path) -> None:
     """The teacher's samples on training prompts (the first validation-sized part of the distillation pool),
     drawn once: the proxy measured where the student trains, to set against the held-out proxy."""
