@@ -137,6 +137,11 @@ def test_a_folder_of_data_files_is_read_with_its_splits(tmp_path):
     assert load_task(f"xsum:{folder.parent}", tmp_path, split="validation").pairs == XSUM_PAIRS[1:2]
     with pytest.raises(TaskError, match="no split 'test'.*train.*validation"):
         load_task(f"xsum:{folder.parent}", tmp_path, split="test")
+    broken = folder / "train.jsonl"
+    broken.write_text(broken.read_text() + '{"document": "d", "summary": \n', encoding="utf-8")
+    line = len(broken.read_text().splitlines())
+    with pytest.raises(TaskError, match=rf"data/train\.jsonl, line {line}: not valid JSON"):  # the file and line
+        load_task(f"xsum:{folder.parent}", tmp_path / "fresh")
 
 
 def test_generic_fields_dotted_paths_and_bare_paths(tmp_path):

@@ -221,8 +221,12 @@ def _open_local(path: Path, task_name: str, fmt: TaskFormat, *, split: str, conf
                 return _Source(str(path), datasets.load_from_disk(str(path)))
             except Exception as error:  # noqa: BLE001
                 raise TaskError(f"cannot read the saved dataset {path}: {error}") from None
-        return _load_dataset(str(path), config, split, where=str(path), task_name=task_name, fmt=fmt,
-                             cache_dir=cache_dir / "hf-datasets")
+        try:
+            return _load_dataset(str(path), config, split, where=str(path), task_name=task_name, fmt=fmt,
+                                 cache_dir=cache_dir / "hf-datasets")
+        except TaskError:
+            _locate_bad_json(path)  # `datasets` names neither the file nor the line of a malformed record
+            raise
     suffix = path.suffix.lower()
     try:
         labels = None  # rows are named "row N" unless the file has lines to name (a table's values are all text)
@@ -242,6 +246,14 @@ def _open_local(path: Path, task_name: str, fmt: TaskFormat, *, split: str, conf
     except (OSError, UnicodeDecodeError, ValueError) as error:  # pyarrow errors are ValueErrors
         raise TaskError(f"cannot read {path} as {suffix.lstrip('.').upper()}: {error}") from None
     return _Source(str(path), rows, labels)
+
+
+def _locate_bad_json(folder: Path) -> None:
+    """Raise the error of the first JSON data file under ``folder`` that does not read, naming its line."""
+    for file in sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jsonl", ".json") and p.is_file()
+                       and not p.name.startswith(".") and p.name not in ("dataset_info.json", "state.json",
+                                                                          "dataset_dict.json")):
+        _read_json_records(file)
 
 
 def _read_table(path: Path, *, tsv: bool) -> list[dict]:
