@@ -267,7 +267,7 @@ def test_a_kill_while_the_final_student_is_written_leaves_an_unfinished_run(tiny
     assert not run.finished()
     monkeypatch.setattr(distill.LM, "save", original)
     assert main(args) == 0 and run.finished()
-    assert load_pretrained(run.student_dir) is not None and not list(run.path.glob("*.partial"))
+    assert load_pretrained(run.student_dir) is not None and not list(run.path.glob("student.*"))  # nothing left aside
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from teacherhack.tokenizer import (
     encode_prompts,
     encode_responses,
     special_ids,
+    token_ids,
     train_tokenizer,
     truncation_report,
 )
@@ -459,12 +460,12 @@ def test_truncation_report(tokenizer):
     prompts = ["the cat sat on the mat", "a", "a dog ran in the park"]
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     limit = lengths[0] + 1  # the first prompt just fits with its SEP
-    assert truncation_report(tokenizer, prompts, limit) == (sum(n > lengths[0] for n in lengths), 3)
-    assert truncation_report(tokenizer, [], 8) == (0, 0)
+    assert truncation_report(token_ids(tokenizer, prompts), limit) == (sum(n > lengths[0] for n in lengths), 3)
+    assert truncation_report([], 8) == (0, 0)
     with pytest.raises(TaskError, match="all 2 prompts are longer than 1 tokens.*raise the maximum prompt length"):
-        truncation_report(tokenizer, ["the cat sat", "a dog ran"], 2)
+        truncation_report(token_ids(tokenizer, ["the cat sat", "a dog ran"]), 2)
     with pytest.raises(TaskError, match="all 2 responses are longer than 1 tokens.*raise the maximum response length"):
-        truncation_report(tokenizer, ["the cat sat", "a dog ran"], 2, "responses")
+        truncation_report(token_ids(tokenizer, ["the cat sat", "a dog ran"]), 2, "responses")
 
 
 PLAY = """# Act I
@@ -524,7 +525,7 @@ def test_validation_prompts_that_a_cut_makes_training_prompts_are_reported(token
     """The splits are disjoint by prompt, but a prompt cut at max_prompt_len can become another: the lab says how
     many of the validation prompts it scores the models see in training."""
     from teacherhack import config as cfg
-    from teacherhack.stages import _report_leaks
+    from teacherhack.stages import _report_data
     from teacherhack.tasks import Splits
 
     def pairs(prompts):
@@ -537,10 +538,10 @@ def test_validation_prompts_that_a_cut_makes_training_prompts_are_reported(token
     length = len(tokenizer("the cat sat on the mat and then it", add_special_tokens=False)["input_ids"]) + 1
     c = cfg.resolve("quick", {"task.max_prompt_len": length, "eval.prompts": 3, "distill.prompts": 2,
                               "task.n_validation": 3})
-    _report_leaks(splits, tokenizer, c)
+    _report_data(splits, tokenizer, c)
     out = capsys.readouterr().out
     assert (f"3 of 3 validation prompts read as a training prompt once cut at task.max_prompt_len={length} (1 in the "
             "oracle's pairs, 1 in stage 1, 1 in the distillation prompts)") in out
-    _report_leaks(splits, tokenizer, cfg.resolve("quick", {"task.max_prompt_len": 64, "eval.prompts": 3,
+    _report_data(splits, tokenizer, cfg.resolve("quick", {"task.max_prompt_len": 64, "eval.prompts": 3,
                                                            "distill.prompts": 1, "task.n_validation": 3}))
     assert "1 of 3 validation prompts" in capsys.readouterr().out  # only "a dog ran" is a training prompt, as is

@@ -5,7 +5,6 @@ results (batches, online samples and evaluations are pure functions of the seed 
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from teacherhack.training import (
     optimizer_step,
     prepared,
     save_checkpoint,
+    write_folder,
 )
 
 
@@ -120,12 +120,8 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
                     if distributed.is_main():
                         save_checkpoint(folder.checkpoint_dir, student, optimizer, asdict(state))
                     clock = time.time()
-        if distributed.is_main():  # written aside, then renamed: a kill mid-write leaves no "finished" run
-            partial = folder.student_dir.with_name(f"{folder.student_dir.name}.partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            student.save(partial)
-            shutil.rmtree(folder.student_dir, ignore_errors=True)
-            partial.rename(folder.student_dir)
+        if distributed.is_main():
+            write_folder(folder.student_dir, student.save)  # a kill mid-write leaves no "finished" run
         if trackers is not None:
             trackers.finish()
         distributed.barrier()

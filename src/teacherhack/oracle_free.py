@@ -165,6 +165,11 @@ class Rule:
                 return t
         return None
 
+    @property
+    def level(self) -> float:
+        """The level the turn is dated from: the onset level, else the threshold."""
+        return self.threshold if self.onset is None else self.onset
+
     def turn(self, values: np.ndarray, at: int) -> int | None:
         """The evaluation the alarm at index ``at`` dates the turn to: where the unbroken run of values above the
         onset level (the threshold if none) that ends at ``at`` began, if the evaluation before it was seen at or
@@ -172,9 +177,8 @@ class Rule:
         (the power-law departure is undefined for the first 5): the signal was above the level as far back as it can
         be read, so where it rose through it is not known, and the first defined value is no date (on the detection
         corpus it would have dated 60 of the default rule's 64 alarms to the same 6th evaluation)."""
-        level = self.threshold if self.onset is None else self.onset
         start = at
-        while start - 1 >= self.skip and math.isfinite(values[start - 1]) and values[start - 1] > level:
+        while start - 1 >= self.skip and math.isfinite(values[start - 1]) and values[start - 1] > self.level:
             start -= 1
         return start if start - 1 >= self.skip and math.isfinite(values[start - 1]) else None
 
@@ -198,11 +202,10 @@ class Rule:
         reason = f"{self.signal.replace('_', ' ')} {values[at]:.3g} > {self.threshold:g} at step {step}"
         if self.patience > 1:
             reason += f", the last of {self.patience} evaluations in a row above it"
-        level = self.threshold if self.onset is None else self.onset
         if since is None:
-            reason += (f"; the turn is not dated: the signal has been above {level:g} as far back as it can be read "
-                       f"(its first values, or where the proxy rose), so keep the last checkpoint you trust from "
-                       f"before step {step}")
+            reason += (f"; the turn is not dated: the signal has been above {self.level:g} as far back as it can be "
+                       f"read (its first values, or where the proxy rose), so keep the last checkpoint you trust "
+                       f"from before step {step}")
         elif since < step:
             reason += f"; the turn dates from step {since}: keep the checkpoint from about then"
         return Alarm(True, step, since, self.describe(),

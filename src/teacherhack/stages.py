@@ -53,6 +53,7 @@ from teacherhack.tokenizer import (
     encode_references,
     encode_responses,
     special_ids,
+    token_ids,
     train_tokenizer,
     truncation_report,
 )
@@ -553,8 +554,9 @@ def _existing(folder: Path | None, name: str) -> Path | None:
 
 
 def _report_data(splits: Splits, tokenizer: PreTrainedTokenizerBase, c: LabConfig) -> None:
-    """Say how many pairs repeat a prompt and how many prompts and responses of each split the maximum lengths
-    cut: nothing is dropped or cut silently."""
+    """Say how many pairs repeat a prompt, how many prompts and responses of each split the maximum lengths cut,
+    and how many validation prompts read as training prompts once cut: nothing is dropped, cut or leaked
+    silently."""
     if splits.duplicates:
         log(f"{splits.duplicates} pairs repeat an earlier pair's prompt and were left out (each prompt is used once)")
     texts = {"validation prompts": (splits.validation_prompts[: c.eval.prompts], c.task.max_prompt_len),
@@ -562,33 +564,36 @@ def _report_data(splits: Splits, tokenizer: PreTrainedTokenizerBase, c: LabConfi
              "stage-1 prompts": (splits.stage1_prompts, c.task.max_prompt_len),
              "oracle training prompts": ([p.prompt for p in splits.oracle_train], c.task.max_prompt_len),
              "oracle training responses": ([p.response for p in splits.oracle_train], c.task.max_response_len)}
-    for name, (items, limit) in texts.items():
+    ids = {name: token_ids(tokenizer, items) for name, (items, _) in texts.items()}  # tokenized once for both
+    for name, (_, limit) in texts.items():
         key = "task.max_response_len" if name.endswith("responses") else "task.max_prompt_len"
         try:
-            cut, total = truncation_report(tokenizer, items, limit, name.rsplit(" ", 1)[1])
+            cut, total = truncation_report(ids[name], limit, name.rsplit(" ", 1)[1])
         except TaskError as error:
             raise TaskError(f"{name}: {error} ({key}={limit})") from None
         if cut:
             log(f"{cut} of {total} {name} are longer than {key}={limit} and are cut")
-    _report_leaks(splits, tokenizer, c)
+    _report_leaks(ids, c)
 
 
-def _report_leaks(splits: Splits, tokenizer: PreTrainedTokenizerBase, c: LabConfig) -> None:
-    """Say how many validation prompts the models see in training after all: the splits are disjoint by prompt,
-    but two prompts that share their first ``task.max_prompt_len`` - 1 tokens are one prompt once cut."""
-    length = c.task.max_prompt_len
-    sft = max(len(splits.stage1) if n is None else n for n in (c.teacher.samples, c.student.samples))
-    trained = {"the oracle's pairs": [p.prompt for p in splits.oracle_train],
-               "stage 1": splits.stage1_prompts[:sft],  # the prompts of the samples teacher and student train on
-               "the distillation prompts": splits.distill_prompts[: c.distill.prompts]}
-    seen = {name: {tuple(ids) for ids in encode_prompts(tokenizer, prompts, length)} for name, prompts in trained.items()}
-    held_out = [tuple(ids) for ids in encode_prompts(tokenizer, splits.validation_prompts[: c.eval.prompts], length)]
-    leaked = sum(any(ids in pool for pool in seen.values()) for ids in held_out)
+def _report_leaks(ids: dict[str, list[list[int]]], c: LabConfig) -> None:
+    """Say how many validation prompts the models see in training after all (``ids``: each part's tokens, as
+    :func:`_report_data` has them): the splits are disjoint by prompt, but two prompts that share their first
+    ``task.max_prompt_len`` - 1 tokens are one prompt once cut."""
+    kept = c.task.max_prompt_len - 1
+    stage1 = ids["stage-1 prompts"]
+    sft = max(len(stage1) if n is None else n for n in (c.teacher.samples, c.student.samples))
+    trained = {"the oracle's pairs": ids["oracle training prompts"],
+               "stage 1": stage1[:sft],  # the prompts of the samples teacher and student train on
+               "the distillation prompts": ids["distillation prompts"]}
+    seen = {name: {tuple(row[:kept]) for row in rows} for name, rows in trained.items()}
+    held_out = [tuple(row[:kept]) for row in ids["validation prompts"]]
+    leaked = sum(any(row in pool for pool in seen.values()) for row in held_out)
     if leaked:
-        where = ", ".join(f"{sum(ids in pool for ids in held_out)} in {name}" for name, pool in seen.items())
+        where = ", ".join(f"{sum(row in pool for row in held_out)} in {name}" for name, pool in seen.items())
         log(f"{leaked} of {len(held_out)} validation prompts read as a training prompt once cut at "
-            f"task.max_prompt_len={length} ({where}): their metrics are not held out; a longer task.max_prompt_len "
-            f"tells them apart")
+            f"task.max_prompt_len={c.task.max_prompt_len} ({where}): their metrics are not held out; a longer "
+            f"task.max_prompt_len tells them apart")
 
 
 def _value(config: Any, key: str) -> Any:

@@ -79,9 +79,15 @@ def encode_references(tokenizer: PreTrainedTokenizerBase, responses: Sequence[st
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], limit: int) -> list[list[int]]:
     if limit < 1:
         raise ValueError(f"max_len must be at least 2 (one token plus SEP or EOS), got {limit + 1}")
-    if not texts:
-        return []
-    return [ids[:limit] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    return [ids[:limit] for ids in token_ids(tokenizer, texts)]
+
+
+def token_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """The tokens of each text, whole (no special tokens), in batches of 1,000."""
+    ids: list[list[int]] = []
+    for start in range(0, len(texts), 1000):
+        ids += tokenizer(list(texts[start : start + 1000]), add_special_tokens=False)["input_ids"]
+    return ids
 
 
 # --- Pretrained tokenizers: one tokenizer for all roles ----------------------------------------------
@@ -183,18 +189,15 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
     return SpecialIds(prompt_end=eos if sep is None else sep, eos=eos, pad=eos if pad is None else pad)
 
 
-def truncation_report(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int,
-                      what: str = "prompts") -> tuple[int, int]:
-    """(texts that `encode_prompts` or `encode_responses` would cut at `max_len`, texts): a prompt or response keeps
-    at most `max_len` - 1 tokens, as one more ends it. Raises `TaskError` when every text would be cut, since then
-    no model sees a whole one: `max_len` is wrong for the task (``what``: "prompts" or "responses", for the message).
+def truncation_report(ids: Sequence[Sequence[int]], max_len: int, what: str = "prompts") -> tuple[int, int]:
+    """(texts that `encode_prompts` or `encode_responses` would cut at `max_len`, texts), from their
+    :func:`token_ids`: a prompt or response keeps at most `max_len` - 1 tokens, as one more ends it. Raises
+    `TaskError` when every text would be cut, since then no model sees a whole one: `max_len` is wrong for the task
+    (``what``: "prompts" or "responses", for the message).
     """
     if max_len < 2:
         raise ValueError(f"max_len must be at least 2 (one token plus SEP or EOS), got {max_len}")
-    lengths: list[int] = []
-    for start in range(0, len(texts), 1000):
-        batch = list(texts[start : start + 1000])
-        lengths += [len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]]
+    lengths = [len(row) for row in ids]
     truncated = sum(length > max_len - 1 for length in lengths)
     if lengths and truncated == len(lengths):
         raise TaskError(

@@ -197,15 +197,25 @@ def train(model: LM, source: Source, loss_fn: LossFn, *, steps: int, lr: float, 
 
 
 def save_checkpoint(path: Path, model: LM, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Write model (safetensors), optimiser state and loop state, atomically: a kill mid-write leaves the
-    previous checkpoint intact."""
+    """Write model (safetensors), optimiser state and loop state, atomically (:func:`write_folder`): a kill
+    mid-write leaves the previous checkpoint intact."""
+    def write(folder: Path) -> None:
+        model.save(folder)
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        (folder / "state.json").write_text(json.dumps(state))
+
+    write_folder(path, write)
+
+
+def write_folder(path: Path, write: Callable[[Path], None]) -> None:
+    """Fill folder ``path`` with ``write(folder)`` atomically: into a sibling first, then swapped in, so a kill
+    mid-write leaves the previous version (``path``, or ``PATH.old`` between the two renames:
+    :func:`latest_checkpoint`), never a half-written folder."""
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)  # a save killed mid-write
     tmp.mkdir(parents=True)
-    model.save(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state))
+    write(tmp)
     old = path.with_name(path.name + ".old")
     if path.exists():
         if old.exists():
