@@ -389,6 +389,27 @@ def test_prompt_states_score_responses_as_the_full_forward_does(arch):
         states.prefix(torch.tensor([0, 3, 4]), collate_prompts([prompts[i] for i in (4, 0, 3)], PAD))
 
 
+def test_prompt_states_under_bf16_autocast_stay_within_its_rounding():
+    """As distill.teacher_prompt_cache runs them when the lab trains in bf16: the states computed in float32, the
+    responses' forward under autocast. The cached log-probabilities are not those of the full forward under
+    autocast, but no farther from float32 than the autocast's own rounding takes the full forward."""
+    lm = make_lm("gpt2", "s")
+    prompts = [[int(t) for t in torch.randint(2, VOCAB, (n,), generator=torch.Generator().manual_seed(n))]
+               for n in (7, 12, 3, 9)]
+    batch = collate_prompts(prompts, PAD)
+    states = lm.prompt_states(batch)
+    responses = torch.randint(2, VOCAB, (4, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = lm.next_token_logprobs(batch, responses)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            full = lm.next_token_logprobs(batch, responses)
+            cached = lm.next_token_logprobs(batch, responses, states.prefix(torch.arange(4), batch))
+    assert states.layers[0][0].dtype == torch.float32
+    rounding = float((full - exact).abs().max())
+    assert 1e-4 < rounding < 0.1  # bf16's rounding, not float32's
+    assert float((cached - exact).abs().max()) <= 1.5 * rounding
+
+
 def test_prompt_states_refuse_an_encoder_decoder():
     with pytest.raises(ValueError, match="decoder-only"):
         make_lm("t5").prompt_states(collate_prompts(PROMPTS, PAD))

@@ -106,8 +106,8 @@ class DistillConfig:
     teacher_cache_mb: int = 1024
     # Online sources whose loss runs the teacher (online_student, mixture): its keys and values on the distillation
     # prompts are computed once and reused, so that its forward runs on the responses alone (decoder-only teachers;
-    # within teacher_cache_mb). The same distributions, not the same bits (about 1e-6 on the logits), so off by
-    # default: the recorded results were made without it
+    # within teacher_cache_mb). The same distributions, not the same bits (in float32 about 1e-6 on the logits; under
+    # bf16 autocast up to bf16's own rounding, about 1e-2), so off by default: the recorded results were made without it
     teacher_prompt_cache: bool = False
     # sampled_reverse_kl (online_student only): the per-token estimator of KL(student‖teacher) and the discount
     # of its reward-to-go (1: the unbiased sequence-level gradient; 0: the per-token advantage of Tinker's recipe)

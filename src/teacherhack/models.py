@@ -184,8 +184,10 @@ class PromptStates:
     once (:meth:`LM.prompt_states`): scoring responses to those prompts then runs only the last prompt token and
     the responses through the model, not the prompts again at every step. Stored left-padded to the longest
     prompt, so the prefix of a batch of them, left-padded to its own longest, is their last columns. The same
-    distribution as the full forward, not the same bits (matrix products of other shapes: about 1e-6 on the
-    logits)."""
+    distribution as the full forward, not the same bits: in float32 about 1e-6 on the logits (attention and matrix
+    products of other shapes); under bf16 autocast, where the full forward itself rounds (up to about 1e-2 from float32 at
+    the lab's teacher size), the states are what the pass that computed them made (float32 outside autocast) and the
+    log-probabilities move by as much as that rounding."""
 
     ids: Tensor  # [N, P] the prompts, left-padded
     mask: Tensor  # [N, P]
