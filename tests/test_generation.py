@@ -72,9 +72,10 @@ def test_student_weights_reach_a_separate_sampler_every_n_steps_and_after_resume
 
 
 def test_responses_follow_the_eos_convention():
-    assert _end_at_eos([4, 5, EOS, 7], "stop", EOS) == [4, 5, EOS]
-    assert _end_at_eos([4, 5], "stop", EOS) == [4, 5, EOS]  # an engine that hides the stop token
-    assert _end_at_eos([4, 5], "length", EOS) == [4, 5]  # truncated: no EOS
+    assert _end_at_eos([4, 5, EOS, 7], None, EOS) == [4, 5, EOS]
+    assert _end_at_eos([4, 5], EOS, EOS) == [4, 5, EOS]  # an engine that hides the stop token
+    assert _end_at_eos([4, 5], None, EOS) == [4, 5]  # truncated: no EOS
+    assert _end_at_eos([4, 5, 7], 7, EOS) == [4, 5, 7]  # another stop (none of ours): no EOS was drawn, none added
 
 
 def test_the_vllm_sampler_seeds_every_row_and_draws_real_tokens_only(monkeypatch, tmp_path):
@@ -91,8 +92,8 @@ def test_the_vllm_sampler_seeds_every_row_and_draws_real_tokens_only(monkeypatch
             self.__dict__.update(kwargs)
 
     class Output:
-        def __init__(self, tokens, reason):
-            self.token_ids, self.finish_reason = tokens, reason
+        def __init__(self, tokens, stop_reason):
+            self.token_ids, self.stop_reason = tokens, stop_reason
 
     class LLM:
         def __init__(self, **kwargs):
@@ -100,7 +101,13 @@ def test_the_vllm_sampler_seeds_every_row_and_draws_real_tokens_only(monkeypatch
 
         def generate(self, requests, params, use_tqdm):
             calls.append((requests, params))
-            return [types.SimpleNamespace(outputs=[Output([5, 6], "stop")]) for _ in requests]
+            return [types.SimpleNamespace(outputs=[Output([5, 6], EOS)]) for _ in requests]
+
+        def apply_model(self, function):
+            calls.append("apply_model")
+
+        def reset_prefix_cache(self):
+            calls.append("reset_prefix_cache")
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
     padded = LM(build_model("gpt2", "xxs", vocab_size=48, pad_id=PAD, eos_id=EOS, max_positions=32, seed=0),
@@ -112,7 +119,12 @@ def test_the_vllm_sampler_seeds_every_row_and_draws_real_tokens_only(monkeypatch
     assert [r["prompt_token_ids"] for r in requests] == [[5, 6, 2], [5, 6, 2], [7, 2]]
     assert len(params) == 3 and len({p.seed for p in params}) == 3
     assert all(p.allowed_token_ids == list(range(40)) and p.temperature == 1.0 for p in params)
+    # the tokenizer's EOS alone stops a row (ignore_eos: not the ids of the checkpoint's generation config)
+    assert all(p.stop_token_ids == [EOS] and p.ignore_eos for p in params)
+    assert sampler.llm.kwargs["dtype"] == "float32"  # the model's own, not "auto" (which samples float32 in bf16)
     assert out.tolist() == [[5, 6, EOS]] * 3  # stopped at EOS: the EOS is put back
     again = sampler.sample(prompts, max_new_tokens=8, generator=torch.Generator().manual_seed(3))
     assert [p.seed for p in calls[1][1]] == [p.seed for p in params] and torch.equal(again, out)
     assert generation.VLLMSampler(tmp_path, tiny_lm()).allowed is None  # nothing padded: no restriction
+    sampler.sync(padded)  # new weights, and no prompt state the old ones computed
+    assert calls[2:] == ["apply_model", "reset_prefix_cache"]

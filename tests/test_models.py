@@ -245,6 +245,25 @@ def test_invalid_temperature(temperature):
     model = build_model("gpt2", "xxs", vocab_size=VOCAB, pad_id=PAD, eos_id=EOS, max_positions=16, seed=0)
     with pytest.raises(ValueError, match="temperature"):
         LM(model, pad_id=PAD, eos_id=EOS, temperature=temperature)
+    with pytest.raises(ValueError, match="temperature"):  # softmax(−logits), or NaN probabilities, else
+        LM(model, pad_id=PAD, eos_id=EOS).sample(collate_prompts(PROMPTS, PAD), max_new_tokens=2,
+                                                 generator=torch.Generator().manual_seed(0), temperature=temperature)
+
+
+def test_a_bf16_model_is_scored_from_the_distribution_it_is_sampled_from():
+    """τ ≠ 1 divides the logits in float32 for scoring as for sampling: one bf16 rounding more (l/τ in bf16)
+    would score another distribution than the one the samples come from."""
+    lm = make_lm("gpt2", scale=0.6)
+    lm.model.to(torch.bfloat16)
+    tempered = LM(lm.model, pad_id=PAD, eos_id=EOS, temperature=0.3)
+    prompts, responses = collate_prompts(PROMPTS, PAD), torch.tensor([[3, 4, EOS]] * len(PROMPTS))
+    with torch.no_grad():
+        raw = lm.logits(prompts, responses)
+        scored = tempered.next_token_logprobs(prompts, responses)
+    assert raw.dtype == torch.bfloat16  # τ = 1: the logits as the model made them
+    exact = torch.log_softmax(raw.float() / 0.3, -1)
+    assert torch.equal(scored, exact)
+    assert not torch.equal(torch.log_softmax((raw / 0.3).float(), -1), exact)  # what bf16 division gave
 
 
 def test_vocab_size_and_encoder_decoder_flags():

@@ -54,19 +54,22 @@ class HFSampler:
 class VLLMSampler:
     """vLLM on a saved copy of the model (token ids in, token ids out; no tokenizer). Sampling matches
     :meth:`LM.sample`: softmax(logits/τ) over the real vocabulary (a padded output layer's extra ids are never
-    drawn), no top-k or top-p, stop at EOS, each row with a seed of its own. ``sync`` loads the trained model's
-    current weights into the engine in place (vLLM ≥ 0.9, ``LLM.apply_model``)."""
+    drawn), in the model's own dtype (vLLM's "auto" would sample a float32 checkpoint in bf16), no top-k or
+    top-p, stop at the tokenizer's EOS only (not at other ids a checkpoint's generation_config.json lists), each
+    row with a seed of its own. ``sync`` loads the trained model's current weights into the engine in place (vLLM
+    ≥ 0.9, ``LLM.apply_model``) and drops its prefix cache, whose keys and values the old weights computed."""
 
     name = "vllm"
     gives_logprobs = False
     any_threads = False  # it runs on a GPU: CPU threads are not its business
 
-    def __init__(self, path: Path, model: LM, *, gpu_memory_utilization: float = 0.3, dtype: str = "auto"):
+    def __init__(self, path: Path, model: LM, *, gpu_memory_utilization: float = 0.3):
         from vllm import LLM  # imported here: an optional dependency
 
         self.eos_id, self.pad_id, self.temperature = model.eos_id, model.pad_id, model.temperature
         width = model.model.get_output_embeddings().weight.shape[0]
         self.allowed = list(range(model.vocab_size)) if model.vocab_size < width else None
+        dtype = str(next(model.model.parameters()).dtype).removeprefix("torch.")
         self.llm = LLM(model=str(path), skip_tokenizer_init=True, gpu_memory_utilization=gpu_memory_utilization,
                        dtype=dtype, enforce_eager=True)
 
@@ -80,25 +83,28 @@ class VLLMSampler:
         # vLLM seeds each request's generator from its own parameters: one seed for all would draw the same noise
         # in every row (identical prompts, identical responses)
         seeds = torch.randint(0, 2**31 - 1, (len(prompts.ids),), generator=generator).tolist()
+        # ignore_eos: the engine's own EOS ids (every one the checkpoint's generation config lists) stop nothing;
+        # the tokenizer's EOS, our convention, stops a row as a stop token
         params = [SamplingParams(temperature=self.temperature, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,
-                                 seed=seed, stop_token_ids=[self.eos_id], detokenize=False,
+                                 seed=seed, stop_token_ids=[self.eos_id], ignore_eos=True, detokenize=False,
                                  allowed_token_ids=self.allowed) for seed in seeds]
         requests = [{"prompt_token_ids": ids[mask].tolist()} for ids, mask in zip(prompts.ids, prompts.mask)]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
-        rows = [_end_at_eos(list(out.outputs[0].token_ids), out.outputs[0].finish_reason, self.eos_id)
+        rows = [_end_at_eos(list(out.outputs[0].token_ids), out.outputs[0].stop_reason, self.eos_id)
                 for out in outputs]
         return pad_responses(rows, self.pad_id)
 
     def sync(self, model: LM) -> None:
         weights = [(name, tensor.detach()) for name, tensor in model.model.state_dict().items()]
         self.llm.apply_model(lambda engine_model: engine_model.load_weights(weights))
+        self.llm.reset_prefix_cache()  # vLLM keeps it across weight loads: its prompts' states are the old model's
 
 
-def _end_at_eos(tokens: list[int], finish_reason: str | None, eos_id: int) -> list[int]:
-    """Our response convention: cut after the first EOS; a stop without a visible EOS gets one."""
+def _end_at_eos(tokens: list[int], stop_reason: int | str | None, eos_id: int) -> list[int]:
+    """Our response convention: cut after the first EOS; a row the EOS stopped without showing it gets it back."""
     if eos_id in tokens:
         return tokens[: tokens.index(eos_id) + 1]
-    return tokens + [eos_id] if finish_reason == "stop" else tokens
+    return tokens + [eos_id] if stop_reason == eos_id else tokens
 
 
 def vllm_available() -> bool:

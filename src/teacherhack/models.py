@@ -291,7 +291,7 @@ class LM:
             start = torch.full_like(responses[:, :1], self.model.config.decoder_start_token_id)
             out = self.module(input_ids=prompts.ids, attention_mask=prompts.mask.long(),
                               decoder_input_ids=torch.cat([start, responses[:, :-1]], 1), use_cache=False)
-            return tempered(out.logits[..., : self.vocab_limit], self.temperature)
+            return self._tempered(out.logits[..., : self.vocab_limit])
         ids = torch.cat([prompts.ids, responses[:, :-1]], 1)
         mask = torch.cat([prompts.mask, torch.ones_like(responses[:, :-1], dtype=torch.bool)], 1)
         positions = decoding.prompt_positions(mask)
@@ -302,7 +302,12 @@ class LM:
             run = slice(prompts.ids.shape[1] - 1, None)  # the columns the prefix does not hold
             out = self.module(input_ids=ids[:, run], attention_mask=mask.long(), position_ids=positions[:, run],
                               cache=prefix, use_cache=True, **keep)
-        return tempered(out.logits[:, -responses.shape[1]:, : self.vocab_limit], self.temperature)
+        return self._tempered(out.logits[:, -responses.shape[1]:, : self.vocab_limit])
+
+    def _tempered(self, logits: Tensor) -> Tensor:
+        """logits/τ divided in float32, as sampling divides them (one bf16 rounding more would score another
+        distribution than the one sampled); at τ = 1 the logits as they are, in their dtype."""
+        return tempered(logits, self.temperature, None if self.temperature == 1.0 else torch.float32)
 
     def next_token_logprobs(self, prompts: Prompts, responses: Tensor, prefix: DynamicCache | None = None) -> Tensor:
         return torch.log_softmax(self.logits(prompts, responses, prefix).float(), dim=-1)
@@ -346,8 +351,11 @@ class LM:
         """Responses [B, T≤max_new_tokens] drawn from softmax(logits/(τ·temperature)) with a KV cache, by
         inverse CDF from ``generator`` (:mod:`teacherhack.decoding`). Each row ends at its first EOS (padded
         with ``pad_id`` after); a row with no EOS was truncated. ``return_logprobs``: also the float32
-        log-probabilities [B, T, V] each position was drawn from, equal to :meth:`next_token_logprobs` of the
-        responses (entries after a row's EOS are unspecified), so their scoring needs no second forward."""
+        log-probabilities [B, T, V] each position was drawn from (entries after a row's EOS are unspecified), so
+        their scoring needs no second forward: at ``temperature`` 1, :meth:`next_token_logprobs` of the responses to
+        the rounding of the decoder's other matrix shapes (a few 1e-6 in float32; as much as bf16 rounds in bf16)."""
+        if not temperature > 0:
+            raise ValueError(f"sampling temperature must be > 0, got {temperature}")
         was_training = self.model.training
         self.model.eval()
         try:
