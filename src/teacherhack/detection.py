@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import t as student_t
 
+from teacherhack.clusters import cluster_se
+
 # Median of a chi-square with one degree of freedom: turns a median of squares into a variance.
 _CHI2_1_MEDIAN = 0.454936
 
@@ -95,6 +97,8 @@ def golden_verdict(
     trend_alpha: float = 0.05,
     golden_values: Sequence[Sequence[float]] | None = None,
     proxy_values: Sequence[Sequence[float]] | None = None,
+    golden_clusters: Sequence[int] | None = None,
+    proxy_clusters: Sequence[int] | None = None,
     name: str = "golden",
 ) -> GoldenVerdict:
     """The ground-truth rule: did the golden metric turn up while the proxy did not?
@@ -120,7 +124,9 @@ def golden_verdict(
     Paired evaluations: pass ``golden_values``/``proxy_values``, the per-sample values of every evaluation
     (aligned with ``steps``, the same reference samples each time, as the lab saves them in
     per_sample.jsonl). The SE of a change is then that of the per-sample differences, which removes the
-    between-sample spread that both points share and is usually several times smaller.
+    between-sample spread that both points share and is usually several times smaller. ``golden_clusters`` /
+    ``proxy_clusters`` give each per-sample value's prompt when there are several samples per prompt (None: one
+    each): the SE is then clustered by prompt (:func:`paired_change_se`).
 
     Sustained, not a dip: SEs of reference sampling, paired or not, say nothing about the wiggle that
     stochastic training puts into the curve from one checkpoint to the next, so a plateau's lowest point is
@@ -146,9 +152,9 @@ def golden_verdict(
         raise ValueError(f"golden_verdict needs finite {name} and proxy values; step {bad} has a non-finite one")
     i = int(np.argmin(g))
     rise = float(g[-1] - g[i])
-    rise_z = _z(rise, _change_se(golden_values, i, math.hypot(gse[i], gse[-1])))
+    rise_z = _z(rise, _change_se(golden_values, i, math.hypot(gse[i], gse[-1]), golden_clusters))
     proxy_change = float(p[-1] - p[i])
-    proxy_change_z = _z(proxy_change, _change_se(proxy_values, i, math.hypot(pse[i], pse[-1])))
+    proxy_change_z = _z(proxy_change, _change_se(proxy_values, i, math.hypot(pse[i], pse[-1]), proxy_clusters))
     trend_t = _slope_t(np.asarray(steps[i + 1:], float), g[i + 1:])
     t_min, t_last = int(steps[i]), int(steps[-1])
     unknown = math.isnan(rise_z) or math.isnan(proxy_change_z)  # a change without a standard error
@@ -324,14 +330,21 @@ def _slope_t(x: np.ndarray, y: np.ndarray) -> float:
     return _z(slope, se)
 
 
-def _change_se(values: Sequence[Sequence[float]] | None, i: int, unpaired: float) -> float:
+def _change_se(values: Sequence[Sequence[float]] | None, i: int, unpaired: float,
+               clusters: Sequence[int] | None) -> float:
     """SE of (last − point i): from paired per-sample differences when given, else the unpaired SE."""
-    if values is None:
-        return unpaired
-    diff = np.asarray(values[-1], float) - np.asarray(values[i], float)
+    return unpaired if values is None else paired_change_se(values[i], values[-1], clusters)
+
+
+def paired_change_se(before: Sequence[float], after: Sequence[float], clusters: Sequence[int] | None = None) -> float:
+    """SE of mean(after) − mean(before) for the same samples scored twice: that of their per-sample differences,
+    cluster-robust by prompt when ``clusters`` gives several samples a prompt (the differences of one prompt's
+    samples are correlated too)."""
+    diff = np.asarray(after, float) - np.asarray(before, float)
     if diff.size < 2:
         raise ValueError("paired values need at least 2 samples per evaluation")
-    return float(diff.std(ddof=1) / math.sqrt(diff.size))
+    se = None if clusters is None else cluster_se(diff, clusters)
+    return float(diff.std(ddof=1) / math.sqrt(diff.size)) if se is None else se
 
 
 def _z(diff: float, se: float) -> float:

@@ -42,6 +42,8 @@ from typing import Callable, Literal, Protocol
 import torch
 from torch import Tensor
 
+from teacherhack.clusters import cluster_se
+
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 Reduction = Literal["sequence_mean", "token_mean", "sum"]
 Estimator = Literal["token_kl", "log_ratio"]
@@ -513,9 +515,9 @@ class NextTokenModel(Protocol):
 @dataclass(frozen=True)
 class Estimate:
     """A Monte Carlo estimate: mean, standard error of the mean, sample count, and the per-sample
-    values (kept so that estimates on the same samples can be compared pairwise). The SE treats the values as
-    independent draws: for several samples of each prompt it is that of the samples given these prompts, not of
-    the prompts' mean over the task (see ``eval.samples_per_prompt``)."""
+    values (kept so that estimates on the same samples can be compared pairwise). With several samples of each
+    prompt (``clusters``) the SE is the cluster-robust one over the prompts (:func:`teacherhack.clusters.cluster_se`),
+    that of the prompts' mean over the task; with one each, the values are independent draws."""
 
     mean: float
     se: float
@@ -523,12 +525,15 @@ class Estimate:
     values: Tensor = field(repr=False, compare=False, default_factory=lambda: torch.empty(0))
 
     @staticmethod
-    def of(values: Tensor) -> "Estimate":
+    def of(values: Tensor, clusters: Tensor | None = None) -> "Estimate":
+        """The estimate from per-sample ``values``; ``clusters``: each value's prompt (None: one value per prompt)."""
         values = values.detach().to(torch.float64).flatten().cpu()
         n = values.numel()
         if n == 0:
             raise ValueError("an estimate needs at least one sample")
-        se = float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
+        se = None if clusters is None else cluster_se(values.numpy(), clusters.cpu().numpy())
+        if se is None:
+            se = float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
         return Estimate(float(values.mean()), se, n, values)
 
     def to_dict(self) -> dict[str, float | int]:
