@@ -64,8 +64,9 @@ def main() -> None:
     e = c.eval
     start = time.perf_counter()
     evaluator = Evaluator(oracle, teacher, load_sample_sets(up.references) | load_sample_sets(up.train_references),
-                          estimator=e.estimator, per_token=e.per_token, reverse_samples=e.reverse_samples,
-                          batch_size=e.batch_size, max_new_tokens=c.task.max_response_len, seed=c.seed + seeds.EVALUATION,
+                          samples_per_prompt=e.samples_per_prompt, estimator=e.estimator, per_token=e.per_token,
+                          reverse_samples=e.reverse_samples, batch_size=e.batch_size,
+                          max_new_tokens=c.task.max_response_len, seed=c.seed + seeds.EVALUATION,
                           frozen=load_file(str(up.reference_scores)))  # as a stage-2 run builds it
     setup = time.perf_counter() - start
     figures = {"preset": args.preset, "threads": args.threads, "setup_s": setup,

@@ -16,7 +16,9 @@ from conftest import TINY
 from teacherhack import config as cfg
 from teacherhack import lab, stages
 from teacherhack.cli import main
+from teacherhack.divergences import Estimate
 from teacherhack.metrics import Evaluator
+from teacherhack.rundir import sample_prompts
 
 pytestmark = pytest.mark.slow
 SOURCES = ("offline", "online_teacher", "online_student")
@@ -62,6 +64,13 @@ def test_lab_end_to_end_then_cache_reuse(tiny_config: cfg.LabConfig, tmp_path: P
         assert run["golden_min"] == min(r["golden"] for r in rows)
         info = json.loads((out / source / "run.json").read_text())
         assert info["source"] == source and info["teacher_golden"] > 0
+        # 2 samples per validation prompt, one real response: the SEs and those who read per_sample.jsonl cluster them
+        assert info["samples_per_prompt"] == {"golden": 2, "proxy": 2, "proxy_train": 2, "oracle_nll": 2,
+                                              "reference_nll": 1}
+        for key in ("golden", "proxy", "reference_nll"):  # the stored SEs, from the saved values (to 7 digits)
+            values = torch.tensor(last[key], dtype=torch.float64)
+            clusters = torch.from_numpy(sample_prompts(info, key, len(values)))
+            assert rows[-1][f"{key}_se"] == pytest.approx(Estimate.of(values, clusters).se, rel=1e-4), key
         # the offline dataset's tokens count as this run's data cost (the online ones count as they come)
         (offline_data,) = (cache / "artifacts").glob("offline_data-*/pairs.json")
         offline_tokens = sum(map(len, json.loads(offline_data.read_text())["responses"]))

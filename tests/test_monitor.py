@@ -24,6 +24,8 @@ from transformers import (
     TrainingArguments,
 )
 
+from teacherhack.detection import golden_verdict
+from teacherhack.divergences import Estimate
 from teacherhack.metrics import sample_in_batches
 from teacherhack.models import LM, build_model, collate_prompts
 from teacherhack.monitor import PAIRED_KEY, HackingMonitor, HackingMonitorCallback, TeacherHackingWarning
@@ -511,3 +513,34 @@ def test_a_reference_nll_without_se_or_not_finite_gives_no_verdict(tok, teacher)
     assert not row["reference_alert"] and "not finite at step 6" in row["reference_reason"]
     with pytest.raises(ValueError, match="at least 2 reference pairs"):
         HackingMonitor(teacher, tok, HELD_OUT, references=real_pairs(tok, make_model(7, init=0.5).eval(), 4)[:1])
+
+
+def test_the_proxy_se_and_its_paired_change_are_clustered_by_prompt(tok, teacher):
+    """The samples of one held-out prompt are correlated: the proxy's SE is clustered by prompt, and so is the paired
+    SE of its change in the reference verdict. Replayed here: the reference NLL rises steadily while the proxy
+    rises by 2.5 SE over the prompts (each prompt's change shared by its samples), which treating the samples as
+    independent would call 3.7 SE and so over-fitting, not hacking."""
+    mon = HackingMonitor(teacher, tok, HELD_OUT, samples_per_prompt=3, max_new_tokens=8, batch_size=8,
+                         references=real_pairs(tok, make_model(7, init=0.5).eval(), 4))
+    row = mon.check(perturbed(teacher), 0)
+    values = torch.tensor(mon.paired_values[0]["proxy"], dtype=torch.float64)
+    prompts = torch.arange(len(HELD_OUT)).repeat_interleave(3)
+    assert row["proxy_se"] == Estimate.of(values, prompts).se > 1.2 * Estimate.of(values).se
+
+    mon = HackingMonitor(teacher, tok, HELD_OUT, samples_per_prompt=2, max_new_tokens=8,
+                         references=real_pairs(tok, make_model(7, init=0.5).eval(), 4))
+    own = torch.tensor([0.3, -1.2, 0.8, 1.5, -0.4, -0.2], dtype=torch.float64)
+    change = ((own - own.mean()) / own.std()).repeat_interleave(2)  # each prompt's own, SD 1 over the prompts
+    rise = 2.5 / math.sqrt(len(HELD_OUT))  # 2.5 SE over the 6 prompts
+    pairs = torch.tensor([-1.0, 0.0, 0.4, 0.6])
+    for step, (nll, proxy) in enumerate(zip([5.0, 4.0, 3.0, 3.1, 3.2, 3.3, 3.4], [9.0, 8.0, 7.0, 7.0, 7.0, 7.0, 7.0])):
+        proxies = torch.full((2 * len(HELD_OUT),), proxy, dtype=torch.float64) + (rise + change if step == 6 else 0)
+        nlls = nll + pairs * (1 + 0.01 * step)  # a per-pair spread, which the paired SE of a change leaves out
+        row = mon.record(step, float(proxies.mean()), 0.1, reference_nll=nll, reference_nll_se=0.1,
+                         paired={"proxy": proxies.tolist(), "reference_nll": nlls.tolist()})
+    assert row["reference_alert"] and "reference NLL rises" in row["reference_reason"]
+    naive = golden_verdict([r["step"] for r in mon.history], [r["reference_nll"] for r in mon.history], [0.1] * 7,
+                           [r["proxy"] for r in mon.history], [0.1] * 7,
+                           golden_values=[p["reference_nll"] for p in mon.paired_values],
+                           proxy_values=[p["proxy"] for p in mon.paired_values])
+    assert not naive.hacking and "the proxy rises too (3.7 SE)" in naive.reason

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import math
 import re
 import subprocess
 import sys
@@ -206,6 +207,37 @@ def test_labels_say_what_the_bands_and_the_loss_are(tmp_path, monkeypatch):
     (path / "run.json").write_text(json.dumps({**settings, "loss": "sampled_reverse_kl"}))
     reports.plot_curves([load_run(path)], tmp_path / "curves.png")
     assert figures[-1].axes[0].get_ylabel() == "train loss [nats/seq] ↓"
+
+
+def test_paired_ses_cluster_as_run_json_says_and_an_older_run_reads_as_before(tmp_path):
+    """run.json records the samples per prompt of each metric in per_sample.jsonl: the verdicts and the rise figure's
+    bands cluster their paired SEs by it. A run folder written before it was recorded reads as one sample per prompt:
+    the SEs it was judged with, bit for bit."""
+    import teacherhack.reports as reports
+
+    golden = 50 + 0.05 * (STEPS / 100 - 7) ** 2
+    path = write_run(tmp_path / "r", "offline", golden)
+    rng = np.random.default_rng(0)
+    base, change = np.repeat(rng.normal(0, 3, 10), 2), np.repeat(rng.normal(0, 1, 10), 2)  # 10 prompts × 2 samples
+    values = [base - base.mean() + g + change * i / 4 for i, g in enumerate(golden)]
+    (path / "per_sample.jsonl").write_text("".join(
+        json.dumps({"step": int(s), "golden": v.tolist(), "proxy": (v / 10).tolist()}) + "\n"
+        for s, v in zip(STEPS, values)))
+    best = int(np.argmin(golden))
+    diffs = [np.asarray(v) - values[best] for v in values]
+
+    old = load_run(path)
+    plain = [np.std(d, ddof=1) / np.sqrt(d.size) for d in diffs]  # the formula before clustering
+    assert reports._change_se(old, "golden", best).tolist() == plain
+    assert old.verdicts().golden.rise_z == (golden[-1] - golden[best]) / float(diffs[-1].std(ddof=1) / math.sqrt(20))
+
+    settings = json.loads((path / "run.json").read_text())
+    (path / "run.json").write_text(json.dumps({**settings, "samples_per_prompt": {"golden": 2, "proxy": 2}}))
+    new = load_run(path)
+    clustered = [d[::2].std(ddof=1) / math.sqrt(10) for d in diffs]  # the SE over the prompts' changes
+    assert reports._change_se(new, "golden", best) == pytest.approx(clustered, rel=1e-12)
+    assert new.verdicts().golden.rise_z == pytest.approx((golden[-1] - golden[best]) / clustered[-1], rel=1e-12)
+    assert new.verdicts().golden.rise_z < 0.8 * old.verdicts().golden.rise_z
 
 
 def test_the_signals_figures_in_the_docs_are_what_the_current_rule_draws(tmp_path):

@@ -132,8 +132,8 @@ class DistillConfig:
 class EvalConfig:
     every: int = 100
     prompts: int = 200  # validation prompts used (≤ task.n_validation)
-    # > 1: the SEs still treat every (prompt, sample) as independent, so they leave out how much the prompts
-    # themselves vary (understated for a mean over the task's prompts; the default's one sample has no such gap)
+    # > 1: the samples of one prompt are correlated, so every SE is clustered by prompt (that of the mean over the
+    # task's prompts; run.json records the layout for those who read per_sample.jsonl back)
     samples_per_prompt: int = 1
     estimator: str = "token_kl"
     per_token: bool = False  # nats per token instead of nats per sequence (needs estimator=log_ratio)

@@ -85,9 +85,10 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
                                prompt_states=teacher_prompt_states(c, source, teacher, label))
         began = time.time()
         references = load_sample_sets(up.references) | load_sample_sets(up.train_references)
-        evaluator = Evaluator(oracle, teacher, references, estimator=e.estimator,
-                              per_token=e.per_token, reverse_samples=e.reverse_samples, batch_size=e.batch_size,
-                              max_new_tokens=c.task.max_response_len, seed=c.seed + seeds.EVALUATION,
+        evaluator = Evaluator(oracle, teacher, references, samples_per_prompt=e.samples_per_prompt,
+                              estimator=e.estimator, per_token=e.per_token, reverse_samples=e.reverse_samples,
+                              batch_size=e.batch_size, max_new_tokens=c.task.max_response_len,
+                              seed=c.seed + seeds.EVALUATION,
                               frozen=load_file(str(up.reference_scores)))
         scoring = time.time() - began  # the one-time scoring of the references, spent again on every resume
         if distributed.is_main():
@@ -196,6 +197,8 @@ def _settings(c: LabConfig, source: str, name: str | None, up: Upstream, evaluat
             "offline_tokens": sum(map(len, load_ids(up.offline)[1] or [])) if offline and up.offline else 0,
             "teacher_golden": evaluator.teacher_golden.mean, "teacher_golden_se": evaluator.teacher_golden.se,
             "teacher_entropy": evaluator.teacher_entropy.mean, "oracle_entropy": evaluator.oracle_entropy.mean,
+            # how per_sample.jsonl's values group by prompt: the paired SEs of those who read them back cluster by it
+            "samples_per_prompt": evaluator.saved_layout(),
             # what the teacher's signal costs per response token, stored (the offline dataset) or shipped
             "teacher_signal_bytes": bytes_per_position(evaluator.teacher.vocab_size, d.top_k,
                                                        getattr(torch, d.top_k_dtype) if d.top_k else None)}

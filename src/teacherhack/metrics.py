@@ -165,6 +165,10 @@ def _stored(scores: Mapping[str, Tensor] | None, name: str) -> list[Tensor] | No
 
 # The per-sample values each evaluation saves (paired across evaluations: the verdicts' SEs of a change)
 PAIRED = ("golden", "proxy", "proxy_train", "oracle_nll", "reference_nll")
+# The metrics measured on the fixed references: each one's reference set, and which of its values (measure)
+ON_REFERENCES = {"golden": ("oracle", "kl"), "proxy": ("teacher", "kl"), "oracle_nll": ("oracle", "nll"),
+                 "student_entropy_held_out": ("teacher", "entropy"), "proxy_train": ("train_teacher", "kl"),
+                 "reference_nll": ("real", "nll")}
 
 
 class Evaluator:
@@ -172,7 +176,9 @@ class Evaluator:
     and ``teacher``: their samples on the validation prompts; ``real``: the task's real responses to them;
     ``train_teacher``: the teacher's samples on training prompts) and the frozen models' log-probabilities on
     them are computed once, or given (``frozen``: :func:`reference_logprobs`, with :func:`teacher_golden_values`
-    under :func:`teacher_golden_key`, which the lab computes upstream for all its runs).
+    under :func:`teacher_golden_key`, which the lab computes upstream for all its runs). The models' samples are
+    ``samples_per_prompt`` consecutive rows per prompt (:func:`draw_samples`), the real responses one: every SE
+    is clustered by prompt (:meth:`teacherhack.divergences.Estimate.of`).
 
     Row keys (each with ``_se``): golden = KL(oracle‖student); proxy = KL(teacher‖student) on held-out prompts;
     proxy_train = the same on training prompts (held-out minus train: how much of the fit is memorisation);
@@ -184,17 +190,22 @@ class Evaluator:
     prefixes every time: a paired, low-noise view of how sharp the student has become).
     """
 
-    def __init__(self, oracle: LM, teacher: LM, references: dict[str, SampleSet], *, estimator: str,
-                 per_token: bool, reverse_samples: int, batch_size: int, max_new_tokens: int, seed: int,
+    def __init__(self, oracle: LM, teacher: LM, references: dict[str, SampleSet], *, samples_per_prompt: int,
+                 estimator: str, per_token: bool, reverse_samples: int, batch_size: int, max_new_tokens: int, seed: int,
                  frozen: Mapping[str, Tensor] | None = None):
         self.oracle, self.teacher = oracle, teacher
         self.options = dict(estimator=estimator, per_token=per_token)
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.seed = seed + seeds.PROCESS_STRIDE * distributed.rank()  # each process samples its own responses
+        # each reference set's samples per prompt, consecutive in its values: measure() gathers every process's
+        # values back into the rows' order (distributed.gather), whatever the number of processes
+        self.samples_per_prompt = {name: 1 if name == "real" else samples_per_prompt for name in references}
         held_out = references["oracle"].prompts
         n = min(reverse_samples, len(held_out))  # evenly spaced rows: as many distinct prompts as possible
-        reverse_rows = torch.tensor(distributed.shard(torch.arange(n) * len(held_out) // n), dtype=torch.long)
+        spaced = torch.arange(n) * len(held_out) // n
+        reverse_rows = torch.tensor(distributed.shard(spaced), dtype=torch.long)
         self.reverse_prompts = held_out[reverse_rows] if n else None
+        self.reverse_clusters = spaced // samples_per_prompt  # the gathered reverse values come in this order too
         models = {"oracle": oracle, "teacher": teacher, "train_teacher": teacher, "real": None}
         self.scored = {}
         whole = frozen is not None and distributed.world() == 1  # what was scored upstream holds every row
@@ -207,32 +218,38 @@ class Evaluator:
             golden = self.scored["oracle"].measure(teacher, **self.options)["kl"]
         elif golden.shape != (len(references["oracle"].prompts),):
             raise ValueError("the precomputed teacher's golden values do not match the oracle's samples")
-        self.teacher_golden = Estimate.of(golden)
+        self.teacher_golden = self._estimate("oracle", golden)
         # what the student converges towards when it imitates the teacher closely (known without an oracle), and
         # the truth's own entropy (for analysis only)
-        self.teacher_entropy = Estimate.of(self.scored["teacher"].entropy(per_token=per_token))
-        self.oracle_entropy = Estimate.of(self.scored["oracle"].entropy(per_token=per_token))
+        self.teacher_entropy = self._estimate("teacher", self.scored["teacher"].entropy(per_token=per_token))
+        self.oracle_entropy = self._estimate("oracle", self.scored["oracle"].entropy(per_token=per_token))
 
     def __call__(self, student: LM, step: int) -> tuple[dict[str, float], dict[str, Estimate]]:
         """The metrics row, and the estimates themselves (their per-sample values pair across steps)."""
         on = {name: scored.measure(student, **self.options, entropy=name == "teacher")
               for name, scored in self.scored.items()}
-        values = {"golden": on["oracle"]["kl"], "proxy": on["teacher"]["kl"], "oracle_nll": on["oracle"]["nll"],
-                  "student_entropy_held_out": on["teacher"]["entropy"]}
-        if "train_teacher" in on:
-            values["proxy_train"] = on["train_teacher"]["kl"]
-        if "real" in on:
-            values["reference_nll"] = on["real"]["nll"]
+        estimates = {metric: self._estimate(name, on[name][value])
+                     for metric, (name, value) in ON_REFERENCES.items() if name in on}
         if self.reverse_prompts is not None:
             samples = sample_in_batches(student, self.reverse_prompts, max_new_tokens=self.max_new_tokens,
                                         batch_size=self.batch_size, seed=self.seed + seeds.STEP_STRIDE * step)
             own = ScoredSamples(student, SampleSet(self.reverse_prompts, samples), eos_id=student.eos_id,
                                 batch_size=self.batch_size)
-            values["golden_reverse"] = own.measure(self.oracle, **self.options)["kl"]
-            values["proxy_reverse"] = own.measure(self.teacher, **self.options)["kl"]
-            values["student_entropy"] = own.entropy(per_token=self.options["per_token"])
-        estimates = {name: Estimate.of(v) for name, v in values.items()}
+            reverse = {"golden_reverse": own.measure(self.oracle, **self.options)["kl"],
+                       "proxy_reverse": own.measure(self.teacher, **self.options)["kl"],
+                       "student_entropy": own.entropy(per_token=self.options["per_token"])}
+            estimates |= {name: Estimate.of(values, self.reverse_clusters) for name, values in reverse.items()}
         row = {}
         for name, estimate in estimates.items():
             row |= {name: estimate.mean, f"{name}_se": estimate.se}
         return row, estimates
+
+    def saved_layout(self) -> dict[str, int]:
+        """The samples per prompt of each metric whose per-sample values an evaluation saves (:data:`PAIRED`): what
+        run.json records for those who read them back (``teacherhack.rundir.sample_prompts``)."""
+        return {metric: self.samples_per_prompt[name] for metric, (name, _) in ON_REFERENCES.items()
+                if metric in PAIRED and name in self.samples_per_prompt}
+
+    def _estimate(self, name: str, values: Tensor) -> Estimate:
+        """An estimate from values on reference set ``name``, clustered by the prompt of each."""
+        return Estimate.of(values, torch.arange(len(values)) // self.samples_per_prompt[name])

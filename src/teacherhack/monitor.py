@@ -69,7 +69,8 @@ class HackingMonitor:
             whose model is used).
         tokenizer: the tokenizer shared by teacher and student (see the module docstring for the encoding).
         prompts: held-out prompts (strings, or lists of token ids), distinct from the training prompts.
-        samples_per_prompt: teacher responses per prompt (the estimate averages prompts × samples).
+        samples_per_prompt: teacher responses per prompt (the estimate averages prompts × samples; its SE, and
+            the paired SE of a change, are clustered by prompt).
         max_new_tokens: maximum response length; longer responses are truncated and scored as they are.
         every: checking period in steps, used by :meth:`due` and :meth:`maybe_check`.
         batch_size: rows per forward pass when sampling and scoring.
@@ -154,6 +155,8 @@ class HackingMonitor:
                 "is this the teacher's tokenizer?"
             )
         self.prompts: Prompts = collate_prompts(ids, self.pad_id).repeat(samples_per_prompt)
+        # the prompt of each held-out sample, in the order of its measured values (distributed.gather: the rows')
+        self.clusters = torch.arange(len(self.prompts)) // samples_per_prompt
         self.train_prompts: Prompts | None = (None if train_ids is None
                                               else collate_prompts(train_ids, self.pad_id).repeat(samples_per_prompt))
         self.teacher = self._wrap(self.teacher_model)
@@ -194,7 +197,7 @@ class HackingMonitor:
             held_out = self._scored["held_out"].measure(wrapped, **options, entropy=True)
             train = self._scored["train"].measure(wrapped, **options) if "train" in self._scored else None
             reference = None if self.references is None else self.references.measure(wrapped, **options)["nll"]
-        estimate = Estimate.of(held_out["kl"])
+        estimate = Estimate.of(held_out["kl"], self.clusters)
         return self.record(step, estimate.mean, estimate.se, n=estimate.n,
                            proxy_train=None if train is None else Estimate.of(train["kl"]).mean,
                            student_entropy_held_out=Estimate.of(held_out["entropy"]).mean,
@@ -228,8 +231,9 @@ class HackingMonitor:
                paired: Mapping[str, Sequence[float]] | None = None) -> dict[str, Any]:
         """Feed one check's values to the detector and the reference verdict and return its row (what
         :meth:`check` does after measuring). Also useful to replay a run's logged values: the reference verdict uses
-        paired SEs when every check so far comes with ``paired``, the per-sample values of ``proxy`` and
-        ``reference_nll`` (in :attr:`paired_values`), else unpaired ones."""
+        paired SEs when every check so far comes with ``paired``, the per-sample values of ``proxy`` (one per row of
+        :attr:`prompts`, clustered by prompt: :attr:`clusters`) and ``reference_nll`` (one per pair), kept in
+        :attr:`paired_values`; else unpaired ones."""
         self._check_order(step)
         se = proxy_se if proxy_se is not None and math.isfinite(proxy_se) else math.nan
         row: dict[str, Any] = {
@@ -273,7 +277,8 @@ class HackingMonitor:
         verdict = golden_verdict([r["step"] for r in rows], [r["reference_nll"] for r in rows], se,
                                  [r["proxy"] for r in rows], [r["proxy_se"] for r in rows], name="reference NLL",
                                  golden_values=[p["reference_nll"] for p in values] if whole else None,
-                                 proxy_values=[p["proxy"] for p in values] if whole else None)
+                                 proxy_values=[p["proxy"] for p in values] if whole else None,
+                                 proxy_clusters=self.clusters.numpy())
         return {"reference_alert": verdict.hacking, "reference_reason": verdict.reason}
 
     # ------------------------------------------------------------------------------------------------

@@ -22,9 +22,14 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
-from teacherhack.detection import GoldenVerdict, describe_golden_verdict, power_law_detector  # noqa: E402
+from teacherhack.detection import (  # noqa: E402
+    GoldenVerdict,
+    describe_golden_verdict,
+    paired_change_se,
+    power_law_detector,
+)
 from teacherhack.oracle_free import DEFAULT_RULE, DEFAULT_RULE_MEASURED, SIGNALS, signal_series  # noqa: E402
-from teacherhack.rundir import Run, Verdicts, load_runs  # noqa: E402
+from teacherhack.rundir import Run, Verdicts, load_runs, sample_prompts  # noqa: E402
 
 DPI = 120
 LINESTYLES = ("-", "--", "-.", ":")
@@ -105,8 +110,9 @@ def _change_se(run: Run, key: str, best: int) -> np.ndarray:
     run saved per-sample values, else the two SEs combined."""
     if _paired(run, key):
         assert run.per_sample is not None
-        base = np.asarray(run.per_sample[best][key], float)
-        return np.array([np.std(np.asarray(r[key], float) - base, ddof=1) / np.sqrt(base.size) for r in run.per_sample])
+        base = run.per_sample[best][key]
+        clusters = sample_prompts(run.settings, key, len(base))
+        return np.array([paired_change_se(base, r[key], clusters) for r in run.per_sample])
     se = run.series(f"{key}_se")
     return np.hypot(se, se[best])
 

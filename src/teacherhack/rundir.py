@@ -2,7 +2,8 @@
 
 A run folder holds
 - ``config.yaml``: the run's fully resolved configuration;
-- ``run.json``: its settings (name, source, loss, prompts, steps, metric unit, the teacher's golden distance, …);
+- ``run.json``: its settings (name, source, loss, prompts, steps, metric unit, the teacher's golden distance, …),
+  among them ``samples_per_prompt``: per metric of per_sample.jsonl, its samples per prompt (:func:`sample_prompts`);
 - ``metrics.jsonl``: one JSON object per evaluation (step, epoch, train_loss, proxy, golden, their SEs, …);
 - ``per_sample.jsonl``: the per-sample values of each evaluation; the reference samples are the same at every
   evaluation, so two evaluations pair sample by sample (the verdicts' standard errors of a change use this);
@@ -178,14 +179,26 @@ def run_verdicts(
     def paired(key: str) -> list[Sequence[float]] | None:
         return [r[key] for r in per_sample] if per_sample is not None and all(key in r for r in per_sample) else None
 
+    def clusters(key: str) -> np.ndarray | None:
+        values = paired(key)
+        return None if values is None else sample_prompts(settings or {}, key, len(values[0]))
+
     def verdict(metric: str, name: str) -> GoldenVerdict:
         return golden_verdict(steps, column(metric), column(f"{metric}_se"), column("proxy"), column("proxy_se"),
-                              golden_values=paired(metric), proxy_values=paired("proxy"), name=name)
+                              golden_values=paired(metric), proxy_values=paired("proxy"),
+                              golden_clusters=clusters(metric), proxy_clusters=clusters("proxy"), name=name)
 
     has_reference = all(m.get("reference_nll") is not None for m in metrics)
     return Verdicts(golden=verdict("golden", "golden"),
                     reference=verdict("reference_nll", "reference NLL") if has_reference else None,
                     detector=DEFAULT_RULE.verdict(metrics, per_sample, settings or {}))
+
+
+def sample_prompts(settings: Mapping[str, Any], key: str, n: int) -> np.ndarray:
+    """The prompt of each of metric ``key``'s ``n`` per-sample values in per_sample.jsonl, from run.json's
+    ``samples_per_prompt`` (each prompt's samples are consecutive: ``Prompts.repeat``); one sample per prompt for a
+    metric it does not name, and in runs written before it was recorded (their standard errors as they were)."""
+    return np.arange(n) // int(settings.get("samples_per_prompt", {}).get(key, 1))
 
 
 @dataclass(frozen=True)
