@@ -108,6 +108,50 @@ def test_output_layers_smaller_than_the_tokenizer_are_refused(tiny_task, tmp_pat
     assert trained_nothing(tmp_path / "cache")
 
 
+def test_a_model_folder_without_a_tokenizer_is_refused(tiny_task, tmp_path, capsys):
+    """transformers makes an empty tokenizer for such a folder: every text would encode to nothing."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folders = save_models(tmp_path, tiny_task, "llama")
+    folders["teacher"] = tmp_path / "gpt2-without-tokenizer"
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=16, n_layer=1, n_head=2, n_positions=64, bos_token_id=1,
+                               eos_token_id=1)).save_pretrained(folders["teacher"])
+    assert main(cli_args(folders, f"jsonl:{tiny_task}", tmp_path / "lab", tmp_path / "cache")) == 2
+    error = one_line_error(capsys)
+    assert "models.teacher" in error and "holds no tokenizer" in error and "tokenizer.save_pretrained" in error
+    assert trained_nothing(tmp_path / "cache")
+
+
+def test_a_malformed_config_json_is_named(tiny_task, tmp_path, capsys):
+    folders = save_models(tmp_path, tiny_task, "llama")
+    (folders["student"] / "config.json").write_text('{"model_type": "llama",')
+    assert main(cli_args(folders, f"jsonl:{tiny_task}", tmp_path / "lab", tmp_path / "cache")) == 2
+    error = one_line_error(capsys)
+    assert "models.student" in error and "config.json is not valid JSON" in error
+
+
+def test_a_t5_teacher_folder_with_the_teacher_prompt_cache_is_refused(tiny_task, tmp_path, capsys):
+    folders = save_models(tmp_path, tiny_task, "t5")
+    args = cli_args(folders, f"jsonl:{tiny_task}", tmp_path / "lab", tmp_path / "cache")
+    assert main([*args, "--set", "distill.teacher_prompt_cache=true"]) == 2
+    error = one_line_error(capsys)
+    assert "teacher_prompt_cache" in error and "encoder-decoder" in error and trained_nothing(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("device=cuda", "device=cuda: this machine has no cuda device"),
+    ("device=cuda:3", "device=cuda:3: this machine has no cuda device"),
+    ("device=mps", "device=mps: this machine has no mps device"),
+    ("distill.generation=vllm", "distill.generation=vllm needs the vllm package and a CUDA GPU"),
+])
+def test_a_device_or_backend_the_machine_lacks_is_refused_before_anything_trains(setting, message, tiny_task,
+                                                                                 tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert main(tiny_args(tiny_task, tmp_path / "lab", tmp_path / "cache", "--set", setting)) == 2
+    assert message in one_line_error(capsys) and not (tmp_path / "cache" / "artifacts").exists()
+
+
 @pytest.mark.slow
 def test_a_declared_real_vocabulary_runs_padded_models_end_to_end(tiny_task, tmp_path):
     folders = save_models(tmp_path, tiny_task, "llama")

@@ -160,6 +160,17 @@ def test_inverse_cdf_never_picks_a_zero_probability_token():
     assert decoding.inverse_cdf(3 * probs[:2], uniforms[[0, 5]]).tolist() == [1, 4]
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_a_model_with_non_finite_weights_is_refused_not_sampled(poison):
+    """A diverged update leaves NaN or inf weights: their logits are no distribution, and inverse_cdf would return
+    the vocabulary size, an id the next step cannot embed. Sampling stops with a user error that says why."""
+    lm = LM(randomized(gpt2(), 0.3), pad_id=PAD, eos_id=EOS)
+    with torch.no_grad():
+        lm.model.lm_head.weight[3, 0] = poison  # one output row: every position's logits hold a NaN or inf
+    with pytest.raises(decoding.NonFiniteLogits, match="not finite"):
+        lm.sample(collate_prompts(PROMPTS, PAD), max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+
+
 def test_no_new_tokens():
     lm = LM(randomized(gpt2(), 0.4), pad_id=PAD, eos_id=EOS)
     out, logprobs = lm.sample(collate_prompts(PROMPTS, PAD), max_new_tokens=0, generator=torch.Generator(),

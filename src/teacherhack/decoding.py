@@ -34,6 +34,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import ModelOutput
 
 from teacherhack.divergences import tempered
+from teacherhack.errors import UserError
 
 # Activations the lean decoders implement, by their Hugging Face config names; any other falls back.
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -43,6 +44,10 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
     "relu": F.relu,
 }
+
+
+class NonFiniteLogits(UserError):
+    """Sampling met logits that are NaN or infinite: the model's weights are, or its inputs overflowed."""
 
 
 class Decoder(Protocol):
@@ -329,10 +334,19 @@ def sample(decoder: Decoder, *, batch: int, vocab_size: int, max_new_tokens: int
         logits = tempered(logits, temperature, torch.float32)  # entries past vocab_size pad the output layer
         if logprobs is not None:
             logprobs[:, steps] = torch.log_softmax(logits, -1)
-        token = inverse_cdf(torch.softmax(logits, -1), uniforms[steps]).masked_fill_(finished, pad_id)
+        drawn = inverse_cdf(torch.softmax(logits, -1), uniforms[steps])
+        token = drawn.masked_fill(finished, pad_id)
         tokens[:, steps] = token
         finished |= token == eos_id
         steps += 1
-        if finished.all():
+        # one synchronisation for both: every row done, or a distribution that was not one (NaN/inf logits give
+        # no token below the vocabulary size, which the next step could not embed)
+        done, broken = torch.stack((finished.all(), (drawn >= vocab_size).any())).tolist()
+        if broken:
+            raise NonFiniteLogits(
+                "the model's next-token logits are not finite (NaN or inf in its weights), so no token can be drawn: "
+                "after a training step, the update diverged (lower the learning rate and rerun: it resumes from the "
+                "last checkpoint); else the model's checkpoint is broken")
+        if done:
             break
     return tokens[:, :steps], None if logprobs is None else logprobs[:, :steps]

@@ -1,7 +1,8 @@
 """Checks that run before anything trains, so that a user's mistake fails in seconds rather than after the
-oracle has trained for minutes (or hours at paper scale): output and cache folders, and every model folder
-(exists, holds safetensors weights, loads its config without running code it ships, shares one tokenizer and
-one output size with the others). The task's data are checked just as early, by loading them first."""
+oracle has trained for minutes (or hours at paper scale): output and cache folders, the device and the sampling
+backend asked for, and every model folder (exists, holds safetensors weights and a tokenizer, loads its config
+without running code it ships, shares one tokenizer and one output size with the others). The task's data are
+checked just as early, by loading them first."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from teacherhack.config import LabConfig
 from teacherhack.errors import UserError
+from teacherhack.generation import vllm_available
 from teacherhack.models import SIZES
 from teacherhack.stages import pretrained_roles
 from teacherhack.tokenizer import check_tokenizers
@@ -24,10 +27,25 @@ def preflight(configs: list[LabConfig], out: Path, cache_root: Path) -> None:
     writable_folder(cache_root, "the cache (--cache or $TEACHERHACK_CACHE)")
     seen = set()
     for c in configs:
+        check_machine(c)
         key = (c.models.oracle, c.models.teacher, c.models.student, c.models.vocab_size, c.models.trust_remote_code)
         if key not in seen:
             seen.add(key)
             check_models(c)
+
+
+def check_machine(c: LabConfig) -> None:
+    """The device and the sampling backend the configuration asks for exist on this machine."""
+    kind, _, index = c.device.partition(":")
+    count = {"cuda": torch.cuda.device_count, "xpu": lambda: torch.xpu.device_count() if hasattr(torch, "xpu") else 0,
+             "mps": lambda: int(torch.backends.mps.is_available())}.get(kind)
+    if count is not None and count() <= int(index or 0):
+        found = f"{count()} {kind} device(s)" if count() else f"no {kind} device"
+        raise UserError(f"device={c.device}: this machine has {found}; use device=auto (a GPU when there is one, "
+                        f"else the CPU) or device=cpu")
+    if c.distill.generation == "vllm" and not vllm_available():
+        raise UserError("distill.generation=vllm needs the vllm package and a CUDA GPU, which this machine lacks; "
+                        "use distill.generation=hf (or auto: vLLM where it can run)")
 
 
 def writable_folder(path: Path, what: str) -> None:
@@ -60,7 +78,7 @@ def check_models(c: LabConfig) -> None:
         try:
             config = AutoConfig.from_pretrained(name, trust_remote_code=trust)
             tokenizers[role] = AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
-        except ValueError as error:
+        except ValueError as error:  # a malformed config.json too (json's error is a ValueError)
             if "trust_remote_code" in str(error):
                 raise UserError(f"{where} needs to run code it ships; teacherhack runs a model folder's code only "
                                 f"with --set models.trust_remote_code=true, for folders you trust") from None
@@ -68,6 +86,12 @@ def check_models(c: LabConfig) -> None:
         except OSError as error:
             raise UserError(f"{where} is neither a size preset ({', '.join(SIZES)}) nor a model folder or reachable "
                             f"hub id: {str(error).splitlines()[0]}") from None
+        if len(tokenizers[role]) < 2:  # transformers makes an empty one for a folder without tokenizer files
+            raise UserError(f"{where} holds no tokenizer ({len(tokenizers[role])} token): save the model's tokenizer "
+                            f"next to it (tokenizer.save_pretrained(folder))")
+        if role == "teacher" and c.distill.teacher_prompt_cache and config.is_encoder_decoder:
+            raise UserError(f"distill.teacher_prompt_cache keeps a decoder's keys and values, but {where} is an "
+                            f"encoder-decoder; turn the option off")
         widths[role] = _output_width(config)
     check_tokenizers(tokenizers)
     vocabulary = len(next(iter(tokenizers.values())))
@@ -100,10 +124,18 @@ def _check_folder(folder: Path, where: str, trust: bool) -> None:
     if not trust:
         for file in ("config.json", "tokenizer_config.json"):
             path = folder / file
-            if path.is_file() and "auto_map" in json.loads(path.read_text(encoding="utf-8")):
+            if path.is_file() and "auto_map" in _json(path, where):
                 raise UserError(f"{where} ships its own Python code ('auto_map' in {file}); teacherhack runs a "
                                 f"model folder's code only with --set models.trust_remote_code=true, for folders "
                                 f"you trust")
+
+
+def _json(path: Path, where: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{where}: {path.name} is not valid JSON ({error}); write it again with save_pretrained") \
+            from None
 
 
 def _output_width(config: PretrainedConfig) -> int:
