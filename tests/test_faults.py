@@ -341,16 +341,51 @@ def test_a_run_is_not_resumed_on_upstream_models_rebuilt_under_another_thread_co
         run = RunFolder(tmp_path / "out" / "offline")
         before = (run.path / "metrics.jsonl").read_text()
         torch.set_num_threads(2)
+        oracles = sorted((tmp_path / "cache" / "artifacts").glob("oracle-*"))
         assert main(args) == 2
         error = one_line_error(capsys)
-        assert "offline: its checkpoint at step 4 was taken on other upstream artifacts" in error
-        assert "oracle" in error and "teacher" in error
+        assert "offline: its checkpoint at step 4 was taken on other upstream artifacts: oracle differs" in error
+        assert "thread count" in error and "stage(s) after it" in error
         assert (run.path / "metrics.jsonl").read_text() == before
+        assert sorted((tmp_path / "cache" / "artifacts").glob("oracle-*")) == oracles  # refused before building
         torch.set_num_threads(1)
         assert main(args) == 0  # the settings it started with: it resumes
         assert [r["step"] for r in run.metrics()] == [0, 4, 8, 12] and run.finished()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_run_is_not_resumed_on_changed_data_and_nothing_is_rebuilt_first(tiny_task, tmp_path, capsys,
+                                                                          monkeypatch):
+    """A started run whose task data changed is refused at once, naming the data as the cause, before the upstream
+    stages are rebuilt on the new data (minutes here, hours at paper scale)."""
+    task = tmp_path / "task.jsonl"
+    task.write_text(tiny_task.read_text())
+    args = tiny_args(task, tmp_path / "out", tmp_path / "cache")
+    original = distill.distill_loss
+    calls = {"n": 0}
+
+    def diverges_at_step_6(*a, **k):
+        loss = original(*a, **k)
+
+        def wrapped(batch, denominator):
+            calls["n"] += 1
+            return loss(batch, denominator) * (float("nan") if calls["n"] == 6 else 1.0)
+
+        return wrapped
+
+    monkeypatch.setattr(distill, "distill_loss", diverges_at_step_6)
+    assert main(args) == 2
+    capsys.readouterr()
+    monkeypatch.setattr(distill, "distill_loss", original)
+    built = sorted(p.name for p in (tmp_path / "cache" / "artifacts").iterdir())
+    lines = task.read_text().splitlines()
+    task.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same pairs in another order: other splits
+    assert main(args) == 2
+    error = one_line_error(capsys)
+    assert "offline: its checkpoint at step 4 was taken on other upstream artifacts: splits differs" in error
+    assert "the task's data or its split settings changed" in error
+    assert sorted(p.name for p in (tmp_path / "cache" / "artifacts").iterdir()) == built  # nothing built
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ results (batches, online samples and evaluations are pure functions of the seed 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from teacherhack.models import LM, PromptStates, Prompts, collate_prompts, load_
 from teacherhack.rundir import RunFolder, load_run, summarise
 from teacherhack.sources import FixedPairs, Mixture, OnlineSamples, Source
 from teacherhack.teacher_signals import TeacherSignals, bytes_per_position
-from teacherhack.stages import OFFLINE_SOURCES, SAMPLING_BATCH, Upstream, load_ids, wrap
+from teacherhack.stages import OFFLINE_SOURCES, SAMPLING_BATCH, STAGES, Upstream, load_ids, wrap
 from teacherhack.trackers import Trackers
 from teacherhack.training import (
     distill_loss,
@@ -221,13 +222,7 @@ def _resume(folder: RunFolder, student: LM, optimizer: torch.optim.Optimizer, so
             folder.reset()
         return None
     state = LoopState(**load_checkpoint(checkpoint, student, optimizer))
-    if state.upstream is not None and state.upstream != upstream:
-        changed = sorted(name for name in state.upstream.keys() | upstream.keys()
-                         if state.upstream.get(name) != upstream.get(name))
-        raise UserError(f"{label}: its checkpoint at step {state.step} was taken on other upstream artifacts "
-                        f"({', '.join(changed)} differ: rebuilt, e.g. under another thread count or on another device); "
-                        f"resuming would mix two labs. Rerun with the settings it started with, or delete "
-                        f"{folder.path} to start it over")
+    _refuse_other_upstream(label, folder, state.step, state.upstream, upstream)
     state.upstream = upstream
     threads = _training_threads(student)
     if None not in (state.threads, threads) and state.threads != threads:
@@ -240,6 +235,34 @@ def _resume(folder: RunFolder, student: LM, optimizer: torch.optim.Optimizer, so
         source.tokens_generated = state.tokens_generated if main else 0  # type: ignore[union-attr]
     log(f"{label}: resuming from step {state.step}")
     return state
+
+
+def check_resumable(run_dir: Path, label: str, upstream: dict[str, str]) -> None:
+    """Refuse, before any upstream stage is built, a started run whose checkpoint was taken on other upstream
+    artifacts than ``upstream`` (the stages' cache keys): building them first would cost the whole upstream
+    (hours at paper scale) only for the run to be refused then."""
+    folder = RunFolder(run_dir)
+    checkpoint = latest_checkpoint(folder.checkpoint_dir)
+    if checkpoint is not None:
+        state = json.loads((checkpoint / "state.json").read_text())
+        _refuse_other_upstream(label, folder, state["step"], state.get("upstream"), upstream)
+
+
+def _refuse_other_upstream(label: str, folder: RunFolder, step: int, taken_on: dict[str, str] | None,
+                           upstream: dict[str, str]) -> None:
+    """A checkpoint taken on other upstream artifacts cannot be resumed: its rows and the rest would mix two labs.
+    The message names the first stage that differs in pipeline order, the cause of every later difference."""
+    if taken_on is None or taken_on == upstream:
+        return
+    changed = [name for name in STAGES if taken_on.get(name) != upstream.get(name)]
+    root = changed[0] if changed else sorted(taken_on.keys() ^ upstream.keys())[0]
+    cause = ("the task's data or its split settings changed" if root == "splits"
+             else "rebuilt under other settings, thread count, CPU kernels or device" if root in STAGES
+             and STAGES[root].collective else "built under other settings")
+    later = f", and so {len(changed) - 1} stage(s) after it" if len(changed) > 1 else ""
+    raise UserError(f"{label}: its checkpoint at step {step} was taken on other upstream artifacts: {root} differs "
+                    f"({cause}){later}; resuming would mix two labs. Rerun with the data and settings it started "
+                    f"with, or delete {folder.path} to start it over")
 
 
 def _evaluate(folder: RunFolder, evaluator: Evaluator, student: LM, source: Source, state: LoopState,

@@ -11,6 +11,7 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +24,7 @@ from teacherhack import config as cfg
 from teacherhack import distributed
 from teacherhack.cache import ArtifactCache
 from teacherhack.config import LabConfig
-from teacherhack.distill import Tracking, distill_run
+from teacherhack.distill import Tracking, check_resumable, distill_run
 from teacherhack.distributed import log
 from teacherhack.launch import Job, launch
 from teacherhack.reports import write_report
@@ -63,7 +64,12 @@ def run_lab(c: LabConfig, out: Path, cache_root: Path, engine: Engine = Engine()
         cache = ArtifactCache(cache_root)
         cache.clean()
         timings: dict[str, float] = {}
-        up = prepare_upstream(c, cache, resolve_device(c.device), timings)
+
+        def resumable(keys: dict[str, str]) -> None:
+            for source in c.distill.sources:
+                check_resumable(out / source, source, keys)
+
+        up = prepare_upstream(c, cache, resolve_device(c.device), timings, check=resumable)
         log("stage 2: " + ", ".join(c.distill.sources) + (f" ({engine.jobs} parallel jobs)" if engine.jobs > 1 else ""))
         jobs = [_job(s, c, s, up, out / s, out, engine, len(c.distill.sources)) for s in c.distill.sources]
         runs: dict[str, Any] = {}
@@ -124,8 +130,8 @@ def run_sweep(preset: str, base: LabConfig, out: Path, cache_root: Path, *, seed
         progress(f"sweep {preset}: {len(runs)} runs, {len(runs) - len(todo)} already done")
         jobs = []
         for r in todo:  # upstream artifacts first, in this process with all threads; the cache shares them
-            up = prepare_upstream(configs[r.name], cache, device, {})
             run_dir = out / "runs" / r.name
+            up = prepare_upstream(configs[r.name], cache, device, {}, check=partial(check_resumable, run_dir, r.name))
             run_dir.mkdir(parents=True, exist_ok=True)
             configs[r.name].dump(run_dir / "config.yaml")
             jobs.append(_job(r.name, configs[r.name], configs[r.name].distill.sources[0], up, run_dir, out, engine,

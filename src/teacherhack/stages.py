@@ -514,8 +514,10 @@ class Upstream:
     keys: dict[str, str]  # each stage's cache key: what a resumed stage-2 run checks it continues on
 
 
-def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: dict[str, float]) -> Upstream:
-    """Load the task, then build (or find in the cache) every stage this configuration needs."""
+def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: dict[str, float],
+                     check: Callable[[dict[str, str]], None] | None = None) -> Upstream:
+    """Load the task, then build (or find in the cache) every stage this configuration needs; ``check`` sees
+    the stages' cache keys first, before anything is built."""
     start = time.time()
     t = c.task
     task = load_task(t.spec, cache.root, split=t.split, prompt_field=t.prompt_field, response_field=t.response_field,
@@ -526,6 +528,8 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
     cpu = torch.device(device).type == "cpu"
     specs = stage_specs(c, task_digest(task), torch.get_num_threads() if cpu else None,
                         f"{cpu_kernels()}, torch {torch.__version__}" if cpu else None)
+    if check is not None:
+        check({name: spec["key"] for name, spec in specs.items() if spec is not None})
     paths: dict[str, Path] = {}
     models: dict[Path, torch.nn.Module] = {}
     for s in STAGES.values():
