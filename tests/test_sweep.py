@@ -352,7 +352,7 @@ def test_a_sweep_trains_on_the_threads_its_configuration_names(tiny_config, tmp_
     config.yaml said N (other bits than the lab's with the same seed)."""
     seen = []
 
-    def stop(c, cache, device, timings):
+    def stop(c, cache, device, timings, check=None):
         seen.append(torch.get_num_threads())
         raise RuntimeError("stop before training")
 
