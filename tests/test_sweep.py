@@ -20,6 +20,7 @@ from teacherhack import config as cfg
 from teacherhack import lab, sweeps
 from teacherhack.record import write_reproduction
 from teacherhack.cli import main
+from teacherhack.errors import UserError
 
 
 def expand(preset: str, config: cfg.LabConfig, seeds: int) -> list[sweeps.Run]:
@@ -233,8 +234,24 @@ def test_findings_factors_give_the_unit_and_the_reason():
 def test_the_record_refuses_an_unfinished_sweep(tmp_path: Path):
     (tmp_path / "sweep.json").write_text(json.dumps({"preset": "budget", "seeds": 3}))
     (tmp_path / "findings.json").write_text(json.dumps({"preset": "budget", "seeds": 1}))
-    with pytest.raises(cfg.ConfigError, match="unfinished: planned 3 seeds, results for 1"):
+    with pytest.raises(UserError, match="unfinished: planned 3 seeds, results for 1"):
         write_reproduction([tmp_path], tmp_path / "REPRODUCTION.md")
+
+
+def test_the_record_of_a_lab_folder_or_a_killed_sweep_is_one_line(tmp_path: Path, capsys):
+    """A lab folder (no sweep.json) and a sweep killed before its findings (no findings.json) raised a
+    FileNotFoundError traceback; each is one line naming the folder and what to do, exit 2."""
+    lab_dir, killed = tmp_path / "lab", tmp_path / "killed"
+    lab_dir.mkdir()
+    (lab_dir / "summary.json").write_text("{}")
+    killed.mkdir()
+    (killed / "sweep.json").write_text(json.dumps({"preset": "sources", "seeds": 2}))
+    for folder, message in ((lab_dir, "is not a sweep folder (no sweep.json)"),
+                            (killed, "is unfinished: planned 2 seeds, no findings.json yet; rerun its sweep command")):
+        assert main(["reproduction", str(folder), "--out", str(tmp_path / "REPRODUCTION.md")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"teacherhack: error: {folder} {message}" in err, err
+    assert not (tmp_path / "REPRODUCTION.md").exists()
 
 
 def test_sweep_report_separates_metric_units(tmp_path: Path):
