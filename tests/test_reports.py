@@ -125,6 +125,33 @@ def test_mixed_units_are_refused(tmp_path):
         plot_curves([a, b], tmp_path / "c.png")
 
 
+def test_the_report_command_splits_runs_by_unit_as_a_sweep_does(lab, tmp_path, capsys):
+    """`teacherhack report` of runs in two units raised "runs mix metric units" with a traceback: the runs per
+    sequence get the report in --out, the per-token ones theirs in --out/per_token, each with its table."""
+    from teacherhack.cli import main
+
+    write_run(tmp_path / "per-token", "per-token", 2 + 0.01 * STEPS / 100, unit="nats/token", teacher=None)
+    out = tmp_path / "report"
+    assert main(["report", str(lab), str(tmp_path / "per-token"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.html'}" in printed and f"report: {out / 'per_token' / 'report.html'}" in printed
+    per_seq, per_token = printed.split("runs measured in nats/token:")
+    assert "online_teacher" in per_seq and "per-token" not in per_seq
+    assert "per-token" in per_token and "online_teacher" not in per_token
+    assert "per-token" not in (out / "report.html").read_text() and \
+        "per-token" in (out / "per_token" / "report.html").read_text()
+
+
+def test_a_report_into_a_file_is_one_line(lab, tmp_path, capsys):
+    """--out naming an existing file raised a FileExistsError traceback."""
+    from teacherhack.cli import main
+
+    (tmp_path / "file").write_text("")
+    assert main(["report", str(lab), "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"teacherhack: error: --out {tmp_path / 'file'} is a file, not a folder: choose a folder\n"
+
+
 def test_path_without_metrics_is_refused(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(ValueError, match="no metrics.jsonl"):

@@ -17,7 +17,7 @@ import torch
 from conftest import TINY
 from teacherhack import cache as cache_module
 from teacherhack import config as cfg
-from teacherhack import lab, sweeps
+from teacherhack import lab, reports, sweeps
 from teacherhack.record import write_reproduction
 from teacherhack.cli import main
 from teacherhack.errors import UserError
@@ -265,7 +265,7 @@ def test_sweep_report_separates_metric_units(tmp_path: Path):
                  "golden_se": 0.01, "proxy": scale * (1 - s / 500), "proxy_se": 0.01} for s in range(0, 401, 100)]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         dirs.append(run_dir)
-    lab.write_reports(dirs, tmp_path)
+    reports.write_reports(dirs, tmp_path)
     assert (tmp_path / "report.html").exists() and (tmp_path / "per_token" / "report.html").exists()
     html = (tmp_path / "report.html").read_text()
     assert "run-in-nats-per-seq" in html and "run-in-nats-per-tok" not in html

@@ -101,12 +101,18 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from teacherhack.reports import summarise, write_report
+    from teacherhack.preflight import writable_folder
+    from teacherhack.reports import summarise, write_reports
     from teacherhack.rundir import load_runs
 
-    report = write_report([Path(p) for p in args.runs], Path(args.out))
-    print(summarise(load_runs([Path(p) for p in args.runs])))
-    print(f"report: {report}")
+    writable_folder(Path(args.out), "--out")
+    runs = load_runs([Path(p) for p in args.runs])
+    reports = write_reports([run.path for run in runs], Path(args.out))
+    for unit, report in reports.items():  # runs in another unit (per-token metrics) get a report of their own
+        if len(reports) > 1:
+            print(f"\nruns measured in {unit}:")
+        print(summarise([run for run in runs if run.unit == unit]))
+        print(f"report: {report}")
     return 0
 
 

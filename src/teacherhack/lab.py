@@ -27,8 +27,8 @@ from teacherhack.config import LabConfig
 from teacherhack.distill import Tracking, check_resumable, distill_run
 from teacherhack.distributed import log
 from teacherhack.launch import Job, launch
-from teacherhack.reports import write_report
-from teacherhack.rundir import RunFolder, load_run, locked
+from teacherhack.reports import write_reports
+from teacherhack.rundir import RunFolder, locked
 from teacherhack.stages import cpu_kernels, prepare_upstream
 from teacherhack.sweeps import SWEEPS, collect, expand, format_findings, group_table
 
@@ -152,15 +152,6 @@ def run_sweep(preset: str, base: LabConfig, out: Path, cache_root: Path, *, seed
         (out / "findings.md").write_text(format_findings(preset, summary), encoding="utf-8")
         write_reports([out / "runs" / r.name for r in runs], out)
     return summary
-
-
-def write_reports(run_dirs: list[Path], out: Path) -> None:
-    """The sweep's report; runs measured in another unit (e.g. per-token metrics) get their own, in a subfolder."""
-    by_unit: dict[str, list[Path]] = {}
-    for run_dir in run_dirs:
-        by_unit.setdefault(load_run(run_dir).unit, []).append(run_dir)
-    for index, (unit, dirs) in enumerate(sorted(by_unit.items(), key=lambda item: item[0] != "nats/seq")):
-        write_report(dirs, out if index == 0 else out / unit.replace("nats/", "per_"))
 
 
 def machine() -> str:

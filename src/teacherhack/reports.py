@@ -298,6 +298,19 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) 
     return page
 
 
+def write_reports(paths: str | Path | Iterable[str | Path], out_dir: str | Path) -> dict[str, Path]:
+    """A report per metric unit, since their figures cannot share an axis: the runs measured per sequence in
+    ``out_dir``, those in another unit (e.g. per-token metrics) in a subfolder named after it (``per_token``).
+    Returns each unit's HTML path, the one in ``out_dir`` first."""
+    by_unit: dict[str, list[Path]] = {}
+    for run in load_runs(paths):
+        by_unit.setdefault(run.unit, []).append(run.path)
+    units = sorted(by_unit, key=lambda unit: unit != "nats/seq")
+    out = Path(out_dir)
+    return {unit: write_report(by_unit[unit], out if index == 0 else out / unit.replace("nats/", "per_"))
+            for index, unit in enumerate(units)}
+
+
 def summarise(runs: Sequence[Run]) -> str:
     """A short fixed-width table for the terminal: final metrics and the three verdicts per run."""
     head = ["run", "source", "evals", "final proxy", "final golden", "best golden @step", "golden", "reference",
