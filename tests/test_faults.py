@@ -190,6 +190,22 @@ def test_unusable_output_or_cache_folders_exit_2(case, tiny_task, tmp_path, caps
     assert ("--out" in error) != (case == "cache is a file") and "choose a folder" in error
 
 
+@pytest.mark.parametrize("saved, message", [
+    ("foo: [\n", " is not valid YAML (expected the node content, but found '<stream end>')"),
+    ("oldkey: 1\n", ": unknown config key(s) oldkey (written by another version of teacherhack?)")])
+def test_an_unreadable_config_yaml_in_out_is_named(saved, message, tiny_task, tmp_path, capsys):
+    """A started folder's config.yaml that is not YAML raised a yaml ParserError traceback; one with a key this
+    version does not know said 'unknown config key(s)' without naming the file. Both name it, before anything
+    trains."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    (out / "offline").mkdir(parents=True)
+    (out / "offline" / "metrics.jsonl").write_text("")  # a run has started: the saved configuration binds
+    (out / "config.yaml").write_text(saved)
+    assert main(tiny_args(tiny_task, out, cache)) == 2
+    assert one_line_error(capsys).startswith(f"teacherhack: error: {out / 'config.yaml'}{message}")
+    assert trained_nothing(cache) and (out / "config.yaml").read_text() == saved
+
+
 def test_a_data_file_with_a_bad_byte_names_its_line(tmp_path, capsys):
     task = make_task(tmp_path / "task.jsonl")
     lines = task.read_bytes().split(b"\n")

@@ -178,7 +178,15 @@ def _keep_config(saved: Path, c: LabConfig) -> None:
     """Write the resolved configuration, or check that a folder being resumed was run with the same one (a folder
     where no run has started yet, e.g. after an error in the data, takes the new one)."""
     if saved.exists() and _started(saved.parent):
-        previous = cfg.from_dict(yaml.safe_load(saved.read_text()))
+        try:
+            previous = cfg.from_dict(yaml.safe_load(saved.read_text()))
+        except yaml.YAMLError as error:
+            raise cfg.ConfigError(f"{saved} is not valid YAML ({getattr(error, 'problem', None) or error}): the folder's "
+                                  f"runs cannot be checked against it; choose another --out, or restore the file "
+                                  f"to resume them") from None
+        except cfg.ConfigError as error:
+            raise cfg.ConfigError(f"{saved}: {error} (written by another version of teacherhack?); choose another "
+                                  f"--out, or resume it with the version that started it") from None
         if previous.to_dict() != c.to_dict():
             raise cfg.ConfigError(f"{saved.parent} holds a run with a different configuration ({saved}); "
                                   f"choose another --out or rerun with the same settings to resume it")
