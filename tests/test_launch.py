@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -140,3 +142,33 @@ def test_a_failing_run_lets_the_runs_going_finish_on_every_engine(engine, tmp_pa
         for name, result in launch.launch(jobs, engine=engine, **options):
             finished.append((name, result))
     assert finished == [("long", "finished")] and marker.read_text() == "done"
+
+
+def killed_after_a_progress_bar() -> None:
+    """A run that shows its progress (tqdm), then is killed as the kernel's OOM killer kills."""
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(2)):
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exits_without_a_word() -> None:
+    os._exit(3)
+
+
+def test_a_worker_killed_by_a_signal_is_one_line_and_leaks_nothing():
+    """A worker killed by SIGKILL (no result, no exception) raised RunFailed, a traceback, and the resource tracker
+    warned of the semaphore tqdm's lock had left; now the user's one line naming the run, the signal and the resume,
+    and no warning. A worker that exits with a code of its own is still a bug (RunFailed)."""
+    code = ("import test_launch\nfrom teacherhack import launch\ntry:\n"
+            "    list(launch.launch([launch.Job('offline', test_launch.killed_after_a_progress_bar), "
+            "launch.Job('online', test_launch.sibling)], parallel=2))\n"
+            "except launch.UserError as error:\n    print(error)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.stdout == ("run offline was killed by signal 9, SIGKILL (out of memory? the kernel's OOM killer sends "
+                           "it); everything written so far is consistent: rerun the same command to resume it\n"), done
+    assert "leaked" not in done.stderr, done.stderr
+    with pytest.raises(launch.RunFailed, match="run broken died with exit code 3"):
+        list(launch.launch([launch.Job("broken", exits_without_a_word), launch.Job("sibling", sibling)], parallel=2))

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -38,6 +39,20 @@ class Job:
 
 class RunFailed(Exception):
     """A run died in its worker; the message carries the worker's traceback."""
+
+
+def _died(name: str, exitcode: int) -> Exception:
+    """Why a worker ended without a word (no result, no exception): killed by a signal (the OOM killer's SIGKILL,
+    ``kill``), the user's one line, since its folder is consistent up to its last checkpoint; any other exit, a bug."""
+    if exitcode >= 0:
+        return RunFailed(f"run {name} died with exit code {exitcode}")
+    try:
+        what = signal.Signals(-exitcode).name
+    except ValueError:
+        what = "an unnamed signal"
+    hint = " (out of memory? the kernel's OOM killer sends it)" if -exitcode == signal.SIGKILL else ""
+    return UserError(f"run {name} was killed by signal {-exitcode}, {what}{hint}; everything written so far is "
+                     f"consistent: rerun the same command to resume it")
 
 
 def launch(jobs: list[Job], *, parallel: int = 1, engine: str = "local", folder: Path | None = None,
@@ -116,6 +131,11 @@ def _child(job: Job, results: Any, running: Any) -> None:
     _running = running
     keep_freed_memory()
     _stop_with_parent()
+    # tqdm's default lock holds a named semaphore of this process (it orders nothing across processes); a worker
+    # killed with it leaves it to the resource tracker, which warns of a leak at exit. A thread lock does its job.
+    from tqdm import tqdm  # the base class: every kind of bar (tqdm.auto's too) takes its lock
+
+    tqdm.set_lock(threading.RLock())
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending Ctrl-C arrives here, inside the try
         results.put((job.name, True, job.fn(*job.args, **job.kwargs)))
@@ -173,7 +193,7 @@ def _processes(jobs: list[Job], parallel: int) -> Iterator[tuple[str, Any]]:
                         if results.empty():
                             running.pop(name)
                             count.value = len(running)
-                            failure = failure or RunFailed(f"run {name} died with exit code {process.exitcode}")
+                            failure = failure or _died(name, process.exitcode)
                 continue
             running.pop(name).join()
             count.value = len(running)
