@@ -260,6 +260,10 @@ def test_a_shortcut_and_a_set_that_contradict_each_other_are_refused(tmp_path, c
     assert not (tmp_path / "out").exists()
     assert main(["lab", "--out", str(tmp_path / "out"), "--engine-option", "timeout_min=60"]) == 2
     assert "--engine-option sets the cluster's parameters: it needs --engine submitit" in one_line_error(capsys)
+    for preset in ("quick", "default"):  # --scale paper silently ran the paper preset
+        assert main(["lab", "--out", str(tmp_path / "out"), "--scale", "paper", "--preset", preset]) == 2
+        assert f"--scale paper is the paper preset and contradicts --preset {preset}" in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -63,7 +63,9 @@ def _lab(args: argparse.Namespace) -> int:
             flag = "--task" if key == "task.spec" else f"--{key.split('.')[1]}"
             raise UserError(f"{flag} {overrides[key]} and --set {key}={assignments[key]} contradict each other; "
                             f"give one of them")
-    config = cfg.resolve("paper" if args.scale == "paper" else args.preset, overrides | assignments)
+    if args.scale == "paper" and args.preset not in (None, "paper"):
+        raise UserError(f"--scale paper is the paper preset and contradicts --preset {args.preset}; give one of them")
+    config = cfg.resolve("paper" if args.scale == "paper" else args.preset or "default", overrides | assignments)
     out = Path(args.out) if args.out else Path("runs") / f"lab-{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     cache = Path(args.cache) if args.cache else default_cache_dir()
     engine = _engine(args, 1 if launched() else len(config.distill.sources))  # all at once: no idle core at the end
@@ -230,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(= --set task.spec=...)")
     lab.add_argument("--scale", choices=("laptop", "paper"), default="laptop",
                      help="paper: the paper's Table 1 on GPUs (the same as --preset paper)")
+    lab.set_defaults(preset=None)  # so that --scale paper can tell a --preset given from the default one
     lab.set_defaults(func=_lab)
 
     sweep = commands.add_parser("sweep", help="one of the paper's experiments as a sweep of runs",
