@@ -448,11 +448,13 @@ def test_a_run_resumed_on_another_thread_count_says_its_remaining_bits_differ(tm
     run = RunFolder(tmp_path / "run")
     save_checkpoint(run.checkpoint_dir, student, optimizer,
                     {"step": 4, "upstream": {"oracle": "oracle-1"}, "threads": threads + 1})
-    state = distill._resume(run, student, optimizer, object(), "offline", {"oracle": "oracle-1"})
+    state = distill._resume(run, student, optimizer, object(), "offline", {"oracle": "oracle-1"}, 8)
     assert state.step == 4 and state.threads == threads
     assert f"offline: warning: started on {threads + 1} CPU threads, resumed on {threads}" in capsys.readouterr().out
+    distill._resume(run, student, optimizer, object(), "offline", {"oracle": "oracle-1"}, 4)
+    assert "warning" not in capsys.readouterr().out  # a finished run (a lab rerun for its report) has no steps left
     save_checkpoint(run.checkpoint_dir, student, optimizer, {"step": 4, "upstream": {"oracle": "oracle-1"}, "threads": threads})
-    distill._resume(run, student, optimizer, object(), "offline", {"oracle": "oracle-1"})
+    distill._resume(run, student, optimizer, object(), "offline", {"oracle": "oracle-1"}, 8)
     assert "warning" not in capsys.readouterr().out
 
 

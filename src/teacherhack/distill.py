@@ -98,7 +98,7 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
         trackers = (Trackers(list(tracking.names), project=tracking.project, run_name=label,
                              logging_dir=tracking.logging_dir, config=c.to_dict())
                     if tracking and tracking.names and distributed.is_main() else None)
-        state = _resume(folder, student, optimizer, source, label, up.keys)
+        state = _resume(folder, student, optimizer, source, label, up.keys, d.steps)
         if state is None:  # a fresh run: evaluate the initial student first
             state = LoopState(eval_seconds=scoring, upstream=up.keys, threads=_training_threads(student))
             _evaluate(folder, evaluator, student, source, state, d.steps, label, trackers)
@@ -211,10 +211,11 @@ def _training_threads(student: LM) -> int | None:
 
 
 def _resume(folder: RunFolder, student: LM, optimizer: torch.optim.Optimizer, source: Source,
-            label: str, upstream: dict[str, str]) -> LoopState | None:
+            label: str, upstream: dict[str, str], steps: int) -> LoopState | None:
     """The loop state of the last checkpoint (weights and optimizer restored, later evaluations dropped), or
     None for a run that starts afresh (the folder's evaluations cleared). A checkpoint taken on other upstream
-    models or data (e.g. rebuilt under another thread count) is refused: its rows and the rest would mix two labs."""
+    models or data (e.g. rebuilt under another thread count) is refused: its rows and the rest would mix two labs.
+    Of ``steps`` in all, those after the checkpoint are taken on this process's threads (a warning if they differ)."""
     checkpoint = latest_checkpoint(folder.checkpoint_dir)
     main = distributed.is_main()
     if checkpoint is None:
@@ -225,7 +226,7 @@ def _resume(folder: RunFolder, student: LM, optimizer: torch.optim.Optimizer, so
     _refuse_other_upstream(label, folder, state.step, state.upstream, upstream)
     state.upstream = upstream
     threads = _training_threads(student)
-    if None not in (state.threads, threads) and state.threads != threads:
+    if None not in (state.threads, threads) and state.threads != threads and state.step < steps:
         log(f"{label}: warning: started on {state.threads} CPU threads, resumed on {threads} (another --jobs or "
             f"machine): its remaining steps are valid but not bit for bit those of an uninterrupted run")
     state.threads = threads
