@@ -206,11 +206,14 @@ def test_vocab_mismatch_is_refused_unless_a_rule_is_declared(tok, teacher):
 def test_clear_errors(tok, teacher):
     with pytest.raises(ValueError, match="no EOS"):
         HackingMonitor(teacher, make_tokenizer(eos=False), HELD_OUT)
-    with pytest.raises(ValueError, match="at least one held-out prompt"):
+    with pytest.raises(ValueError, match="^prompts is an empty list: give at least one prompt$"):
         HackingMonitor(teacher, tok, [])
+    with pytest.raises(ValueError, match="^train_prompts is an empty list: give at least one prompt, or leave "
+                                         "train_prompts out$"):  # it said "held-out prompt", naming prompts
+        HackingMonitor(teacher, tok, HELD_OUT, train_prompts=[])
     with pytest.raises(TypeError, match="single string"):
         HackingMonitor(teacher, tok, "sun moon")
-    with pytest.raises(ValueError, match="encodes to no tokens"):
+    with pytest.raises(ValueError, match=r"prompts\[1\] \('   '\) encodes to no tokens"):
         HackingMonitor(teacher, tok, ["sun", "   "])
     with pytest.raises(ValueError, match="out of the teacher vocabulary"):
         HackingMonitor(teacher, tok, [[3, 4, VOCAB + 5]])
@@ -464,6 +467,9 @@ def test_references_from_a_dataset_with_fields_and_bad_references(tok, teacher):
     assert row["reference_nll"] > 0 and not row["reference_alert"]
     with pytest.raises(ValueError, match="references must be"):
         HackingMonitor(teacher, tok, HELD_OUT, references=[("only a prompt",)])
+    with pytest.raises(ValueError, match=r"^references\[0\] has the fields 'question', 'answer', not 'prompt' and "
+                                         "'response': name its prompt and response fields with reference_fields=$"):
+        HackingMonitor(teacher, tok, HELD_OUT, references=rows)  # was a bare KeyError: 'prompt'
 
 
 def test_the_reference_verdict_stays_paired_across_a_resume(tok, teacher):

@@ -141,8 +141,8 @@ class HackingMonitor:
         self.batch_size, self.seed, self.estimator, self.per_token = batch_size, seed, estimator, per_token
         self.temperature, self.vocab_size, self.rule = temperature, vocab_size, rule
 
-        ids = self._encode(prompts, add_special_tokens)
-        train_ids = None if train_prompts is None else self._encode(train_prompts, add_special_tokens)
+        ids = self._encode(prompts, add_special_tokens, "prompts")
+        train_ids = None if train_prompts is None else self._encode(train_prompts, add_special_tokens, "train_prompts")
         width = _vocab_width(self.teacher_model)
         limit = width if vocab_size is None else vocab_size
         if vocab_size is not None and not 1 <= vocab_size <= width:
@@ -283,12 +283,15 @@ class HackingMonitor:
 
     # ------------------------------------------------------------------------------------------------
 
-    def _encode(self, prompts: Sequence[str] | Sequence[Sequence[int]], add_special_tokens: bool) -> list[list[int]]:
+    def _encode(self, prompts: Sequence[str] | Sequence[Sequence[int]], add_special_tokens: bool,
+                what: str) -> list[list[int]]:
+        """Token ids of ``prompts``, refused in words that name the argument they came in (``what``)."""
         if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of prompts, not a single string")
+            raise TypeError(f"{what} must be a list of prompts, not a single string")
         prompts = list(prompts)
         if not prompts:
-            raise ValueError("the monitor needs at least one held-out prompt; got an empty list")
+            raise ValueError(f"{what} is an empty list: give at least one prompt"
+                             + (", or leave train_prompts out" if what == "train_prompts" else ""))
         ids = []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, str):
@@ -296,7 +299,7 @@ class HackingMonitor:
             else:
                 seq = [int(t) for t in prompt]
             if not seq:
-                raise ValueError(f"prompt {i} ({prompt!r}) encodes to no tokens")
+                raise ValueError(f"{what}[{i}] ({prompt!r}) encodes to no tokens")
             ids.append(seq)
         return ids
 
@@ -304,7 +307,12 @@ class HackingMonitor:
                            limit: int) -> SampleSet:
         """Held-out real (prompt, response) pairs: prompts encoded like the monitor's prompts, responses as a sample
         would be (tokens then EOS, or the first max_new_tokens without an EOS when longer)."""
-        pairs = [(row[fields[0]], row[fields[1]]) if isinstance(row, Mapping) else tuple(row) for row in references]
+        rows = list(references)
+        for i, row in enumerate(rows):
+            if isinstance(row, Mapping) and not set(fields) <= row.keys():
+                raise ValueError(f"references[{i}] has the fields {', '.join(map(repr, row))}, not {fields[0]!r} and "
+                                 f"{fields[1]!r}: name its prompt and response fields with reference_fields=")
+        pairs = [(row[fields[0]], row[fields[1]]) if isinstance(row, Mapping) else tuple(row) for row in rows]
         if any(len(pair) != 2 for pair in pairs):
             raise ValueError("references must be (prompt, response) pairs, or rows with the fields "
                              f"{fields[0]!r} and {fields[1]!r}")
@@ -312,7 +320,7 @@ class HackingMonitor:
             raise ValueError(f"the reference verdict needs at least 2 reference pairs and 2 held-out samples (prompts × "
                              f"samples_per_prompt), got {len(pairs)} and {len(self.prompts)}: a change's standard error "
                              f"is the spread of per-sample differences")
-        prompts = self._encode([p for p, _ in pairs], add_special_tokens)
+        prompts = self._encode([p for p, _ in pairs], add_special_tokens, "the prompts of references")
         texts = [r for _, r in pairs]
         if all(isinstance(r, str) for r in texts):
             responses = encode_references(self.tokenizer, texts, self.max_new_tokens)
