@@ -180,6 +180,18 @@ def test_findings_sources_reproduced_and_not():
     single = [r for r in good if r["seed"] == 0]
     assert "(above every online one by its mean; one seed, no SE)" in sweeps.findings_sources(single)[1]["evidence"]
 
+    # Every online run too close to the end to judge and no offline hacking to compare with: nothing tested the
+    # claim (it read "yes"); one judged online run, or an offline control that hacks, tests it
+    calm = [_result("offline", 0, 50, 50.05, 1.0, False, judged=False)]
+    calm += [_result(g, 0, 48, 48.05, 1.0, False, judged=False) for g in sweeps.ONLINE]
+    online = sweeps.findings_sources(calm)[1]
+    assert not online["reproduced"] and online["evidence"].endswith(
+        "; not tested: no online run could be judged, and no offline run hacks to compare their rise with")
+    calm[1] = _result("online_teacher", 0, 48, 48.05, 1.0, False)
+    assert sweeps.findings_sources(calm)[1]["reproduced"]
+    compared = good[:1] + [_result(g, 0, 48, 48.05, 1.0, False, judged=False) for g in sweeps.ONLINE]
+    assert sweeps.findings_sources(compared)[1]["reproduced"]
+
 
 def test_findings_diversity_budget_mixture():
     diversity = [_result(g, s, 50, 50 + rise, 2.0 + 0.01 * s, rise > 1)

@@ -155,7 +155,9 @@ def _hacks(row: dict[str, Any]) -> bool:
 def _hacking_findings(groups: dict[str, dict[str, Any]], offline: list[str], online: list[str]) -> list[dict]:
     """Offline: most runs hack. Online: no run hacks and, where the same setting hacks offline, the golden rise
     is below the offline one by 2 standard errors: a verdict cannot judge a run whose golden minimum comes
-    in the last few evaluations, but the rise still shows whether the curve turned up as the offline one did."""
+    in the last few evaluations, but the rise still shows whether the curve turned up as the offline one did.
+    With neither (every online run too close to the end to judge, no offline partner hacking), nothing tested
+    the claim: not reproduced."""
     found = []
     if offline:
         hacked, total, counts = _counts(groups, offline, "offline")
@@ -168,14 +170,17 @@ def _hacking_findings(groups: dict[str, dict[str, Any]], offline: list[str], onl
         compared = [(g, p) for g, p in partners.items() if p is not None and _hacks(p)]
         smaller = all(_below(groups[g], partner, "rise") for g, partner in compared)
         tested = all(None not in (groups[g]["rise_se"], p["rise_se"]) for g, p in compared)
-        hacked, _, counts = _counts(groups, online, "online")
-        found.append(_finding("Online data → no teacher hacking", hacked == 0 and smaller,
+        hacked, total, counts = _counts(groups, online, "online")
+        untested = not compared and sum(groups[g]["undecided"] for g in online) == total
+        found.append(_finding("Online data → no teacher hacking", hacked == 0 and smaller and not untested,
                               counts + ": " + "; ".join(
                                   f"{g}: rise {_pm(groups[g], 'rise', '+')}" for g in online)
                               + ("" if not compared else "; offline rise " + ", ".join(
                                   dict.fromkeys(f"{_pm(p, 'rise', '+')}" for _, p in compared))
                                  + f" ({'' if smaller else 'not '}above every online one "
-                                   + ("by 2 SE)" if tested else "by its mean; one seed, no SE)"))))
+                                   + ("by 2 SE)" if tested else "by its mean; one seed, no SE)"))
+                              + ("; not tested: no online run could be judged, and no offline run hacks to "
+                                 "compare their rise with" if untested else "")))
     return found
 
 
