@@ -261,6 +261,19 @@ def test_detect_prints_every_table_of_the_validation_from_the_corpus(capsys):
     assert all(f"| {name.replace('_', ' ')} | " in alone for name in SIGNALS)
 
 
+def test_detect_says_when_the_fixed_guess_cannot_be_scored(capsys):
+    """With hacking runs in one sweep only, no held-out sweep has a hacking run to score the fixed guess on:
+    detect printed "in nan of the held-out hacking runs"."""
+    from teacherhack.cli import main
+
+    assert main(["detect", str(CORPUS / "sources"), str(CORPUS / "sources-teacher4")]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out
+    assert ("A fixed guess of the golden minimum's evaluation (where it most often lies in the other sweeps), the bar "
+            "a dated turn must clear to carry information, cannot be scored here: it needs hacking runs in at least "
+            "two sweeps (one held out, the guess from the others).") in out
+
+
 @pytest.mark.slow
 def test_the_study_of_other_signals_runs_on_part_of_the_corpus(tmp_path: Path):
     """benchmarks/detection/other_signals.py (the signals that did not earn a place): a row per signal, and the

@@ -160,9 +160,12 @@ def _detect(args: argparse.Namespace) -> int:
         values = signal_values(runs)  # every signal on every run, once for all the tables below
         report = leave_one_preset_out(runs, values=values)
         print(format_validation(report))
-        print(f"\nA fixed guess of the golden minimum's evaluation (where it most often lies in the other sweeps) is "
-              f"within 2 evaluations of it in {report['fixed_guess']:.2f} of the held-out hacking runs: the bar a "
-              "dated turn must clear to carry information.")
+        guess, share = ("\nA fixed guess of the golden minimum's evaluation (where it most often lies in the other "
+                        "sweeps)"), report["fixed_guess"]
+        print(f"{guess}, the bar a dated turn must clear to carry information, cannot be scored here: it needs "
+              "hacking runs in at least two sweeps (one held out, the guess from the others)." if math.isnan(share)
+              else f"{guess} is within 2 evaluations of it in {share:.2f} of the held-out hacking runs: the bar a "
+                   "dated turn must clear to carry information.")
         print("\nThe hacking runs the detector's rule catches, by the size of the golden turn (all runs):\n")
         print(format_caught_by_rise(caught_by_rise(runs, DEFAULT_RULE, values=values)))
         print("\nEach signal alone, left one sweep out (the search restricted to its rules):\n")
