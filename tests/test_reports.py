@@ -84,6 +84,19 @@ def test_write_report_is_self_contained(lab, tmp_path):
     assert not verdicts["online_teacher"]["golden"]["hacking"] and not verdicts["online_teacher"]["detector"]["fired"]
 
 
+def test_the_per_run_table_names_the_minimum_it_shows(lab, tmp_path):
+    """The per-run table's last column is each metric's minimum: it was headed "best", wrong for the student's
+    entropy, whose lowest value is not its best."""
+    metrics = lab / "offline" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row |= {"student_entropy": 9.0 - 0.5 * i, "student_entropy_se": 0.1}
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report([lab], tmp_path / "out").read_text(encoding="utf-8")
+    assert "<tr><th>metric</th><th>final</th><th>minimum</th></tr>" in text and "<th>best</th>" not in text
+    assert "<tr><th>student_entropy</th><td>1.5 ± 0.1 (step 1500)</td><td>1.5 ± 0.1 (step 1500)</td></tr>" in text
+
+
 def test_report_on_a_run_too_short_for_the_detector(tmp_path):
     run = write_run(tmp_path / "short", "offline", 50 + 0 * STEPS)
     lines = (run / "metrics.jsonl").read_text().splitlines()[:4]  # steps 0-300: no power law to fit

@@ -401,10 +401,11 @@ def _run_html(run: Run, verdicts: Verdicts) -> str:
     metric_rows = []
     for key in [k for k in ("proxy", "proxy_train", "golden", "reference_nll", "oracle_nll", "student_entropy")
                 if all(m.get(k) is not None for m in run.metrics)]:
-        best = run.metrics[int(np.argmin(run.series(key)))]
-        metric_rows.append((key, *(f"{_pm(row, key)} (step {row['step']})" for row in (last, best))))
+        lowest = run.metrics[int(np.argmin(run.series(key)))]
+        metric_rows.append((key, *(f"{_pm(row, key)} (step {row['step']})" for row in (last, lowest))))
     cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_dash(v))}</td></tr>" for k, v in settings)
-    cells += "<tr><th>metric</th><th>final</th><th>best</th></tr>" + "".join(
+    # the minimum, not "best": lower is better for the distances and NLLs, not for the student's entropy
+    cells += "<tr><th>metric</th><th>final</th><th>minimum</th></tr>" + "".join(
         f"<tr><th>{k}</th><td>{html.escape(f)}</td><td>{html.escape(b)}</td></tr>" for k, f, b in metric_rows)
     cells += (f"<tr><th>golden verdict</th><td colspan=2>{_golden_cell(verdict)}: "
               f"{html.escape(verdict.reason)}</td></tr>"
