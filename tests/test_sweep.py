@@ -376,6 +376,17 @@ def test_the_record_embeds_every_sweep_note_with_links_that_resolve_from_the_rec
         "[a](A.md) [z](../Z.md) [b](#b) [c](https://c.org/x)"
 
 
+def test_the_readme_names_the_sweep_notes_as_the_record_reads_them():
+    """write_reproduction reads a sweep's notes from reproduction/<sweep folder>/NOTES.md (each folder of notes is a
+    section of the record, e.g. sources-teacher12 of preset sources); the README said PRESET/NOTES.md."""
+    root = Path(__file__).resolve().parents[1]
+    record, readme = (root / "docs" / "REPRODUCTION.md").read_text(), " ".join((root / "README.md").read_text().split())
+    folders = [notes.parent.name for notes in (root / "docs" / "reproduction").glob("*/NOTES.md")]
+    assert "sources-teacher12" in folders and all(f"## `{folder}`" in record for folder in folders)
+    assert "`docs/reproduction/SWEEP_DIR/NOTES.md`, named after the sweep's folder, not its preset" in readme
+    assert "PRESET/NOTES.md" not in readme
+
+
 def test_a_sweep_trains_on_the_threads_its_configuration_names(tiny_config, tmp_path, monkeypatch):
     """`--set threads=N` reached `teacherhack lab` only: a sweep trained on torch's default count while each run's
     config.yaml said N (other bits than the lab's with the same seed)."""
