@@ -53,6 +53,23 @@ def one_line_error(capsys) -> str:
     return lines[0]
 
 
+def loss_diverging_at(call: int):
+    """A stand-in for distill.distill_loss whose loss is NaN at its ``call``-th evaluation: the run stops at its NaN
+    guard with its checkpoints kept, as a diverged run would."""
+    original, calls = distill.distill_loss, {"n": 0}
+
+    def make(*a, **k):
+        loss = original(*a, **k)
+
+        def wrapped(batch, denominator):
+            calls["n"] += 1
+            return loss(batch, denominator) * (float("nan") if calls["n"] == call else 1.0)
+
+        return wrapped
+
+    return make
+
+
 def trained_nothing(cache: Path) -> bool:
     return not any(p.name.startswith(("oracle-", "teacher-", "student-")) for p in (cache / "artifacts").glob("*"))
 
@@ -288,19 +305,7 @@ def test_a_non_finite_loss_exits_2_with_one_message_keeps_every_checkpoint_and_r
                                                                                        monkeypatch):
     args = tiny_args(tiny_task, tmp_path / "out", tmp_path / "cache")
     original = distill.distill_loss
-    calls = {"n": 0}
-
-    def diverges_at_step_6(*a, **k):
-        loss = original(*a, **k)
-
-        def wrapped(batch, denominator):
-            calls["n"] += 1
-            value = loss(batch, denominator)
-            return value * float("nan") if calls["n"] == 6 else value
-
-        return wrapped
-
-    monkeypatch.setattr(distill, "distill_loss", diverges_at_step_6)
+    monkeypatch.setattr(distill, "distill_loss", loss_diverging_at(6))
     assert main(args) == 2
     error = one_line_error(capsys)
     assert "offline step 6: the loss is not finite" in error and "the last checkpoint is intact" in error
@@ -341,18 +346,7 @@ def test_a_run_is_not_resumed_on_upstream_models_rebuilt_under_another_thread_co
     another one would continue on another oracle and teacher, so it is refused and its folder left as it was."""
     args = tiny_args(tiny_task, tmp_path / "out", tmp_path / "cache", "--set", "threads=null")
     original, threads = distill.distill_loss, torch.get_num_threads()
-    calls = {"n": 0}
-
-    def diverges_at_step_6(*a, **k):
-        loss = original(*a, **k)
-
-        def wrapped(batch, denominator):
-            calls["n"] += 1
-            return loss(batch, denominator) * (float("nan") if calls["n"] == 6 else 1.0)
-
-        return wrapped
-
-    monkeypatch.setattr(distill, "distill_loss", diverges_at_step_6)
+    monkeypatch.setattr(distill, "distill_loss", loss_diverging_at(6))
     try:
         torch.set_num_threads(1)
         assert main(args) == 2
@@ -383,18 +377,7 @@ def test_a_run_is_not_resumed_on_changed_data_and_nothing_is_rebuilt_first(tiny_
     task.write_text(tiny_task.read_text())
     args = tiny_args(task, tmp_path / "out", tmp_path / "cache")
     original = distill.distill_loss
-    calls = {"n": 0}
-
-    def diverges_at_step_6(*a, **k):
-        loss = original(*a, **k)
-
-        def wrapped(batch, denominator):
-            calls["n"] += 1
-            return loss(batch, denominator) * (float("nan") if calls["n"] == 6 else 1.0)
-
-        return wrapped
-
-    monkeypatch.setattr(distill, "distill_loss", diverges_at_step_6)
+    monkeypatch.setattr(distill, "distill_loss", loss_diverging_at(6))
     assert main(args) == 2
     capsys.readouterr()
     monkeypatch.setattr(distill, "distill_loss", original)
