@@ -37,10 +37,10 @@ def preflight(configs: list[LabConfig], out: Path, cache_root: Path) -> None:
 def check_machine(c: LabConfig) -> None:
     """The device and the sampling backend the configuration asks for exist on this machine."""
     kind, _, index = c.device.partition(":")
-    count = {"cuda": torch.cuda.device_count, "xpu": lambda: torch.xpu.device_count() if hasattr(torch, "xpu") else 0,
-             "mps": lambda: int(torch.backends.mps.is_available())}.get(kind)
-    if count is not None and count() <= int(index or 0):
-        found = f"{count()} {kind} device(s)" if count() else f"no {kind} device"
+    counts = {"cuda": torch.cuda.device_count, "xpu": torch.xpu.device_count,
+              "mps": lambda: int(torch.backends.mps.is_available())}
+    if kind in counts and (available := counts[kind]()) <= int(index or 0):
+        found = f"{available} {kind} device(s)" if available else f"no {kind} device"
         raise UserError(f"device={c.device}: this machine has {found}; use device=auto (a GPU when there is one, "
                         f"else the CPU) or device=cpu")
     if c.distill.generation == "vllm" and not vllm_available():
