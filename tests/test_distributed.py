@@ -18,6 +18,7 @@ from conftest import TINY
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).parent / "scripts" / "lab_worker.py"
+WAIT_WORKER = Path(__file__).parent / "scripts" / "wait_worker.py"
 # Float sums run in another order on two processes (gradients all-reduced, values gathered), and AdamW
 # carries the differences over 12 steps: agreement to 1e-4 relative is the stated tolerance.
 TOLERANCE = 1e-4
@@ -30,11 +31,17 @@ def free_port() -> int:
 
 
 def torchrun(out: Path, cache: Path, overrides: dict) -> None:
+    run_two(WORKER, str(out), str(cache), json.dumps(overrides))
+
+
+def run_two(script: Path, *args: str) -> str:
+    """``script`` on two processes under torchrun; its output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(WORKER), str(out), str(cache), json.dumps(overrides)]
+               "--master_port", str(free_port()), str(script), *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -76,3 +83,9 @@ def test_two_processes_build_the_upstream_together(tiny_task: Path, tmp_path: Pa
     artifacts = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "artifacts").iterdir())
     assert "oracle" in artifacts and not any(".tmp-" in p.name for p in (tmp_path / "cache" / "artifacts").iterdir())
     assert rows(tmp_path / "lab" / "offline")[-1]["step"] == 4
+
+
+def test_processes_wait_for_the_main_one_longer_than_the_default_timeout():
+    # the main process builds some artifacts alone (hours at the paper's scale) while the others wait at a barrier
+    out = run_two(WAIT_WORKER)
+    assert "rank 0 waited" in out and "rank 1 waited" in out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import cache
 from typing import Any
 
@@ -21,11 +22,27 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+# How long a process waits at a barrier for the others. The main process builds some artifacts alone (the oracle's
+# answers, the offline set, the teacher's signals: hours at the paper's scale) or waits for another command's build
+# of the same artifact, while the others wait; the default process group's timeout (30 minutes for gloo, 10 for
+# NCCL) would kill the run in the middle of such a build, and again at every rerun.
+WAIT_TIMEOUT = timedelta(days=3)
+
+
 @cache
 def _state():
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())  # accelerate runs gloo on CPUs only when told
+    state = PartialState(cpu=not torch.cuda.is_available())  # accelerate runs gloo on CPUs only when told
+    _waiting_group()  # made now, while every process starts together: making a group is itself a collective
+    return state
+
+
+@cache
+def _waiting_group() -> Any:
+    """A gloo group of every process with :data:`WAIT_TIMEOUT` for :func:`barrier` (gloo waits on the CPU, also
+    beside an NCCL default group)."""
+    return torch.distributed.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
 
 
 def rank() -> int:
@@ -47,8 +64,10 @@ def log(message: str) -> None:
 
 
 def barrier() -> None:
+    """Wait for every process, however long the main process works alone (:data:`WAIT_TIMEOUT`)."""
     if launched():
-        _state().wait_for_everyone()
+        _state()
+        torch.distributed.barrier(group=_waiting_group())
 
 
 def shard(rows: list[int] | range) -> list[int]:
