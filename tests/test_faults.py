@@ -233,6 +233,20 @@ def test_a_data_file_with_a_bad_byte_names_its_line(tmp_path, capsys):
     assert "task.jsonl, line 3: not valid UTF-8" in error and trained_nothing(tmp_path / "cache")
 
 
+def test_a_raw_tsv_with_a_stray_quote_names_the_line_where_its_field_starts(tiny_task, tmp_path, capsys):
+    """Read as CSV quoting, the quote would have merged the lines after it into one row, silently."""
+    pairs = [json.loads(line) for line in tiny_task.read_text().splitlines()]
+    lines = ["prompt\tresponse", *(f"{p['prompt']}\t{p['response']}" for p in pairs)]
+    lines[4] = '"' + lines[4]  # a raw TSV's sentence that opens a quotation
+    task = tmp_path / "task.tsv"
+    task.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args = tiny_args(task, tmp_path / "out", tmp_path / "cache", "--set", f"task.spec={task}")
+    assert main(args) == 2
+    error = one_line_error(capsys)
+    assert f"{task}, line 5: a field starts with a quote" in error and "convert it to JSON Lines" in error
+    assert trained_nothing(tmp_path / "cache")
+
+
 def test_a_data_set_too_small_for_the_splits_names_the_keys_to_lower(tmp_path, capsys):
     task = make_task(tmp_path / "task.jsonl", n=60)
     assert main(tiny_args(task, tmp_path / "out", tmp_path / "cache")) == 2

@@ -254,6 +254,80 @@ def test_odd_but_valid_files_load_as_written(tmp_path):
     assert len(load_task(f"hf:{long}", tmp_path).pairs[0].prompt) == 200_000
 
 
+# Texts that csv and pandas must quote: a quote at the start (in full, or opening the field), the delimiters,
+# doubled quotes, a line break; and quotes that need no quoting (inside a field)
+QUOTED_TEXTS = [('"Hello," he said.', '"Hola", dijo.'), ('"Hello', "Hola"), ("tab\there, comma", 'a ""b""'),
+                ("two\nlines", "crlf\r\nend"), ('He said "hi"', "x"), ('"', '""')]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_tables_quoted_as_csv_and_pandas_write_them_load_as_written(tmp_path, suffix):
+    import pandas
+
+    delimiter = "\t" if suffix == ".tsv" else ","
+    for quoting in (csv.QUOTE_MINIMAL, csv.QUOTE_ALL):
+        path = tmp_path / f"csv-{quoting}{suffix}"
+        with path.open("w", newline="", encoding="utf-8") as handle:  # csv's own line ends: \r\n
+            writer = csv.writer(handle, delimiter=delimiter, quoting=quoting)
+            writer.writerow(["prompt", "response"])
+            writer.writerows(QUOTED_TEXTS)
+        assert [(p.prompt, p.response) for p in load_task(str(path), tmp_path).pairs] == QUOTED_TEXTS
+        path = tmp_path / f"pandas-{quoting}{suffix}"
+        pandas.DataFrame(QUOTED_TEXTS, columns=["prompt", "response"]).to_csv(path, sep=delimiter, index=False,
+                                                                              quoting=quoting)
+        assert [(p.prompt, p.response) for p in load_task(str(path), tmp_path).pairs] == QUOTED_TEXTS
+    folder = tmp_path / "folder"  # read by `datasets`, after the same check
+    folder.mkdir()
+    path.rename(folder / f"train{suffix}")
+    assert [(p.prompt, p.response) for p in load_task(f"hf:{folder}", tmp_path).pairs] == QUOTED_TEXTS
+    short = tmp_path / f"short{suffix}"  # a one-line row without its response, after a blank line: blank, counted
+    short.write_text(f"prompt{delimiter}response\nhi{delimiter}hola\n\nonly\n", encoding="utf-8")
+    assert load_task(str(short), tmp_path) == Task([Pair("hi", "hola")], {"blank prompt or response": 1}, str(short))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "line"),
+    [
+        # a raw TSV: the field opened on line 3 would swallow lines 3-4 and end at the quote of line 5
+        ("raw.tsv", 'prompt\tresponse\nGood morning\tBuenos días\n"Hello\tHola\nHow are you?\t¿Cómo estás?\n'
+                    '"Yes," he said.\t"Sí", dijo.\nBye\tAdiós\n', 3),
+        ("raw.tsv", 'prompt\tresponse\n"Hello," he said.\tdijo\n', 2),  # read as csv: «Hello, he said.»
+        ("raw.csv", 'prompt,response\nhi,hola\n"Hello," he said.,dijo\n', 3),
+        ("eof.tsv", 'prompt\tresponse\nhi\thola\n"Hello\tHola\nBye\tAdiós\n', 3),  # no quote closes it
+        ("closes.tsv", 'prompt\tresponse\n"Hello\tHola\nGood\tBueno"\nBye\tAdiós\n', 2),  # closes: 2 lines, 1 value
+        ("second.tsv", 'prompt\tresponse\n"two\nlines"\t"Hi," she said.\n', 3),  # a quoted field, then a bad one
+    ],
+)
+def test_a_stray_quote_in_a_table_is_refused_at_the_line_its_field_starts(tmp_path, name, content, line):
+    """csv, pandas and `datasets` read such a field on to the next quote (merging rows) or drop its quotes."""
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    for spec in (str(path), f"hf:{path}"):
+        with pytest.raises(TaskError, match=rf"{re.escape(name)}, line {line}: a field starts with a quote") as error:
+            load_task(spec, tmp_path)
+        assert "quoting=csv.QUOTE_NONE" in str(error.value) and "\n" not in str(error.value)
+    folder = tmp_path / "folder"  # read by `datasets`, which would merge the rows as well
+    folder.mkdir(exist_ok=True)
+    (folder / f"train{path.suffix}").write_text(content, encoding="utf-8")
+    with pytest.raises(TaskError, match=rf"train\{path.suffix}, line {line}: a field starts with a quote"):
+        load_task(f"hf:{folder}", tmp_path)
+    (folder / f"train{path.suffix}").unlink()
+
+
+def test_a_raw_table_converted_as_the_error_says_loads_every_line_as_written(tmp_path):
+    import pandas
+
+    path = tmp_path / "raw.tsv"
+    path.write_text('prompt\tresponse\n"Hello\tHola\nGood morning\tBuenos días\n"Yes," he said.\t"Sí", dijo.\n',
+                    encoding="utf-8")
+    with pytest.raises(TaskError, match="pandas.read_csv") as error:
+        load_task(str(path), tmp_path)
+    recipe = re.search(r"(pandas\.read_csv\(.*?\)\.to_json\(.*?\))", str(error.value)).group(1)
+    eval(recipe, {"pandas": pandas, "csv": csv})  # noqa: S307 - the message's own one-liner
+    assert [(p.prompt, p.response) for p in load_task(str(path.with_suffix(".jsonl")), tmp_path).pairs] == [
+        ('"Hello', "Hola"), ("Good morning", "Buenos días"), ('"Yes," he said.', '"Sí", dijo.')]
+
+
 @pytest.mark.parametrize("spec", ["jsonl", "hf"])
 def test_an_unpaired_surrogate_is_refused_with_its_line(tmp_path, spec):
     path = tmp_path / "s.jsonl"

@@ -12,7 +12,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,11 +221,14 @@ def _open_local(path: Path, task_name: str, fmt: TaskFormat, *, split: str, conf
                 return _Source(str(path), datasets.load_from_disk(str(path)))
             except Exception as error:  # noqa: BLE001
                 raise TaskError(f"cannot read the saved dataset {path}: {error}") from None
+        for table in _data_files(path, (".csv", ".tsv")):  # `datasets` (pandas) would merge rows at a stray quote
+            _read_table(table, tsv=table.suffix.lower() == ".tsv")
         try:
             return _load_dataset(str(path), config, split, where=str(path), task_name=task_name, fmt=fmt,
                                  cache_dir=cache_dir / "hf-datasets")
         except TaskError:
-            _locate_bad_json(path)  # `datasets` names neither the file nor the line of a malformed record
+            for file in _data_files(path, (".jsonl", ".json")):  # `datasets` names neither the file nor the line
+                _read_json_records(file)
             raise
     suffix = path.suffix.lower()
     try:
@@ -248,19 +251,31 @@ def _open_local(path: Path, task_name: str, fmt: TaskFormat, *, split: str, conf
     return _Source(str(path), rows, labels)
 
 
-def _locate_bad_json(folder: Path) -> None:
-    """Raise the error of the first JSON data file under ``folder`` that does not read, naming its line."""
-    for file in sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jsonl", ".json") and p.is_file()
-                       and not p.name.startswith(".") and p.name not in ("dataset_info.json", "state.json",
-                                                                          "dataset_dict.json")):
-        _read_json_records(file)
+def _data_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """The data files under ``folder`` that `datasets` reads, by suffix: not hidden, not its own metadata."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+                  and p.name not in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
 def _read_table(path: Path, *, tsv: bool) -> list[dict]:
     """The rows of a CSV or a TSV, quoted as Python's csv module and pandas write them (a quoted field may hold the
-    delimiter, quotes and newlines)."""
-    handle = io.StringIO(decode_utf8(path.read_bytes(), str(path)), newline="")
-    reader = csv.DictReader(handle, delimiter="\t" if tsv else ",")
+    delimiter, quotes and newlines).
+
+    A field that starts with a quote but is not quoted so (a raw TSV's `"Hello`, or `"Hi," he said.`) is refused at
+    the line where it starts: csv, pandas and `datasets` read it on to the next quote, merging rows, or drop its
+    quotes. Reading such a file raw instead would be a guess: a raw `"Hi"` and a quoted one are the same bytes.
+    """
+    text = decode_utf8(path.read_bytes(), str(path))
+    delimiter = "\t" if tsv else ","
+    read: list[str] = []  # the lines read since the last row (with a blank line before it, and the header first)
+
+    def kept(lines: Iterable[str]) -> Iterator[str]:
+        for line in lines:
+            read.append(line)
+            yield line
+
+    reader = csv.DictReader(kept(io.StringIO(text, newline="")), delimiter=delimiter, strict=True)
     limit = csv.field_size_limit(sys.maxsize)  # a long document is a field like any other (csv's default: 128 KiB)
     rows = []
     try:
@@ -268,13 +283,58 @@ def _read_table(path: Path, *, tsv: bool) -> list[dict]:
             if None in row:  # DictReader's key for the values beyond the header's columns
                 raise TaskError(f"{path}, line {reader.line_num}: {len(row[None])} more value(s) than the "
                                 f"header's {len(reader.fieldnames or [])} columns (an unquoted comma or tab?)")
+            if None in row.values():  # fewer values, which csv never writes: a blank side, unless a stray quote
+                line = _stray_quote_line(read, reader.line_num, delimiter, spans_lines=True)
+                if line is not None:
+                    values = sum(value is not None for value in row.values())
+                    raise _stray_quote(path, line, f"and runs on to line {reader.line_num}, where its row ends "
+                                                   f"with {values} of the header's {len(row)} values", delimiter)
             rows.append(dict(row))
+            read.clear()
     except csv.Error as error:
+        last = reader.reader.line_num  # the DictReader's own count is its last row's
+        line = _stray_quote_line(read, last, delimiter)
+        if line is not None:
+            raise _stray_quote(path, line, "that no quote closes as csv closes one (a quote, then "
+                                           f"{'a tab' if tsv else 'a comma'} or the line's end)", delimiter) from None
         kind = "TSV" if tsv else "CSV"
-        raise TaskError(f"{path}, line {reader.line_num}: cannot read it as {kind}: {error}") from None
+        raise TaskError(f"{path}, line {last}: cannot read it as {kind}: {error}") from None
     finally:
         csv.field_size_limit(limit)
     return rows
+
+
+def _stray_quote_line(lines: list[str], last: int, delimiter: str, *, spans_lines: bool = False) -> int | None:
+    """The line number where, in ``lines`` (CSV from a row's start on, ending at line ``last``), the first field
+    opens with a quote that no quote closes as csv writes them (a quote, then the delimiter, a line's end or the
+    end of the text), or with ``spans_lines`` the first quoted field that holds a line break; None if none does."""
+    region = "".join(lines)
+    separators = re.escape(delimiter) + r"\r\n"
+    quoted, unquoted = re.compile(rf'"(?:[^"]|"")*"(?=[{separators}]|\Z)'), re.compile(rf"[^{separators}]*")
+    position = 0
+    while position < len(region):
+        if region[position] == '"':
+            field = quoted.match(region, position)
+            if field is None or spans_lines and re.search(r"[\r\n]", field.group()):
+                # csv's line numbers: \r, \n and \r\n each end a line
+                return last - len(lines) + 1 + len(re.findall(r"\r\n|\r|\n", region[:position]))
+            position = field.end()
+        else:
+            position = unquoted.match(region, position).end()
+        position += 1  # the separator after the field
+    return None
+
+
+def _stray_quote(path: Path, line: int, why: str, delimiter: str) -> TaskError:
+    """A field that starts with a quote but is not quoted as csv writes it: what to do, for a raw file or a quoted
+    one."""
+    return TaskError(
+        f"{path}, line {line}: a field starts with a quote {why}: it is not quoted as csv writes it, so the rows from "
+        f"there on cannot be read as written. If the file's quotes are part of its text (it is not quoted), convert "
+        f"it to JSON Lines: pandas.read_csv({str(path)!r}, sep={delimiter!r}, quoting=csv.QUOTE_NONE, dtype=str, "
+        f"keep_default_na=False).to_json({str(path.with_suffix('.jsonl'))!r}, orient='records', lines=True, "
+        f"force_ascii=False); if it is quoted, quote that field as csv does (all of it in quotes, each quote inside "
+        f"doubled)")
 
 
 def _read_json_records(path: Path) -> tuple[list[dict], list[str]]:
