@@ -183,6 +183,46 @@ def test_dump_yaml_from_dict_round_trip(preset, tmp_path: Path):
     cfg.validate(loaded)
 
 
+def test_resolved_paths_are_absolute_and_names_stay_names(tmp_path: Path, monkeypatch):
+    """A relative path was kept as typed: config.yaml did not say which file a run read, and the same file written
+    from another working directory made another configuration."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "xs").mkdir()  # a folder named as a size preset: the preset still
+    home = tmp_path / "home"
+    specs = {
+        "jsonl:data/x.jsonl": f"jsonl:{tmp_path}/data/x.jsonl",  # a path, even before the file exists
+        "jsonl:~/x.jsonl": f"jsonl:{home}/x.jsonl",
+        "data/x.csv": f"{tmp_path}/data/x.csv",
+        "hf:./data": f"hf:{tmp_path}/data",
+        "hf:ckpt/../data/x.parquet": f"hf:{tmp_path}/data/x.parquet",
+        "xsum:data/xsum.parquet": f"xsum:{tmp_path}/data/xsum.parquet",
+        "/abs/x.tsv": "/abs/x.tsv",
+        "hf:org/name": "hf:org/name",  # a hub dataset
+        "xsum:EdinburghNLP/xsum": "xsum:EdinburghNLP/xsum",
+        "xsum": "xsum",
+        "kjv-rv": "kjv-rv",
+    }
+    for spec, resolved in specs.items():
+        assert resolve("quick", {"task.spec": spec}).task.spec == resolved, spec
+    c = resolve("quick", {"models.oracle": "org/name", "models.teacher": "./ckpt", "models.student": "xs"})
+    assert (c.models.oracle, c.models.teacher, c.models.student) == ("org/name", str(tmp_path / "ckpt"), "xs")
+    (tmp_path / "org" / "name").mkdir(parents=True)  # a local folder named as a hub id is what transformers loads
+    assert resolve("quick", {"models.oracle": "org/name"}).models.oracle == str(tmp_path / "org" / "name")
+    assert resolve("quick", {"task.spec": "hf:org/name"}).task.spec == f"hf:{tmp_path}/org/name"
+    assert (resolve("paper").task.spec, resolve("paper").models.oracle) == ("xsum", "google/t5-v1_1-xl")  # hub
+    with pytest.raises(ConfigError, match="models.teacher must name"):  # blank is still refused, not made "."
+        resolve("quick", {"models.teacher": " "})
+
+
+def test_differences_name_each_setting_that_differs():
+    a = resolve("quick")
+    b = cfg.apply_overrides(a, {"distill.steps": 7, "task.spec": "jsonl:/b.jsonl"})
+    assert cfg.differences(a, b) == ["task.spec: 'kjv-rv' → 'jsonl:/b.jsonl'", f"distill.steps: {a.distill.steps} → 7"]
+    assert cfg.differences(a, a) == []
+
+
 def test_from_dict_rejects_unknown_and_badly_typed_keys():
     data = resolve("default").to_dict()
     data["distill"]["stepz"] = 3

@@ -406,6 +406,34 @@ def test_a_run_is_not_resumed_on_changed_data_and_nothing_is_rebuilt_first(tiny_
 
 
 @pytest.mark.slow
+def test_a_lab_with_relative_paths_resumes_from_another_working_directory(tiny_task, tmp_path, capsys, monkeypatch):
+    """config.yaml kept `jsonl:data/task.jsonl` as typed: it did not say which file the run read, the same file
+    written from another directory was refused as another configuration, and the same command there read another
+    file (refused only once the upstream keys were computed, as 'data changed')."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    (here / "data").mkdir(parents=True)
+    (there / "data").mkdir(parents=True)
+    (here / "data" / "task.jsonl").write_text(tiny_task.read_text())
+    monkeypatch.chdir(here)
+    monkeypatch.setattr(distill, "distill_loss", loss_diverging_at(6))  # stops after the checkpoint at step 4
+    assert main(tiny_args(Path("data/task.jsonl"), Path("out"), tmp_path / "cache")) == 2
+    capsys.readouterr()
+    monkeypatch.undo()
+    out, task = here / "out", here / "data" / "task.jsonl"
+    assert cfg.from_dict(yaml.safe_load((out / "config.yaml").read_text())).task.spec == f"jsonl:{task}"
+
+    monkeypatch.chdir(there)
+    make_task(there / "data" / "task.jsonl", seed=1)  # another file of the same name here
+    assert main(tiny_args(Path("data/task.jsonl"), out, tmp_path / "cache")) == 2
+    assert (f"holds a run with a different configuration ({out / 'config.yaml'} → this command: task.spec: "
+            f"'jsonl:{task}' → 'jsonl:{there / 'data' / 'task.jsonl'}')") in one_line_error(capsys)
+    assert main(tiny_args(Path("../here/data/task.jsonl"), out, tmp_path / "cache")) == 0  # the same file: resumed
+    run = RunFolder(out / "offline")
+    assert [r["step"] for r in run.metrics()] == [0, 4, 8, 12] and run.finished()
+    assert "offline: resuming from step 4" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_ctrl_c_stops_every_run_exits_130_and_the_same_command_resumes(tiny_task, tmp_path):
     sets = {**TINY, "task.spec": f"jsonl:{tiny_task}", "distill.steps": 400, "distill.sources": "[offline, online_student, online_teacher]"}
     command = [sys.executable, "-m", "teacherhack", "lab", "--preset", "quick", "--out", str(tmp_path / "out"),

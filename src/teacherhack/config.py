@@ -23,6 +23,7 @@ from teacherhack.errors import UserError
 from teacherhack.generation import BACKENDS
 from teacherhack.models import ARCHITECTURES, SIZES
 from teacherhack.presets import LAB_PRESETS
+from teacherhack.tasks import absolute_path, absolute_spec
 
 SOURCES: tuple[str, ...] = ("offline", "online_teacher", "online_student", "mixture")
 # The token-level divergences on the teacher's distribution, hard-label cross-entropy on the sampled tokens
@@ -302,28 +303,48 @@ def resolve(preset: str = "default", overrides: dict[str, Any] | None = None) ->
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(LAB_PRESETS)}")
     config = apply_overrides(LabConfig(preset=preset), LAB_PRESETS[preset])
     config = apply_overrides(config, overrides or {})
+    _absolute_paths(config)
     validate(config)
     return config
 
 
+def _absolute_paths(c: LabConfig) -> None:
+    """Make the local paths of ``c`` absolute (``~`` expanded): its config.yaml then says which files a run read,
+    and resuming it from another working directory reads the same files or is refused, naming the path. A built-in
+    task, a size preset and a hub id stay as they are (a model is a path only where that folder exists)."""
+    c.task.spec = absolute_spec(c.task.spec)
+    for role in ("oracle", "teacher", "student"):
+        name = getattr(c.models, role)
+        if name.strip() and name not in SIZES and Path(name).expanduser().exists():
+            setattr(c.models, role, absolute_path(name))
+
+
+def _flat(c: LabConfig) -> dict[str, Any]:
+    """Every setting of ``c`` by its dotted key, in the order of `all_keys`."""
+    values = {}
+    for key in all_keys():
+        target: Any = c
+        for part in key.split("."):
+            target = getattr(target, part)
+        values[key] = target
+    return values
+
+
 def assignments(config: LabConfig) -> list[str]:
     """The ``key=value`` settings (as ``--set`` takes them) that turn ``config.preset`` into ``config``."""
-    def flat(c: LabConfig) -> dict[str, Any]:
-        values = {}
-        for key in all_keys():
-            target: Any = c
-            for part in key.split("."):
-                target = getattr(target, part)
-            values[key] = target
-        return values
-
     def text(value: Any) -> str:
         if isinstance(value, list):
             return ",".join(text(v) for v in value)
         return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
-    preset = flat(resolve(config.preset))
-    return [f"{key}={text(value)}" for key, value in flat(config).items() if value != preset[key]]
+    preset = _flat(resolve(config.preset))
+    return [f"{key}={text(value)}" for key, value in _flat(config).items() if value != preset[key]]
+
+
+def differences(before: LabConfig, after: LabConfig) -> list[str]:
+    """``key: before → after`` for each setting that differs, to name what makes two configurations differ."""
+    old = _flat(before)
+    return [f"{key}: {old[key]!r} → {value!r}" for key, value in _flat(after).items() if value != old[key]]
 
 
 def parse_assignments(assignments: list[str]) -> dict[str, str]:

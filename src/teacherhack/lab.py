@@ -188,8 +188,10 @@ def _keep_config(saved: Path, c: LabConfig) -> None:
             raise cfg.ConfigError(f"{saved}: {error} (written by another version of teacherhack?); choose another "
                                   f"--out, or resume it with the version that started it") from None
         if previous.to_dict() != c.to_dict():
-            raise cfg.ConfigError(f"{saved.parent} holds a run with a different configuration ({saved}); "
-                                  f"choose another --out or rerun with the same settings to resume it")
+            changed = "; ".join(cfg.differences(previous, c))
+            raise cfg.ConfigError(f"{saved.parent} holds a run with a different configuration ({saved} → this "
+                                  f"command: {changed}); choose another --out or rerun with the same settings to "
+                                  f"resume it")
     distributed.barrier()  # every process has compared with the saved config before it is rewritten
     if distributed.is_main():
         c.dump(saved)

@@ -50,7 +50,7 @@ from teacherhack.tasks.base import (
     split_task,
 )
 from teacherhack.tasks.debian_descriptions import load_debian_descriptions
-from teacherhack.tasks.hub import TASK_FORMATS, load_records
+from teacherhack.tasks.hub import TASK_FORMATS, absolute_location, absolute_path, load_records
 from teacherhack.tasks.kjv_rv import load_kjv_rv
 from teacherhack.tasks.snapshot import load_jsonl
 from teacherhack.tasks.wordnet import load_wordnet
@@ -63,6 +63,8 @@ __all__ = [
     "Splits",
     "Task",
     "TaskError",
+    "absolute_path",
+    "absolute_spec",
     "load_prompts",
     "load_task",
     "split_task",
@@ -95,6 +97,17 @@ def load_task(
         return sample_task(task, limit, seed)
     return load_records(spec, Path(cache_dir), split=split, prompt_field=prompt_field, response_field=response_field,
                         config=config, limit=limit, seed=seed, with_response=True)
+
+
+def absolute_spec(spec: str) -> str:
+    """`spec` with the local path it names made absolute (`~` expanded, links resolved), so that it names the same
+    data from any working directory; a built-in task or a hub dataset stays as it is."""
+    if spec in BUILTIN_TASKS:
+        return spec
+    if spec.startswith("jsonl:"):
+        path = spec.removeprefix("jsonl:")
+        return f"jsonl:{absolute_path(path)}" if path else spec
+    return absolute_location(spec)
 
 
 def load_prompts(

@@ -187,6 +187,20 @@ def _looks_local(location: str) -> bool:
     )
 
 
+def absolute_location(spec: str) -> str:
+    """A `load_records` spec with its location made absolute (see `absolute_path`) where it is a local path, as
+    `_looks_local` tells: a hub id (OWNER/NAME) stays as it is, unless a folder of that name exists here."""
+    name, colon, location = spec.partition(":")
+    if name in TASK_FORMATS or name == "hf" and colon:
+        return f"{name}:{absolute_path(location)}" if location and _looks_local(location) else spec
+    return absolute_path(spec) if spec.lower().endswith(LOCAL_SUFFIXES) else spec
+
+
+def absolute_path(path: str) -> str:
+    """``path`` absolute, ``~`` expanded and links resolved: the same file from any working directory."""
+    return str(Path(path).expanduser().resolve())
+
+
 def _open_source(location: str, task_name: str, fmt: TaskFormat, *, split: str, config: str | None,
                  cache_dir: Path) -> _Source:
     if _looks_local(location):
