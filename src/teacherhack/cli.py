@@ -228,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--out", help="output folder (default: runs/lab-PRESET-TIMESTAMP); rerun to resume")
     _run_options(lab, "stage-2 runs in parallel processes, threads split between them (default: one per source)")
     for role in ("oracle", "teacher", "student"):
-        lab.add_argument(f"--{role}", metavar="SIZE|PATH|HUB_ID",
-                         help=f"the {role}: a size preset or a model folder / hub id (= --set models.{role}=...)")
+        lab.add_argument(f"--{role}", metavar="SIZE|PATH|HUB_ID[@REV]",
+                         help=f"the {role}: a size preset, a model folder, or a hub id, at a branch, tag or commit "
+                              f"after @ (= --set models.{role}=...)")
     lab.add_argument("--task", metavar="SPEC", help="kjv-rv, debian-descriptions, wordnet, xsum, wmt14, "
                      "natural-instructions (hub, or NAME:PATH for a local copy), jsonl:FILE, hf:NAME_OR_PATH "
                      "(= --set task.spec=...)")

@@ -21,7 +21,7 @@ import yaml
 from teacherhack.divergences import DIVERGENCES, ESTIMATORS, check_estimator
 from teacherhack.errors import UserError
 from teacherhack.generation import BACKENDS
-from teacherhack.models import ARCHITECTURES, SIZES
+from teacherhack.models import ARCHITECTURES, SIZES, split_revision
 from teacherhack.presets import LAB_PRESETS
 from teacherhack.tasks import absolute_path, absolute_spec
 
@@ -63,7 +63,9 @@ class TaskConfig:
 @dataclass
 class ModelsConfig:
     arch: str = "gpt2"
-    oracle: str = "m"  # a size preset, or a local folder / hub id with from_pretrained
+    # a size preset, or a local folder / hub id with from_pretrained (ORG/NAME@REVISION: a branch, tag or commit);
+    # a run pins each hub id to the commit the Hugging Face cache holds for it, and its config.yaml records that
+    oracle: str = "m"
     teacher: str = "m"
     student: str = "xs"
     oracle_temperature: float = 1.0  # τ < 1 sharpens the ground truth (exactly, for sampling and scoring)
@@ -372,6 +374,10 @@ def validate(c: LabConfig) -> None:
     for role in ("oracle", "teacher", "student"):
         value = getattr(c.models, role)
         require(bool(value.strip()), f"models.{role} must name a size preset ({', '.join(SIZES)}) or a model folder / hub id")
+        try:
+            split_revision(value)
+        except ValueError as error:
+            raise ConfigError(f"models.{role}={value!r}: {error}") from None
     require(c.models.oracle_temperature > 0, "models.oracle_temperature must be > 0")
     require(c.models.dtype in ("float32", "bfloat16"), "models.dtype must be float32 or bfloat16")
     require(c.models.vocab_size is None or c.models.vocab_size >= 2, "models.vocab_size must be >= 2")

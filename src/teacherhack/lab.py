@@ -29,7 +29,7 @@ from teacherhack.distributed import log
 from teacherhack.launch import Job, launch
 from teacherhack.reports import write_reports
 from teacherhack.rundir import RunFolder, locked
-from teacherhack.stages import cpu_kernels, prepare_upstream
+from teacherhack.stages import cpu_kernels, pin_models, prepare_upstream
 from teacherhack.sweeps import SWEEPS, collect, expand, format_findings, group_table
 
 transformers.utils.logging.disable_progress_bar()  # our own progress lines say what is happening
@@ -52,8 +52,10 @@ def resolve_device(name: str) -> str:
 
 
 def run_lab(c: LabConfig, out: Path, cache_root: Path, engine: Engine = Engine()) -> dict[str, Any]:
-    """Run the lab into ``out``; rerunning with the same folder and configuration resumes it."""
+    """Run the lab into ``out``; rerunning with the same folder and configuration resumes it. Its ``config.yaml``
+    names each hub id pinned to the commit it trains on (:func:`pin_models`)."""
     start = time.time()
+    c = pin_models(c)
     if distributed.launched() and engine.jobs > 1:
         raise cfg.ConfigError("--jobs runs stage-2 runs in parallel processes; under a distributed launcher the "
                               "processes already share each run: use --jobs 1")
@@ -106,6 +108,7 @@ def run_sweep(preset: str, base: LabConfig, out: Path, cache_root: Path, *, seed
     configs = {r.name: cfg.apply_overrides(base, r.overrides) for r in runs}
     for config in configs.values():
         cfg.validate(config)
+    configs = {name: pin_models(config) for name, config in configs.items()}  # each run's config.yaml: the commits
     with locked(out, "sweep folder"):
         plan_path = out / "sweep.json"
         if plan_path.exists() and _started(out) and not _extends(json.loads(plan_path.read_text()), plan):

@@ -1,5 +1,5 @@
-"""Models as distributions: build from size presets or load from a folder or hub id, sample with a KV
-cache, score responses.
+"""Models as distributions: build from size presets or load from a folder or hub id (pinned to a commit of the
+local Hugging Face cache: :func:`pin`), sample with a KV cache, score responses.
 
 One wrapper, :class:`LM`, serves the oracle, the teacher and the student, decoder-only (GPT-2, Llama,
 …) and encoder-decoder (T5, BART, …) alike. Prompts are left-padded and carry explicit position ids, so a
@@ -18,9 +18,13 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import Tensor
 from transformers import (
     AttentionInterface,
@@ -42,6 +46,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from teacherhack import decoding
 from teacherhack.divergences import tempered
+from teacherhack.errors import UserError
 
 ARCHITECTURES: tuple[str, ...] = ("gpt2", "llama", "t5")
 
@@ -241,12 +246,72 @@ def build_model(arch: str, size: str, *, vocab_size: int, pad_id: int, eos_id: i
     raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 
 
+class HubModelError(UserError):
+    """A model name that is neither a size preset, a local folder nor a usable hub id."""
+
+
+class NotCached(HubModelError):
+    """A hub id (at its revision) that the local Hugging Face cache does not hold."""
+
+
+def split_revision(name: str) -> tuple[str, str | None]:
+    """A model name as ``from_pretrained`` takes it: (folder or hub id, revision or None). A hub id may name a
+    revision (a branch, tag or commit) after ``@``: ``ORG/NAME@REVISION``. A folder that exists is a folder, ``@``
+    in its name or not. Raises ValueError for a malformed ``ID@REV``."""
+    if "@" not in name or Path(name).expanduser().exists():
+        return name, None
+    repo, _, revision = name.partition("@")  # a hub id holds no @, so the first one starts the revision
+    if not revision:
+        raise ValueError("nothing after '@': write ID@REVISION (a branch, tag or commit), or the id alone for its "
+                         "default branch")
+    if revision != revision.strip() or any(c.isspace() for c in revision):
+        raise ValueError(f"the revision {revision!r} holds white space")
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise ValueError(f"{repo!r} before '@' is not a hub id (ORG/NAME), and no folder {name!r} exists") from None
+    return repo, revision
+
+
+def pin(name: str) -> str:
+    """A hub id pinned to a commit, ``ORG/NAME@COMMIT``: the commit the local Hugging Face cache holds for the id's
+    revision (its default branch without one), read from the cache alone, never the network. Size presets and
+    local folders come back as they are. The one place a hub id is resolved: the stages' keys hash the pinned name
+    and every load passes its commit as the revision, so new weights under the same id (a newer download, another
+    machine) get new keys, and what loads is what was keyed. Raises :class:`HubModelError` for a name that is no hub
+    id and :class:`NotCached` when the cache does not hold it."""
+    if name in SIZES or Path(name).expanduser().exists():
+        return name
+    try:
+        repo, revision = split_revision(name)
+        validate_repo_id(repo)  # split_revision checks it only before an @
+    except ValueError:  # HFValidationError too
+        raise HubModelError(f"{name!r} is neither a size preset ({', '.join(SIZES)}), a model folder here, nor a hub "
+                            f"id (ORG/NAME or ORG/NAME@REVISION)") from None
+    config = try_to_load_from_cache(repo, "config.json", revision=revision)  # every model's first file
+    if not isinstance(config, str):
+        storage = Path(hub_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model")
+        refs = sorted(str(p.relative_to(storage / "refs")) for p in (storage / "refs").rglob("*") if p.is_file())
+        what = f"revision {revision!r} of hub model {repo!r}" if revision else f"hub model {repo!r}"
+        holds = f"; it holds {repo!r} at {', '.join(refs)}" if refs else ""
+        raise NotCached(f"{what} is not in the Hugging Face cache ({hub_constants.HF_HUB_CACHE}{holds})")
+    return f"{repo}@{Path(config).parent.name}"  # snapshots/<commit>/config.json
+
+
+def from_pretrained(auto: Any, name: str | Path, **kwargs: Any) -> Any:
+    """``auto.from_pretrained`` (a model, config or tokenizer class) of a folder or hub id, the revision of an
+    ``ID@REV`` passed as ``revision`` (a :func:`pin`-ned name's commit: exactly what was keyed)."""
+    path, revision = (name, None) if isinstance(name, Path) else split_revision(name)
+    return auto.from_pretrained(path, revision=revision, **kwargs)
+
+
 def load_pretrained(path_or_id: str | Path, *, dtype: torch.dtype = torch.float32,
                     trust_remote_code: bool = False) -> PreTrainedModel:
-    """A causal or seq2seq LM from a local folder or hub id, as safetensors only (never unpickling)."""
-    config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+    """A causal or seq2seq LM from a local folder or hub id (``ID@REV`` too), as safetensors only (never
+    unpickling)."""
+    config = from_pretrained(AutoConfig, path_or_id, trust_remote_code=trust_remote_code)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    return auto.from_pretrained(path_or_id, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    return from_pretrained(auto, path_or_id, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
 
 
 class LM:

@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from teacherhack import seeds
 from teacherhack.cache import ArtifactCache
-from teacherhack.config import LabConfig, TrainConfig
+from teacherhack.config import LabConfig, TrainConfig, apply_overrides
 from teacherhack.distributed import log
 from teacherhack.metrics import (
     SampleSet,
@@ -43,7 +43,16 @@ from teacherhack.metrics import (
     teacher_golden_values,
 )
 from teacherhack.divergences import response_mask
-from teacherhack.models import LM, SIZES, build_model, collate_prompts, load_pretrained, pad_responses
+from teacherhack.models import (
+    LM,
+    SIZES,
+    build_model,
+    collate_prompts,
+    from_pretrained,
+    load_pretrained,
+    pad_responses,
+    pin,
+)
 from teacherhack.sources import FixedPairs
 from teacherhack.teacher_signals import TeacherSignals, estimate_bytes
 from teacherhack.tasks import Pair, Splits, Task, TaskError, load_task, split_task
@@ -172,6 +181,15 @@ def pretrained_roles(models: Any) -> dict[str, str]:
     return {role: name for role in ROLES if (name := getattr(models, role)) not in SIZES}
 
 
+def pin_models(config: LabConfig) -> LabConfig:
+    """``config`` with every hub id pinned to the commit the local Hugging Face cache holds for it
+    (:func:`teacherhack.models.pin`): the names the stages' keys hash and their loads pass on, and what a run's
+    ``config.yaml`` records (rerun it to train on exactly those weights). Folders and size presets stay as they are."""
+    pins = {f"models.{role}": pinned for role, name in pretrained_roles(config.models).items()
+            if (pinned := pin(name)) != name}
+    return apply_overrides(config, pins) if pins else config
+
+
 def save_ids(path: Path, prompts: list[list[int]], responses: list[list[int]] | None = None) -> None:
     """Token ids of prompts (and responses) as one JSON file: the format of the pair artifacts."""
     path.write_text(json.dumps({"prompts": prompts, "responses": responses}))
@@ -227,7 +245,7 @@ def build_tokenizer(job: Job, out: Path) -> None:
     c = job.config
     pretrained = pretrained_roles(c.models)
     if pretrained:
-        tokenizers = {role: AutoTokenizer.from_pretrained(name, trust_remote_code=job.trust_remote_code)
+        tokenizers = {role: from_pretrained(AutoTokenizer, name, trust_remote_code=job.trust_remote_code)
                       for role, name in pretrained.items()}
         check_tokenizers(tokenizers)
         next(iter(tokenizers.values())).save_pretrained(out)
@@ -445,8 +463,9 @@ _MODEL_KEYS = ("models.oracle", "models.teacher", "models.student")
 
 
 def _model_files(name: str) -> list[tuple[str, int, int]] | None:
-    """A local model folder's files (path, size, modification time in ns), None for a size preset or a hub id: a
-    folder whose weights are rewritten in place gets new keys, not the artifacts built from its old weights."""
+    """A local model folder's files (path, size, modification time in ns), None for a size preset or a hub id (whose
+    pinned name holds its commit: :func:`pin_models`): a folder whose weights are rewritten in place gets new keys,
+    not the artifacts built from its old weights."""
     folder = Path(name).expanduser()
     if name in SIZES or not folder.is_dir():
         return None
@@ -473,7 +492,8 @@ def stage_specs(config: LabConfig, task_key: str, threads: int | None = None,
     ``threads`` and ``kernels``: the CPU threads the training stages run on and the kernels they run (None on an
     accelerator; :func:`cpu_kernels` with torch's version): a training step's reductions and rounding, so the
     trained models' bits, depend on them, while sampling and scoring give the same bits on any thread count. Pure:
-    computes no artifact, so it is cheap and testable."""
+    computes no artifact, so it is cheap and testable. Hub ids are hashed as ``config`` names them: pin them first
+    (:func:`pin_models`, as :func:`prepare_upstream` does), so that their commits are in the keys."""
     keys: dict[str, str | None] = {"task": task_key}
     specs: dict[str, dict[str, Any] | None] = {}
     for s in STAGES.values():
@@ -516,8 +536,10 @@ class Upstream:
 
 def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: dict[str, float],
                      check: Callable[[dict[str, str]], None] | None = None) -> Upstream:
-    """Load the task, then build (or find in the cache) every stage this configuration needs; ``check`` sees
-    the stages' cache keys first, before anything is built."""
+    """Load the task, then build (or find in the cache) every stage this configuration needs, its hub ids pinned to
+    their cached commits (:func:`pin_models`); ``check`` sees the stages' cache keys first, before anything is
+    built."""
+    c = pin_models(c)
     start = time.time()
     t = c.task
     task = load_task(t.spec, cache.root, split=t.split, prompt_field=t.prompt_field, response_field=t.response_field,
