@@ -1,23 +1,29 @@
 """Checks that run before anything trains, so that a user's mistake fails in seconds rather than after the
 oracle has trained for minutes (or hours at paper scale): output and cache folders, the device and the sampling
-backend asked for, and every model folder (exists, holds safetensors weights and a tokenizer, loads its config
-without running code it ships, shares one tokenizer and one output size with the others). The task's data are
-checked just as early, by loading them first."""
+backend asked for, and every model folder or hub id (exists, holds safetensors weights and a tokenizer, loads its
+config without running code it ships, shares one tokenizer and one output size with the others; a hub id is in
+the Hugging Face cache, fetched first where the hub can be reached, and one that is neither cached nor reachable
+fails at once). The task's data are checked just as early, by loading them first."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.file_download import REGEX_COMMIT_HASH
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from teacherhack.config import LabConfig
 from teacherhack.errors import UserError
 from teacherhack.generation import vllm_available
-from teacherhack.models import SIZES
+from teacherhack.models import SIZES, HubModelError, NotCached, from_pretrained, pin, split_revision
 from teacherhack.stages import pretrained_roles
+from teacherhack.tasks.hub import hub_reachable
 from teacherhack.tokenizer import check_tokenizers
 
 
@@ -70,14 +76,17 @@ def check_models(c: LabConfig) -> None:
         return
     trust = c.models.trust_remote_code
     widths, tokenizers = {}, {}
+    reachable = functools.cache(hub_reachable)  # probed once, and only for a hub id that needs it
     for role, name in pretrained.items():
         where = f"models.{role}={name!r}"
         folder = Path(name).expanduser()
-        if folder.exists():
-            _check_folder(folder, where, trust)
         try:
-            config = AutoConfig.from_pretrained(name, trust_remote_code=trust)
-            tokenizers[role] = AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
+            if folder.exists():
+                _check_folder(folder, where, trust)
+            else:
+                name = _cached_hub_model(name, where, trust, reachable)
+            config = from_pretrained(AutoConfig, name, trust_remote_code=trust)
+            tokenizers[role] = from_pretrained(AutoTokenizer, name, trust_remote_code=trust)
         except ValueError as error:  # a malformed config.json too (json's error is a ValueError)
             if "trust_remote_code" in str(error):
                 raise UserError(f"{where} needs to run code it ships; teacherhack runs a model folder's code only "
@@ -108,6 +117,41 @@ def check_models(c: LabConfig) -> None:
     if declared is not None and not vocabulary <= declared <= min(widths.values()):
         raise UserError(f"models.vocab_size={declared} must lie between the tokenizer's {vocabulary} tokens and the "
                         f"smallest output layer ({min(widths.values())})")
+
+
+def _cached_hub_model(name: str, where: str, trust: bool, reachable: Callable[[], bool]) -> str:
+    """A hub id pinned to the commit the Hugging Face cache holds for its revision (``ID@COMMIT``), once the hub,
+    where it can be reached, has brought the cache up to date (fetching the config records its revision's newest
+    commit). The hub's reachability is probed first (``teacherhack.tasks.hub.hub_reachable``): transformers retries
+    an unreachable hub for half a minute and more (for each file of a cached copy); this fails at once, saying to
+    name a folder or, for a cached copy, to set HF_HUB_OFFLINE=1. With HF_HUB_OFFLINE=1 nothing touches the
+    network."""
+    try:
+        cached, missing = pin(name), None
+    except NotCached as error:
+        cached, missing = None, error
+    except HubModelError as error:
+        raise UserError(f"{where}: {error}") from None
+    folder = "name a local model folder (saved with save_pretrained), or download it where the hub can be reached"
+    revision = split_revision(name)[1]
+    if hub_constants.is_offline_mode():
+        if cached is None:
+            raise UserError(f"{where}: {missing}, and HF_HUB_OFFLINE=1 forbids downloading it; {folder}")
+        return cached
+    if not reachable():
+        if cached is None:
+            raise UserError(f"cannot reach the Hugging Face hub to load {where} (no connection, and no local folder "
+                            f"{name!r} either), and {missing}; {folder}, then run with HF_HUB_OFFLINE=1")
+        # transformers would try the hub for each of its files, retrying for minutes
+        raise UserError(f"cannot reach the Hugging Face hub to check {where} (no connection); the Hugging Face cache "
+                        f"holds it at commit {cached.rpartition('@')[2]}: run with HF_HUB_OFFLINE=1 to use that copy")
+    if cached is not None and revision is not None and REGEX_COMMIT_HASH.fullmatch(revision):
+        return cached  # a commit never changes
+    from_pretrained(AutoConfig, name, trust_remote_code=trust)  # downloads it, recording its revision's commit
+    try:
+        return pin(name)
+    except HubModelError as error:
+        raise UserError(f"{where}: {error}, though the hub served it") from None
 
 
 def _check_folder(folder: Path, where: str, trust: bool) -> None:
