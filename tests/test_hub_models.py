@@ -293,7 +293,7 @@ def test_resuming_after_the_branch_moved_names_the_commits(published, hub, tmp_p
     lab._keep_config(out / "config.yaml", pin_models(teacher_config("org/tiny")))
     (out / "offline" / "metrics.jsonl").write_text("{}\n")  # a run has started
     move(hub, "org/tiny", "main", TWO)
-    with pytest.raises(cfg.ConfigError, match=f"different configuration .*models.teacher was 'org/tiny@{ONE}', now "
+    with pytest.raises(cfg.ConfigError, match=f"different configuration .*models.teacher: 'org/tiny@{ONE}' → "
                                               f"'org/tiny@{TWO}'"):
         lab._keep_config(out / "config.yaml", pin_models(teacher_config("org/tiny")))
 
