@@ -182,6 +182,19 @@ def test_a_model_folder_rewritten_in_place_gets_new_keys(tmp_path: Path):
     assert "teacher" in moved and moved == {n for n in descendants(readers) if before[n] is not None}
 
 
+def test_a_pretrained_model_s_training_is_keyed_as_trained_without_dropout(tmp_path: Path):
+    """Since pretrained checkpoints train without their dropout (models.without_dropout), their training stages'
+    keys say so: an older build's artifacts, trained with it, are not reused. Size presets, built without dropout
+    all along, keep their keys."""
+    folder = tmp_path / "my-teacher"
+    folder.mkdir()
+    specs = stage_specs(cfg.apply_overrides(cfg.resolve("default"), {"models.teacher": str(folder)}), "task-x")
+    assert specs["teacher"]["inputs"]["models.teacher dropout"] == 0.0
+    assert not any("dropout" in key for name in ("tokenizer", "oracle") for key in specs[name]["inputs"])
+    assert not any("dropout" in key for spec in stage_specs(cfg.resolve("default"), "task-x").values() if spec
+                   for key in spec["inputs"])
+
+
 def test_stage_two_settings_change_no_upstream_key_but_the_offline_dataset_and_its_signals():
     base = cfg.resolve("default")
     specs = stage_specs(base, "task-x")

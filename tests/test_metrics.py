@@ -138,3 +138,23 @@ def test_the_evaluator_clusters_every_se_by_prompt(setting):
     for metric in ("golden_reverse", "proxy_reverse", "student_entropy"):
         values = estimates[metric].values
         assert row3[f"{metric}_se"] == Estimate.of(values, spaced // 3).se != Estimate.of(values).se
+
+
+def test_the_evaluator_scores_a_student_in_training_without_its_dropout(setting):
+    """A checkpoint's own dropout (T5 v1.1's 0.1) must not blur evaluations made during training: the same weights
+    give the same row in train mode as in eval mode, every time, and the student is left training."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    oracle, teacher, _, references = setting
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=16, n_layer=1, n_head=2,
+                                       resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3, pad_token_id=PAD,
+                                       eos_token_id=EOS))
+    student = LM(model, pad_id=PAD, eos_id=EOS)
+    evaluator = Evaluator(oracle, teacher, references, samples_per_prompt=2, estimator="token_kl", per_token=False,
+                          reverse_samples=4, batch_size=6, max_new_tokens=16, seed=0)
+    model.eval()
+    resting = evaluator(student, 0)[0]
+    model.train()
+    assert [evaluator(student, 0)[0] for _ in range(2)] == [resting, resting]
+    assert model.training and all(m.training for m in model.modules())

@@ -500,3 +500,31 @@ def test_the_lm_s_gelu_scores_the_same_bits_and_trains_as_hugging_face_s(monkeyp
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(float_bits(a), float_bits(b)) for a, b in zip(fast, stock, strict=True))
+
+
+@pytest.mark.parametrize("arch", ["t5", "gpt2", "bart"])
+def test_pretrained_checkpoints_load_without_their_dropout(arch: str, tmp_path: Path):
+    """The lab trains without dropout, as the paper does; T5 v1.1, GPT-2 and BART checkpoints ship 0.1."""
+    from transformers import BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel
+
+    made = {"t5": lambda: models.T5ForConditionalGeneration(models.T5Config(
+                vocab_size=32, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2, dropout_rate=0.1,
+                decoder_start_token_id=0)),
+            "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=16)),
+            "bart": lambda: BartForConditionalGeneration(BartConfig(
+                vocab_size=32, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=16,
+                dropout=0.1, attention_dropout=0.1, activation_dropout=0.1, encoder_layerdrop=0.1))}[arch]()
+    ids = torch.tensor([[2, 3, 4, 5]])
+
+    def two_training_forwards(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        model.train()
+        extra = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
+        return model(input_ids=ids, **extra).logits, model(input_ids=ids, **extra).logits
+
+    assert not torch.equal(*two_training_forwards(made))  # its dropout draws other masks each time
+    made.save_pretrained(tmp_path)
+    loaded = load_pretrained(tmp_path)
+    rates = {k: v for k, v in loaded.config.to_dict().items() if "drop" in k and isinstance(v, float)}
+    assert rates and set(rates.values()) == {0.0}
+    assert torch.equal(*two_training_forwards(loaded))  # no dropout left anywhere

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from teacherhack import distributed, seeds
 from teacherhack.divergences import Estimate, FrozenP, entropy_values, nll_values, response_mask
-from teacherhack.models import LM, Prompts
+from teacherhack.models import LM, Prompts, eval_mode
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,12 @@ class Evaluator:
         self.oracle_entropy = self._estimate("oracle", self.scored["oracle"].entropy(per_token=per_token))
 
     def __call__(self, student: LM, step: int) -> tuple[dict[str, float], dict[str, Estimate]]:
-        """The metrics row, and the estimates themselves (their per-sample values pair across steps)."""
+        """The metrics row, and the estimates themselves (their per-sample values pair across steps). The student is
+        scored and sampled in eval mode, wherever in training it is called."""
+        with eval_mode(student.model):
+            return self._row(student, step)
+
+    def _row(self, student: LM, step: int) -> tuple[dict[str, float], dict[str, Estimate]]:
         on = {name: scored.measure(student, **self.options, entropy=name == "teacher")
               for name, scored in self.scored.items()}
         estimates = {metric: self._estimate(name, on[name][value])

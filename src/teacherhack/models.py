@@ -36,6 +36,7 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     T5Config,
     T5ForConditionalGeneration,
@@ -308,10 +309,36 @@ def from_pretrained(auto: Any, name: str | Path, **kwargs: Any) -> Any:
 def load_pretrained(path_or_id: str | Path, *, dtype: torch.dtype = torch.float32,
                     trust_remote_code: bool = False) -> PreTrainedModel:
     """A causal or seq2seq LM from a local folder or hub id (``ID@REV`` too), as safetensors only (never
-    unpickling)."""
-    config = from_pretrained(AutoConfig, path_or_id, trust_remote_code=trust_remote_code)
+    unpickling), without dropout (:func:`without_dropout`)."""
+    config = without_dropout(from_pretrained(AutoConfig, path_or_id, trust_remote_code=trust_remote_code))
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    return from_pretrained(auto, path_or_id, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    return from_pretrained(auto, path_or_id, config=config, dtype=dtype, use_safetensors=True,
+                           trust_remote_code=trust_remote_code)
+
+
+def without_dropout(config: PretrainedConfig) -> PretrainedConfig:
+    """``config`` with every dropout probability at 0 (T5's ``dropout_rate``, GPT-2's ``*_pdrop``, BART's
+    ``*dropout`` and ``*layerdrop``): the lab trains as the paper does, without dropout (its Table 1), as its size
+    presets are built; a checkpoint's own (T5 v1.1's 0.1) would train every stage with it."""
+    for name, value in config.to_dict().items():
+        if isinstance(value, float) and any(part in name for part in ("dropout", "pdrop", "layerdrop")):
+            setattr(config, name, 0.0)
+    return config
+
+
+@contextlib.contextmanager
+def eval_mode(*models: torch.nn.Module) -> Iterator[None]:
+    """Eval mode inside: no dropout, so that a model scored or sampled twice gives the same values (a checkpoint's
+    own dropout, T5's 0.1 say, would otherwise blur every evaluation made during training); every submodule gets
+    its own train/eval flag back after."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 class LM:
@@ -388,16 +415,13 @@ class LM:
         if prompts.ids.shape[1] == 1:  # one-token prompts: nothing comes before the last token
             return PromptStates(prompts.ids, prompts.mask, (), self.model.config)
         positions = decoding.prompt_positions(prompts.mask)
-        was_training, parts = self.model.training, []
-        self.model.eval()
-        try:
+        parts = []
+        with eval_mode(self.model):
             for start in range(0, len(prompts), batch_size):
                 rows = slice(start, start + batch_size)
                 out = self.model(input_ids=prompts.ids[rows, :-1], attention_mask=prompts.mask[rows, :-1].long(),
                                  position_ids=positions[rows, :-1], use_cache=True, logits_to_keep=1)
                 parts.append([(layer.keys, layer.values) for layer in out.cache.layers])
-        finally:
-            self.model.train(was_training)
         layers = tuple((torch.cat([part[i][0] for part in parts]), torch.cat([part[i][1] for part in parts]))
                        for i in range(len(parts[0])))
         return PromptStates(prompts.ids, prompts.mask, layers, self.model.config)
@@ -421,17 +445,13 @@ class LM:
         the rounding of the decoder's other matrix shapes (a few 1e-6 in float32; as much as bf16 rounds in bf16)."""
         if not temperature > 0:
             raise ValueError(f"sampling temperature must be > 0, got {temperature}")
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             prompts = prompts.to(self.device)
             tokens, logprobs = decoding.sample(
                 decoding.decoder_for(self.model, prompts.ids, prompts.mask, max_new_tokens), batch=len(prompts),
                 vocab_size=self.vocab_size, max_new_tokens=max_new_tokens, generator=generator,
                 temperature=self.temperature * temperature, eos_id=self.eos_id, pad_id=self.pad_id,
                 device=self.device, return_logprobs=return_logprobs)
-        finally:
-            self.model.train(was_training)
         return (tokens, logprobs) if logprobs is not None else tokens
 
     def save(self, path: Path) -> None:

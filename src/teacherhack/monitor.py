@@ -33,8 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,7 +44,7 @@ from teacherhack import distributed
 from teacherhack.detection import golden_verdict
 from teacherhack.divergences import Estimate, check_estimator
 from teacherhack.metrics import SampleSet, ScoredSamples, sample_in_batches
-from teacherhack.models import LM, Prompts, collate_prompts, pad_responses
+from teacherhack.models import LM, Prompts, collate_prompts, eval_mode, pad_responses
 from teacherhack.oracle_free import DEFAULT_RULE, SIGNALS, Rule, signal_series
 from teacherhack.tokenizer import encode_references
 
@@ -191,7 +190,7 @@ class HackingMonitor:
         student_model = _unwrap(student)
         self._check_vocab(student_model)
         self.prepare()
-        with _eval_mode(self.teacher_model, student_model), torch.no_grad():
+        with eval_mode(self.teacher_model, student_model), torch.no_grad():
             wrapped = self._wrap(student_model, output_to=self.teacher)
             options = dict(estimator=self.estimator, per_token=self.per_token)
             held_out = self._scored["held_out"].measure(wrapped, **options, entropy=True)
@@ -211,7 +210,7 @@ class HackingMonitor:
         of a distributed run scores its own share of them, gathered into one estimate."""
         if self.samples is not None:
             return
-        with _eval_mode(self.teacher_model), torch.no_grad():
+        with eval_mode(self.teacher_model), torch.no_grad():
             self.samples = sample_in_batches(self.teacher, self.prompts, max_new_tokens=self.max_new_tokens,
                                              batch_size=self.batch_size, seed=self.seed)
             sets = {"held_out": SampleSet(self.prompts, self.samples)}
@@ -517,16 +516,3 @@ def _vocab_width(model: nn.Module) -> int:
         return int(weight.shape[0])
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return int(config.vocab_size)
-
-
-@contextmanager
-def _eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Eval mode inside; every submodule gets its own train/eval flag back after."""
-    modes = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode

@@ -504,6 +504,10 @@ def stage_specs(config: LabConfig, task_key: str, threads: int | None = None,
         inputs = s.inputs(ConfigView(config, s.reads, s.name)) if s.inputs else {key: _value(config, key) for key in s.reads}
         inputs |= {f"{key} files": files for key in s.reads if key in _MODEL_KEYS
                    and (files := _model_files(_value(config, key))) is not None}
+        if s.collective:  # a pretrained model trains without its dropout (models.without_dropout): not on artifacts
+            # of an older build that trained it with its own
+            inputs |= {f"{key} dropout": 0.0 for key in s.reads if key in _MODEL_KEYS
+                       and _value(config, key) not in SIZES}
         spec = {"kind": s.kind or s.name, "version": s.version, "inputs": _plain(inputs),
                 "parents": {p: keys[p] for p in s.parents if keys[p] is not None}}
         if s.collective:  # a training stage
