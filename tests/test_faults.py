@@ -155,6 +155,18 @@ def test_a_t5_teacher_folder_with_the_teacher_prompt_cache_is_refused(tiny_task,
     assert "teacher_prompt_cache" in error and "encoder-decoder" in error and trained_nothing(tmp_path / "cache")
 
 
+def test_t5_folders_with_vllm_generation_are_refused(tiny_task, tmp_path, capsys, monkeypatch):
+    """vLLM serves no encoder-decoder: refused before anything trains, even where vLLM could run."""
+    from teacherhack import preflight
+
+    monkeypatch.setattr(preflight, "vllm_available", lambda: True)
+    folders = save_models(tmp_path, tiny_task, "t5")
+    args = cli_args(folders, f"jsonl:{tiny_task}", tmp_path / "lab", tmp_path / "cache")
+    assert main([*args, "--set", "distill.generation=vllm"]) == 2
+    error = one_line_error(capsys)
+    assert "distill.generation=vllm" in error and "encoder-decoder" in error and trained_nothing(tmp_path / "cache")
+
+
 @pytest.mark.parametrize("setting, message", [
     ("device=cuda", "device=cuda: this machine has no cuda device"),
     ("device=cuda:3", "device=cuda:3: this machine has no cuda device"),

@@ -37,6 +37,18 @@ def test_auto_falls_back_to_hf_and_vllm_refuses_clearly_without_a_gpu(monkeypatc
         make_sampler(lm, "tgi")
 
 
+def test_an_encoder_decoder_never_goes_to_vllm(monkeypatch, tmp_path):
+    """vLLM serves no encoder-decoder (it refuses T5's architecture): auto keeps T5 on Hugging Face's decoder even
+    where vLLM could run, and vllm says why it cannot."""
+    t5 = LM(build_model("t5", "xxs", vocab_size=40, pad_id=PAD, eos_id=EOS, max_positions=32, seed=0),
+            pad_id=PAD, eos_id=EOS)
+    monkeypatch.setattr(generation, "vllm_available", lambda: True)
+    monkeypatch.setattr(generation, "VLLMSampler", lambda path, model: pytest.fail("T5 was handed to vLLM"))
+    assert make_sampler(t5, "auto", tmp_path).name == "hf"
+    with pytest.raises(ValueError, match="decoder-only.*encoder-decoder"):
+        make_sampler(t5, "vllm", tmp_path)
+
+
 class RecordingSampler:
     """A stand-in for a separate engine (like vLLM): records when it receives the student's weights."""
 

@@ -248,6 +248,8 @@ def test_the_teacher_s_prompt_cache_runs_through_the_lab(tiny_config: cfg.LabCon
             assert b["train_loss"] == (None if a["train_loss"] is None else pytest.approx(a["train_loss"], rel=1e-4))
     with pytest.raises(cfg.ConfigError, match="teacher_prompt_cache"):
         cfg.validate(cfg.apply_overrides(tiny_config, {"distill.teacher_prompt_cache": True, "models.arch": "t5"}))
+    with pytest.raises(cfg.ConfigError, match="generation=vllm serves decoder-only models"):
+        cfg.validate(cfg.apply_overrides(tiny_config, {"distill.generation": "vllm", "models.arch": "t5"}))
 
 
 def test_bf16_training_runs_the_lab_with_float32_metrics(tiny_config: cfg.LabConfig, tmp_path: Path):

@@ -126,7 +126,7 @@ class DistillConfig:
     warmup: int = 100
     schedule: str = "constant"
     chunk_size: int | None = None  # chunk the loss along the sequence (memory)
-    generation: str = "auto"  # online sampling backend: "hf", "vllm", or "auto" (vLLM when installed on a GPU)
+    generation: str = "auto"  # online sampling: "hf", "vllm" (decoder-only models), or "auto" (vLLM where it can run)
     sync_every: int = 1  # steps between student-weight syncs into a separate sampler (vLLM)
     max_grad_norm: float = 1.0
 
@@ -400,6 +400,9 @@ def validate(c: LabConfig) -> None:
     require(d.teacher_cache_mb >= 0, "distill.teacher_cache_mb must be >= 0")
     require(not d.teacher_prompt_cache or c.models.arch != "t5",
             "distill.teacher_prompt_cache keeps a decoder's keys and values: it needs models.arch gpt2 or llama")
+    require(d.generation != "vllm" or c.models.arch != "t5",
+            "distill.generation=vllm serves decoder-only models: it needs models.arch gpt2 or llama (auto and hf "
+            "sample T5 with Hugging Face's decoder)")
     require(d.kl_estimator in KL_ESTIMATORS, f"distill.kl_estimator must be one of {', '.join(KL_ESTIMATORS)}")
     require(0.0 <= d.discount <= 1.0, "distill.discount must lie in [0, 1]")
     require(d.loss != "sampled_reverse_kl" or d.sources == ["online_student"],

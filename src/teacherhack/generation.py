@@ -113,10 +113,15 @@ def vllm_available() -> bool:
 
 def make_sampler(model: LM, backend: str, saved_path: Path | None = None) -> Sampler:
     """``hf``, ``vllm`` (a clear error where it cannot run) or ``auto`` (vLLM when installed on a GPU and
-    the model has a saved copy to start from, else HF)."""
+    the model is a decoder-only one with a saved copy to start from, else HF). vLLM serves no encoder-decoder
+    (T5, BART): it refuses their architectures."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown generation backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "vllm" or (backend == "auto" and vllm_available() and saved_path is not None):
+    if backend == "vllm" and model.encoder_decoder:
+        raise ValueError(f"the vllm backend serves decoder-only models; {type(model.model).__name__} is an "
+                         f"encoder-decoder: use distill.generation=hf or auto")
+    if backend == "vllm" or (backend == "auto" and vllm_available() and saved_path is not None
+                             and not model.encoder_decoder):
         if not vllm_available():
             raise RuntimeError("generation backend 'vllm' needs the vllm package and a CUDA GPU; "
                                "install vllm or use distill.generation=hf")

@@ -101,6 +101,9 @@ def check_models(c: LabConfig) -> None:
         if role == "teacher" and c.distill.teacher_prompt_cache and config.is_encoder_decoder:
             raise UserError(f"distill.teacher_prompt_cache keeps a decoder's keys and values, but {where} is an "
                             f"encoder-decoder; turn the option off")
+        if c.distill.generation == "vllm" and config.is_encoder_decoder:
+            raise UserError(f"distill.generation=vllm serves decoder-only models, but {where} is an encoder-decoder; "
+                            f"use distill.generation=hf or auto")
         widths[role] = _output_width(config)
     check_tokenizers(tokenizers)
     vocabulary = len(next(iter(tokenizers.values())))
