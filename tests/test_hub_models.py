@@ -316,3 +316,27 @@ def test_the_lab_trains_a_hub_teacher_offline_and_records_its_commit(hub, tiny_t
     assert saved["models"]["teacher"] == f"org/teacher@{ONE}"  # rerun it to train on exactly these weights
     assert (tmp_path / "lab" / "offline" / "metrics.jsonl").exists()
     assert no_network == []
+
+
+def test_a_hub_id_without_safetensors_weights_is_refused_before_anything_runs(hub, tmp_path, monkeypatch):
+    """google/t5-v1_1-* ship pickles only on main (their safetensors are an open pull request of the hub's bot):
+    preflight says so, offline from the cached snapshot and online from the hub's list of files."""
+    folder, model = save(tmp_path / "src", "pickled", seed=5)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    publish(hub, "org/pickled", ONE, folder)
+    message = (r"models.teacher='org/pickled' has no safetensors weights at commit 1{40} \(the Hugging Face cache "
+               r"holds pytorch_model.bin there\).*org/pickled@refs/pr/N.*safe_serialization=True")
+    with pytest.raises(UserError, match=message):
+        preflight.check_models(teacher_config("org/pickled"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(preflight, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(AutoConfig, "from_pretrained", classmethod(
+        lambda cls, repo, *a, **k: LlamaConfig.from_pretrained(folder)))  # a stand-in hub serving the config
+    listed = []
+    monkeypatch.setattr(preflight.HfApi, "list_repo_files", lambda self, repo, revision=None: listed.append(
+        (repo, revision)) or ["config.json", "pytorch_model.bin", "tokenizer.json", "onnx/model.safetensors"])
+    with pytest.raises(UserError, match=message.replace("the Hugging Face cache", "the hub")):
+        preflight.check_models(teacher_config("org/pickled"))
+    assert listed == [("org/pickled", ONE)]

@@ -69,7 +69,9 @@ class ModelsConfig:
     teacher: str = "m"
     student: str = "xs"
     oracle_temperature: float = 1.0  # τ < 1 sharpens the ground truth (exactly, for sampling and scoring)
-    dtype: str = "float32"  # weights of pretrained models: "float32" or "bfloat16"
+    # weights of the models as they load: "float32" only. bf16 weights trained AdamW in bf16 (moments and updates
+    # below bf16's resolution rounded away); bf16 speed comes from precision=bfloat16, autocast over float32 weights
+    dtype: str = "float32"
     # Run the Python code a model or tokenizer folder ships (an ``auto_map`` in its config)? Off: such a folder is
     # refused before anything runs. Turn it on only for folders you trust.
     trust_remote_code: bool = False
@@ -379,7 +381,9 @@ def validate(c: LabConfig) -> None:
         except ValueError as error:
             raise ConfigError(f"models.{role}={value!r}: {error}") from None
     require(c.models.oracle_temperature > 0, "models.oracle_temperature must be > 0")
-    require(c.models.dtype in ("float32", "bfloat16"), "models.dtype must be float32 or bfloat16")
+    require(c.models.dtype == "float32",
+            f"models.dtype={c.models.dtype}: the models' weights are float32 (bf16 weights would train AdamW in bf16, "
+            f"rounding most updates away); for bf16 arithmetic use precision=bfloat16, autocast over float32 weights")
     require(c.models.vocab_size is None or c.models.vocab_size >= 2, "models.vocab_size must be >= 2")
     require(c.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
     require(bool(c.distill.sources), "distill.sources must name at least one source")

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from huggingface_hub import HfApi, try_to_load_from_cache
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.file_download import REGEX_COMMIT_HASH
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
@@ -85,6 +86,7 @@ def check_models(c: LabConfig) -> None:
                 _check_folder(folder, where, trust)
             else:
                 name = _cached_hub_model(name, where, trust, reachable)
+                _check_hub_weights(name, where)
             config = from_pretrained(AutoConfig, name, trust_remote_code=trust)
             tokenizers[role] = from_pretrained(AutoTokenizer, name, trust_remote_code=trust)
         except ValueError as error:  # a malformed config.json too (json's error is a ValueError)
@@ -155,6 +157,27 @@ def _cached_hub_model(name: str, where: str, trust: bool, reachable: Callable[[]
         return pin(name)
     except HubModelError as error:
         raise UserError(f"{where}: {error}, though the hub served it") from None
+
+
+def _check_hub_weights(pinned: str, where: str) -> None:
+    """A pinned hub id's commit holds safetensors weights (teacherhack never unpickles), as the hub lists its files,
+    or the cache's snapshot with HF_HUB_OFFLINE=1. Many older hub models ship pickles only (google/t5-v1_1-*), their
+    safetensors in an open pull request of the hub's conversion bot, which transformers follows for "main" alone:
+    without this check the load would fail at the oracle stage, after the task's data were prepared."""
+    repo, _, commit = pinned.rpartition("@")
+    offline = hub_constants.is_offline_mode()
+    if offline:
+        files = [p.name for p in Path(try_to_load_from_cache(repo, "config.json", revision=commit)).parent.iterdir()]
+    else:
+        files = [f for f in HfApi().list_repo_files(repo, revision=commit) if "/" not in f]
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")))
+    found = f"{'the Hugging Face cache' if offline else 'the hub'} holds {', '.join(pickles) or 'no weights'} there"
+    raise UserError(f"{where} has no safetensors weights at commit {commit} ({found}); teacherhack never unpickles "
+                    f"weights: name a revision that has them (the hub's conversion is often an open pull request, "
+                    f"{repo}@refs/pr/N), or convert a copy with model.save_pretrained(folder, safe_serialization=True) "
+                    f"and name the folder")
 
 
 def _check_folder(folder: Path, where: str, trust: bool) -> None:

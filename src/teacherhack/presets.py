@@ -27,13 +27,14 @@ LAB_PRESETS: dict[str, dict[str, Any]] = {
     # the hub (or local copies: models.* and task.spec=xsum:PATH); see the README.
     "paper": {
         "task.spec": "xsum", "task.n_validation": 1000, "task.n_distill": 100_000, "task.n_stage1": 50_000,
-        "distill.prompts": None, "precision": "float32",
+        "distill.prompts": None,
         "task.n_oracle": None, "task.max_prompt_len": 1024, "task.max_response_len": 128,
         "models.arch": "t5", "models.oracle": "google/t5-v1_1-xl", "models.teacher": "google/t5-v1_1-large",
-        "models.student": "google/t5-v1_1-base", "models.dtype": "bfloat16",
+        "models.student": "google/t5-v1_1-base", "models.vocab_size": 32_100,  # the output layers' 28 unused ids
         "oracle.epochs": 1.0, "oracle.lr": 3e-4, "oracle.warmup": 100, "oracle.schedule": "constant",
         "teacher.samples": None, "teacher.epochs": 1.0, "teacher.lr": 3e-4, "teacher.warmup": 100,
         "student.samples": None, "student.epochs": 1.0, "student.lr": 3e-4, "student.warmup": 100,
+        "student.schedule": "constant",
         "distill.steps": 390_625, "distill.batch_size": 32, "distill.lr": 3e-4, "distill.warmup": 100,
         "distill.schedule": "constant", "eval.every": 10_000, "eval.prompts": 1000, "eval.samples_per_prompt": 1,
         "eval.batch_size": 64, "eval.reverse_samples": 256,
