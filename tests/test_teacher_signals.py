@@ -467,3 +467,17 @@ def test_no_false_refusals_from_storage_rounding(tmp_path, dtype, scale):
         path = tmp_path / f"{k}.safetensors"
         TeacherSignals.from_logprobs(t, mask, k=k, dtype=dtype).save(path)
         TeacherSignals.load(path)
+
+
+def test_online_top_k_signals_are_those_of_the_batch_aligned_with_it():
+    """An online source's teacher signals, selected at each step (training.top_k_signals, on the teacher's device):
+    each response position gets its own top-k at the loss temperature, the positions outside the mask none."""
+    from teacherhack.training import top_k_signals
+
+    log_p, _, mask = batch()
+    mask[1, 3:] = False  # a response that ended early
+    signals = top_k_signals(log_p, mask, 5, 2.0)
+    rows = torch.log_softmax(log_p[mask] / 2.0, -1)
+    top, ids = rows.topk(5, -1)
+    assert torch.equal(signals.ids[mask].long(), ids) and torch.equal(signals.logprobs[mask], top)
+    assert torch.allclose(signals.tail[mask], 1 - top.exp().sum(-1), atol=1e-6)  # the mass outside the top k

@@ -98,11 +98,11 @@ def distill_loss(student: LM, teacher: LM, *, loss: str, beta: float, alpha: flo
 
 def top_k_signals(log_p: Tensor, mask: Tensor, k: int, temperature: float) -> SignalBatch:
     """The teacher's top-k signals of a batch at the loss temperature, aligned with it (what a sparse-logit cache
-    would have stored, without its storage rounding)."""
-    rows = mask.bool().cpu()
-    signals = TeacherSignals.from_logprobs(log_p.detach().cpu(), rows, k=min(k, log_p.shape[-1]), dtype=torch.float32,
-                                           temperature=temperature)
-    return signals.gather(range(rows.shape[0]), rows)
+    would have stored, without its storage rounding). Selected on the teacher's device: only the k entries per
+    position travel to the host, not [B, T, V] (0.5 GB a step at T5's 32k vocabulary and batch 32 × 128)."""
+    signals = TeacherSignals.from_logprobs(log_p.detach(), mask.bool(), k=min(k, log_p.shape[-1]),
+                                           dtype=torch.float32, temperature=temperature)
+    return signals.gather(range(mask.shape[0]), mask.bool().cpu())
 
 
 def learning_rate(step: int, *, lr: float, warmup: int, total: int, schedule: str) -> float:
