@@ -406,3 +406,13 @@ def test_a_sweep_trains_on_the_threads_its_configuration_names(tiny_config, tmp_
     finally:
         torch.set_num_threads(before)
     assert seen == [1, 2]
+
+
+def test_reverse_kls_are_off_by_default_and_on_in_the_sweep_that_discusses_them():
+    """They are half of an evaluation's time and no verdict reads them: the default lab leaves them out, the on-policy
+    sweep (whose findings compare the losses' reverse KLs and entropies) measures them on 64 samples, as recorded."""
+    base = cfg.resolve("default")
+    assert base.eval.reverse_samples == 0
+    runs = expand("onpolicy", base, seeds=1)
+    assert runs and all(cfg.apply_overrides(base, r.overrides).eval.reverse_samples == 64 for r in runs)
+    assert all("eval.reverse_samples" not in r.overrides for r in expand("sources", base, seeds=1))

@@ -430,7 +430,8 @@ SWEEPS: dict[str, Preset] = {
         findings_topk, seeds=2, exploratory=True),
     "onpolicy": Preset(
         "online student with forward KL, full reverse KL, and the sampled-token reverse KL (k1, k3) of on-policy distillation",
-        lambda n, available: [(name, {"distill.sources": "online_student", **overrides}) for name, overrides in {
+        lambda n, available: [(name, {"distill.sources": "online_student", "eval.reverse_samples": 64, **overrides})
+                              for name, overrides in {
             "forward_kl": {}, "reverse_kl": {"distill.loss": "reverse_kl"},
             "sampled_reverse_kl k1": {"distill.loss": "sampled_reverse_kl", "distill.kl_estimator": "k1"},
             "sampled_reverse_kl k3": {"distill.loss": "sampled_reverse_kl", "distill.kl_estimator": "k3"}}.items()],
