@@ -340,3 +340,15 @@ def test_a_hub_id_without_safetensors_weights_is_refused_before_anything_runs(hu
     with pytest.raises(UserError, match=message.replace("the Hugging Face cache", "the hub")):
         preflight.check_models(teacher_config("org/pickled"))
     assert listed == [("org/pickled", ONE)]
+
+
+def test_an_offline_cache_without_the_weights_says_to_download_them(hub, tmp_path):
+    """Preflight's own pass online fetches the config and the tokenizer only: offline later, a cache that holds no
+    weights at all needs a download, not another revision."""
+    folder, _ = save(tmp_path / "src", "bare", seed=6)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    publish(hub, "org/bare", ONE, folder)
+    with pytest.raises(UserError, match=r"holds no weights of it at commit 1{40}, only config.json.*huggingface-cli "
+                                        r"download org/bare --revision 1{40}.*HF_HUB_OFFLINE=1"):
+        preflight.check_models(teacher_config("org/bare"))

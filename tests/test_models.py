@@ -528,3 +528,13 @@ def test_pretrained_checkpoints_load_without_their_dropout(arch: str, tmp_path: 
     rates = {k: v for k, v in loaded.config.to_dict().items() if "drop" in k and isinstance(v, float)}
     assert rates and set(rates.values()) == {0.0}
     assert torch.equal(*two_training_forwards(loaded))  # no dropout left anywhere
+
+
+def test_without_dropout_reaches_the_configs_inside_a_config():
+    """An encoder-decoder assembled from two configs keeps each part's dropout in its own config."""
+    from transformers import BertConfig, EncoderDecoderConfig
+
+    config = models.without_dropout(EncoderDecoderConfig.from_encoder_decoder_configs(BertConfig(), BertConfig()))
+    for part in (config.encoder, config.decoder):
+        assert part.hidden_dropout_prob == part.attention_probs_dropout_prob == 0.0
+        assert part.layer_norm_eps == 1e-12  # other floats stay as they are

@@ -320,8 +320,10 @@ def without_dropout(config: PretrainedConfig) -> PretrainedConfig:
     """``config`` with every dropout probability at 0 (T5's ``dropout_rate``, GPT-2's ``*_pdrop``, BART's
     ``*dropout`` and ``*layerdrop``): the lab trains as the paper does, without dropout (its Table 1), as its size
     presets are built; a checkpoint's own (T5 v1.1's 0.1) would train every stage with it."""
-    for name, value in config.to_dict().items():
-        if isinstance(value, float) and any(part in name for part in ("dropout", "pdrop", "layerdrop")):
+    for name, value in vars(config).items():
+        if isinstance(value, PretrainedConfig):  # an encoder-decoder's parts, a multimodal model's text config
+            without_dropout(value)
+        elif isinstance(value, float) and any(part in name for part in ("dropout", "pdrop", "layerdrop")):
             setattr(config, name, 0.0)
     return config
 
