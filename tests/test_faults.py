@@ -167,6 +167,15 @@ def test_t5_folders_with_vllm_generation_are_refused(tiny_task, tmp_path, capsys
     assert "distill.generation=vllm" in error and "encoder-decoder" in error and trained_nothing(tmp_path / "cache")
 
 
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_a_sharded_launch_is_refused_before_anything_trains(variable, tiny_task, tmp_path, capsys, monkeypatch):
+    """FSDP and DeepSpeed through `accelerate config`: unsupported, so refused at once rather than training with
+    checkpoints of one shard or steps taken before the gradient check."""
+    monkeypatch.setenv(variable, "true")
+    assert main(tiny_args(tiny_task, tmp_path / "lab", tmp_path / "cache")) == 2
+    assert "is not supported" in one_line_error(capsys) and not (tmp_path / "cache" / "artifacts").exists()
+
+
 @pytest.mark.parametrize("setting, message", [
     ("device=cuda", "device=cuda: this machine has no cuda device"),
     ("device=cuda:3", "device=cuda:3: this machine has no cuda device"),

@@ -41,8 +41,20 @@ def preflight(configs: list[LabConfig], out: Path, cache_root: Path) -> None:
             check_models(c)
 
 
+# What `accelerate launch` sets for a sharded configuration (`accelerate config`: FSDP, DeepSpeed)
+SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
 def check_machine(c: LabConfig) -> None:
-    """The device and the sampling backend the configuration asks for exist on this machine."""
+    """The device and the sampling backend the configuration asks for exist on this machine, and the launcher is one
+    the lab runs under (DDP; not FSDP or DeepSpeed, whose optimizer steps and sharded checkpoints it does not
+    handle)."""
+    for variable, name in SHARDED_LAUNCHES.items():
+        if os.environ.get(variable, "false").lower() == "true":
+            raise UserError(f"{name} (accelerate launch with {variable}=true) is not supported: the lab saves "
+                            f"checkpoints from the main process's module and checks each gradient before its "
+                            f"optimizer step, which sharding and DeepSpeed's own step break; launch with DDP "
+                            f"(`accelerate config` without FSDP or DeepSpeed, or torchrun)")
     kind, _, index = c.device.partition(":")
     counts = {"cuda": torch.cuda.device_count, "xpu": torch.xpu.device_count,
               "mps": lambda: int(torch.backends.mps.is_available())}
