@@ -189,7 +189,7 @@ def _check_hub_weights(pinned: str, where: str) -> None:
         raise UserError(f"{where}: the Hugging Face cache holds no weights of it at commit {commit}, only "
                         f"{', '.join(sorted(files))}; download them where the hub can be reached (huggingface-cli "
                         f"download {repo} --revision {commit}), then rerun with HF_HUB_OFFLINE=1")
-    found = f"{'the Hugging Face cache' if offline else 'the hub'} holds {', '.join(pickles)} there"
+    found = f"{'the Hugging Face cache' if offline else 'the hub'} holds {', '.join(pickles) or 'no weights'} there"
     raise UserError(f"{where} has no safetensors weights at commit {commit} ({found}); teacherhack never unpickles "
                     f"weights: name a revision that has them (the hub's conversion is often an open pull request, "
                     f"{repo}@refs/pr/N), or convert a copy with model.save_pretrained(folder, safe_serialization=True) "
