@@ -98,8 +98,8 @@ def gather(values: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A model and optimizer ready to train here: wrapped for DDP / FSDP / DeepSpeed under a launcher (as
-    configured for ``accelerate launch``; plain DDP under ``torchrun``), themselves when alone."""
+    """A model and optimizer ready to train here: wrapped for DDP under a launcher (``accelerate launch`` or
+    ``torchrun``; preflight refuses FSDP and DeepSpeed configurations), themselves when alone."""
 
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer

@@ -359,7 +359,7 @@ class LM:
             for name, child in module.named_children():
                 if type(child) is NewGELUActivation:
                     setattr(module, name, TanhGELU())
-        self.module: torch.nn.Module = model  # what scoring calls: the model, or its DDP/FSDP wrapper in training
+        self.module: torch.nn.Module = model  # what scoring calls: the model, or its DDP wrapper in training
         self.encoder_decoder = bool(model.config.is_encoder_decoder)
         # the output layer then runs on the response positions only (the prompt's would be thrown away)
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
