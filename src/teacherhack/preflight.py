@@ -41,6 +41,8 @@ def preflight(configs: list[LabConfig], out: Path, cache_root: Path) -> None:
             check_models(c)
 
 
+# Weight files teacherhack never loads (pickles, TensorFlow's, Flax's), named when a model holds no safetensors
+UNLOADED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 # What `accelerate launch` sets for a sharded configuration (`accelerate config`: FSDP, DeepSpeed)
 SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
 
@@ -184,7 +186,7 @@ def _check_hub_weights(pinned: str, where: str) -> None:
         files = [f for f in HfApi().list_repo_files(repo, revision=commit) if "/" not in f]
     if any(f.endswith(".safetensors") for f in files):
         return
-    pickles = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")))
+    pickles = sorted(f for f in files if f.endswith(UNLOADED_WEIGHTS))
     if offline and not pickles:  # only what preflight's own pass fetched: the config and the tokenizer
         raise UserError(f"{where}: the Hugging Face cache holds no weights of it at commit {commit}, only "
                         f"{', '.join(sorted(files))}; download them where the hub can be reached (huggingface-cli "
@@ -203,7 +205,7 @@ def _check_folder(folder: Path, where: str, trust: bool) -> None:
         raise UserError(f"{where} holds no config.json: not a Hugging Face model folder (write one with "
                         f"save_pretrained)")
     if not any(folder.glob("*.safetensors")):
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        pickles = sorted(p.name for p in folder.iterdir() if p.name.endswith(UNLOADED_WEIGHTS))
         found = f" (found {', '.join(pickles)})" if pickles else ""
         raise UserError(f"{where} holds no safetensors weights{found}; teacherhack never unpickles weights: convert "
                         f"them with model.save_pretrained(folder, safe_serialization=True)")
