@@ -137,15 +137,17 @@ def test_a_sweep_resumes_with_more_seeds_or_a_newer_schema_but_not_another_base(
         return json.loads(json.dumps({"preset": "sources", "seeds": seeds, "base": config.to_dict(), "runs": runs}))
 
     saved = plan(tiny_config, 2)
-    assert lab._extends(saved, plan(tiny_config, 3))
-    assert not lab._extends(saved, plan(tiny_config, 1))  # runs of the saved sweep would be dropped
-    assert not lab._extends(saved, plan(cfg.apply_overrides(tiny_config, {"distill.steps": 7}), 2))
-    assert not lab._extends({**saved, "preset": "losses"}, plan(tiny_config, 2))
+    assert lab._mismatch(saved, plan(tiny_config, 3)) is None
+    dropped = lab._mismatch(saved, plan(tiny_config, 1))  # runs of the saved sweep would be dropped
+    assert dropped is not None and "seed1" in dropped and "seed0" not in dropped
+    assert lab._mismatch(saved, plan(cfg.apply_overrides(tiny_config, {"distill.steps": 7}), 2)) == (
+        f"base settings differ: distill.steps: {tiny_config.distill.steps!r} → 7")
+    assert lab._mismatch({**saved, "preset": "losses"}, plan(tiny_config, 2)) == "preset 'losses', not 'sources'"
     older = json.loads(json.dumps(saved))
     del older["base"]["pretrain"]  # written before the schema had this section; it now sits at its defaults
-    assert lab._extends(older, plan(tiny_config, 2))
+    assert lab._mismatch(older, plan(tiny_config, 2)) is None
     older["base"]["retired_key"] = 1
-    assert not lab._extends(older, plan(tiny_config, 2))
+    assert "retired_key" in lab._mismatch(older, plan(tiny_config, 2))
 
 
 def _result(group: str, seed: int, golden_min: float, golden_final: float, proxy_final: float, hacking: bool,

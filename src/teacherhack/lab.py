@@ -111,9 +111,10 @@ def run_sweep(preset: str, base: LabConfig, out: Path, cache_root: Path, *, seed
     configs = {name: pin_models(config) for name, config in configs.items()}  # each run's config.yaml: the commits
     with locked(out, "sweep folder"):
         plan_path = out / "sweep.json"
-        if plan_path.exists() and _started(out) and not _extends(json.loads(plan_path.read_text()), plan):
-            raise cfg.ConfigError(f"{out} holds a different sweep ({plan_path}); choose another --out, or rerun the "
-                                  f"same command (more --seeds are fine) to resume it")
+        mismatch = _mismatch(json.loads(plan_path.read_text()), plan) if plan_path.exists() and _started(out) else None
+        if mismatch:
+            raise cfg.ConfigError(f"{out} holds a different sweep ({plan_path}: {mismatch}); choose another --out, or "
+                                  f"rerun the same command (more --seeds are fine) to resume it")
         plan_path.write_text(json.dumps(plan, indent=1))
         timing_path = out / "timing.json"  # wall time summed over the invocations that ran this sweep
         before = json.loads(timing_path.read_text())["wall_seconds"] if timing_path.exists() else 0.0
@@ -205,13 +206,19 @@ def _started(folder: Path) -> bool:
     return any(folder.rglob("metrics.jsonl")) or any(folder.rglob("checkpoint"))
 
 
-def _extends(saved: dict[str, Any], plan: dict[str, Any]) -> bool:
-    """Whether ``plan`` continues the saved sweep: the same preset and base configuration (keys added to the
-    schema since then count at their defaults), and every saved run still in it (e.g. more seeds)."""
+def _mismatch(saved: dict[str, Any], plan: dict[str, Any]) -> str | None:
+    """What keeps ``plan`` from continuing the saved sweep, None when it does: the same preset and base
+    configuration (keys added to the schema since then count at their defaults), and every saved run still in it
+    (more seeds extend a sweep)."""
+    if saved["preset"] != plan["preset"]:
+        return f"preset {saved['preset']!r}, not {plan['preset']!r}"
     try:
-        same_base = cfg.from_dict(saved["base"]) == cfg.from_dict(plan["base"])
-    except cfg.ConfigError:  # a key since removed or renamed
-        return False
+        before = cfg.from_dict(saved["base"])
+    except cfg.ConfigError as error:  # a key since removed or renamed
+        return f"its base configuration no longer loads ({error})"
+    changed = cfg.differences(before, cfg.from_dict(plan["base"]))
+    if changed:
+        return "base settings differ: " + "; ".join(changed)
     runs = {json.dumps(r, sort_keys=True) for r in json.loads(json.dumps(plan["runs"]))}
-    return (saved["preset"] == plan["preset"] and same_base
-            and all(json.dumps(r, sort_keys=True) in runs for r in saved["runs"]))
+    gone = [r["name"] for r in saved["runs"] if json.dumps(r, sort_keys=True) not in runs]
+    return f"its runs {', '.join(gone)} are not in this sweep's (or differ)" if gone else None
