@@ -167,6 +167,17 @@ def test_t5_folders_with_vllm_generation_are_refused(tiny_task, tmp_path, capsys
     assert "distill.generation=vllm" in error and "encoder-decoder" in error and trained_nothing(tmp_path / "cache")
 
 
+def test_vllm_under_a_multi_process_launch_is_refused_before_anything_trains(tiny_task, tmp_path, capsys,
+                                                                            monkeypatch):
+    from teacherhack import preflight
+
+    monkeypatch.setattr(preflight, "vllm_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(tiny_args(tiny_task, tmp_path / "lab", tmp_path / "cache", "--set", "distill.generation=vllm")) == 2
+    error = one_line_error(capsys)
+    assert "runs in a single process" in error and not (tmp_path / "cache" / "artifacts").exists()
+
+
 @pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
 def test_a_sharded_launch_is_refused_before_anything_trains(variable, tiny_task, tmp_path, capsys, monkeypatch):
     """FSDP and DeepSpeed through `accelerate config`: unsupported, so refused at once rather than training with

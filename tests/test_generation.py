@@ -49,6 +49,21 @@ def test_an_encoder_decoder_never_goes_to_vllm(monkeypatch, tmp_path):
         make_sampler(t5, "vllm", tmp_path)
 
 
+def test_vllm_stays_out_of_a_multi_process_launch(monkeypatch, tmp_path):
+    """Under torchrun every process would build its own vLLM engine, which nothing places on its own GPU: auto
+    samples with Hugging Face's decoder there, and vllm is refused with the way out."""
+    monkeypatch.setattr(generation, "vllm_available", lambda: True)
+    monkeypatch.setattr(generation, "VLLMSampler", lambda path, model: pytest.fail("vLLM under a launcher"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    lm = tiny_lm()
+    assert make_sampler(lm, "auto", tmp_path).name == "hf"
+    with pytest.raises(ValueError, match="single process.*distill.generation=hf"):
+        make_sampler(lm, "vllm", tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: auto takes vLLM where it can run
+    monkeypatch.setattr(generation, "VLLMSampler", lambda path, model: "engine")
+    assert make_sampler(lm, "auto", tmp_path) == "engine"
+
+
 class RecordingSampler:
     """A stand-in for a separate engine (like vLLM): records when it receives the student's weights."""
 

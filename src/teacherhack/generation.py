@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from teacherhack import decoding
+from teacherhack.distributed import launched
 from teacherhack.models import LM, Prompts, pad_responses
 
 BACKENDS: tuple[str, ...] = ("auto", "hf", "vllm")
@@ -111,17 +112,27 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
+# Why vLLM does not run under a multi-process launch: each process would build an engine of its own, and nothing
+# here places it on the process's GPU or keeps it out of the launcher's process group (TRL's colocate mode needs
+# vLLM's external_launcher executor for that); untested, so refused rather than guessed.
+UNDER_LAUNCHER = ("distill.generation=vllm runs in a single process: under a multi-process launch (torchrun, "
+                  "accelerate) every process would build its own engine, which nothing places on its own GPU; use "
+                  "distill.generation=hf (auto does), or run one process")
+
+
 def make_sampler(model: LM, backend: str, saved_path: Path | None = None) -> Sampler:
-    """``hf``, ``vllm`` (a clear error where it cannot run) or ``auto`` (vLLM when installed on a GPU and
-    the model is a decoder-only one with a saved copy to start from, else HF). vLLM serves no encoder-decoder
-    (T5, BART): it refuses their architectures."""
+    """``hf``, ``vllm`` (a clear error where it cannot run) or ``auto`` (vLLM when installed on a GPU, in a single
+    process, and the model is a decoder-only one with a saved copy to start from, else HF). vLLM serves no
+    encoder-decoder (T5, BART): it refuses their architectures."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown generation backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "vllm" and model.encoder_decoder:
         raise ValueError(f"the vllm backend serves decoder-only models; {type(model.model).__name__} is an "
                          f"encoder-decoder: use distill.generation=hf or auto")
+    if backend == "vllm" and launched():
+        raise ValueError(UNDER_LAUNCHER)
     if backend == "vllm" or (backend == "auto" and vllm_available() and saved_path is not None
-                             and not model.encoder_decoder):
+                             and not model.encoder_decoder and not launched()):
         if not vllm_available():
             raise RuntimeError("generation backend 'vllm' needs the vllm package and a CUDA GPU; "
                                "install vllm or use distill.generation=hf")

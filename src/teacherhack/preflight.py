@@ -20,8 +20,9 @@ from huggingface_hub.file_download import REGEX_COMMIT_HASH
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from teacherhack.config import LabConfig
+from teacherhack.distributed import launched
 from teacherhack.errors import UserError
-from teacherhack.generation import vllm_available
+from teacherhack.generation import UNDER_LAUNCHER, vllm_available
 from teacherhack.models import SIZES, HubModelError, NotCached, from_pretrained, pin, split_revision
 from teacherhack.stages import pretrained_roles
 from teacherhack.tasks.hub import hub_reachable
@@ -64,6 +65,8 @@ def check_machine(c: LabConfig) -> None:
         found = f"{available} {kind} device(s)" if available else f"no {kind} device"
         raise UserError(f"device={c.device}: this machine has {found}; use device=auto (a GPU when there is one, "
                         f"else the CPU) or device=cpu")
+    if c.distill.generation == "vllm" and launched():
+        raise UserError(UNDER_LAUNCHER)
     if c.distill.generation == "vllm" and not vllm_available():
         raise UserError("distill.generation=vllm needs the vllm package and a CUDA GPU, which this machine lacks; "
                         "use distill.generation=hf (or auto: vLLM where it can run)")
