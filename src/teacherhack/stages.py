@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -61,6 +61,7 @@ from teacherhack.tokenizer import (
     encode_prompts,
     encode_references,
     encode_responses,
+    prompt_start,
     special_ids,
     token_ids,
     train_tokenizer,
@@ -261,8 +262,9 @@ def build_pretrain(job: Job, out: Path, role: str) -> None:
     lm = job.initial_model(role, seed=c.oracle_seed)
     texts = [x for pair in job.splits().oracle_train for x in (pair.prompt, pair.response)]
     log(f"pre-training size {getattr(c.models, role)!r} on {len(texts)} unlabelled texts")
-    empty_prompts = [[special_ids(tokenizer).prompt_end]] * len(texts)  # language modelling: the text is the response
-    fit(lm, empty_prompts, encode_responses(tokenizer, texts, c.task.max_prompt_len + c.task.max_response_len - 1),
+    empty = encode_prompts(tokenizer, [""], c.task.max_prompt_len)[0]  # language modelling: the text is the response
+    fit(lm, [empty] * len(texts),
+        encode_responses(tokenizer, texts, c.task.max_prompt_len + c.task.max_response_len - len(empty)),
         c.pretrain, c.oracle_seed, f"pretrain {getattr(c.models, role)}", c.precision)
     lm.save(out)
 
@@ -486,12 +488,14 @@ def cpu_kernels() -> str:
     return ", ".join(kernels)
 
 
-def stage_specs(config: LabConfig, task_key: str, threads: int | None = None,
-                kernels: str | None = None) -> dict[str, dict[str, Any] | None]:
+def stage_specs(config: LabConfig, task_key: str, threads: int | None = None, kernels: str | None = None,
+                bos: Sequence[int] = ()) -> dict[str, dict[str, Any] | None]:
     """What each stage's key hashes (None for a stage this configuration does not need), in dependency order.
     ``threads`` and ``kernels``: the CPU threads the training stages run on and the kernels they run (None on an
     accelerator; :func:`cpu_kernels` with torch's version): a training step's reductions and rounding, so the
-    trained models' bits, depend on them, while sampling and scoring give the same bits on any thread count. Pure:
+    trained models' bits, depend on them, while sampling and scoring give the same bits on any thread count.
+    ``bos``: what the pretrained tokenizer puts before every prompt (:func:`pretrained_bos`), in the tokenizer's key
+    when there is any, so in the key of every stage that encodes prompts. Pure:
     computes no artifact, so it is cheap and testable. Hub ids are hashed as ``config`` names them: pin them first
     (:func:`pin_models`, as :func:`prepare_upstream` does), so that their commits are in the keys."""
     keys: dict[str, str | None] = {"task": task_key}
@@ -508,6 +512,9 @@ def stage_specs(config: LabConfig, task_key: str, threads: int | None = None,
             # of an older build that trained it with its own
             inputs |= {f"{key} dropout": 0.0 for key in s.reads if key in _MODEL_KEYS
                        and _value(config, key) not in SIZES}
+        if s.name == "tokenizer" and bos:  # prompts start with a pretrained tokenizer's BOS: not on artifacts of an
+            # older build that encoded them without it (the tokenizer is a parent of every stage that encodes prompts)
+            inputs["prompt start"] = list(bos)
         spec = {"kind": s.kind or s.name, "version": s.version, "inputs": _plain(inputs),
                 "parents": {p: keys[p] for p in s.parents if keys[p] is not None}}
         if s.collective:  # a training stage
@@ -518,6 +525,16 @@ def stage_specs(config: LabConfig, task_key: str, threads: int | None = None,
         spec["key"] = keys[s.name] = f"{s.kind or s.name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
         specs[s.name] = spec
     return specs
+
+
+def pretrained_bos(config: LabConfig) -> list[int]:
+    """What the pretrained models' tokenizer puts before every prompt (:func:`prompt_start`: a Llama's BOS), loaded as
+    the tokenizer stage loads it (``config``'s hub ids pinned: :func:`pin_models`); nothing when every model is built
+    from a size preset (the lab's own tokenizer adds none)."""
+    names = list(pretrained_roles(config.models).values())
+    if not names:
+        return []
+    return prompt_start(from_pretrained(AutoTokenizer, names[0], trust_remote_code=config.models.trust_remote_code))
 
 
 @dataclass(frozen=True)
@@ -553,7 +570,7 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
     timings["data"] = time.time() - start
     cpu = torch.device(device).type == "cpu"
     specs = stage_specs(c, task_digest(task), torch.get_num_threads() if cpu else None,
-                        f"{cpu_kernels()}, torch {torch.__version__}" if cpu else None)
+                        f"{cpu_kernels()}, torch {torch.__version__}" if cpu else None, pretrained_bos(c))
     if check is not None:
         check({name: spec["key"] for name, spec in specs.items() if spec is not None})
     paths: dict[str, Path] = {}
@@ -595,22 +612,25 @@ def _report_data(splits: Splits, tokenizer: PreTrainedTokenizerBase, c: LabConfi
              "oracle training prompts": ([p.prompt for p in splits.oracle_train], c.task.max_prompt_len),
              "oracle training responses": ([p.response for p in splits.oracle_train], c.task.max_response_len)}
     ids = {name: token_ids(tokenizer, items) for name, (items, _) in texts.items()}  # tokenized once for both
+    start = len(prompt_start(tokenizer))  # tokens before every prompt, within task.max_prompt_len
     for name, (_, limit) in texts.items():
-        key = "task.max_response_len" if name.endswith("responses") else "task.max_prompt_len"
+        response = name.endswith("responses")
+        key = "task.max_response_len" if response else "task.max_prompt_len"
         try:
-            cut, total = truncation_report(ids[name], limit, name.rsplit(" ", 1)[1])
-        except TaskError as error:
+            cut, total = truncation_report(ids[name], limit, name.rsplit(" ", 1)[1], 0 if response else start)
+        except (TaskError, ValueError) as error:  # ValueError: no room left beside a BOS and SEP
             raise TaskError(f"{name}: {error} ({key}={limit})") from None
         if cut:
             log(f"{cut} of {total} {name} are longer than {key}={limit} and are cut")
-    _report_leaks(ids, c)
+    _report_leaks(ids, c, start)
 
 
-def _report_leaks(ids: dict[str, list[list[int]]], c: LabConfig) -> None:
+def _report_leaks(ids: dict[str, list[list[int]]], c: LabConfig, start: int) -> None:
     """Say how many validation prompts the models see in training after all (``ids``: each part's tokens, as
-    :func:`_report_data` has them): the splits are disjoint by prompt, but two prompts that share their first
-    ``task.max_prompt_len`` - 1 tokens are one prompt once cut."""
-    kept = c.task.max_prompt_len - 1
+    :func:`_report_data` has them; ``start``: the tokens the tokenizer puts before each, its BOS): the splits are
+    disjoint by prompt, but two prompts that share their first ``task.max_prompt_len`` - 1 - ``start`` tokens are one
+    prompt once cut."""
+    kept = c.task.max_prompt_len - 1 - start
     stage1 = ids["stage-1 prompts"]
     sft = max(len(stage1) if n is None else n for n in (c.teacher.samples, c.student.samples))
     trained = {"the oracle's pairs": ids["oracle training prompts"],

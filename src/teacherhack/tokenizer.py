@@ -16,6 +16,7 @@ from teacherhack.tasks import TaskError
 PAD, EOS, SEP = "<pad>", "<eos>", "<sep>"
 
 _BYTES = len(pre_tokenizers.ByteLevel.alphabet())
+_PROBE = "a b"  # any text: what a tokenizer adds around it, it adds around every text
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -47,20 +48,22 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_len: int) -> list[list[int]]:
-    """Prompt tokens then SEP, which marks where the response starts; a long prompt keeps its start.
+    """What the tokenizer puts before a text (a pretrained tokenizer's BOS: `prompt_start`), prompt tokens, then SEP,
+    which marks where the response starts; a long prompt keeps its start, and all of it fits in ``max_len``.
 
     A pretrained tokenizer without SEP ends prompts with EOS instead (see `special_ids`).
     """
-    encoded = _encode(tokenizer, prompts, max_len - 1)
+    start = prompt_start(tokenizer)
+    encoded = _encode(tokenizer, prompts, max_len, len(start) + 1)
     end = special_ids(tokenizer).prompt_end if encoded else None
-    return [ids + [end] for ids in encoded]
+    return [start + ids + [end] for ids in encoded]
 
 
 def encode_responses(
     tokenizer: PreTrainedTokenizerBase, responses: Sequence[str], max_len: int
 ) -> list[list[int]]:
     """Response tokens then EOS, so models learn to stop; a long response keeps its start."""
-    encoded = _encode(tokenizer, responses, max_len - 1)
+    encoded = _encode(tokenizer, responses, max_len, 1)
     end = special_ids(tokenizer).eos if encoded else None
     return [ids + [end] for ids in encoded]
 
@@ -76,10 +79,17 @@ def encode_references(tokenizer: PreTrainedTokenizerBase, responses: Sequence[st
             for ids in (tokenizer(list(responses), add_special_tokens=False)["input_ids"] if responses else [])]
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], limit: int) -> list[list[int]]:
-    if limit < 1:
-        raise ValueError(f"max_len must be at least 2 (one token plus SEP or EOS), got {limit + 1}")
-    return [ids[:limit] for ids in token_ids(tokenizer, texts)]
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int, framing: int) -> list[list[int]]:
+    room = _room(max_len, framing)
+    return [ids[:room] for ids in token_ids(tokenizer, texts)]
+
+
+def _room(max_len: int, framing: int) -> int:
+    """The tokens of a text that fit in ``max_len`` beside the ``framing`` tokens around it (BOS, SEP or EOS)."""
+    if max_len <= framing:
+        raise ValueError(f"max_len must be at least {framing + 1} (one token plus the {framing} around it: BOS, SEP "
+                         f"or EOS), got {max_len}")
+    return max_len - framing
 
 
 def token_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
@@ -88,6 +98,16 @@ def token_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[
     for start in range(0, len(texts), 1000):
         ids += tokenizer(list(texts[start : start + 1000]), add_special_tokens=False)["input_ids"]
     return ids
+
+
+def prompt_start(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids the tokenizer itself puts before a text's tokens: the BOS of Llama's, Gemma's and Mistral's; nothing for
+    GPT-2's, Qwen's, T5's (which appends its EOS instead) or ours. Its model saw its training texts start so (Gemma
+    without it produces garbage), so every prompt starts with them; a response, which continues its prompt, never
+    does. Read from what the tokenizer does, not from ``bos_token_id``: GPT-2's names a BOS and never adds it."""
+    plain = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    full = tokenizer(_PROBE)["input_ids"]
+    return next((full[:i] for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), [])
 
 
 # --- Pretrained tokenizers: one tokenizer for all roles ----------------------------------------------
@@ -189,20 +209,21 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialIds:
     return SpecialIds(prompt_end=eos if sep is None else sep, eos=eos, pad=eos if pad is None else pad)
 
 
-def truncation_report(ids: Sequence[Sequence[int]], max_len: int, what: str = "prompts") -> tuple[int, int]:
+def truncation_report(ids: Sequence[Sequence[int]], max_len: int, what: str = "prompts",
+                      start: int = 0) -> tuple[int, int]:
     """(texts that `encode_prompts` or `encode_responses` would cut at `max_len`, texts), from their
-    :func:`token_ids`: a prompt or response keeps at most `max_len` - 1 tokens, as one more ends it. Raises
-    `TaskError` when every text would be cut, since then no model sees a whole one: `max_len` is wrong for the task
-    (``what``: "prompts" or "responses", for the message).
+    :func:`token_ids`: a text keeps at most `max_len` - 1 - `start` tokens, as one more ends it and `start` come before
+    it (a prompt's `prompt_start`). Raises `TaskError` when every text would be cut, since then no model sees a whole
+    one: `max_len` is wrong for the task (``what``: "prompts" or "responses", for the message).
     """
-    if max_len < 2:
-        raise ValueError(f"max_len must be at least 2 (one token plus SEP or EOS), got {max_len}")
+    kept = _room(max_len, start + 1)
     lengths = [len(row) for row in ids]
-    truncated = sum(length > max_len - 1 for length in lengths)
+    truncated = sum(length > kept for length in lengths)
     if lengths and truncated == len(lengths):
+        before = f" and the {start} before it (the tokenizer's BOS)" if start else ""
         raise TaskError(
-            f"all {truncated} {what} are longer than {max_len - 1} tokens (max_len {max_len} less the token "
-            f"that ends one; the shortest has {min(lengths)}, the median {sorted(lengths)[len(lengths) // 2]}): "
+            f"all {truncated} {what} are longer than {kept} tokens (max_len {max_len} less the token that ends one"
+            f"{before}; the shortest has {min(lengths)}, the median {sorted(lengths)[len(lengths) // 2]}): "
             f"raise the maximum {what.rstrip('s')} length"
         )
     return truncated, len(lengths)
