@@ -21,7 +21,8 @@ to the student's NLL of real held-out responses, whose changes are exactly those
 
 Prompt encoding. Prompts are strings encoded with the tokenizer as it is,
 ``tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]`` (so a BOS or, for T5, an EOS is added
-exactly when the tokenizer adds one by default; pass ``add_special_tokens=False`` for prompts already rendered
+exactly when the tokenizer adds one by default: the lab's prompts start alike, ``teacherhack.tokenizer.prompt_start``;
+pass ``add_special_tokens=False`` for prompts already rendered
 with a chat template), or lists of token ids used verbatim. No truncation. Prompts are left-padded by the
 monitor itself (``collate_prompts``, with explicit position ids), whatever the tokenizer's ``padding_side``.
 A response ends at the tokenizer's EOS (``tokenizer.eos_token_id``, required); padding is
