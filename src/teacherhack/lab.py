@@ -137,7 +137,7 @@ def run_sweep(preset: str, base: LabConfig, out: Path, cache_root: Path, *, seed
             run_dir = out / "runs" / r.name
             up = prepare_upstream(configs[r.name], cache, device, {}, check=partial(check_resumable, run_dir, r.name))
             run_dir.mkdir(parents=True, exist_ok=True)
-            configs[r.name].dump(run_dir / "config.yaml")
+            configs[r.name].dump(RunFolder(run_dir).config_path)
             jobs.append(_job(r.name, configs[r.name], configs[r.name].distill.sources[0], up, run_dir, out, engine,
                              len(todo)))
         finished, began = len(runs) - len(todo), time.time()
