@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 from teacherhack import config as cfg
 from teacherhack import stages
 from teacherhack.stages import STAGES, ConfigView, UndeclaredRead, stage_specs
+from teacherhack.sweeps import SWEEPS, expand
 
 PACKAGE = Path(stages.__file__).parent
 
@@ -233,3 +236,53 @@ def test_top_k_signals_are_keyed_by_what_they_depend_on():
     dense = stage_specs(cfg.resolve("default"), "task-x")
     cooler = stage_specs(cfg.resolve("default", {"distill.loss_temperature": 2.0}), "task-x")
     assert dense["teacher_signals"]["key"] == cooler["teacher_signals"]["key"]  # full distributions: temperature-free
+
+
+# The stage keys of the default and quick presets as the code computed them before any keyed_when_set setting
+# existed (the artifacts cached under them and the recorded sweeps are valid while these hold), and a digest of
+# every sweep preset's runs' keys on both presets
+RECORDED_KEYS = {
+    "default": {
+        "splits": "splits-5f80674683ca714e", "tokenizer": "tokenizer-a8f34bb82959da79",
+        "oracle": "oracle-2ce7f3edaa880253", "oracle_samples": "oracle_samples-cc85ee27d1c26248",
+        "teacher": "teacher-6d22ca6db610ecc0", "student": "student-ee8d95372adc3b04",
+        "references": "references-4f29f37da3abc3d5", "train_references": "train_references-97b02f41e98717b2",
+        "reference_scores": "reference_scores-48e80369e1595c3a", "offline_data": "offline_data-e599c16a7322bed8",
+        "teacher_signals": "teacher_signals-e5004e05409251ef", "distill_prompts": "distill_prompts-84b8f8e5cb83f58a"},
+    "quick": {
+        "splits": "splits-865fbf53c7db50d1", "tokenizer": "tokenizer-1cf626743169f4a4",
+        "oracle": "oracle-99388e9da2463366", "oracle_samples": "oracle_samples-a2c76bfc07255c3b",
+        "teacher": "teacher-e3943f7dbe40059f", "student": "student-c64f17f3baeafa9e",
+        "references": "references-7076e0488597e336", "train_references": "train_references-4674bf760093cfe3",
+        "reference_scores": "reference_scores-b77b56302cd0b641", "offline_data": "offline_data-812c44da66fd1eb6",
+        "teacher_signals": "teacher_signals-7399dc8992b01768", "distill_prompts": "distill_prompts-b2846cf32ed4fea2"},
+}
+RECORDED_SWEEP_KEYS = (324, "fab76ae36b756b30d6d20109c501691cc77f8128d7b431512b02ba9c59c531a0")
+
+
+def stage_keys(config: cfg.LabConfig) -> dict[str, str]:
+    return {name: spec["key"] for name, spec in stage_specs(config, "task-x").items() if spec is not None}
+
+
+def test_settings_added_since_keep_every_recorded_key_at_their_defaults():
+    """grad_accum of the supervised stages and sampling_batch came after artifacts were cached and sweeps recorded:
+    at their defaults the keys are those the code computed before them; set, they are keys of their own."""
+    runs = {}
+    for preset, recorded in RECORDED_KEYS.items():
+        base = cfg.resolve(preset)
+        assert stage_keys(base) == recorded, preset
+        for sweep, spec in SWEEPS.items():
+            for r in expand(sweep, base.distill.prompts or base.task.n_distill, base.task.n_distill, spec.seeds):
+                runs[f"{preset} {sweep} {r.name}"] = stage_keys(cfg.apply_overrides(base, r.overrides))
+    digest = hashlib.sha256(json.dumps(runs, sort_keys=True).encode()).hexdigest()
+    assert (len(runs), digest) == RECORDED_SWEEP_KEYS
+    default = stage_keys(cfg.resolve("default"))
+    assert stage_keys(cfg.resolve("default", {"sampling_batch": 256, "oracle.grad_accum": 1})) == default
+    written = cfg.resolve("default").to_dict()  # a config.yaml or sweep.json written before the settings existed
+    del written["sampling_batch"]
+    for section in ("pretrain", "oracle", "teacher", "student"):
+        del written[section]["grad_accum"]
+    assert cfg.from_dict(written) == cfg.resolve("default")  # resumes as the same configuration, on the same keys
+    for key, stage in {"sampling_batch": "oracle_samples", "oracle.grad_accum": "oracle",
+                       "student.grad_accum": "student"}.items():
+        assert stage_keys(cfg.resolve("default", {key: 2}))[stage] != default[stage], key

@@ -124,6 +124,11 @@ def test_unknown_source_loss_preset():
 
 @pytest.mark.parametrize("overrides,message", [
     ({"distill.batch_size": "10", "distill.grad_accum": "3"}, "multiple of distill.grad_accum"),
+    ({"oracle.grad_accum": "0"}, r"oracle\.grad_accum must be > 0 and divide oracle\.batch_size"),
+    ({"teacher.batch_size": "10", "teacher.grad_accum": "4"},
+     r"teacher\.grad_accum must be > 0 and divide teacher\.batch_size .*got grad_accum=4 for batch_size=10"),
+    ({"pretrain.grad_accum": "-2"}, r"pretrain\.grad_accum must be > 0"),
+    ({"sampling_batch": "0"}, "sampling_batch must be >= 1"),
     ({"eval.prompts": str(TASK.n_validation + 1)}, "eval.prompts cannot exceed"),
     ({"distill.beta": "1.5"}, "beta"),
     ({"distill.beta": "-0.1"}, "beta"),
@@ -165,8 +170,10 @@ def test_validation_failures(overrides, message):
 def test_validation_boundaries_are_accepted():
     c = resolve("default", {"distill.batch_size": "12", "distill.grad_accum": "3",
                             "eval.prompts": str(TASK.n_validation), "distill.beta": "1.0",
-                            "distill.mixture_lambda": "0", "models.oracle": "org/model"})
+                            "distill.mixture_lambda": "0", "models.oracle": "org/model",
+                            "student.batch_size": "12", "student.grad_accum": "12", "sampling_batch": "1"})
     assert c.distill.grad_accum == 3 and c.eval.prompts == c.task.n_validation and c.distill.beta == 1.0
+    assert c.student.grad_accum == 12 and c.sampling_batch == 1
 
 
 @pytest.mark.parametrize("preset", sorted(LAB_PRESETS))

@@ -11,13 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers import AutoTokenizer
 
-from conftest import TINY
+from conftest import TINY, make_task
 from teacherhack import config as cfg
-from teacherhack import lab, stages
+from teacherhack import lab, seeds, stages
+from teacherhack.cache import ArtifactCache
 from teacherhack.cli import main
 from teacherhack.divergences import Estimate
-from teacherhack.metrics import Evaluator
+from teacherhack.metrics import Evaluator, sample_in_batches
+from teacherhack.models import LM, collate_prompts, load_pretrained
 from teacherhack.rundir import sample_prompts
 
 pytestmark = pytest.mark.slow
@@ -286,3 +289,45 @@ def test_the_machine_names_the_kernels_that_a_run_s_bits_depend_on(monkeypatch):
     assert "ISA" not in lab.machine()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
     assert "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)" in lab.machine()
+
+
+def test_sampling_batch_bounds_every_call_that_samples_or_scores_an_upstream_dataset(tmp_path: Path, monkeypatch):
+    """sampling_batch: the rows of each generation call of the oracle's answers and the offline set, and of each
+    teacher forward of its signals. At its default the artifacts are the fixed 256-row recipe's of before; another
+    value draws each call from a generator seeded by its first row, as its docstring says: other samples, keyed
+    apart."""
+    task = make_task(tmp_path / "task.jsonl", n=1200)
+    base = cfg.resolve("quick", {**TINY, "task.spec": f"jsonl:{task}", "task.n_stage1": 300})
+    building, calls = [], []  # the stage being built; (stage, rows) of every sampling or scoring call
+    get = ArtifactCache.get
+    monkeypatch.setattr(ArtifactCache, "get", lambda self, stage, *args, **kwargs: building.append(stage)
+                        or get(self, stage, *args, **kwargs))
+    for method in ("sample", "next_token_logprobs"):
+        def spy(self, prompts, *args, real=getattr(LM, method), **kwargs):
+            calls.append((building[-1], len(prompts)))
+            return real(self, prompts, *args, **kwargs)
+        monkeypatch.setattr(LM, method, spy)
+
+    def rows(config: cfg.LabConfig) -> tuple[stages.Upstream, dict[str, list[int]]]:
+        calls.clear()
+        up = stages.prepare_upstream(config, ArtifactCache(tmp_path / "cache"), "cpu", {})
+        made = ("oracle_samples", "offline_data", "teacher_signals")
+        return up, {name: [n for stage, n in calls if stage == name] for name in made}
+
+    default, default_rows = rows(base)
+    assert default_rows == {"oracle_samples": [256, 44], "offline_data": [32], "teacher_signals": [32]}
+    bounded, bounded_rows = rows(cfg.apply_overrides(base, {"sampling_batch": 24}))
+    assert bounded_rows == {"oracle_samples": [24] * 12 + [12], "offline_data": [24, 8], "teacher_signals": [24, 8]}
+    assert bounded.keys["oracle_samples"] != default.keys["oracle_samples"]
+
+    prompts, responses = stages.load_ids(default.oracle.parent / default.keys["oracle_samples"] / "pairs.json")
+    _, bounded_responses = stages.load_ids(bounded.oracle.parent / bounded.keys["oracle_samples"] / "pairs.json")
+    oracle = stages.wrap(load_pretrained(default.oracle), AutoTokenizer.from_pretrained(default.tokenizer), "cpu")
+    batch = collate_prompts(prompts, oracle.pad_id)
+    before = sample_in_batches(oracle, batch, max_new_tokens=base.task.max_response_len, batch_size=256,
+                               seed=base.oracle_seed)  # the recipe of every artifact cached before the setting
+    assert responses == stages.rows_until_eos(before, oracle.eos_id)
+    second = oracle.sample(batch[24:48], max_new_tokens=base.task.max_response_len,
+                          generator=seeds.generator(base.oracle_seed, 24))  # rows 24-47: a call of their own
+    assert bounded_responses[24:48] == stages.rows_until_eos(second, oracle.eos_id)
+    assert bounded_responses != responses  # other draws of the same oracle

@@ -9,13 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from teacherhack.divergences import response_mask
+from teacherhack import stages, training
+from teacherhack.config import TrainConfig
+from teacherhack.divergences import response_mask, token_cross_entropy
 from teacherhack.generation import HFSampler
 from teacherhack.models import ARCHITECTURES, LM, build_model, collate_prompts, load_pretrained
 from teacherhack.seeds import generator as seeded_generator
 from teacherhack.sources import Batch, FixedPairs, Mixture, OnlineSamples
 from teacherhack.training import (
+    LossFn,
     NonFiniteLoss,
+    Step,
     distill_loss,
     learning_rate,
     load_checkpoint,
@@ -390,6 +394,68 @@ def test_gradient_accumulation_matches_one_big_batch(loss_name, chunk_size):
         assert max_diff(one_step(loss_name, accum, chunk_size=chunk_size), full) < 1e-6
     # sensitivity: the classic mistake (each micro-batch normalised on its own) moves the parameters elsewhere
     assert max_diff(one_step(loss_name, 2, wrong=True, chunk_size=chunk_size), full) > 1e-4
+
+
+def supervised_steps(monkeypatch, grad_accum: int, loss=sft_loss) -> tuple[dict, list[Step], list[int]]:
+    """Two steps of a supervised stage (``stages.fit``, batch 4 of 8 pairs) from one start, under plain SGD: its
+    update is proportional to the gradient (AdamW's first step is nearly sign(g), which would hide a wrong scale).
+    The parameters after, each step's loss and gradient norm (before clipping: a wrong scale shows there too), and
+    the rows of each forward. ``loss``: the SFT loss, or a wrong one to show the comparison catches it."""
+    steps, rows = [], []
+    monkeypatch.setattr(training, "make_optimizer", lambda model, lr: torch.optim.SGD(model.model.parameters(), lr=lr))
+    monkeypatch.setattr(training, "optimizer_step", lambda *a, **k: steps.append(optimizer_step(*a, **k)) or steps[-1])
+
+    def counted(model: LM) -> LossFn:
+        inner = loss(model)
+        return lambda batch, denominator: rows.append(len(batch.prompts)) or inner(batch, denominator)
+
+    monkeypatch.setattr(stages, "sft_loss", counted)
+    lm = make_lm(seed=0)
+    stages.fit(lm, *pairs(8), TrainConfig(batch_size=4, grad_accum=grad_accum, epochs=1.0, lr=0.5, warmup=0,
+                                          schedule="constant"), seed=0, desc="sft", precision="float32")
+    return params(lm), steps, rows
+
+
+def gap(a: tuple[dict, list[Step], list[int]], b: tuple[dict, list[Step], list[int]]) -> float:
+    """How far two runs of :func:`supervised_steps` end apart: parameters, and each step's loss and norm (relative)."""
+    relative = [abs(x - y) / abs(y) for s, t in zip(a[1], b[1], strict=True)
+                for x, y in ((s.loss, t.loss), (s.grad_norm, t.grad_norm))]
+    return max(max_diff(a[0], b[0]), *relative)
+
+
+def own_count(model: LM) -> LossFn:
+    """Wrong: each micro-batch normalised by its own sequence count, then summed (grad_accum times the step)."""
+    right = sft_loss(model)
+    return lambda batch, denominator: right(batch, float(len(batch.prompts)))
+
+
+def token_mean(model: LM) -> LossFn:
+    """A token-mean loss; under accumulation wrongly averaged as the mean of each micro-batch's own tokens."""
+    def loss(batch: Batch, denominator: float) -> torch.Tensor:
+        mask = response_mask(batch.responses, model.eos_id)
+        mean = token_cross_entropy(model.logits(batch.prompts, batch.responses), batch.responses, mask,
+                                   reduction="token_mean")
+        return mean * len(batch.prompts) / denominator
+
+    return loss
+
+
+def test_a_supervised_stage_in_micro_batches_takes_the_full_batch_step(monkeypatch):
+    """oracle/teacher/student.grad_accum: batch_size rows per step in grad_accum micro-batches that hold different
+    numbers of response tokens, and the step of the whole batch, to float32 rounding."""
+    batch = FixedPairs(*pairs(8), batch_size=4, seed=0, pad_id=PAD, origin="sft").batch(0)  # fit's first batch
+    tokens = [int(response_mask(batch.responses[rows], EOS).sum()) for rows in torch.arange(4).chunk(2)]
+    assert tokens[0] != tokens[1]
+    start, full = params(make_lm(seed=0)), supervised_steps(monkeypatch, 1)
+    assert max_diff(full[0], start) > 0.1 and full[2] == [4, 4]
+    for accum in (2, 4):
+        accumulated = supervised_steps(monkeypatch, accum)
+        assert accumulated[2] == [4 // accum] * accum * 2  # micro-batches were taken
+        assert gap(accumulated, full) < 1e-6
+    # the comparison catches the two classic mistakes, by far: a sum of micro-batch means, and (for a token-mean
+    # loss) each micro-batch's mean over its own tokens instead of the batch's
+    assert gap(supervised_steps(monkeypatch, 2, own_count), full) > 0.5
+    assert gap(supervised_steps(monkeypatch, 2, token_mean), supervised_steps(monkeypatch, 1, token_mean)) > 1e-3
 
 
 def test_hard_ce_is_sft():

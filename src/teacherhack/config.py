@@ -34,10 +34,17 @@ SIGNAL_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k3")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "bfloat16-fp32-attention")
+SAMPLING_BATCH = 256  # rows per generation call: sampling_batch's default, and stage 2's blocks of teacher samples
 
 
 class ConfigError(UserError, ValueError):
     """A configuration the lab cannot run; the message says which key and what is allowed."""
+
+
+def keyed_when_set(default: Any) -> Any:
+    """A setting added after artifacts were cached and sweeps recorded: the stages' keys hash it only where it differs
+    from ``default`` (``teacherhack.stages.stage_specs``), so every configuration written before it keeps its keys."""
+    return field(default=default, metadata={"keyed_when_set": True})
 
 
 @dataclass
@@ -87,7 +94,10 @@ class TrainConfig:
 
     samples: int | None = None  # training pairs used; None = all available
     epochs: float = 1.0
-    batch_size: int = 32
+    batch_size: int = 32  # rows per optimizer step
+    # Micro-batches per step (memory): batch_size / grad_accum rows per forward and backward, normalised so that the
+    # step is the whole batch's, to float rounding (so a value other than 1 has artifacts of its own)
+    grad_accum: int = keyed_when_set(1)
     lr: float = 1e-3
     warmup: int = 50
     schedule: str = "cosine"
@@ -160,6 +170,11 @@ class LabConfig:
     # attention in float32, 1.11-1.36x faster training steps on CPU (BENCHMARKS.md). Sampling and evaluation stay
     # float32.
     precision: str = "bfloat16"
+    # Rows per generation call when the upstream stages sample a dataset (the oracle's answers, the offline set) and
+    # per teacher forward of its offline signals: their memory (T5-XL's float32 cross-attention cache at 1,024 prompt
+    # tokens: about 0.4 GB a row). Each call draws from its own generator, seeded by its first row, so another value
+    # draws other samples of the same distributions (other artifacts: keyed)
+    sampling_batch: int = keyed_when_set(SAMPLING_BATCH)
     task: TaskConfig = field(default_factory=TaskConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     # Shared pre-training of each model size on unlabelled text of the task's languages, the stand-in for the
@@ -372,6 +387,7 @@ def validate(c: LabConfig) -> None:
     for key, value in _floats(c):
         require(math.isfinite(value), f"{key} must be a finite number, got {value}")
     require(c.threads is None or c.threads >= 1, f"threads must be >= 1 (or null: torch's default), got {c.threads}")
+    require(c.sampling_batch >= 1, f"sampling_batch must be >= 1 (rows per generation call), got {c.sampling_batch}")
     require(bool(re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", c.device)),
             f"device must be auto, cpu, mps, cuda or cuda:N, got {c.device!r}")
     require(c.models.arch in ARCHITECTURES, f"models.arch must be one of {', '.join(ARCHITECTURES)}, got {c.models.arch!r}")
@@ -422,6 +438,9 @@ def validate(c: LabConfig) -> None:
         t: TrainConfig = getattr(c, section)
         require(t.epochs >= 0 and t.batch_size > 0 and t.lr > 0 and t.warmup >= 0,
                 f"{section}: batch_size and lr must be > 0, epochs and warmup >= 0 (epochs 0: no training)")
+        require(t.grad_accum > 0 and t.batch_size % t.grad_accum == 0,
+                f"{section}.grad_accum must be > 0 and divide {section}.batch_size into equal micro-batches, got "
+                f"grad_accum={t.grad_accum} for batch_size={t.batch_size}")
         require(t.schedule in SCHEDULES, f"{section}.schedule must be one of {', '.join(SCHEDULES)}")
         require(t.samples is None or t.samples > 0, f"{section}.samples must be > 0")
     require(d.steps > 0 and d.batch_size > 0 and d.grad_accum > 0 and d.lr > 0 and d.warmup >= 0,

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from teacherhack import distributed, seeds
-from teacherhack.config import LabConfig
+from teacherhack.config import SAMPLING_BATCH, LabConfig
 from teacherhack.distributed import log
 from teacherhack.errors import UserError
 from teacherhack.generation import make_sampler
@@ -26,7 +26,7 @@ from teacherhack.models import LM, PromptStates, Prompts, collate_prompts, load_
 from teacherhack.rundir import RunFolder, load_run, summarise
 from teacherhack.sources import FixedPairs, Mixture, OnlineSamples, Source
 from teacherhack.teacher_signals import TeacherSignals, bytes_per_position
-from teacherhack.stages import OFFLINE_SOURCES, SAMPLING_BATCH, STAGES, Upstream, load_ids, wrap
+from teacherhack.stages import OFFLINE_SOURCES, STAGES, Upstream, load_ids, wrap
 from teacherhack.trackers import Trackers
 from teacherhack.training import (
     distill_loss,

@@ -71,7 +71,6 @@ from teacherhack.training import sft_loss, train
 
 ROLES = ("oracle", "teacher", "student")
 OFFLINE_SOURCES = ("offline", "mixture")  # the sources that read the offline dataset
-SAMPLING_BATCH = 256  # rows per generation batch when building datasets (a fixed part of each artifact's recipe)
 
 
 class UndeclaredRead(AttributeError):
@@ -214,8 +213,8 @@ def fit(lm: LM, prompts: list[list[int]], responses: list[list[int]], t: TrainCo
     if steps == 0:
         return
     data = FixedPairs(prompts[:n], responses[:n], batch_size=t.batch_size, seed=seed, pad_id=lm.pad_id, origin=desc)
-    train(lm, data, sft_loss(lm), steps=steps, lr=t.lr, warmup=t.warmup, schedule=t.schedule, precision=precision,
-          desc=desc)
+    train(lm, data, sft_loss(lm), steps=steps, lr=t.lr, warmup=t.warmup, schedule=t.schedule, grad_accum=t.grad_accum,
+          precision=precision, desc=desc)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,8 +293,8 @@ def build_oracle(job: Job, out: Path) -> None:
     lm.save(out)
 
 
-@stage("oracle_samples", reads=("models.oracle_temperature", "models.vocab_size", "oracle_seed", *LENGTHS),
-       parents=("splits", "tokenizer", "oracle"))
+@stage("oracle_samples", reads=("models.oracle_temperature", "models.vocab_size", "oracle_seed", "sampling_batch",
+                                *LENGTHS), parents=("splits", "tokenizer", "oracle"))
 def build_oracle_samples(job: Job, out: Path) -> None:
     """Stage 1 data: the oracle answers the stage-1 prompts (at its temperature)."""
     c, tokenizer = job.config, job.tokenizer()
@@ -303,7 +302,7 @@ def build_oracle_samples(job: Job, out: Path) -> None:
     oracle = job.lm("oracle", c.models.oracle_temperature)
     log(f"stage 1: the oracle answers {len(prompts)} prompts")
     responses = sample_in_batches(oracle, collate_prompts(prompts, oracle.pad_id), max_new_tokens=c.task.max_response_len,
-                                  batch_size=SAMPLING_BATCH, seed=c.oracle_seed)
+                                  batch_size=c.sampling_batch, seed=c.oracle_seed)
     save_ids(out / "pairs.json", prompts, rows_until_eos(responses, oracle.eos_id))
 
 
@@ -386,7 +385,7 @@ def build_reference_scores(job: Job, out: Path) -> None:
 
 
 @stage("offline_data", reads=("models.vocab_size", "distill.prompts", "distill.generations_per_prompt", "seed",
-                              *LENGTHS),
+                              "sampling_batch", *LENGTHS),
        checks=("distill.sources",), parents=("splits", "tokenizer", "teacher"),
        needed=lambda c: any(s in OFFLINE_SOURCES for s in c.distill.sources))
 def build_offline_data(job: Job, out: Path) -> None:
@@ -397,12 +396,12 @@ def build_offline_data(job: Job, out: Path) -> None:
     prompts = [p for p in pool for _ in range(d.generations_per_prompt)]
     teacher = job.lm("teacher")
     responses = sample_in_batches(teacher, collate_prompts(prompts, teacher.pad_id), max_new_tokens=c.task.max_response_len,
-                                  batch_size=SAMPLING_BATCH, seed=c.seed + seeds.OFFLINE_SAMPLES)
+                                  batch_size=c.sampling_batch, seed=c.seed + seeds.OFFLINE_SAMPLES)
     save_ids(out / "pairs.json", prompts, rows_until_eos(responses, teacher.eos_id))
 
 
 @stage("teacher_signals", reads=("models.vocab_size", "distill.top_k", "distill.top_k_dtype", "distill.loss_temperature",
-                                 "distill.teacher_cache_mb"), checks=("distill.sources",),
+                                 "distill.teacher_cache_mb", "sampling_batch"), checks=("distill.sources",),
        parents=("tokenizer", "teacher", "offline_data"), needed=lambda c: any(s in OFFLINE_SOURCES for s in c.distill.sources),
        inputs=lambda c: ({"dense": True, "budget_mb": c.distill.teacher_cache_mb, "vocab": c.models.vocab_size}
                          if c.distill.top_k is None else
@@ -423,12 +422,11 @@ def build_teacher_signals(job: Job, out: Path) -> None:
             f"{d.teacher_cache_mb}: not kept, the teacher runs at every step")
         (out / "none.json").write_text(json.dumps({"positions": positions, "vocab_size": teacher.vocab_size}))
         return
-    parts = []
-    for start in range(0, len(responses), SAMPLING_BATCH):
-        batch = pad_responses(responses[start:start + SAMPLING_BATCH], teacher.pad_id)
+    parts, rows = [], c.sampling_batch
+    for start in range(0, len(responses), rows):
+        batch = pad_responses(responses[start:start + rows], teacher.pad_id)
         with torch.no_grad():
-            log_p = teacher.next_token_logprobs(collate_prompts(prompts[start:start + SAMPLING_BATCH], teacher.pad_id),
-                                                batch)
+            log_p = teacher.next_token_logprobs(collate_prompts(prompts[start:start + rows], teacher.pad_id), batch)
         parts.append(TeacherSignals.from_logprobs(
             log_p, response_mask(batch, teacher.eos_id).to(log_p.device), k=d.top_k,
             dtype=None if d.top_k is None else getattr(torch, d.top_k_dtype),
@@ -505,7 +503,10 @@ def stage_specs(config: LabConfig, task_key: str, threads: int | None = None, ke
         if s.needed is not None and not s.needed(view):
             keys[s.name] = specs[s.name] = None
             continue
-        inputs = s.inputs(ConfigView(config, s.reads, s.name)) if s.inputs else {key: _value(config, key) for key in s.reads}
+        later = [key for key in s.reads if _keyed_when_set(*_owner(config, key))]  # hashed by name where set
+        inputs = (s.inputs(ConfigView(config, s.reads, s.name)) if s.inputs
+                  else {key: _value(config, key) for key in s.reads if key not in later})
+        inputs |= {key: _value(config, key) for key in later if not _at_default(*_owner(config, key))}
         inputs |= {f"{key} files": files for key in s.reads if key in _MODEL_KEYS
                    and (files := _model_files(_value(config, key))) is not None}
         if s.collective:  # a pretrained model trains without its dropout (models.without_dropout): not on artifacts
@@ -647,15 +648,33 @@ def _report_leaks(ids: dict[str, list[list[int]]], c: LabConfig, start: int) -> 
 
 
 def _value(config: Any, key: str) -> Any:
-    for part in key.split("."):
+    return getattr(*_owner(config, key))
+
+
+def _owner(config: Any, key: str) -> tuple[Any, str]:
+    """The section that holds ``key`` and the key's name in it."""
+    *path, name = key.split(".")
+    for part in path:
         config = getattr(config, part)
-    return config
+    return config, name
+
+
+def _keyed_when_set(owner: Any, name: str) -> bool:
+    """Whether setting ``name`` of section ``owner`` was declared :func:`teacherhack.config.keyed_when_set`."""
+    return bool(owner.__dataclass_fields__[name].metadata.get("keyed_when_set"))
+
+
+def _at_default(owner: Any, name: str) -> bool:
+    """A :func:`teacherhack.config.keyed_when_set` setting at its default: left out of the keys, which stay those of
+    the configurations written before the setting existed (their artifacts and recorded sweeps stay valid)."""
+    return _keyed_when_set(owner, name) and getattr(owner, name) == owner.__dataclass_fields__[name].default
 
 
 def _plain(value: Any) -> Any:
-    """Dataclasses to dicts, recursively, so that a spec is JSON."""
+    """Dataclasses to dicts, recursively (without their settings at :func:`_at_default`), so that a spec is JSON."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _plain(dataclasses.asdict(value))
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not _at_default(value, f.name)}
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
