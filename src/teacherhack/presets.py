@@ -24,7 +24,9 @@ LAB_PRESETS: dict[str, dict[str, Any]] = {
     # student SFT on oracle samples, distillation for 390,625 steps at batch 32, LR 3e-4, 1024/128 tokens.
     # XSum's 204,045 training documents cannot hold the paper's 100k + 200k prompts as disjoint pools, so the
     # pools here are 50k (stage 1) and 100k (distillation), the oracle taking the ~53k left. Needs GPUs and
-    # the hub (or local copies: models.* and task.spec=xsum:PATH); see the README.
+    # the hub (or local copies: models.* and task.spec=xsum:PATH); see the README. Memory, estimated from the
+    # shapes for one 141 GB H200 (README, "Limits at this scale"): the oracle trains in micro-batches of 8 rows,
+    # the teacher in micro-batches of 16, and the datasets are sampled 128 prompts per generation call.
     "paper": {
         "task.spec": "xsum", "task.n_validation": 1000, "task.n_distill": 100_000, "task.n_stage1": 50_000,
         "distill.prompts": None,
@@ -32,6 +34,7 @@ LAB_PRESETS: dict[str, dict[str, Any]] = {
         "models.arch": "t5", "models.oracle": "google/t5-v1_1-xl", "models.teacher": "google/t5-v1_1-large",
         "models.student": "google/t5-v1_1-base", "models.vocab_size": 32_100,  # the output layers' 28 unused ids
         "oracle.epochs": 1.0, "oracle.lr": 3e-4, "oracle.warmup": 100, "oracle.schedule": "constant",
+        "oracle.grad_accum": 4, "teacher.grad_accum": 2, "sampling_batch": 128,
         "teacher.samples": None, "teacher.epochs": 1.0, "teacher.lr": 3e-4, "teacher.warmup": 100,
         "student.samples": None, "student.epochs": 1.0, "student.lr": 3e-4, "student.warmup": 100,
         "student.schedule": "constant",
