@@ -152,6 +152,19 @@ def test_samples_are_the_inverse_cdf_of_the_generators_uniforms():
     assert torch.equal(responses[mask], expected[mask])
 
 
+def test_one_generator_per_row_draws_each_row_alone():
+    """Given one generator per row, a row's response is the same whatever rows are sampled beside it (what makes the
+    monitor's samples independent of its batch size)."""
+    lm = LM(randomized(gpt2(), 0.4).eval(), pad_id=PAD, eos_id=EOS)
+    prompts = collate_prompts(PROMPTS, PAD)
+    together = lm.sample(prompts, max_new_tokens=10, generator=[torch.Generator().manual_seed(s) for s in range(4)])
+    for row in range(4):
+        alone = lm.sample(prompts[row:row + 1], max_new_tokens=10, generator=[torch.Generator().manual_seed(row)])
+        assert torch.equal(alone[0], together[row, :alone.shape[1]]) and (together[row, alone.shape[1]:] == PAD).all()
+    with pytest.raises(ValueError, match="3 generators for 4 rows"):
+        lm.sample(prompts, max_new_tokens=2, generator=[torch.Generator()] * 3)
+
+
 def test_inverse_cdf_never_picks_a_zero_probability_token():
     probs = torch.tensor([[0.0, 0.25, 0.0, 0.5, 0.25, 0.0]]).repeat(6, 1)
     uniforms = torch.tensor([0.0, 0.2499, 0.25, 0.7499, 0.75, 1 - 2**-53], dtype=torch.float64)

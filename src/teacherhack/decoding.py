@@ -14,6 +14,7 @@ the model's own forward with its own cache.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from functools import partial
 from typing import Callable, Protocol
 
@@ -316,15 +317,24 @@ def inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
     return torch.searchsorted(cdf, uniforms[:, None] * cdf[:, -1:], right=True).squeeze(1)
 
 
-def sample(decoder: Decoder, *, batch: int, vocab_size: int, max_new_tokens: int, generator: torch.Generator,
-           temperature: float, eos_id: int, pad_id: int, device: torch.device,
-           return_logprobs: bool) -> tuple[Tensor, Tensor | None]:
+def draw_uniforms(generator: torch.Generator | Sequence[torch.Generator], steps: int, batch: int) -> Tensor:
+    """[steps, batch] float64 uniforms, from one generator, or column b from the b-th of one generator per row: then a
+    row's draws do not depend on the rows sampled beside it (the monitor's samples, whatever its batch size)."""
+    if isinstance(generator, torch.Generator):
+        return torch.rand(steps, batch, generator=generator, dtype=torch.float64, device=generator.device)
+    if len(generator) != batch:
+        raise ValueError(f"{len(generator)} generators for {batch} rows: give one generator, or one per row")
+    return torch.stack([torch.rand(steps, generator=g, dtype=torch.float64, device=g.device) for g in generator], 1)
+
+
+def sample(decoder: Decoder, *, batch: int, vocab_size: int, max_new_tokens: int,
+           generator: torch.Generator | Sequence[torch.Generator], temperature: float, eos_id: int, pad_id: int,
+           device: torch.device, return_logprobs: bool) -> tuple[Tensor, Tensor | None]:
     """Responses [B, T ≤ max_new_tokens] drawn from softmax(logits[:vocab_size]/temperature), each row cut after its first
     EOS and padded with ``pad_id``, and, when asked, the float32 log-probabilities [B, T, V] each position was
     drawn from. The uniforms come from ``generator`` (usually on the CPU, whatever the model's device), all at
-    once: one per row and step, [max_new_tokens, B], whether or not every step runs."""
-    uniforms = torch.rand(max_new_tokens, batch, generator=generator, dtype=torch.float64,
-                          device=generator.device).to(device)
+    once: one per row and step, [max_new_tokens, B], whether or not every step runs (:func:`draw_uniforms`)."""
+    uniforms = draw_uniforms(generator, max_new_tokens, batch).to(device)
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.empty(batch, max_new_tokens, vocab_size, device=device) if return_logprobs else None
     finished = torch.zeros(batch, dtype=torch.bool, device=device)

@@ -48,10 +48,17 @@ def load_sample_sets(path: Path) -> dict[str, SampleSet]:
             for n in names}
 
 
-def sample_in_batches(model: LM, prompts: Prompts, *, max_new_tokens: int, batch_size: int, seed: int) -> Tensor:
-    """Responses for every prompt row, drawn batch by batch with seeded generators, right-padded."""
-    parts = [model.sample(prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
-                          generator=seeds.generator(seed, start))
+def sample_in_batches(model: LM, prompts: Prompts, *, max_new_tokens: int, batch_size: int, seed: int,
+                      per_row: bool = False) -> Tensor:
+    """Responses for every prompt row, drawn batch by batch, right-padded. The draws come from one seeded generator
+    per batch (the lab's, as its recorded results were drawn), or with ``per_row`` one per row: then a row's
+    response does not depend on ``batch_size`` (but for the rounding of batched arithmetic, which can flip a token
+    whose two candidates are near-tied)."""
+    def generator(start: int) -> torch.Generator | list[torch.Generator]:
+        rows = range(start, min(start + batch_size, len(prompts)))
+        return [seeds.generator(seed, row) for row in rows] if per_row else seeds.generator(seed, start)
+
+    parts = [model.sample(prompts[start:start + batch_size], max_new_tokens=max_new_tokens, generator=generator(start))
              for start in range(0, len(prompts), batch_size)]
     width = max(p.shape[1] for p in parts)
     return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=model.pad_id) for p in parts])

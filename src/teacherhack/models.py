@@ -15,7 +15,7 @@ import contextvars
 import inspect
 import math
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -429,22 +429,23 @@ class LM:
         return PromptStates(prompts.ids, prompts.mask, layers, self.model.config)
 
     @overload
-    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator, temperature: float = 1.0,
-               return_logprobs: Literal[False] = False) -> Tensor: ...
+    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator | Sequence[torch.Generator],
+               temperature: float = 1.0, return_logprobs: Literal[False] = False) -> Tensor: ...
 
     @overload
-    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator, temperature: float = 1.0,
-               return_logprobs: Literal[True]) -> tuple[Tensor, Tensor]: ...
+    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator | Sequence[torch.Generator],
+               temperature: float = 1.0, return_logprobs: Literal[True]) -> tuple[Tensor, Tensor]: ...
 
     @torch.no_grad()
-    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator, temperature: float = 1.0,
-               return_logprobs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def sample(self, prompts: Prompts, *, max_new_tokens: int, generator: torch.Generator | Sequence[torch.Generator],
+               temperature: float = 1.0, return_logprobs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Responses [B, T≤max_new_tokens] drawn from softmax(logits/(τ·temperature)) with a KV cache, by
-        inverse CDF from ``generator`` (:mod:`teacherhack.decoding`). Each row ends at its first EOS (padded
-        with ``pad_id`` after); a row with no EOS was truncated. ``return_logprobs``: also the float32
-        log-probabilities [B, T, V] each position was drawn from (entries after a row's EOS are unspecified), so
-        their scoring needs no second forward: at ``temperature`` 1, :meth:`next_token_logprobs` of the responses to
-        the rounding of the decoder's other matrix shapes (a few 1e-6 in float32; as much as bf16 rounds in bf16)."""
+        inverse CDF from ``generator``, or from one generator per row (:func:`teacherhack.decoding.draw_uniforms`).
+        Each row ends at its first EOS (padded with ``pad_id`` after); a row with no EOS was truncated.
+        ``return_logprobs``: also the float32 log-probabilities [B, T, V] each position was drawn from (entries after
+        a row's EOS are unspecified), so their scoring needs no second forward: at ``temperature`` 1,
+        :meth:`next_token_logprobs` of the responses to the rounding of the decoder's other matrix shapes (a few 1e-6
+        in float32; as much as bf16 rounds in bf16)."""
         if not temperature > 0:
             raise ValueError(f"sampling temperature must be > 0, got {temperature}")
         with eval_mode(self.model):
