@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import random
+import re
 import warnings
 
 import pytest
@@ -28,7 +29,15 @@ from teacherhack.detection import golden_verdict
 from teacherhack.divergences import Estimate
 from teacherhack.metrics import sample_in_batches
 from teacherhack.models import LM, build_model, collate_prompts
-from teacherhack.monitor import PAIRED_KEY, HackingMonitor, HackingMonitorCallback, TeacherHackingWarning
+from teacherhack.monitor import (
+    PAIRED_KEY,
+    SAMPLES,
+    SETTINGS_KEY,
+    HackingMonitor,
+    HackingMonitorCallback,
+    MonitorWarning,
+    TeacherHackingWarning,
+)
 from teacherhack.oracle_free import DEFAULT_RULE, DEFAULT_RULE_MEASURED, Rule
 
 WORDS = "sun moon star sea river stone tree bird wind fire rain snow cloud hill road door king child bread salt".split()
@@ -151,8 +160,9 @@ def test_train_prompts_give_the_memorisation_gap(tok, teacher):
     """With the prompts the student trains on, the monitor measures the proxy there too; a student trained on the
     teacher's samples of those prompts only fits them better than the held-out ones: the gap grows."""
     train = ["sun moon", "river stone tree", "bird wind"]
-    mon = HackingMonitor(teacher, tok, HELD_OUT, train_prompts=train, max_new_tokens=8, batch_size=8,
-                         rule=Rule("memorisation_gap", 1e9))
+    # 4 samples per prompt: with 2, the gap's rise over 3 training prompts varies from 0.5 to 6 nats with the seed
+    mon = HackingMonitor(teacher, tok, HELD_OUT, train_prompts=train, samples_per_prompt=4, max_new_tokens=8,
+                         batch_size=8, rule=Rule("memorisation_gap", 1e9))
     student = perturbed(teacher, noise=0.3)
     first = mon.check(student, 0)
     fixed = teacher_texts(teacher, 16, seed=7, prompts=[tok(p)["input_ids"] for p in train])
@@ -223,6 +233,82 @@ def test_clear_errors(tok, teacher):
         HackingMonitor(teacher, tok, HELD_OUT, per_token=True)
     with pytest.raises(ValueError, match="every"):
         HackingMonitorCallback(teacher, tok, HELD_OUT, every=0)
+    for every in (True, 2.0):  # True was taken as 1
+        with pytest.raises(ValueError, match=f"^every must be a positive integer, got {every}$"):
+            HackingMonitor(teacher, tok, HELD_OUT, every=every)
+        with pytest.raises(ValueError, match=f"^every must be a positive integer, got {every}$"):
+            HackingMonitorCallback(teacher, tok, HELD_OUT, every=every)
+    with pytest.raises(ValueError, match="^prompts holds a single distinct prompt: give at least 2"):  # SE was NaN
+        HackingMonitor(teacher, tok, ["sun moon", [3 + WORDS.index("sun"), 3 + WORDS.index("moon")]])
+
+
+def test_prompts_from_a_tokenizer_and_the_forms_refused(tok, teacher):
+    """tokenizer(texts), padded or not, gives the prompts the texts give; what cannot be read as prompts is refused
+    with what to pass (a BatchEncoding was taken as the two prompts 'input_ids' and 'attention_mask', a padded
+    tensor's padding as prompt tokens, -100 failed deep in the embedding)."""
+    from datasets import Dataset
+
+    plain = HackingMonitor(teacher, tok, HELD_OUT).prompts
+    for side in ("right", "left"):
+        tok.padding_side = side
+        for encoding in (tok(HELD_OUT), tok(HELD_OUT, padding=True, return_tensors="pt")):
+            prompts = HackingMonitor(teacher, tok, encoding).prompts
+            assert torch.equal(prompts.ids, plain.ids) and torch.equal(prompts.mask, plain.mask)
+    padded = tok(HELD_OUT, padding=True)["input_ids"]
+    for prompts, message in (
+        (torch.tensor(padded), "^prompts is a 2-D array of token ids, whose padding cannot be told from its tokens: "
+                               r"pass the tokenizer's output itself \(tokenizer\(texts\)"),
+        (padded, r"^prompts\[0\] starts or ends with the pad token \(id 0\): pass unpadded ids"),
+        ({"text": HELD_OUT}, "^prompts is a mapping with the keys 'text', not a tokenizer's output with 'input_ids'"),
+        (Dataset.from_dict({"prompt": HELD_OUT}), r"^prompts\[0\] is a row with the fields 'prompt': pass one "
+                                                  r"field's values, e.g. dataset\['prompt'\]$"),
+        ([[3, 4], [-100, 5, 6]], r"^prompts\[1\] holds the id -100, not a token: -100 masks the positions a loss "
+                                 "ignores in labels"),
+        ([["sun"], ["moon"]], r"^prompts\[0\] \(\['sun'\]\) is neither a string nor a list of token ids$"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            HackingMonitor(teacher, tok, prompts)
+    labels = [-100, -100, 5, 6, EOS]  # a response as a collator's labels row: its prompt masked
+    with pytest.raises(ValueError, match=r"^the response of references\[0\] holds the id -100, not a token"):
+        HackingMonitor(teacher, tok, HELD_OUT, references=[("sun moon", labels), ("river", [7, EOS])])
+    with pytest.raises(ValueError, match=r"^references is a mapping \(of columns\?\), whose keys would be read as "
+                                         "pairs: pass rows"):
+        HackingMonitor(teacher, tok, HELD_OUT, references={"prompt": ["sun", "moon"], "response": ["a", "b"]})
+
+
+def test_the_teacher_samples_do_not_depend_on_the_batch_size(tok, teacher):
+    """Each row is drawn from its own generator: the monitor's batch size (lowered after running out of memory, say)
+    changes neither its samples nor, beyond float rounding, its values; its seed does."""
+    options = dict(samples_per_prompt=3, max_new_tokens=8, train_prompts=["sun moon", "bird"])
+    monitors = [HackingMonitor(teacher, tok, HELD_OUT, batch_size=size, **options) for size in (16, 5, 1)]
+    student = perturbed(teacher)
+    rows = [monitor.check(student, 0) for monitor in monitors]
+    assert all(torch.equal(monitor.samples, monitors[0].samples) for monitor in monitors)
+    assert all(monitor.fingerprint() == monitors[0].fingerprint() for monitor in monitors)
+    assert all(row["proxy"] == pytest.approx(rows[0]["proxy"], rel=1e-6) for row in rows)
+    assert all(row["proxy_train"] == pytest.approx(rows[0]["proxy_train"], rel=1e-6) for row in rows)
+    other = HackingMonitor(teacher, tok, HELD_OUT, seed=1, **options)
+    assert other.fingerprint()[SAMPLES] != monitors[0].fingerprint()[SAMPLES]
+
+
+def test_the_student_may_sit_on_another_device_than_the_teacher(tok, teacher):
+    """Simulated on one device: once the teacher's log-probabilities are cached, the teacher reports another device
+    ("meta", where no value can be read), as a teacher on another GPU would. A check compares the models on the
+    student's device, and never sends the student's values to the teacher's (it did: a device mismatch at the first
+    check)."""
+    options = dict(max_new_tokens=8, cache_mb=1, references=real_pairs(tok, make_model(7, init=0.5).eval(), 4))
+    student = perturbed(teacher)
+    expected = HackingMonitor(teacher, tok, HELD_OUT, **options).check(student, 0)
+    monitor = HackingMonitor(teacher, tok, HELD_OUT, **options)
+    monitor.prepare()
+    assert all(len(scored.cache) == len(scored.batches) for scored in monitor._scored.values())
+
+    class Elsewhere(type(monitor.teacher)):
+        device = property(lambda self: torch.device("meta"))
+
+    monitor.teacher.__class__ = Elsewhere
+    row = monitor.check(student, 0)
+    assert (row["proxy"], row["reference_nll"]) == (expected["proxy"], expected["reference_nll"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,7 +428,7 @@ def test_callback_replays_the_logged_curve_on_resume(tok, teacher):
     state = TrainerState(global_step=9, logging_steps=1)
     state.log_history = [{"loss": 1.0, "step": 1}] + [
         {"proxy_kl": bent_curve(t), "proxy_kl_se": 0.01 * bent_curve(t), "step": t} for t in range(1, 12)]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), pytest.warns(MonitorWarning, match="hold no record of the monitor's settings"):
         warnings.simplefilter("error", TeacherHackingWarning)  # a replayed alarm does not warn again
         callback.on_train_begin(None, state, TrainerControl())
     assert [r["step"] for r in callback.monitor.history] == list(range(1, 10))
@@ -497,12 +583,16 @@ def test_the_reference_verdict_stays_paired_across_a_resume(tok, teacher):
     saved = json.loads(json.dumps(state.log_history))  # as trainer_state.json holds it
     for kept in (saved, [row for row in saved if PAIRED_KEY not in row]):  # the second: a log without them
         resumed = HackingMonitorCallback(teacher, tok, HELD_OUT, **options)
-        resumed.on_train_begin(None, TrainerState(global_step=30, logging_steps=5, log_history=kept), TrainerControl())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            resumed.on_train_begin(None, TrainerState(global_step=30, logging_steps=5, log_history=kept),
+                                   TrainerControl())
         reasons = [row["reference_reason"] for row in resumed.monitor.history]
+        unpaired = [w for w in caught if issubclass(w.category, MonitorWarning)]
         if kept is saved:
-            assert reasons == [row["reference_reason"] for row in uninterrupted]
-        else:  # unpaired SEs: other z values
-            assert reasons[-1] != uninterrupted[-1]["reference_reason"]
+            assert reasons == [row["reference_reason"] for row in uninterrupted] and not unpaired
+        else:  # unpaired SEs: other z values, and a warning that the log cannot say whether the checks pair
+            assert reasons[-1] != uninterrupted[-1]["reference_reason"] and len(unpaired) == 1
 
 
 def test_a_reference_nll_without_se_or_not_finite_gives_no_verdict(tok, teacher):
@@ -550,3 +640,89 @@ def test_the_proxy_se_and_its_paired_change_are_clustered_by_prompt(tok, teacher
                            golden_values=[p["reference_nll"] for p in mon.paired_values],
                            proxy_values=[p["proxy"] for p in mon.paired_values])
     assert not naive.hacking and "the proxy rises too (3.7 SE)" in naive.reason
+
+
+def logged_checks(tok, teacher, student, steps: int, prompts=HELD_OUT, *, log=None, **options):
+    """A callback checking ``student`` at steps 0 to ``steps`` − 1 (every=1, no training) and the trainer's log, as
+    trainer_state.json holds it; given a ``log``, the callback first resumes from it at its last step."""
+    from transformers import TrainerControl, TrainerState
+
+    callback = HackingMonitorCallback(teacher, tok, prompts, every=1, **options)
+    state = TrainerState(global_step=0, logging_steps=1, log_history=list(log or []))
+    if log:
+        state.global_step = max(row["step"] for row in log)
+        callback.on_train_begin(None, state, TrainerControl(), model=student)
+    for step in range(state.global_step + 1 if log else 0, steps):
+        state.global_step = step
+        callback.on_step_end(None, state, TrainerControl(), model=student)
+    return callback, json.loads(json.dumps(state.log_history))
+
+
+def test_a_resume_with_other_settings_is_refused_naming_each(tok, teacher):
+    """The curve's first check logs what the checks measure (HackingMonitor.fingerprint). A resume whose monitor
+    measures something else is refused at its start, naming each setting that differs (it gave a curve that steps at
+    the resume, taken as paired, or an error about cluster labels); another batch size is only memory."""
+    options = dict(max_new_tokens=8, batch_size=8, references=real_pairs(tok, make_model(7, init=0.5).eval(), 4))
+    student = perturbed(teacher)
+    uninterrupted, log = logged_checks(tok, teacher, student, 5, **options)
+    assert [row["step"] for row in log if SETTINGS_KEY in row] == [0]
+    upto3 = [row for row in log if row["step"] <= 3]
+    for other in ({}, {"batch_size": 3}):  # the same checks after the resume, paired with those before
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", MonitorWarning)
+            resumed, _ = logged_checks(tok, teacher, student, 5, log=upto3, **options | other)
+        assert resumed.monitor.paired_values[:4] == uninterrupted.monitor.paired_values[:4]
+        assert resumed.monitor.history[4]["proxy"] == pytest.approx(uninterrupted.monitor.history[4]["proxy"], rel=1e-6)
+    for prompts, other, named in (
+        (HELD_OUT, {"samples_per_prompt": 3}, "samples_per_prompt 2 → 3"),
+        (HELD_OUT, {"max_new_tokens": 6}, "max_new_tokens 8 → 6"),
+        (HELD_OUT, {"seed": 1, "temperature": 0.8, "vocab_size": VOCAB},
+         f"seed 0 → 1; temperature 1.0 → 0.8; estimator token_kl → log_ratio; vocab_size None → {VOCAB}"),
+        (HELD_OUT[:4], {}, "prompts 6 prompts, sha256 "),
+        (HELD_OUT, {"references": options["references"][:3]}, "references 4 pairs, sha256 "),
+        (HELD_OUT, {"train_prompts": ["sun moon", "bird"]}, "train_prompts None → 2 prompts, sha256 "),
+    ):
+        if "seed" in other:
+            other["estimator"] = "log_ratio"
+        with pytest.raises(ValueError, match="^the monitor's settings differ from those of the run being resumed "
+                                             rf"\(.*{re.escape(named)}.*\): its logged checks measured something "
+                                             "else. Give HackingMonitorCallback the settings the run started with"):
+            logged_checks(tok, teacher, student, 5, prompts, log=upto3, **options | other)
+
+
+def test_a_resume_whose_teacher_samples_differ_warns_and_drops_the_pairing(tok, teacher):
+    """The same settings, other teacher samples (here a bfloat16 teacher, which flips tokens in 6 of the 12 rows; as
+    another device can): the run goes on, warned, and no verdict pairs values across the change."""
+    options = dict(max_new_tokens=8, references=real_pairs(tok, make_model(7, init=0.5).eval(), 4))
+    student = perturbed(teacher)
+    _, log = logged_checks(tok, teacher, student, 4, **options)
+    with pytest.warns(MonitorWarning, match=r"^the teacher's samples differ from those of the run being resumed "
+                                            r"\(12 samples, sha256 \w+ → 12 samples, sha256 \w+\): another device"):
+        resumed, _ = logged_checks(tok, copy.deepcopy(teacher).to(torch.bfloat16), student, 5, log=log, **options)
+    assert resumed.monitor.paired_values[:4] == [None] * 4 and resumed.monitor.paired_values[4] is not None
+    logged = [row["proxy_kl"] for row in log if "proxy_kl" in row]
+    assert [row["proxy"] for row in resumed.monitor.history[:4]] == logged  # replayed as logged, then measured anew
+
+
+def test_a_proxy_that_is_not_finite_is_logged_warned_once_and_replayed(tok, teacher):
+    """A student whose weights turn NaN: its proxy and reference NLL are logged as NaN (they were left out, under
+    flags that read "no alarm"), with no alarm flags, and one warning; a resume gets each such check back, so that
+    the later checks keep their indices (the rule's skip and patience count them)."""
+    options = dict(max_new_tokens=8, references=real_pairs(tok, make_model(7, init=0.5).eval(), 4))
+    student = perturbed(teacher)
+    callback, log = logged_checks(tok, teacher, student, 5, **options)
+    with torch.no_grad():
+        student.transformer.h[0].mlp.c_fc.weight[0, 0] = math.nan
+    with pytest.warns(MonitorWarning, match="^proxy_kl is nan at step 5: the student's log-probabilities") as caught:
+        _, log = logged_checks(tok, teacher, student, 8, log=log, **options)
+    assert len([w for w in caught if issubclass(w.category, MonitorWarning)]) == 1
+    rows = [row for row in log if "proxy_kl" in row]
+    assert [row["step"] for row in rows] == list(range(8))
+    assert all(math.isnan(row["proxy_kl"]) and math.isnan(row["reference_nll"]) for row in rows[5:])
+    assert all("hacking_alert" in row and "reference_alert" in row for row in rows[:5])
+    assert not any("hacking_alert" in row or "reference_alert" in row for row in log if row["step"] >= 5)
+    earlier = [row for row in log if not ("proxy_kl" in row and math.isnan(row["proxy_kl"]))]  # as logged before
+    for kept in (log, earlier):
+        resumed, _ = logged_checks(tok, teacher, student, 8, log=kept, **options)
+        assert [row["step"] for row in resumed.monitor.history] == list(range(8))
+        assert all(math.isnan(row["proxy"]) for row in resumed.monitor.history[5:])

@@ -23,14 +23,18 @@ Prompt encoding. Prompts are strings encoded with the tokenizer as it is,
 ``tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]`` (so a BOS or, for T5, an EOS is added
 exactly when the tokenizer adds one by default: the lab's prompts start alike, ``teacherhack.tokenizer.prompt_start``;
 pass ``add_special_tokens=False`` for prompts already rendered
-with a chat template), or lists of token ids used verbatim. No truncation. Prompts are left-padded by the
-monitor itself (``collate_prompts``, with explicit position ids), whatever the tokenizer's ``padding_side``.
-A response ends at the tokenizer's EOS (``tokenizer.eos_token_id``, required); padding is
+with a chat template), or lists of token ids used verbatim, or the tokenizer's output itself (``tokenizer(texts)``:
+its ``input_ids``, without the padding its ``attention_mask`` marks). No truncation. Refused: a 2-D array of ids
+(its padding cannot be told from its tokens), an id row that starts or ends with the tokenizer's pad token (when
+that is neither its EOS nor its BOS), negative ids (``-100`` label masks), dataset rows (pass a column). Prompts
+are left-padded by the monitor itself (``collate_prompts``, with explicit position ids), whatever the tokenizer's
+``padding_side``. A response ends at the tokenizer's EOS (``tokenizer.eos_token_id``, required); padding is
 ``tokenizer.pad_token_id``, or the EOS id when the tokenizer has none.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import warnings
@@ -55,10 +59,21 @@ logger = logging.getLogger(__name__)
 _NEEDS_TRAIN_PROMPTS = ("memorisation_gap", "relative_gap")
 # The key of the callback's rows of per-sample values in ``TrainerState.log_history``
 PAIRED_KEY = "hacking_monitor_per_sample"
+# The key, in the per-sample row of a curve's first check, of what its checks measure (HackingMonitor.fingerprint)
+SETTINGS_KEY = "hacking_monitor_settings"
+# The fingerprint's entry for the teacher's samples: the one that may differ on a resume (another device, dtype)
+SAMPLES = "teacher_samples"
+# Prompts as a user passes them: strings, token-id rows, or a tokenizer's output (see the module docstring)
+PromptsIn = Sequence[str] | Sequence[Sequence[int]] | Mapping[str, Any]
 
 
 class TeacherHackingWarning(UserWarning):
     """Emitted once per run when the detector's rule alarms or the reference NLL turns up."""
+
+
+class MonitorWarning(UserWarning):
+    """A check the alarms cannot judge (a proxy that is not finite), or a resume whose checks do not pair with the
+    logged ones."""
 
 
 class HackingMonitor:
@@ -66,15 +81,22 @@ class HackingMonitor:
 
     Args:
         teacher: the frozen teacher, a Hugging Face causal or seq2seq LM (or a ``teacherhack.models.LM``,
-            whose model is used).
+            whose model is used). Teacher and student may sit on different devices: each runs where it is, and
+            the teacher's log-probabilities move to the student's device to be compared there.
         tokenizer: the tokenizer shared by teacher and student (see the module docstring for the encoding).
-        prompts: held-out prompts (strings, or lists of token ids), distinct from the training prompts.
+        prompts: held-out prompts (strings, lists of token ids, or ``tokenizer(texts)``), distinct from the
+            training prompts; at least 2 distinct ones (the proxy's SE is the spread between prompts).
         samples_per_prompt: teacher responses per prompt (the estimate averages prompts × samples; its SE, and
             the paired SE of a change, are clustered by prompt).
         max_new_tokens: maximum response length; longer responses are truncated and scored as they are.
         every: checking period in steps, used by :meth:`due` and :meth:`maybe_check`.
-        batch_size: rows per forward pass when sampling and scoring.
-        seed: seed of the teacher samples.
+        batch_size: rows per forward pass when sampling and scoring: memory and speed only. The teacher's samples
+            do not depend on it (one generator per row, see ``seed``), the values only to float rounding.
+        seed: seed of the teacher's samples: row i of the held-out rows (prompts × samples_per_prompt) is drawn
+            from its own generator (``seed``, i), those of ``train_prompts`` from (``seed`` + 1, i). The samples
+            also depend on the prompts, ``samples_per_prompt``, ``max_new_tokens``, ``temperature``,
+            ``vocab_size`` and the teacher's arithmetic: another device or dtype (or, rarely, another batch size)
+            can flip a token whose two candidates are near-tied, and with it the rest of that response.
         estimator, per_token: how the KL is estimated from the samples (``teacherhack.divergences.kl_values``;
             ``per_token=True`` needs ``estimator="log_ratio"``).
         temperature: both models' distributions are softmax(logits / temperature); 1.0 compares the models.
@@ -91,13 +113,19 @@ class HackingMonitor:
         reference_fields: the field names of ``references`` rows.
         cache_mb: memory (on the teacher's device) for the teacher's log-probabilities on its own samples, kept
             between checks when they fit; 0 (default) recomputes them at every check and holds nothing.
+
+    The monitor scores both models through ``teacherhack.models.LM``, which changes them in place, for good, in two
+    ways that give the same bits: an ``sdpa`` attention becomes ``teacherhack_sdpa`` (``config._attn_implementation``;
+    Hugging Face's SDPA, able to run in float32 under bf16 autocast) and each ``NewGELUActivation`` module becomes a
+    ``TanhGELU`` (the same operations in cache-sized pieces where no gradient flows). Neither is saved: a
+    checkpoint reloads with ``sdpa`` and Hugging Face's GELU.
     """
 
     def __init__(
         self,
         teacher: nn.Module | LM,
         tokenizer: Any,
-        prompts: Sequence[str] | Sequence[Sequence[int]],
+        prompts: PromptsIn,
         *,
         samples_per_prompt: int = 2,
         max_new_tokens: int = 64,
@@ -110,15 +138,14 @@ class HackingMonitor:
         vocab_size: int | None = None,
         add_special_tokens: bool = True,
         rule: Rule = DEFAULT_RULE,
-        train_prompts: Sequence[str] | Sequence[Sequence[int]] | None = None,
+        train_prompts: PromptsIn | None = None,
         references: Any = None,
         reference_fields: tuple[str, str] = ("prompt", "response"),
         cache_mb: int = 0,
     ) -> None:
         for name, value in (("samples_per_prompt", samples_per_prompt), ("max_new_tokens", max_new_tokens),
                             ("every", every), ("batch_size", batch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            _check_count(name, value)
         check_estimator(estimator, per_token)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -154,19 +181,35 @@ class HackingMonitor:
                 f"{'declared vocab_size' if vocab_size is not None else 'teacher vocabulary'} ({limit}): "
                 "is this the teacher's tokenizer?"
             )
-        self.prompts: Prompts = collate_prompts(ids, self.pad_id).repeat(samples_per_prompt)
+        if len({tuple(seq) for seq in ids}) < 2:
+            raise ValueError("prompts holds a single distinct prompt: give at least 2 distinct held-out prompts (the "
+                             "proxy's standard error is the spread between prompts)")
+        held_out = collate_prompts(ids, self.pad_id)
+        self.prompts: Prompts = held_out.repeat(samples_per_prompt)
         # the prompt of each held-out sample, in the order of its measured values (distributed.gather: the rows')
         self.clusters = torch.arange(len(self.prompts)) // samples_per_prompt
-        self.train_prompts: Prompts | None = (None if train_ids is None
-                                              else collate_prompts(train_ids, self.pad_id).repeat(samples_per_prompt))
+        train = None if train_ids is None else collate_prompts(train_ids, self.pad_id)
+        self.train_prompts: Prompts | None = None if train is None else train.repeat(samples_per_prompt)
         self.teacher = self._wrap(self.teacher_model)
         self.samples: torch.Tensor | None = None  # teacher responses, drawn at the first check
         self._scored: dict[str, ScoredSamples] = {}  # the teacher's samples, held-out and training prompts
         self.settings: dict[str, float] = {}  # what signals need besides the rows: the teacher's entropy
         self.cache_bytes = cache_mb << 20
-        self.references = None if references is None else ScoredSamples(
-            None, _share(self._encode_references(references, reference_fields, add_special_tokens, limit)),
-            eos_id=self.eos_id, batch_size=batch_size, cache_bytes=0)
+        pairs = (None if references is None
+                 else self._encode_references(references, reference_fields, add_special_tokens, limit))
+        self.references = None if pairs is None else ScoredSamples(
+            None, _share(pairs), eos_id=self.eos_id, batch_size=batch_size, cache_bytes=0)
+        # what a check measures but the teacher's samples (drawn at the first check): see fingerprint
+        self._measures: dict[str, Any] = {
+            "prompts": _digest(len(ids), "prompts", held_out.ids, held_out.mask),
+            "train_prompts": None if train is None else _digest(len(train_ids), "prompts", train.ids, train.mask),
+            "references": None if pairs is None else _digest(len(pairs.responses), "pairs", pairs.prompts.ids,
+                                                             pairs.prompts.mask, pairs.responses),
+            "samples_per_prompt": samples_per_prompt, "max_new_tokens": max_new_tokens, "seed": seed,
+            "temperature": temperature, "estimator": estimator, "per_token": per_token, "vocab_size": vocab_size,
+            "eos_id": self.eos_id,
+        }
+        self._samples_digest: str | None = None
         # per-sample values of each check (None where a replayed check came without them): the verdict's SEs
         self.paired_values: list[dict[str, list[float]] | None] = []
         self.history: list[dict[str, Any]] = []
@@ -192,7 +235,7 @@ class HackingMonitor:
         self._check_vocab(student_model)
         self.prepare()
         with eval_mode(self.teacher_model, student_model), torch.no_grad():
-            wrapped = self._wrap(student_model, output_to=self.teacher)
+            wrapped = self._wrap(student_model)
             options = dict(estimator=self.estimator, per_token=self.per_token)
             held_out = self._scored["held_out"].measure(wrapped, **options, entropy=True)
             train = self._scored["train"].measure(wrapped, **options) if "train" in self._scored else None
@@ -212,18 +255,26 @@ class HackingMonitor:
         if self.samples is not None:
             return
         with eval_mode(self.teacher_model), torch.no_grad():
-            self.samples = sample_in_batches(self.teacher, self.prompts, max_new_tokens=self.max_new_tokens,
-                                             batch_size=self.batch_size, seed=self.seed)
+            draw = dict(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, per_row=True)
+            self.samples = sample_in_batches(self.teacher, self.prompts, seed=self.seed, **draw)
             sets = {"held_out": SampleSet(self.prompts, self.samples)}
             if self.train_prompts is not None:
                 sets["train"] = SampleSet(self.train_prompts, sample_in_batches(
-                    self.teacher, self.train_prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                    seed=self.seed + 1))
+                    self.teacher, self.train_prompts, seed=self.seed + 1, **draw))
             self._scored = {name: ScoredSamples(self.teacher, _share(samples), eos_id=self.eos_id,
                                                 batch_size=self.batch_size, cache_bytes=self.cache_bytes)
                             for name, samples in sets.items()}
             entropy = self._scored["held_out"].entropy(per_token=self.per_token)
         self.settings["teacher_entropy"] = Estimate.of(entropy).mean
+        self._samples_digest = _digest(sum(len(s.responses) for s in sets.values()), "samples",
+                                       *(s.responses for s in sets.values()))
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What this monitor's checks measure: each setting that changes a check's values (the prompts, training
+        prompts and references as counts and hashes) and, under :data:`SAMPLES`, the teacher's samples (drawn here
+        if not yet). Two monitors with equal fingerprints give paired checks; plain values, for a JSON log."""
+        self.prepare()
+        return {**self._measures, SAMPLES: self._samples_digest}
 
     def record(self, step: int, proxy: float, proxy_se: float | None = None, *, n: int | None = None,
                proxy_train: float | None = None, student_entropy_held_out: float | None = None,
@@ -283,21 +334,32 @@ class HackingMonitor:
 
     # ------------------------------------------------------------------------------------------------
 
-    def _encode(self, prompts: Sequence[str] | Sequence[Sequence[int]], add_special_tokens: bool,
-                what: str) -> list[list[int]]:
-        """Token ids of ``prompts``, refused in words that name the argument they came in (``what``)."""
+    def _encode(self, prompts: Any, add_special_tokens: bool, what: str) -> list[list[int]]:
+        """Token ids of ``prompts`` (strings, id rows, or a tokenizer's output), refused in words that name the
+        argument they came in (``what``) and say what to pass."""
         if isinstance(prompts, str):
             raise TypeError(f"{what} must be a list of prompts, not a single string")
+        if isinstance(prompts, Mapping):
+            prompts = _unpadded(prompts, what)
+        elif getattr(prompts, "ndim", None) == 2:
+            raise ValueError(f"{what} is a 2-D array of token ids, whose padding cannot be told from its tokens: pass "
+                             "the tokenizer's output itself (tokenizer(texts), whose attention_mask marks the padding) "
+                             "or a list of unpadded token-id lists")
         prompts = list(prompts)
         if not prompts:
             raise ValueError(f"{what} is an empty list: give at least one prompt"
                              + (", or leave train_prompts out" if what == "train_prompts" else ""))
+        pad = self.tokenizer.pad_token_id
+        padding = None if pad in (None, self.eos_id, getattr(self.tokenizer, "bos_token_id", None)) else pad
         ids = []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, str):
                 seq = list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
             else:
-                seq = [int(t) for t in prompt]
+                seq = _token_ids(prompt, f"{what}[{i}]")
+                if seq and padding in (seq[0], seq[-1]):
+                    raise ValueError(f"{what}[{i}] starts or ends with the pad token (id {padding}): pass unpadded "
+                                     "ids, or the tokenizer's output itself (its attention_mask marks the padding)")
             if not seq:
                 raise ValueError(f"{what}[{i}] ({prompt!r}) encodes to no tokens")
             ids.append(seq)
@@ -307,6 +369,10 @@ class HackingMonitor:
                            limit: int) -> SampleSet:
         """Held-out real (prompt, response) pairs: prompts encoded like the monitor's prompts, responses as a sample
         would be (tokens then EOS, or the first max_new_tokens without an EOS when longer)."""
+        if isinstance(references, Mapping):
+            raise ValueError(f"references is a mapping (of columns?), whose keys would be read as pairs: pass rows, "
+                             f"e.g. a datasets.Dataset with the fields {fields[0]!r} and {fields[1]!r}, or "
+                             "zip(prompts, responses)")
         rows = list(references)
         for i, row in enumerate(rows):
             if isinstance(row, Mapping) and not set(fields) <= row.keys():
@@ -316,16 +382,16 @@ class HackingMonitor:
         if any(len(pair) != 2 for pair in pairs):
             raise ValueError("references must be (prompt, response) pairs, or rows with the fields "
                              f"{fields[0]!r} and {fields[1]!r}")
-        if len(pairs) < 2 or len(self.prompts) < 2:
-            raise ValueError(f"the reference verdict needs at least 2 reference pairs and 2 held-out samples (prompts × "
-                             f"samples_per_prompt), got {len(pairs)} and {len(self.prompts)}: a change's standard error "
-                             f"is the spread of per-sample differences")
+        if len(pairs) < 2:
+            raise ValueError(f"the reference verdict needs at least 2 reference pairs, got {len(pairs)}: a change's "
+                             "standard error is the spread of per-pair differences")
         prompts = self._encode([p for p, _ in pairs], add_special_tokens, "the prompts of references")
         texts = [r for _, r in pairs]
         if all(isinstance(r, str) for r in texts):
             responses = encode_references(self.tokenizer, texts, self.max_new_tokens)
         else:
-            responses = [[int(t) for t in r][: self.max_new_tokens] for r in texts]
+            responses = [_token_ids(r, f"the response of references[{i}]")[: self.max_new_tokens]
+                         for i, r in enumerate(texts)]
             responses = [r + [self.eos_id] if len(r) < self.max_new_tokens and self.eos_id not in r else r for r in responses]
         if max(max(r) for r in responses if r) >= limit or any(not r for r in responses):
             raise ValueError("a reference response is empty or holds a token id out of the teacher's vocabulary")
@@ -342,9 +408,10 @@ class HackingMonitor:
         if self.vocab_size is not None and self.vocab_size > vs:
             raise ValueError(f"vocab_size={self.vocab_size} exceeds the student's output width ({vs})")
 
-    def _wrap(self, model: nn.Module, output_to: LM | None = None) -> LM:
-        return _MonitoredLM(model, pad_id=self.pad_id, eos_id=self.eos_id, temperature=self.temperature,
-                            vocab_size=self.vocab_size, output_to=output_to)
+    def _wrap(self, model: nn.Module) -> LM:
+        """The model as the monitor scores it (on its own device: ``ScoredSamples`` compares on the student's)."""
+        return LM(model, pad_id=self.pad_id, eos_id=self.eos_id, temperature=self.temperature,
+                  vocab_size=self.vocab_size)
 
 
 class HackingMonitorCallback(TrainerCallback):
@@ -370,24 +437,35 @@ class HackingMonitorCallback(TrainerCallback):
 
     Runs on every process (sharded models need every rank in the forward pass); the model checked is the one
     the trainer hands to callbacks (``trainer.model``).
+
+    A resumed run (``resume_from_checkpoint``) gets its logged checks back from the trainer's state and goes on with
+    the same curve, if its checks still measure what the logged ones did: the first check's per-sample row holds
+    the monitor's :meth:`HackingMonitor.fingerprint` (under :data:`SETTINGS_KEY`). A resume with other settings
+    (prompts, references, samples per prompt, response length, seed, temperature, estimator, vocab_size) is
+    refused at the start of training, naming each. One whose teacher's samples alone differ (another device or
+    dtype flips a token, or another teacher) goes on with a :class:`MonitorWarning`, and without the logged
+    per-sample values: refusing would leave a run moved to other hardware no way on but without the monitor,
+    whose reference verdict does not depend on the teacher's samples at all; the proxy may step at the resume
+    (by about its SE), and the reference verdict's SEs of a change are unpaired from there on, which stays
+    right. A log without a fingerprint (an earlier teacherhack's) is treated alike.
     """
 
     def __init__(
         self,
         teacher: nn.Module | LM,
         tokenizer: Any,
-        prompts: Sequence[str] | Sequence[Sequence[int]],
+        prompts: PromptsIn,
         *,
         every: int | None = None,
         stop_on_alert: bool = False,
         trainer: Trainer | None = None,
         **monitor_options: Any,
     ) -> None:
-        if every is not None and (not isinstance(every, int) or every < 1):
-            raise ValueError(f"every must be a positive integer or None, got {every!r}")
+        if every is not None:
+            _check_count("every", every)
         self.monitor = HackingMonitor(teacher, tokenizer, prompts, every=every or 1, **monitor_options)
         self.every, self.stop_on_alert, self.trainer = every, stop_on_alert, trainer
-        self._warned = False
+        self._warned = self._warned_not_finite = False
 
     def bind(self, trainer: Trainer) -> "HackingMonitorCallback":
         """Log through ``trainer`` (and add this callback to it if it is not there yet)."""
@@ -402,22 +480,21 @@ class HackingMonitorCallback(TrainerCallback):
         if self.trainer is None:
             logger.warning("HackingMonitorCallback is not bound to a trainer: proxy_kl goes to state.log_history "
                            "only, not to the report_to integrations; pass trainer= or call callback.bind(trainer)")
-        logged = [row for row in state.log_history if "proxy_kl" in row]
         # the detector's curve is the trainer's: a new training run starts a new one, a resumed or continued one
         # (from a checkpoint, or trainer.train() again) gets its logged curve back, whatever this callback saw before
         self.monitor.history.clear()
         self.monitor.paired_values.clear()
-        if logged:
-            self.monitor.prepare()  # the teacher's samples and entropy, as before the interruption (same seed)
-            paired = {row["step"]: row[PAIRED_KEY] for row in state.log_history if PAIRED_KEY in row}
-            for row in logged:
-                last_step = self.monitor.history[-1]["step"] if self.monitor.history else -1
-                if last_step < row.get("step", math.inf) <= state.global_step:  # in order, each step once
-                    self.monitor.record(int(row["step"]), float(row["proxy_kl"]), row.get("proxy_kl_se"),
-                                        proxy_train=row.get("proxy_kl_train"),
-                                        student_entropy_held_out=row.get("student_entropy_held_out"),
-                                        reference_nll=row.get("reference_nll"),
-                                        reference_nll_se=row.get("reference_nll_se"), paired=paired.get(row["step"]))
+        self._warned_not_finite = False
+        checks = _logged_checks(state.log_history, state.global_step)
+        if checks:
+            paired = self._pairs_with(state.log_history)  # draws the teacher's samples again (same seed)
+            for step, row in checks.items():
+                self.monitor.record(step, float(row.get("proxy_kl", math.nan)), row.get("proxy_kl_se"),
+                                    proxy_train=row.get("proxy_kl_train"),
+                                    student_entropy_held_out=row.get("student_entropy_held_out"),
+                                    reference_nll=row.get("reference_nll"),
+                                    reference_nll_se=row.get("reference_nll_se"),
+                                    paired=row.get(PAIRED_KEY) if paired else None)
         last = self.monitor.history[-1] if self.monitor.history else {}
         self._warned = bool(last.get("hacking_alert") or last.get("reference_alert"))  # a replayed alarm: warned
         if not self.monitor.history and state.global_step == 0 and model is not None:
@@ -431,33 +508,75 @@ class HackingMonitorCallback(TrainerCallback):
             raise RuntimeError("HackingMonitorCallback needs the trainer to pass the model to callbacks")
         return self._check(model, state, control)
 
+    def _pairs_with(self, log_history: list[dict[str, Any]]) -> bool:
+        """Whether the logged checks pair with this monitor's (the logged per-sample values may be used): refuses a
+        monitor whose settings differ, warns (and says no) when only the teacher's samples differ or the log does
+        not say (see the class docstring)."""
+        logged = next((row[SETTINGS_KEY] for row in log_history if SETTINGS_KEY in row), None)
+        now = self.monitor.fingerprint()
+        if logged is None:
+            _warn("the logged checks hold no record of the monitor's settings (an earlier teacherhack's log): whether "
+                  "the checks after this resume measure what those before did cannot be told; they are taken as "
+                  "unpaired (the proxy may step here, and the reference verdict's SEs of a change are unpaired)",
+                  MonitorWarning)
+            return False
+        changed = [f"{name} {logged.get(name)} → {now.get(name)}" for name in {**logged, **now}
+                   if name != SAMPLES and logged.get(name) != now.get(name)]
+        if changed:
+            raise ValueError(f"the monitor's settings differ from those of the run being resumed ({'; '.join(changed)})"
+                             ": its logged checks measured something else. Give HackingMonitorCallback the settings "
+                             f"the run started with (its first '{PAIRED_KEY}' row in trainer_state.json holds them "
+                             f"under '{SETTINGS_KEY}'), or start a new run (another output_dir) for a new curve")
+        if logged[SAMPLES] != now[SAMPLES]:
+            _warn(f"the teacher's samples differ from those of the run being resumed ({logged[SAMPLES]} → "
+                  f"{now[SAMPLES]}): another device or dtype flips a token, or the teacher changed. The checks from "
+                  "here on are not paired with the logged ones: the proxy may step here (by about its SE), and the "
+                  "reference verdict's SEs of a change are unpaired; resume on the device and dtype the run started "
+                  "with to keep them paired", MonitorWarning)
+            return False
+        return True
+
     def _check(self, model: nn.Module, state, control):
         step = state.global_step
         row = self.monitor.check(model, step)
-        logs = {"proxy_kl": row["proxy"], "proxy_kl_se": row["proxy_se"], "hacking_alert": int(row["hacking_alert"]),
+        # a proxy that is not finite is logged as it is; no alarm can judge its check, so no flag says "no alarm"
+        finite = math.isfinite(row["proxy"])
+        logs = {"proxy_kl": row["proxy"], "proxy_kl_se": row["proxy_se"],
                 "student_entropy_held_out": row["student_entropy_held_out"],
                 f"detector_{self.monitor.rule.signal}": row["signal"]}
+        if finite:
+            logs["hacking_alert"] = int(row["hacking_alert"])
         if row["proxy_train"] is not None:
             logs["proxy_kl_train"] = row["proxy_train"]
-        if row["alert_since"] is not None:
+        if row["alert_since"] is not None and finite:
             logs["hacking_turn_step"] = row["alert_since"]  # the checkpoint the alarm says to keep
         if row["reference_nll"] is not None:
-            logs |= {"reference_nll": row["reference_nll"], "reference_nll_se": row["reference_nll_se"],
-                     "reference_alert": int(row["reference_alert"])}
-        self._publish({k: v for k, v in logs.items() if v is not None and math.isfinite(v)}, state, control)
+            logs |= {"reference_nll": row["reference_nll"], "reference_nll_se": row["reference_nll_se"]}
+            if finite and math.isfinite(row["reference_nll"]):
+                logs["reference_alert"] = int(row["reference_alert"])
+        self._publish({k: v for k, v in logs.items()
+                       if v is not None and (math.isfinite(v) or k in ("proxy_kl", "reference_nll"))}, state, control)
+        if not finite and not self._warned_not_finite:
+            self._warned_not_finite = True
+            _warn(f"proxy_kl is {row['proxy']} at step {step}: the student's log-probabilities of the teacher's "
+                  "samples are not finite (NaN or inf in its weights or logits: a diverged update, an fp16 overflow; "
+                  "or a teacher token it gives probability 0). Logged as it is, without alarm flags: no alarm can "
+                  "judge such a check", MonitorWarning)
         # the per-sample values, for the reference verdict's paired SEs after a resume: in the trainer's state, which
-        # every checkpoint saves and a resume restores (not through the loggers: they take scalars)
-        state.log_history.append({"step": step, PAIRED_KEY: self.monitor.paired_values[-1]})
+        # every checkpoint saves and a resume restores (not through the loggers: they take scalars); the curve's
+        # first check's also holds what the checks measure, which a resume compares with its own
+        paired = {"step": step, PAIRED_KEY: self.monitor.paired_values[-1]}
+        if len(self.monitor.history) == 1:
+            paired[SETTINGS_KEY] = self.monitor.fingerprint()
+        state.log_history.append(paired)
         alerts = [text for flag, text in (
             (row["reference_alert"], f"the student's NLL of the held-out real responses turned up ({row['reference_reason']})"),
             (row["hacking_alert"], f"the oracle-free detector alarmed ({row['detector_reason']})"))
             if flag]
         if alerts and not self._warned:
             self._warned = True
-            message = (f"possible teacher hacking at step {step}: " + "; ".join(alerts)
-                       + ("; stopping training" if self.stop_on_alert else ""))
-            logger.warning(message)
-            warnings.warn(message, TeacherHackingWarning, stacklevel=2)
+            _warn(f"possible teacher hacking at step {step}: " + "; ".join(alerts)
+                  + ("; stopping training" if self.stop_on_alert else ""), TeacherHackingWarning)
         if alerts and self.stop_on_alert:
             logger.warning(f"stopping training at step {step}: " + "; ".join(alerts))
             control.should_training_stop = True
@@ -482,17 +601,64 @@ class HackingMonitorCallback(TrainerCallback):
 # ----------------------------------------------------------------------------------------------------
 
 
-class _MonitoredLM(LM):
-    """An LM whose next-token log-probabilities land on another LM's device (the teacher's), so that the
-    student may live on a different device than the teacher."""
+def _check_count(name: str, value: object) -> None:
+    """A count or period must be a positive int (a bool is an int to Python, not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
-    def __init__(self, model: nn.Module, *, output_to: LM | None, **kwargs: Any) -> None:
-        super().__init__(model, **kwargs)
-        self._output_to = output_to
 
-    def next_token_logprobs(self, prompts: Prompts, responses: torch.Tensor) -> torch.Tensor:
-        out = super().next_token_logprobs(prompts, responses)
-        return out if self._output_to is None else out.to(self._output_to.device)
+def _unpadded(encoding: Mapping[str, Any], what: str) -> list[list[int]]:
+    """The rows of a tokenizer's output (``tokenizer(texts)``: a BatchEncoding, or any mapping with ``input_ids``),
+    each without the padding its ``attention_mask`` marks."""
+    if "input_ids" not in encoding:
+        raise ValueError(f"{what} is a mapping with the keys {', '.join(map(repr, encoding))}, not a tokenizer's "
+                         "output with 'input_ids': pass a list of prompts (strings or lists of token ids)")
+    rows = [_token_ids(row, f"{what}['input_ids'][{i}]") for i, row in enumerate(encoding["input_ids"])]
+    if "attention_mask" not in encoding:
+        return rows
+    return [[t for t, keep in zip(row, mask) if int(keep)] for row, mask in zip(rows, encoding["attention_mask"])]
+
+
+def _token_ids(row: Any, what: str) -> list[int]:
+    """A row of token ids as ints, refused in words when it is something else: a dataset row, a label row (-100)."""
+    if isinstance(row, Mapping):
+        raise ValueError(f"{what} is a row with the fields {', '.join(map(repr, row))}: pass one field's values, e.g. "
+                         f"dataset[{next(iter(row), 'prompt')!r}]")
+    try:
+        ids = [int(t) for t in row]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} ({str(row)[:60]}) is neither a string nor a list of token ids") from None
+    if ids and min(ids) < 0:
+        raise ValueError(f"{what} holds the id {min(ids)}, not a token: -100 masks the positions a loss ignores "
+                         "in labels (as data collators write them); pass token ids (input_ids), not labels")
+    return ids
+
+
+def _digest(count: int, noun: str, *tensors: torch.Tensor) -> str:
+    """Fixed inputs in a few words: how many, and a hash of their values (equal inputs, equal text)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(repr(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return f"{count} {noun}, sha256 {digest.hexdigest()[:12]}"
+
+
+def _warn(message: str, category: type[Warning]) -> None:
+    """To the trainer's log and as a Python warning (what notebooks and tests see)."""
+    logger.warning(message)
+    warnings.warn(message, category, stacklevel=3)
+
+
+def _logged_checks(log_history: list[dict[str, Any]], last_step: int) -> dict[int, dict[str, Any]]:
+    """The checks a trainer's log holds up to ``last_step``, in step order, each one's rows merged (its scalars and
+    its per-sample row). Every check comes back, one whose proxy was not finite too (logged as NaN; by an earlier
+    teacherhack not at all, its per-sample row alone marking it), so that the later checks keep their indices,
+    which the rule's ``skip`` and ``patience`` count."""
+    checks: dict[int, dict[str, Any]] = {}
+    for row in log_history:
+        if ("proxy_kl" in row or PAIRED_KEY in row) and row.get("step", math.inf) <= last_step:
+            checks.setdefault(int(row["step"]), {}).update(row)
+    return dict(sorted(checks.items()))
 
 
 def _share(samples: SampleSet) -> SampleSet:
