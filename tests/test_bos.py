@@ -243,3 +243,11 @@ def test_a_pretrained_llama_trains_on_prompts_that_start_with_its_bos(tiny_task:
             first = sample_set.prompts.mask.int().argmax(1)  # each row's first real token (left padding)
             assert (sample_set.prompts.ids[torch.arange(len(first)), first] == bos).all(), name
     assert json.loads((up.tokenizer / "spec.json").read_text())["inputs"]["prompt start"] == [bos]
+
+
+def test_roles_whose_tokenizers_differ_only_in_adding_a_bos_are_refused():
+    from teacherhack.tokenizer import TokenizerMismatch, check_tokenizers
+
+    check_tokenizers({"oracle": llama(), "teacher": llama()})
+    with pytest.raises(TokenizerMismatch, match=r"oracle vs teacher: tokens put before a text \[1\] vs \[\]"):
+        check_tokenizers({"oracle": llama(), "teacher": llama(add_bos_token=False)})

@@ -19,6 +19,7 @@ from conftest import TINY
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).parent / "scripts" / "lab_worker.py"
 WAIT_WORKER = Path(__file__).parent / "scripts" / "wait_worker.py"
+ACCUM_WORKER = Path(__file__).parent / "scripts" / "accum_worker.py"
 # Float sums run in another order on two processes (gradients all-reduced, values gathered), and AdamW
 # carries the differences over 12 steps: agreement to 1e-4 relative is the stated tolerance.
 TOLERANCE = 1e-4
@@ -89,3 +90,16 @@ def test_processes_wait_for_the_main_one_longer_than_the_default_timeout():
     # the main process builds some artifacts alone (hours at the paper's scale) while the others wait at a barrier
     out = run_two(WAIT_WORKER)
     assert "rank 0 waited" in out and "rank 1 waited" in out
+
+
+def test_shards_that_split_into_different_numbers_of_micro_batches_train_together():
+    """9 rows on 2 processes are shards of 5 and 4, which grad_accum=3 splits into 3 and 2 micro-batches: the
+    processes ran different numbers of collectives (one non-finite check per micro-batch) and gloo aborted. They
+    now take the step of one process on the whole batch."""
+    out = run_two(ACCUM_WORKER, "3")
+    assert "5 rows in 3 micro-batches" in out and "4 rows in 2 micro-batches" in out
+    alone = subprocess.run([sys.executable, str(ACCUM_WORKER), "1"], capture_output=True, text=True, check=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    two, one = ([float(x) for x in next(line for line in text.splitlines() if line.startswith("params")).split()[1:]]
+                for text in (out, alone))
+    assert two == pytest.approx(one, rel=TOLERANCE, abs=1e-6)

@@ -163,13 +163,14 @@ def optimizer_step(model: LM, ready: distributed.Prepared, batch: Batch, loss_fn
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=precision != "float32"), \
                     float32_attention(precision == "bfloat16-fp32-attention"):
                 loss = loss_fn(batch[micro], denominator)
-            if distributed.all_sum(0.0 if torch.isfinite(loss) else 1.0):
-                ready.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLoss(f"{where}: the loss is not finite (batch from {batch.origin}); no step was "
-                                    f"taken and the last checkpoint is intact. Lower the learning rate or check the "
-                                    f"data, then rerun.")
             (loss * scale).backward() if accelerator is None else accelerator.backward(loss * scale)
         total += float(loss.detach())
+    # One collective after the loop, not one per micro-batch: processes whose shards differ in size (a process count
+    # that does not divide the batch) split them into different numbers of micro-batches
+    if distributed.all_sum(0.0 if math.isfinite(total) else 1.0):  # a non-finite loss makes the sum non-finite
+        ready.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"{where}: the loss is not finite (batch from {batch.origin}); no step was taken and the "
+                            f"last checkpoint is intact. Lower the learning rate or check the data, then rerun.")
     if ready.accelerator is None:
         norm = torch.nn.utils.clip_grad_norm_(model.model.parameters(), max_grad_norm)
     else:
