@@ -158,8 +158,9 @@ def _tokenizer_differences(name_a: str, a: PreTrainedTokenizerBase, name_b: str,
     ]
     if specials:
         differences.append("special tokens differ: " + ", ".join(specials))
-    if prompt_start(a) != prompt_start(b):  # e.g. add_bos_token set in one: the roles would read other prompts
-        differences.append(f"tokens put before a text {prompt_start(a)} vs {prompt_start(b)}")
+    start_a, start_b = prompt_start(a), prompt_start(b)
+    if start_a != start_b:  # e.g. add_bos_token set in one: the roles would read other prompts
+        differences.append(f"tokens put before a text {start_a} vs {start_b}")
     vocab_a, vocab_b = a.get_vocab(), b.get_vocab()
     if vocab_a != vocab_b:
         moved = sorted((t for t in vocab_a if t in vocab_b and vocab_a[t] != vocab_b[t]), key=vocab_a.__getitem__)
