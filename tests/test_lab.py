@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 from conftest import TINY, make_task
 from teacherhack import config as cfg
 from teacherhack import lab, seeds, stages
+from teacherhack.distill import make_source
 from teacherhack.cache import ArtifactCache
 from teacherhack.cli import main
 from teacherhack.divergences import Estimate
@@ -291,11 +292,11 @@ def test_the_machine_names_the_kernels_that_a_run_s_bits_depend_on(monkeypatch):
     assert "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)" in lab.machine()
 
 
-def test_sampling_batch_bounds_every_call_that_samples_or_scores_an_upstream_dataset(tmp_path: Path, monkeypatch):
-    """sampling_batch: the rows of each generation call of the oracle's answers and the offline set, and of each
-    teacher forward of its signals. At its default the artifacts are the fixed 256-row recipe's of before; another
-    value draws each call from a generator seeded by its first row, as its docstring says: other samples, keyed
-    apart."""
+def test_sampling_batch_bounds_every_call_that_samples_or_scores_a_dataset(tmp_path: Path, monkeypatch):
+    """sampling_batch: the rows of each generation call of the oracle's answers, the offline set and stage 2's
+    online-teacher blocks, and of each teacher forward of the offline signals. At its default the artifacts are the
+    fixed 256-row recipe's of before; another value draws each call from a generator seeded by its first row, as its
+    docstring says: other samples, keyed apart."""
     task = make_task(tmp_path / "task.jsonl", n=1200)
     base = cfg.resolve("quick", {**TINY, "task.spec": f"jsonl:{task}", "task.n_stage1": 300})
     building, calls = [], []  # the stage being built; (stage, rows) of every sampling or scoring call
@@ -331,3 +332,13 @@ def test_sampling_batch_bounds_every_call_that_samples_or_scores_an_upstream_dat
                           generator=seeds.generator(base.oracle_seed, 24))  # rows 24-47: a call of their own
     assert bounded_responses[24:48] == stages.rows_until_eos(second, oracle.eos_id)
     assert bounded_responses != responses  # other draws of the same oracle
+
+    # stage 2's online teacher draws sampling_batch // distill.batch_size steps per call (the paper preset's memory)
+    for config, up, block in ((base, default, 256 // 8), (cfg.apply_overrides(base, {"sampling_batch": 24}), bounded, 3)):
+        tokenizer = AutoTokenizer.from_pretrained(up.tokenizer)
+        teacher, student = (stages.wrap(load_pretrained(path), tokenizer, "cpu") for path in (up.teacher, up.student))
+        source = make_source("online_teacher", config, up, teacher, student)
+        calls.clear()
+        building.append("stage 2")
+        assert [source.batch(step).responses.shape[0] for step in range(block + 1)] == [8] * (block + 1)
+        assert calls == [("stage 2", block * 8), ("stage 2", block * 8)]  # the second call: the next block's first step

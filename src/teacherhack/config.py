@@ -34,7 +34,7 @@ SIGNAL_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k3")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "bfloat16-fp32-attention")
-SAMPLING_BATCH = 256  # rows per generation call: sampling_batch's default, and stage 2's blocks of teacher samples
+SAMPLING_BATCH = 256  # rows per generation call: sampling_batch's default
 
 
 class ConfigError(UserError, ValueError):
@@ -171,8 +171,9 @@ class LabConfig:
     # float32.
     precision: str = "bfloat16"
     # Rows per generation call when the upstream stages sample a dataset (the oracle's answers, the offline set) and
-    # per teacher forward of its offline signals: their memory (T5-XL's float32 cross-attention cache at 1,024 prompt
-    # tokens: about 0.4 GB a row). Each call draws from its own generator, seeded by its first row, so another value
+    # when stage 2's online-teacher source draws its block of steps (sampling_batch // distill.batch_size of them), and
+    # per teacher forward of the offline signals or the prompt states: their memory (T5-XL's float32 cross-attention
+    # cache at 1,024 prompt tokens: about 0.4 GB a row). Each call draws from its own generator, so another value
     # draws other samples of the same distributions (other artifacts: keyed)
     sampling_batch: int = keyed_when_set(SAMPLING_BATCH)
     task: TaskConfig = field(default_factory=TaskConfig)

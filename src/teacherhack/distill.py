@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from teacherhack import distributed, seeds
-from teacherhack.config import SAMPLING_BATCH, LabConfig
+from teacherhack.config import LabConfig
 from teacherhack.distributed import log
 from teacherhack.errors import UserError
 from teacherhack.generation import make_sampler
@@ -138,8 +138,9 @@ def make_source(name: str, c: LabConfig, up: Upstream, teacher: LM, student: LM)
 
     def online(model: LM, saved: Path, origin: str) -> OnlineSamples:
         sampler = make_sampler(model, d.generation, saved)
-        frozen = model is teacher  # the teacher's samples do not depend on training: draw a block of steps at once
-        block = max(1, SAMPLING_BATCH // d.batch_size) if frozen else 1
+        # the teacher's samples do not depend on training: a block of steps at once, sampling_batch rows per call
+        frozen = model is teacher
+        block = max(1, c.sampling_batch // d.batch_size) if frozen else 1
         # the teacher's sampling distributions stand in for a second teacher pass when they fit the cache budget
         keep = frozen and sampler.gives_logprobs and (
             block * d.batch_size * c.task.max_response_len * model.vocab_size * 4 <= d.teacher_cache_mb * 2**20)
@@ -181,7 +182,7 @@ def teacher_prompt_states(c: LabConfig, source: Source, teacher: LM, label: str)
         log(f"{label}: the teacher's prompt states ({size / 2**20:.0f} MB) exceed distill.teacher_cache_mb="
             f"{c.distill.teacher_cache_mb}: not kept, the teacher reads the prompts at every step")
         return None
-    states = teacher.prompt_states(prompts, batch_size=SAMPLING_BATCH)
+    states = teacher.prompt_states(prompts, batch_size=c.sampling_batch)
     log(f"{label}: the teacher's keys and values on {len(prompts)} prompts kept ({size / 2**20:.0f} MB)")
     return states
 
