@@ -279,6 +279,22 @@ def test_minus_inf_on_teacher_side(divergence, beta, alpha, chunk_size):
 
 @pytest.mark.parametrize("chunk_size", [None, 2])
 @pytest.mark.parametrize("divergence,beta,alpha", CONFIGS, ids=CONFIG_IDS)
+def test_a_nan_on_the_teacher_side_makes_the_loss_nan_never_a_zero_probability(divergence, beta, alpha, chunk_size):
+    """Only −inf means probability 0: a NaN teacher entry (a broken forward or signal file) must reach the loss,
+    which training then refuses (NonFiniteLoss), not drop out of the support and leave a plausible finite loss."""
+    t, s, mask = make(seed=13)
+    t = torch.log_softmax(t.float(), -1)
+    t[0, 1, 2] = math.nan
+    for dtype in (None, torch.float64):  # the shortcut of the float32 path outside autograd, and the masked formula
+        kw = dict(divergence=divergence, beta=beta, alpha=alpha, chunk_size=chunk_size, compute_dtype=dtype)
+        with torch.no_grad():
+            assert torch.isnan(token_divergence(t, s.float(), mask, **{k: v for k, v in kw.items() if v is not None}))
+        assert torch.isnan(token_divergence(t, s.float().requires_grad_(), mask,
+                                            **{k: v for k, v in kw.items() if v is not None}))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("divergence,beta,alpha", CONFIGS, ids=CONFIG_IDS)
 def test_minus_inf_on_both_sides_same_entry(divergence, beta, alpha, chunk_size):
     t, s, mask = make(seed=17)
     t[..., 4] = -INF

@@ -295,6 +295,18 @@ def test_a_frozen_p_gives_the_same_kls_and_entropies_as_the_full_formulas():
     torch.testing.assert_close(entropy_values(lp, mask), brute)
 
 
+def test_a_nan_in_p_gives_a_nan_kl_for_its_sample_not_a_zero_term():
+    """The golden and proxy metrics: a NaN in the oracle's (or teacher's) log-probabilities is a broken model, so
+    the sample's KL is NaN, never the KL of a p that gives that token probability 0; the other samples keep theirs."""
+    torch.manual_seed(0)
+    lp, lq = torch.log_softmax(torch.randn(2, 3, V), -1), torch.log_softmax(torch.randn(2, 3, V), -1)
+    responses, mask = torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool)
+    clean = kl_values(lp, lq, responses, mask)
+    lp[0, 1, 2] = math.nan
+    for values in (kl_values(lp, lq, responses, mask), FrozenP.of(lp, mask).kl_values(lq, responses)):
+        assert math.isnan(values[0]) and values[1] == clean[1]
+
+
 def test_token_kl_per_token_is_rejected_because_it_would_be_biased():
     """Σ_t KL_t / |y| does not have expectation E_p[(log p(y) − log q(y)) / |y|]: |y| depends on tokens
     sampled after t. Show the bias exactly, and that the library refuses the combination."""

@@ -455,3 +455,22 @@ def test_bad_inputs():
         sparse_token_divergence(ids.double(), lp, tail, s, mask)
     with pytest.raises(ValueError, match="ids must lie in"):
         sparse_token_divergence(ids - 1, lp, tail, s, mask)
+
+
+@pytest.mark.parametrize("convention", ["tail", "renormalized"])
+@pytest.mark.parametrize("divergence,beta,alpha", CONFIGS, ids=CONFIG_IDS)
+def test_a_nan_teacher_log_prob_or_tail_makes_the_loss_nan(divergence, beta, alpha, convention):
+    """A NaN in the stored top-k log-probs (or the tail) is a broken signal: the loss is NaN (training refuses
+    it), not the loss of a teacher that gives that token probability 0."""
+    torch.manual_seed(0)
+    s = torch.randn(1, 3, 6)
+    ids = torch.tensor([[[0, 1], [0, 1], [0, 1]]])
+    log_p, tail = torch.log(torch.tensor([[[0.5, 0.3]] * 3])), torch.full((1, 3), 0.2)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    broken_log_p = log_p.clone()
+    broken_log_p[0, 1, 0] = math.nan
+    cases = [(broken_log_p, tail)] + ([(log_p, torch.tensor([[0.2, math.nan, 0.2]]))] if convention == "tail" else [])
+    for teacher_log_p, teacher_tail in cases:
+        loss = sparse_token_divergence(ids, teacher_log_p, teacher_tail, s, mask, divergence=divergence, beta=beta,
+                                       alpha=alpha, convention=convention)
+        assert torch.isnan(loss)

@@ -434,6 +434,13 @@ def validate(c: LabConfig) -> None:
     require(d.loss != "sampled_reverse_kl" or d.loss_temperature == 1.0,
             "distill.loss=sampled_reverse_kl estimates KL(student‖teacher) from the student's samples, which are drawn "
             "at temperature 1: it needs distill.loss_temperature=1")
+    own = sorted({"online_student", "mixture"} & set(d.sources))
+    require(d.loss != "hard_ce" or not own,
+            f"distill.loss=hard_ce trains on the sampled tokens as labels and reads no teacher distribution: on the "
+            f"student's own samples ({', '.join(own)}) it would learn from itself alone; use it with offline or "
+            f"online_teacher")
+    require(d.loss != "hard_ce" or d.loss_temperature == 1.0,
+            "distill.loss=hard_ce has no teacher distribution to temper: it needs distill.loss_temperature=1")
     require(c.eval.estimator in ESTIMATORS, f"eval.estimator must be one of {', '.join(ESTIMATORS)}")
     for section in ("pretrain", "oracle", "teacher", "student"):
         t: TrainConfig = getattr(c, section)

@@ -77,7 +77,7 @@ def _kl_rows(log_p: Tensor, log_q: Tensor, p: Tensor | None = None) -> Tensor:
         if not bool(log_q.min() > -math.inf):  # some q = 0 (or NaN): the +inf convention below
             terms = torch.where(log_q == -math.inf, math.inf, terms)
         return terms.sum(-1)
-    support = log_p > -math.inf
+    support = ~torch.isneginf(log_p)  # only −inf is probability 0: a NaN stays in, and the row is NaN (never dropped)
     log_p = torch.where(support, log_p, 0.0)
     log_q = torch.where(support, log_q, 0.0)
     terms = torch.where(support, log_p.exp(), 0.0) * (log_p - log_q)
