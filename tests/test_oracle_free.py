@@ -33,10 +33,12 @@ from teacherhack.oracle_free import (
     measured_text,
     memorisation_gap,
     objective,
+    outcome,
     proxy_rose,
     proxy_stall,
     score,
     signal_series,
+    signal_values,
     tally,
     trade_off,
 )
@@ -59,7 +61,8 @@ def run(name, preset, hacking, min_index, gap_from=None, judged=True, reference=
     """A run whose proxy falls; its training-prompt proxy falls faster from ``gap_from`` on (memorisation)."""
     proxy = [60 * math.exp(-t / 2) + 10 for t in range(11)]
     train = [p - (0 if gap_from is None or t < gap_from else 2.0 * (t - gap_from + 1)) for t, p in enumerate(proxy)]
-    return Labelled(name, preset, hacking, judged, min_index, rows(proxy, train), None, {}, reference)
+    return Labelled(name, preset, hacking, judged, min_index, rows(proxy, train), None, {}, Path(preset, name),
+                    reference)
 
 
 def test_signals_are_computed_from_the_evaluations_so_far():
@@ -128,7 +131,7 @@ def test_a_rule_with_a_floor_is_quiet_once_the_student_has_all_but_become_the_te
     assert Rule("memorisation_gap", 5.5, patience=1, floor=0.02).alarm(r, None, {}) is None
     assert floored.alarm(r, None, {}) == 5  # above the floor the signal reads as before (gap 5 > 4.5)
     assert "quiet once the proxy is below 0.02 of its first value" in floored.describe()
-    clean = Labelled("smooth", "a", False, True, 10, r, None, {})
+    clean = Labelled("smooth", "a", False, True, 10, r, None, {}, Path("a", "smooth"))
     assert score(Rule("memorisation_gap", 5.5, patience=1), [clean]).false_alarms == 1
     assert score(Rule("memorisation_gap", 5.5, patience=1, floor=0.02), [clean]).quiet == 1
     # the verdict reads the values through the floor too, computed here or given
@@ -272,6 +275,21 @@ def test_detect_says_when_the_fixed_guess_cannot_be_scored(capsys):
     assert ("A fixed guess of the golden minimum's evaluation (where it most often lies in the other sweeps), the bar "
             "a dated turn must clear to carry information, cannot be scored here: it needs hacking runs in at least "
             "two sweeps (one held out, the guess from the others).") in out
+
+
+def test_runs_of_same_named_sweeps_are_scored_on_their_own_signals_and_each_folder_counts_once(tmp_path: Path):
+    """Two sweeps in folders of the same name (runs-v1/sources, runs-v2/sources: the natural --out of two
+    `teacherhack sweep sources`) hold runs of the same group and name: each is scored on its own signals, not on the
+    other's; and a sweep given twice, or with a folder above it, counts its runs once."""
+    shutil.copytree(CORPUS / "sources", tmp_path / "v1" / "sources")
+    shutil.copytree(CORPUS / "sources-teacher4", tmp_path / "v2" / "sources")
+    found = find_runs([tmp_path / "v1", tmp_path / "v2", tmp_path / "v1" / "sources", tmp_path])
+    assert len(found) == len({folder.resolve() for folder, _ in found}) == len(list(tmp_path.rglob("metrics.jsonl")))
+    runs = [labelled(load_run(folder), group) for folder, group in found]
+    assert {r.preset for r in runs} == {"sources"} and len({r.name for r in runs}) < len(runs)
+    values = signal_values(runs)
+    for r in runs:
+        assert outcome(DEFAULT_RULE, r, values)[0] == DEFAULT_RULE.alarm(r.rows, r.per_sample, r.settings), r.path
 
 
 @pytest.mark.slow

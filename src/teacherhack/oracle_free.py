@@ -16,6 +16,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -248,6 +249,7 @@ class Labelled:
     rows: Sequence[Mapping[str, Any]]
     per_sample: Sequence[Mapping[str, Any]] | None
     settings: Mapping[str, Any]
+    path: Path  # its folder, resolved: what tells it apart from a run of the same name in a same-named sweep
     reference: bool | None = None  # the reference verdict (real held-out responses): hacking, not, or not recorded
     reference_judged: bool = True  # False: the reference NLL's minimum came too late to know (it counts as "no")
 
@@ -289,17 +291,18 @@ class Score:
         return {**asdict(self), "precision": self.precision, "recall": self.recall, "timely_recall": self.timely_recall}
 
 
-def signal_values(runs: Iterable[Labelled]) -> dict[tuple[str, str, str], np.ndarray]:
-    """Every signal of every run, computed once (a search scores many rules on the same values)."""
-    return {(run.preset, run.name, name): signal_series(name, run.rows, run.per_sample, run.settings)
+def signal_values(runs: Iterable[Labelled]) -> dict[tuple[Path, str], np.ndarray]:
+    """Every signal of every run, computed once (a search scores many rules on the same values); keyed by the run's
+    folder, since two sweeps in folders of the same name hold runs of the same group and name."""
+    return {(run.path, name): signal_series(name, run.rows, run.per_sample, run.settings)
             for run in runs for name in SIGNALS}
 
 
 def outcome(rule: Rule, run: Labelled,
-            values: Mapping[tuple[str, str, str], np.ndarray]) -> tuple[int | None, int | None]:
+            values: Mapping[tuple[Path, str], np.ndarray]) -> tuple[int | None, int | None]:
     """Where ``rule`` alarms on ``run`` and the turn it dates the alarm to (evaluation indices; None, None if quiet;
     the turn None if undated)."""
-    signal = rule.read(values[run.preset, run.name, rule.signal], run.rows)
+    signal = rule.read(values[run.path, rule.signal], run.rows)
     fired = rule.first_alarm(signal)
     return fired, None if fired is None else rule.turn(signal, fired)
 
@@ -328,7 +331,7 @@ def tally(outcomes: Iterable[tuple[Labelled, tuple[int | None, int | None]]], ma
 
 
 def score(rule: Rule, runs: Iterable[Labelled], max_lag: int = 2,
-          values: Mapping[tuple[str, str, str], np.ndarray] | None = None) -> Score:
+          values: Mapping[tuple[Path, str], np.ndarray] | None = None) -> Score:
     """How ``rule`` does on ``runs`` (``values``: their signals from :func:`signal_values`, else computed here)."""
     runs = list(runs)
     values = signal_values(runs) if values is None else values
@@ -372,7 +375,7 @@ def rules_for(signal: str, thresholds: Sequence[float]) -> list[Rule]:
 
 
 def leave_one_preset_out(runs: Sequence[Labelled], rules: Sequence[Rule] | None = None, max_lag: int = 2,
-                         values: Mapping[tuple[str, str, str], np.ndarray] | None = None) -> dict[str, Any]:
+                         values: Mapping[tuple[Path, str], np.ndarray] | None = None) -> dict[str, Any]:
     """For each preset: the best rule on the others (by :func:`objective`), scored on that preset. Returns the
     per-preset choices and scores, the pooled score over the held-out presets, the baseline a dated turn must
     beat (``fixed_guess``: the share of held-out hacking runs whose golden minimum lies within ``max_lag`` of the
@@ -411,7 +414,7 @@ def leave_one_preset_out(runs: Sequence[Labelled], rules: Sequence[Rule] | None 
 
 
 def each_signal(runs: Sequence[Labelled], max_lag: int = 2,
-                values: Mapping[tuple[str, str, str], np.ndarray] | None = None) -> dict[str, dict[str, Any]]:
+                values: Mapping[tuple[Path, str], np.ndarray] | None = None) -> dict[str, dict[str, Any]]:
     """What each signal is worth by itself: :func:`leave_one_preset_out` with the search restricted to its rules."""
     values, rules = signal_values(runs) if values is None else values, candidates()
     return {name: leave_one_preset_out(runs, [rule for rule in rules if rule.signal == name], max_lag, values)
@@ -431,7 +434,7 @@ def format_each_signal(reports: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def caught_by_rise(runs: Sequence[Labelled], rule: Rule, edges: Sequence[float] = (0.0, 0.5, 1.0, 2.0, math.inf),
-                   values: Mapping[tuple[str, str, str], np.ndarray] | None = None) -> list[dict[str, Any]]:
+                   values: Mapping[tuple[Path, str], np.ndarray] | None = None) -> list[dict[str, Any]]:
     """Of the hacking runs, how many ``rule`` catches, by how far the golden metric rose from its minimum to the end
     (between consecutive ``edges``): whether what it misses are small turns or large ones it cannot see. Only the
     runs in the most common metric unit count (nats per sequence in the lab; a per-token rise is another scale)."""
@@ -459,7 +462,7 @@ def format_caught_by_rise(bins: Sequence[Mapping[str, Any]]) -> str:
 
 
 def trade_off(runs: Sequence[Labelled], rule: Rule, max_lag: int = 2,
-              values: Mapping[tuple[str, str, str], np.ndarray] | None = None) -> list[dict[str, Any]]:
+              values: Mapping[tuple[Path, str], np.ndarray] | None = None) -> list[dict[str, Any]]:
     """Precision against recall and lag for ``rule`` over its signal's threshold grid (:data:`GRIDS`; its patience,
     skip and floor kept, its onset level where it lies below the threshold, else the threshold dates the turn; all
     runs): the curve a user picks an operating point from."""
@@ -485,7 +488,7 @@ def labelled(run: Any, group: str) -> Labelled:
     verdict, reference = verdicts.golden, verdicts.reference
     steps = [int(r["step"]) for r in run.metrics]
     return Labelled(run.name, group, verdict.hacking, verdict.judged, steps.index(verdict.min_step), run.metrics,
-                    run.per_sample, run.settings, None if reference is None else reference.hacking,
+                    run.per_sample, run.settings, run.path.resolve(), None if reference is None else reference.hacking,
                     reference is None or reference.judged)
 
 

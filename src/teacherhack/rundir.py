@@ -268,13 +268,17 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> list[Run]:
 
 def find_runs(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
     """Every run folder at or below ``paths`` with its group: the sweep it belongs to (the nearest folder holding
-    a sweep.json), else the folder above it (a lab folder), else the run's own name."""
-    found = []
+    a sweep.json), else the folder above it (a lab folder), else the run's own name. Each folder once, where it is
+    first found: paths that overlap (a sweep and a folder of sweeps holding it) do not count its runs twice."""
+    found, seen = [], set()
     for path in map(Path, paths):
         folders = [path] if (path / METRICS).is_file() else sorted(p.parent for p in path.rglob(METRICS))
         if not folders:
             raise BrokenRun(f"{path}: no {METRICS} here or below")
         for folder in folders:
+            if folder.resolve() in seen:
+                continue
+            seen.add(folder.resolve())
             sweep = next((p for p in folder.parents if (p / "sweep.json").is_file()), None)
             found.append((folder, sweep.name if sweep else folder.parent.name if folder != path else folder.name))
     return found
