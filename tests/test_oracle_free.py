@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 import subprocess
@@ -275,6 +276,30 @@ def test_detect_says_when_the_fixed_guess_cannot_be_scored(capsys):
     assert ("A fixed guess of the golden minimum's evaluation (where it most often lies in the other sweeps), the bar "
             "a dated turn must clear to carry information, cannot be scored here: it needs hacking runs in at least "
             "two sweeps (one held out, the guess from the others).") in out
+
+
+def test_detect_leaves_out_and_names_a_run_cut_short_and_refuses_a_finished_one_in_one_line(tmp_path: Path, capsys):
+    """A run killed (or still writing) may end in a line cut short, of per_sample.jsonl (written first) or of
+    metrics.jsonl: detect leaves it out as unfinished, by name, instead of dying on it. A finished run whose file is
+    malformed is refused in one line that names the file and line."""
+    from teacherhack.cli import main
+
+    sweep = shutil.copytree(CORPUS / "sources", tmp_path / "sources")
+    for name, cut in (("offline/seed1", "metrics.jsonl"), ("online_student/seed1", "per_sample.jsonl")):
+        lines = (sweep / name / "metrics.jsonl").read_text().splitlines()[:7]  # killed at step 600 of 1000
+        samples = [json.dumps({"step": json.loads(line)["step"], "proxy": [1.0, 2.0]}) for line in lines]
+        for file, written in (("metrics.jsonl", lines), ("per_sample.jsonl", samples)):
+            half = written[0][:25] if file == cut else ""  # the next evaluation's line, cut short
+            (sweep / name / file).write_text("\n".join(written) + "\n" + half)
+    assert main(["detect", str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"2 unfinished run(s) left out: {sweep / 'offline/seed1'}, {sweep / 'online_student/seed1'}.")
+    assert "| sources | offline/seed0 |" in out and "| sources | offline/seed1 |" not in out
+    (sweep / "offline/seed2" / "per_sample.jsonl").write_text('{"step": 0, "proxy": [1.0, 2.0]}\n{"step": 10')
+    assert main(["detect", str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"teacherhack: error: {sweep / 'offline/seed2' / 'per_sample.jsonl'}:2: malformed JSON")
+    assert err.count("\n") == 1
 
 
 def test_runs_of_same_named_sweeps_are_scored_on_their_own_signals_and_each_folder_counts_once(tmp_path: Path):

@@ -21,7 +21,7 @@ import numpy as np
 
 from teacherhack import oracle_free
 from teacherhack.oracle_free import column, proxy_stall
-from teacherhack.rundir import find_runs, load_run
+from teacherhack.rundir import RunFolder, find_runs, load_run
 
 
 def entropy_sharpening(rows, per_sample, settings) -> np.ndarray:
@@ -112,9 +112,8 @@ OTHER = {  # signal: its threshold grid (set from the signal's range over the co
 
 
 def main(corpus: Path) -> None:
-    found = [(load_run(folder), group) for folder, group in find_runs([corpus])]
-    runs = [oracle_free.labelled(run, group) for run, group in found
-            if run.metrics[-1]["step"] >= run.settings.get("steps", 0)]
+    runs = [oracle_free.labelled(load_run(folder), group) for folder, group in find_runs([corpus])
+            if RunFolder(folder).reached_end()]
     package = oracle_free.candidates()
     for signal in OTHER:
         oracle_free.SIGNALS[signal.__name__] = signal  # this process only

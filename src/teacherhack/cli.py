@@ -142,15 +142,17 @@ def _detect(args: argparse.Namespace) -> int:
         signal_values,
         trade_off,
     )
-    from teacherhack.rundir import find_runs, load_run
+    from teacherhack.rundir import RunFolder, find_runs, load_run
 
-    found = [(load_run(folder), group) for folder, group in find_runs([Path(p) for p in args.runs])]
-    loaded = [(run, group) for run, group in found if run.metrics[-1]["step"] >= run.settings.get("steps", 0)]
-    if len(loaded) < len(found):
-        print(f"{len(found) - len(loaded)} unfinished run(s) left out.\n")
-    if not loaded:
+    found = find_runs([Path(p) for p in args.runs])
+    # killed or still running: told apart before load_run, which refuses the line such a run may have cut short
+    unfinished = [folder for folder, _ in found if not RunFolder(folder).reached_end()]
+    if unfinished:
+        print(f"{len(unfinished)} unfinished run(s) left out: {', '.join(map(str, unfinished))}.\n")
+    done = [(folder, group) for folder, group in found if folder not in unfinished]
+    if not done:
         raise UserError("no finished run to judge")
-    runs = [labelled(run, group) for run, group in loaded]
+    runs = [labelled(load_run(folder), group) for folder, group in done]
     print(f"The oracle-free detector: {DEFAULT_RULE.describe()}.\n")
     print(format_runs(runs, DEFAULT_RULE))
     print("\nThe reference verdict (real held-out responses) against the golden one, judged runs:\n")

@@ -117,10 +117,7 @@ class RunFolder:
         for name in (METRICS, PER_SAMPLE):
             path = self.path / name
             if path.exists():
-                lines = [line for line in path.read_text().splitlines() if line.strip()]
-                if lines and not _parses(lines[-1]):
-                    lines.pop()  # a line cut short by a crash or a full disk: always written after the checkpoint
-                kept = [line for line in lines if json.loads(line)["step"] <= step]
+                kept = [line for line in _whole_lines(path) if json.loads(line)["step"] <= step]
                 path.write_text("".join(line + "\n" for line in kept))
 
     def reset(self) -> None:
@@ -134,12 +131,19 @@ class RunFolder:
 
     def per_sample(self) -> list[dict[str, Any]] | None:
         """Per-sample values aligned with :meth:`metrics`, or None when absent or written by another run
-        (the verdicts then fall back to unpaired standard errors)."""
+        (the verdicts then fall back to unpaired standard errors); :class:`BrokenRun` for a malformed line."""
         path = self.path / PER_SAMPLE
         if not path.is_file():
             return None
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [row for _, row in _read_objects(path)]
         return rows if [r["step"] for r in rows] == [m["step"] for m in self.metrics()] else None
+
+    def reached_end(self) -> bool:
+        """Whether its evaluations reached the run's last step (run.json's ``steps``), read leniently: a run killed
+        or still running may end in a line cut short, and is not judged. Whether a run that reached it is consistent is
+        for :func:`load_run` to check."""
+        lines = _whole_lines(self.path / METRICS)
+        return bool(lines) and json.loads(lines[-1]).get("step", 0) >= self.settings().get("steps", 0)
 
     def finished(self) -> bool:
         """Whether the run is complete: its final student exists and its evaluations are consistent. A folder
@@ -309,8 +313,16 @@ def _parses(line: str) -> bool:
     return True
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+def _whole_lines(path: Path) -> list[str]:
+    """The non-blank lines of a JSON-lines file, less a last line cut short (by a crash, a full disk, or a run that
+    is writing it now)."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return lines[:-1] if lines and not _parses(lines[-1]) else lines
+
+
+def _read_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Each non-blank line of a JSON-lines file with its number; :class:`BrokenRun` naming the file and line for one
+    that is not a JSON object."""
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -320,6 +332,12 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
             raise BrokenRun(f"{path}:{lineno}: malformed JSON: {err.msg}") from None
         if not isinstance(row, dict):
             raise BrokenRun(f"{path}:{lineno}: expected a JSON object")
+        yield lineno, row
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for lineno, row in _read_objects(path):
         missing = [f for f in REQUIRED_FIELDS if f not in row or (row[f] is None and f not in NULLABLE_FIELDS)]
         if missing:
             raise BrokenRun(f"{path}:{lineno}: missing or null field(s): {', '.join(missing)}")
