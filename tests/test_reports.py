@@ -4,6 +4,7 @@ import base64
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,10 +79,21 @@ def test_write_report_is_self_contained(lab, tmp_path):
     assert "golden rises" in text and "evaluations in a row above it" in text and "; validated on" in text  # both verdicts' reasons
     assert text.count('<b class="alert">hacking</b>') == 2  # offline: overview row and its own table
     assert "55.9" in text and "forward_kl" in text
-    verdicts = {v["name"]: v for v in json.loads((out / "verdicts.json").read_text())}
+    verdicts = {v["name"]: v for v in json.loads((out / "report.json").read_text())}
     assert verdicts["offline 500x1"]["golden"]["hacking"] and verdicts["offline 500x1"]["detector"]["fired"]
     assert verdicts["offline 500x1"]["golden"]["min_step"] == 700
     assert not verdicts["online_teacher"]["golden"]["hacking"] and not verdicts["online_teacher"]["detector"]["fired"]
+
+
+def test_a_report_written_into_a_run_folder_leaves_its_stored_verdicts_alone(tmp_path):
+    """A copy of a run that left its per-sample values behind keeps the verdicts computed with them (verdicts.json, a
+    dict); the report's own file of verdicts (a list) took the same name, so `teacherhack report RUN --out RUN`
+    overwrote them and every later load of the run failed."""
+    corpus = Path(__file__).resolve().parents[1] / "benchmarks" / "detection" / "runs"
+    run = Path(shutil.copytree(corpus / "sources" / "offline" / "seed0", tmp_path / "seed0"))
+    stored, before = (run / "verdicts.json").read_text(), load_run(run).verdicts()
+    write_report([run], run)
+    assert (run / "verdicts.json").read_text() == stored and load_run(run).verdicts() == before
 
 
 def test_the_per_run_table_names_the_minimum_it_shows(lab, tmp_path):

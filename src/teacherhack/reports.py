@@ -254,7 +254,8 @@ def plot_cost(runs: Sequence[Run], path: str | Path) -> None:
 
 
 def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) -> Path:
-    """Write the three figures, verdicts.json and a self-contained report.html; return the HTML path."""
+    """Write the figures, report.json (each run's verdicts) and a self-contained report.html; return the HTML path.
+    Not verdicts.json: in a run folder (``--out RUN``) that name holds a copy's stored verdicts (rundir.VERDICTS)."""
     runs = load_runs(paths)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -278,7 +279,7 @@ def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) 
     for name, (plot, _) in figures.items():
         plot(runs, out / name)
     verdicts = [(run, run.verdicts()) for run in runs]
-    (out / "verdicts.json").write_text(json.dumps(
+    (out / "report.json").write_text(json.dumps(
         [{"name": r.name, "path": str(r.path), "golden": v.golden.to_dict(),
           "reference": v.reference.to_dict() if v.reference else None, "detector": v.detector.to_dict()}
          for r, v in verdicts], indent=2))
