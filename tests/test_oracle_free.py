@@ -77,6 +77,14 @@ def test_signals_are_computed_from_the_evaluations_so_far():
     np.testing.assert_allclose(proxy_stall(r[:4], None, {}), stall[:4], equal_nan=True)
 
 
+def test_the_proxy_stall_compares_falls_per_step_so_a_short_last_interval_is_no_stall():
+    """A run of 1,050 steps evaluated every 100 steps is evaluated at step 1,050 too: a proxy falling 0.05 per step
+    throughout fell half as much in that last interval, which read as a stall of 0.48 (falls per evaluation)."""
+    steady = [{"step": s, "proxy": 100 - 0.05 * s, "proxy_se": 0.1} for s in [*range(0, 1001, 100), 1050]]
+    np.testing.assert_allclose(proxy_stall(steady, None, {})[2:], 0.0, atol=1e-12)
+    assert Rule("proxy_stall", 0.3, patience=1).alarm(steady, None, {}) is None
+
+
 def test_a_rule_fires_after_its_patience_and_is_scored_against_the_truth():
     rule = Rule("memorisation_gap", threshold=1.5, patience=2, skip=2)
     hacked = run("h", "a", True, min_index=5, gap_from=5)

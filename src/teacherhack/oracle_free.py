@@ -59,15 +59,17 @@ def entropy_deficit(rows, per_sample, settings) -> np.ndarray:
 
 
 def proxy_stall(rows, per_sample, settings) -> np.ndarray:
-    """How little the held-out proxy still improves: 1 − (its fall over the last evaluation ÷ its mean fall
-    per evaluation so far). Near 0 while it falls steadily, near 1 once it has stopped."""
-    proxy = column(rows, "proxy")
+    """How little the held-out proxy still improves: 1 − (its fall per step since the last evaluation ÷ its mean
+    fall per step so far). Near 0 while it falls steadily, near 1 once it has stopped. Per step, not per evaluation:
+    a last interval shorter than the others (steps not a multiple of the evaluation interval) is no stall."""
+    proxy, steps = column(rows, "proxy"), column(rows, "step")
     out = np.full(len(proxy), np.nan)
     for t in range(2, len(proxy)):
         if not np.isfinite(proxy[[0, t - 1, t]]).all():
             continue  # undefined, never an alarm
-        mean_fall = (proxy[0] - proxy[t]) / t
-        out[t] = 1.0 - (proxy[t - 1] - proxy[t]) / mean_fall if mean_fall > 0 else 1.0
+        mean_fall = (proxy[0] - proxy[t]) / (steps[t] - steps[0])
+        last_fall = (proxy[t - 1] - proxy[t]) / (steps[t] - steps[t - 1])
+        out[t] = 1.0 - last_fall / mean_fall if mean_fall > 0 else 1.0
     return out
 
 
