@@ -210,6 +210,24 @@ def test_missing_or_null_field_is_named(lab):
         load_run(lab / "offline")
 
 
+def test_a_non_finite_value_is_named_in_one_line_and_a_standard_error_may_be_nan(lab, tmp_path, capsys):
+    """json reads NaN and Infinity: a proxy or golden value that is not a finite number is refused where it is read,
+    naming the file and line, not by a traceback from the verdicts or the figures. An SE may be NaN, as the lab
+    writes it for a metric of one sample: the verdict then says it cannot decide."""
+    from teacherhack.cli import main
+
+    path = lab / "offline" / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[-1]["golden_se"] = math.nan
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_run(lab / "offline").verdicts().golden.reason.startswith("no verdict")
+    rows[7]["proxy"], rows[7]["golden"] = math.nan, math.inf
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for command in (["detect", str(lab)], ["report", str(lab), "--out", str(tmp_path / "report")]):
+        assert main(command) == 2
+        assert capsys.readouterr().err == f"teacherhack: error: {path}:8: not a finite number: proxy nan, golden inf\n"
+
+
 def test_empty_metrics_unordered_steps_and_bad_run_json_are_refused(lab):
     run = lab / "offline"
     lines = (run / "metrics.jsonl").read_text().splitlines()

@@ -16,6 +16,7 @@ folder it holds the folder's lock (``.lock``): a second process is refused with 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -36,6 +37,7 @@ METRICS, PER_SAMPLE, SETTINGS, CONFIG = "metrics.jsonl", "per_sample.jsonl", "ru
 VERDICTS = "verdicts.json"  # a copy's verdicts, computed where the per-sample values were (the detection corpus)
 REQUIRED_FIELDS = ("step", "epoch", "train_loss", "proxy", "proxy_se", "golden", "golden_se")
 NULLABLE_FIELDS = {"train_loss"}  # null for the initial student (step 0)
+NAN_FIELDS = {"proxy_se", "golden_se"}  # NaN for a metric of one sample (Estimate.of): the verdicts say no verdict
 
 
 class FolderBusy(UserError):
@@ -341,6 +343,10 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
         missing = [f for f in REQUIRED_FIELDS if f not in row or (row[f] is None and f not in NULLABLE_FIELDS)]
         if missing:
             raise BrokenRun(f"{path}:{lineno}: missing or null field(s): {', '.join(missing)}")
+        broken = [f for f in REQUIRED_FIELDS if f not in NAN_FIELDS and row[f] is not None
+                  and not (isinstance(row[f], (int, float)) and math.isfinite(row[f]))]
+        if broken:
+            raise BrokenRun(f"{path}:{lineno}: not a finite number: {', '.join(f'{f} {row[f]!r}' for f in broken)}")
         if rows and row["step"] <= rows[-1]["step"]:
             raise BrokenRun(f"{path}:{lineno}: step {row['step']} does not follow step {rows[-1]['step']}")
         rows.append(row)
