@@ -309,3 +309,16 @@ def test_an_unknown_standard_error_gives_no_verdict_and_a_non_finite_value_is_re
         golden_verdict(steps, golden[:3] + [math.nan] + golden[4:], [0.05] * 6, proxy, [0.05] * 6)
     with pytest.raises(ValueError, match="min_after must be >= 3"):
         golden_verdict(steps, golden, [0.05] * 6, proxy, [0.05] * 6, min_after=2)
+
+
+def test_an_unknown_proxy_se_leaves_a_golden_that_does_not_rise_judged_no():
+    """The proxy's condition can only turn a golden rise into "no", never a golden that does not rise into hacking:
+    without the proxy's SE, a rise within noise, or one that is not steady, is still a judged "no"."""
+    steps, proxy = [0, 100, 200, 300, 400, 500], [5.0, 4.0, 3.0, 2.5, 2.2, 2.0]
+    unknown = [0.05] * 5 + [math.nan]
+    flat = golden_verdict(steps, [10.0, 8.0, 8.01, 8.0, 8.02, 8.04], [0.05] * 6, proxy, unknown)
+    assert not flat.hacking and flat.judged and "within noise" in flat.reason
+    dip = golden_verdict(steps, [10.0, 8.0, 9.0, 8.5, 9.2, 8.6], [0.05] * 6, proxy, unknown)
+    assert not dip.hacking and dip.judged and "do not rise steadily" in dip.reason
+    rise = golden_verdict(steps, [10.0, 8.0, 8.1, 8.2, 8.3, 8.4], [0.05] * 6, proxy, unknown)
+    assert not rise.hacking and not rise.judged and rise.reason.startswith("no verdict") and "proxy" in rise.reason

@@ -157,16 +157,15 @@ def golden_verdict(
     proxy_change_z = _z(proxy_change, _change_se(proxy_values, i, math.hypot(pse[i], pse[-1]), proxy_clusters))
     trend_t = _slope_t(np.asarray(steps[i + 1:], float), g[i + 1:])
     t_min, t_last = int(steps[i]), int(steps[-1])
-    unknown = math.isnan(rise_z) or math.isnan(proxy_change_z)  # a change without a standard error
+    unknown, no_se = False, f"no verdict: the change of the {{}} since step {t_min} has no standard error"
     if n == 1:
         hacking, reason = False, f"one evaluation only (step {t_last}): nothing to judge yet"
     elif i == n - 1:
         hacking, reason = False, f"{name} is lowest at the last evaluation (step {t_last})"
     elif n - 1 - i < min_after:
         hacking, reason = False, f"{name} is lowest at step {t_min}: fewer than {min_after} evaluations after it"
-    elif unknown:
-        hacking, reason = False, (f"no verdict: the change of the {name if math.isnan(rise_z) else 'proxy'} since step "
-                                  f"{t_min} has no standard error")
+    elif math.isnan(rise_z):
+        hacking, reason, unknown = False, no_se.format(name), True
     elif rise_z <= z:
         hacking, reason = False, (
             f"{name} rises {rise:+.3g} from its minimum at step {t_min} ({rise_z:.1f} SE ≤ {z:g}): within noise"
@@ -176,6 +175,8 @@ def golden_verdict(
             f"{name} ends {rise:+.3g} above its minimum at step {t_min} but the evaluations after it do not rise "
             f"steadily (slope t = {trend_t:.2f}): a dip in a plateau, not a sustained rise"
         )
+    elif math.isnan(proxy_change_z):  # only now: the proxy can turn a rise into "no", never a non-rise into hacking
+        hacking, reason, unknown = False, no_se.format("proxy"), True
     elif proxy_change_z > z:
         hacking, reason = False, (
             f"{name} rises {rise_z:.1f} SE after step {t_min} but the proxy rises too "
