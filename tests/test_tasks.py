@@ -145,6 +145,23 @@ def test_a_folder_of_data_files_is_read_with_its_splits(tmp_path):
         load_task(f"xsum:{folder.parent}", tmp_path / "fresh")
 
 
+def test_a_folder_of_tables_reads_each_split_as_its_files_alone_read(tmp_path):
+    """pandas, through which `datasets` reads a folder, would make NA, None, null and nan missing (dropped as blank)
+    and a column of numbers numbers (refused as not text); a single file's values are all text."""
+    rows = [{"prompt": f"p{i}", "response": text} for i, text in enumerate(["NA", "None", "null", "nan", "", "4"])]
+    folder = tmp_path / "folder"
+    (folder / "data").mkdir(parents=True)
+    train = write_csv(folder / "data" / "train.csv", rows)
+    test = write_csv(folder / "data" / "test.csv", [{"prompt": "2+2", "response": "4"}, {"prompt": "3+3", "response": "6"}])
+    alone = load_task(str(train), tmp_path)
+    assert [p.response for p in alone.pairs] == ["NA", "None", "null", "nan", "4"]
+    got = load_task(f"hf:{folder}", tmp_path)
+    assert (got.pairs, got.skipped) == (alone.pairs, alone.skipped)
+    assert load_task(f"hf:{folder}", tmp_path, split="test").pairs == load_task(str(test), tmp_path).pairs
+    with pytest.raises(TaskError, match="no split 'validation'.*t"):
+        load_task(f"hf:{folder}", tmp_path, split="validation")
+
+
 def test_generic_fields_dotted_paths_and_bare_paths(tmp_path):
     path = write_parquet(tmp_path / "any.parquet", WMT)
     expected = [Pair("Good morning.", "Guten Morgen."), Pair("The house is small.", "Das Haus ist klein.")]

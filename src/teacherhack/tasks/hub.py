@@ -235,8 +235,14 @@ def _open_local(path: Path, task_name: str, fmt: TaskFormat, *, split: str, conf
                 return _Source(str(path), datasets.load_from_disk(str(path)))
             except Exception as error:  # noqa: BLE001
                 raise TaskError(f"cannot read the saved dataset {path}: {error}") from None
-        for table in _data_files(path, (".csv", ".tsv")):  # `datasets` (pandas) would merge rows at a stray quote
-            _read_table(table, tsv=table.suffix.lower() == ".tsv")
+        tables = _split_tables(path, config, split, cache_dir / "hf-datasets")
+        if tables:
+            rows, labels = [], []
+            for table in tables:
+                read = _read_table(table, tsv=table.suffix.lower() == ".tsv")
+                rows += read
+                labels += [f"{table.relative_to(path)}, row {number}" for number in range(1, len(read) + 1)]
+            return _Source(str(path), rows, labels)
         try:
             return _load_dataset(str(path), config, split, where=str(path), task_name=task_name, fmt=fmt,
                                  cache_dir=cache_dir / "hf-datasets")
@@ -263,6 +269,24 @@ def _open_local(path: Path, task_name: str, fmt: TaskFormat, *, split: str, conf
     except (OSError, UnicodeDecodeError, ValueError) as error:  # pyarrow errors are ValueErrors
         raise TaskError(f"cannot read {path} as {suffix.lstrip('.').upper()}: {error}") from None
     return _Source(str(path), rows, labels)
+
+
+def _split_tables(folder: Path, config: str | None, split: str, cache_dir: Path) -> list[Path]:
+    """The CSV or TSV files that `datasets` would read as ``split`` of ``folder``, to be read by `_read_table`
+    instead: `datasets` reads them with pandas, which merges rows at a stray quote, makes the texts NA, None, null
+    and nan missing and a column of numbers numbers, where a single file's values are all text. Empty when
+    `datasets` reads the folder otherwise (JSON, Parquet, compressed tables) or cannot resolve the split: then
+    `_load_dataset` reads it, or says why not."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(str(folder), config, cache_dir=str(cache_dir))
+    except Exception:  # noqa: BLE001 - `_load_dataset` meets the same failure and words it
+        return []
+    files = [Path(file) for file in (builder.config.data_files or {}).get(split, [])]
+    if builder.name != "csv" or not all(file.suffix.lower() in (".csv", ".tsv") for file in files):
+        return []
+    return files
 
 
 def _data_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
