@@ -124,6 +124,16 @@ def test_a_csv_row_with_more_values_than_columns_names_its_line(tmp_path):
         load_task(str(path), tmp_path)
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_a_table_whose_header_names_a_column_twice_is_refused(tmp_path, suffix):
+    """A row would keep only its last value of that column: here every prompt would be the third column's."""
+    path = tmp_path / f"pairs{suffix}"
+    text = "prompt,response,prompt\nhello,hola,greeting\nbye,adiós,farewell\n"
+    path.write_text(text.replace(",", "\t") if suffix == ".tsv" else text, encoding="utf-8")
+    with pytest.raises(TaskError, match=rf"pairs\{suffix}, line 1: the header names the column\(s\) 'prompt' more"):
+        load_task(str(path), tmp_path)
+
+
 def test_natural_instructions_template_and_alternative_field_names(tmp_path):
     assert load_task(f"natural-instructions:{write_jsonl(tmp_path / 'ni.jsonl', NI)}", tmp_path).pairs == NI_PAIRS
     renamed = [{"instruction": r["definition"], "input": r["inputs"], "output": r["targets"]} for r in NI]

@@ -317,6 +317,11 @@ def _read_table(path: Path, *, tsv: bool) -> list[dict]:
     limit = csv.field_size_limit(sys.maxsize)  # a long document is a field like any other (csv's default: 128 KiB)
     rows = []
     try:
+        header = reader.fieldnames or []
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:  # a row would keep only the last of its values
+            raise TaskError(f"{path}, line {reader.line_num}: the header names the column(s) "
+                            f"{', '.join(map(repr, repeated))} more than once; give each column its own name")
         for row in reader:
             if None in row:  # DictReader's key for the values beyond the header's columns
                 raise TaskError(f"{path}, line {reader.line_num}: {len(row[None])} more value(s) than the "
