@@ -10,6 +10,7 @@ import yaml
 
 from teacherhack import config as cfg
 from teacherhack.presets import LAB_PRESETS
+from teacherhack.tokenizer import MIN_VOCAB
 from teacherhack.config import ConfigError, LabConfig, from_dict, parse_assignments, resolve
 
 TASK = LabConfig().task  # the defaults the validation bounds below are relative to
@@ -148,6 +149,7 @@ def test_unknown_source_loss_preset():
     ({"eval.estimator": "exact"}, "eval.estimator"),
     ({"distill.chunk_size": "0"}, "chunk_size"),
     ({"task.vocab_size": "10"}, "vocab_size"),
+    ({"task.vocab_size": str(MIN_VOCAB - 1)}, rf"task\.vocab_size must be >= {MIN_VOCAB} .*got {MIN_VOCAB - 1}"),
     ({"oracle.lr": "0"}, "oracle"),
     ({"distill.prompts": str(TASK.n_distill + 1)}, "distill.prompts"),
     ({"distill.prompts": "0"}, "distill.prompts"),
@@ -175,9 +177,10 @@ def test_validation_boundaries_are_accepted():
     c = resolve("default", {"distill.batch_size": "12", "distill.grad_accum": "3",
                             "eval.prompts": str(TASK.n_validation), "distill.beta": "1.0",
                             "distill.mixture_lambda": "0", "models.oracle": "org/model",
-                            "student.batch_size": "12", "student.grad_accum": "12", "sampling_batch": "1"})
+                            "student.batch_size": "12", "student.grad_accum": "12", "sampling_batch": "1",
+                            "task.vocab_size": str(MIN_VOCAB)})
     assert c.distill.grad_accum == 3 and c.eval.prompts == c.task.n_validation and c.distill.beta == 1.0
-    assert c.student.grad_accum == 12 and c.sampling_batch == 1
+    assert c.student.grad_accum == 12 and c.sampling_batch == 1 and c.task.vocab_size == MIN_VOCAB
 
 
 @pytest.mark.parametrize("preset", sorted(LAB_PRESETS))

@@ -24,6 +24,7 @@ from teacherhack.generation import BACKENDS
 from teacherhack.models import ARCHITECTURES, SIZES, split_revision
 from teacherhack.presets import LAB_PRESETS
 from teacherhack.tasks import absolute_path, absolute_spec
+from teacherhack.tokenizer import MIN_VOCAB
 
 SOURCES: tuple[str, ...] = ("offline", "online_teacher", "online_student", "mixture")
 # The token-level divergences on the teacher's distribution, hard-label cross-entropy on the sampled tokens
@@ -467,7 +468,8 @@ def validate(c: LabConfig) -> None:
     require(t.n_oracle is None or t.n_oracle > 0, "task.n_oracle must be > 0 (or null: every pair left)")
     require(t.limit is None or t.limit > 0, "task.limit must be > 0 (or null: every pair)")
     require(t.max_prompt_len >= 2 and t.max_response_len >= 2, "task: max_prompt_len and max_response_len must be >= 2")
-    require(t.vocab_size >= 64, "task.vocab_size must be >= 64")
+    require(t.vocab_size >= MIN_VOCAB, f"task.vocab_size must be >= {MIN_VOCAB} (the lab's byte-level tokenizer holds "
+                                       f"every byte and 3 special tokens), got {t.vocab_size}")
     require(c.teacher.samples is None or c.teacher.samples <= t.n_stage1, "teacher.samples cannot exceed task.n_stage1")
     require(c.student.samples is None or c.student.samples <= t.n_stage1, "student.samples cannot exceed task.n_stage1")
     e = c.eval

@@ -15,7 +15,8 @@ from teacherhack.tasks import TaskError
 
 PAD, EOS, SEP = "<pad>", "<eos>", "<sep>"
 
-_BYTES = len(pre_tokenizers.ByteLevel.alphabet())
+# The smallest vocabulary `train_tokenizer` can build: every byte, and PAD, EOS, SEP
+MIN_VOCAB = len(pre_tokenizers.ByteLevel.alphabet()) + len((PAD, EOS, SEP))
 _PROBE = "a b"  # any text: what a tokenizer adds around it, it adds around every text
 
 
@@ -25,8 +26,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     Byte level means any text encodes and decodes exactly; a small vocabulary keeps the output
     softmax, which dominates CPU training time, cheap.
     """
-    if vocab_size < _BYTES + 3:
-        raise ValueError(f"vocab_size must be at least {_BYTES + 3} (every byte plus 3 special tokens)")
+    if vocab_size < MIN_VOCAB:
+        raise ValueError(f"vocab_size must be at least {MIN_VOCAB} (every byte plus 3 special tokens)")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
