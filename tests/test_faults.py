@@ -125,6 +125,33 @@ def test_output_layers_smaller_than_the_tokenizer_are_refused(tiny_task, tmp_pat
     assert trained_nothing(tmp_path / "cache")
 
 
+def test_a_model_with_fewer_positions_than_the_task_s_sequences_is_refused(tiny_task, tmp_path, capsys):
+    """GPT-2's table of learned positions ends at n_positions: the oracle's first step would index beyond it."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    folders = save_models(tmp_path, tiny_task, "llama")
+    lengths = TINY["task.max_prompt_len"] + TINY["task.max_response_len"]
+    folders["teacher"] = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=16, n_layer=1, n_head=2, n_positions=lengths - 1,
+                               bos_token_id=1, eos_token_id=1)).save_pretrained(folders["teacher"])
+    AutoTokenizer.from_pretrained(folders["oracle"]).save_pretrained(folders["teacher"])
+    assert main(cli_args(folders, f"jsonl:{tiny_task}", tmp_path / "lab", tmp_path / "cache")) == 2
+    error = one_line_error(capsys)
+    assert f"models.teacher='{folders['teacher']}' has {lengths - 1} positions" in error
+    assert "task.max_prompt_len=16 + task.max_response_len=16" in error and trained_nothing(tmp_path / "cache")
+
+
+def test_models_without_a_table_of_positions_are_not_held_to_one(tiny_task, tmp_path):
+    """T5's relative positions and Llama's rotary ones have no table to run out of: a limit below the task's
+    lengths passes preflight."""
+    from teacherhack.preflight import check_models
+
+    for arch in ("t5", "llama"):
+        folders = save_models(tmp_path / arch, tiny_task, arch)  # Llama's max_position_embeddings: 64
+        check_models(cfg.resolve("quick", {**TINY, **{f"models.{r}": str(f) for r, f in folders.items()},
+                                           "task.max_prompt_len": 64, "task.max_response_len": 64}))
+
+
 def test_a_model_folder_without_a_tokenizer_is_refused(tiny_task, tmp_path, capsys):
     """transformers makes an empty tokenizer for such a folder: every text would encode to nothing."""
     from transformers import GPT2Config, GPT2LMHeadModel

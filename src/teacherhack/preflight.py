@@ -123,6 +123,7 @@ def check_models(c: LabConfig) -> None:
         if c.distill.generation == "vllm" and config.is_encoder_decoder:
             raise UserError(f"distill.generation=vllm serves decoder-only models, but {where} is an encoder-decoder; "
                             f"use distill.generation=hf or auto")
+        _check_positions(config, c, where)
         widths[role] = _output_width(config)
     check_tokenizers(tokenizers)
     vocabulary = len(next(iter(tokenizers.values())))
@@ -227,6 +228,32 @@ def _json(path: Path, where: str) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"{where}: {path.name} is not valid JSON ({error}); write it again with save_pretrained") \
             from None
+
+
+# Config fields of rotary position schemes (Llama, Qwen, Gemma, GPT-NeoX; GPT-J's rotary_dim), whose position limit is
+# what the model was trained on, not the size of a table that a longer sequence would index beyond
+ROTARY = ("rope_parameters", "rope_theta", "rotary_dim")
+
+
+def _check_positions(config: PretrainedConfig, c: LabConfig, where: str) -> None:
+    """A model with a table of position embeddings (learned: GPT-2, OPT, BART; sinusoidal: Marian) holds the longest
+    sequence the lab gives it, or its first step would index beyond the table: a decoder-only model's prompt and
+    response together, an encoder-decoder's each on its side (`encode_prompts` and `encode_responses` keep BOS, SEP
+    and EOS within task.max_prompt_len and task.max_response_len). Relative (T5) and rotary positions have no table
+    and pass."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "n_positions", None) or getattr(text, "max_position_embeddings", None)
+    if limit is None or any(getattr(text, field, None) is not None for field in ROTARY):
+        return
+    prompt, response = c.task.max_prompt_len, c.task.max_response_len
+    if config.is_encoder_decoder and max(prompt, response) > limit:
+        raise UserError(f"{where} has {limit} positions on each side, but task.max_prompt_len={prompt} and "
+                        f"task.max_response_len={response}: lower them to {limit} or less, or use a model with more "
+                        f"positions")
+    if not config.is_encoder_decoder and prompt + response > limit:
+        raise UserError(f"{where} has {limit} positions, but a prompt and its response take up to {prompt + response} "
+                        f"(task.max_prompt_len={prompt} + task.max_response_len={response}): lower them to {limit} "
+                        f"together, or use a model with more positions")
 
 
 def _output_width(config: PretrainedConfig) -> int:
