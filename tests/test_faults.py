@@ -152,6 +152,15 @@ def test_models_without_a_table_of_positions_are_not_held_to_one(tiny_task, tmp_
                                            "task.max_prompt_len": 64, "task.max_response_len": 64}))
 
 
+def test_a_declared_output_size_with_size_presets_only_is_refused(tiny_task, tmp_path, capsys):
+    """models.vocab_size is for padded pretrained output layers; presets are built as wide as the tokenizer, and a
+    narrower cut would leave ids that no model could predict."""
+    assert main(tiny_args(tiny_task, tmp_path / "lab", tmp_path / "cache", "--set", "models.vocab_size=280")) == 2
+    error = one_line_error(capsys)
+    assert "models.vocab_size=280" in error and "every role is a size preset" in error
+    assert "--set models.vocab_size=none" in error and trained_nothing(tmp_path / "cache")
+
+
 def test_a_model_folder_without_a_tokenizer_is_refused(tiny_task, tmp_path, capsys):
     """transformers makes an empty tokenizer for such a folder: every text would encode to nothing."""
     from transformers import GPT2Config, GPT2LMHeadModel

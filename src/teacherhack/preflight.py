@@ -91,6 +91,10 @@ def check_models(c: LabConfig) -> None:
     share one tokenizer and one output size (or declare the real shared size of padded output layers)."""
     pretrained = pretrained_roles(c.models)
     if not pretrained:
+        if c.models.vocab_size is not None:  # the models are built as wide as the tokenizer: a narrower cut crashes
+            raise UserError(f"models.vocab_size={c.models.vocab_size} declares the real size of padded pretrained "
+                            f"output layers, but every role is a size preset ({', '.join(SIZES)}), built as wide as "
+                            f"the lab's tokenizer: leave it out (--set models.vocab_size=none)")
         return
     trust = c.models.trust_remote_code
     widths, tokenizers = {}, {}
