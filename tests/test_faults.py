@@ -161,6 +161,20 @@ def test_a_declared_output_size_with_size_presets_only_is_refused(tiny_task, tmp
     assert "--set models.vocab_size=none" in error and trained_nothing(tmp_path / "cache")
 
 
+def test_a_tokenizer_without_eos_is_refused_before_anything_runs(tiny_task, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    folders = save_models(tmp_path, tiny_task, "llama")
+    for folder in folders.values():
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.eos_token = None
+        tokenizer.save_pretrained(folder)
+    assert main(cli_args(folders, f"jsonl:{tiny_task}", tmp_path / "lab", tmp_path / "cache")) == 2
+    error = one_line_error(capsys)
+    assert "models.oracle" in error and "has no eos_token" in error
+    assert not list((tmp_path / "cache").glob("artifacts/*"))  # not even the task
+
+
 def test_a_model_folder_without_a_tokenizer_is_refused(tiny_task, tmp_path, capsys):
     """transformers makes an empty tokenizer for such a folder: every text would encode to nothing."""
     from transformers import GPT2Config, GPT2LMHeadModel

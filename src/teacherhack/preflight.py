@@ -25,8 +25,9 @@ from teacherhack.errors import UserError
 from teacherhack.generation import UNDER_LAUNCHER, vllm_available
 from teacherhack.models import SIZES, HubModelError, NotCached, from_pretrained, pin, split_revision
 from teacherhack.stages import pretrained_roles
+from teacherhack.tasks import TaskError
 from teacherhack.tasks.hub import hub_reachable
-from teacherhack.tokenizer import check_tokenizers
+from teacherhack.tokenizer import check_tokenizers, special_ids
 
 
 def preflight(configs: list[LabConfig], out: Path, cache_root: Path) -> None:
@@ -121,6 +122,10 @@ def check_models(c: LabConfig) -> None:
         if len(tokenizers[role]) < 2:  # transformers makes an empty one for a folder without tokenizer files
             raise UserError(f"{where} holds no tokenizer ({len(tokenizers[role])} token): save the model's tokenizer "
                             f"next to it (tokenizer.save_pretrained(folder))")
+        try:
+            special_ids(tokenizers[role])  # the ids that end prompts and responses
+        except TaskError as error:
+            raise UserError(f"{where}: {error}") from None
         if role == "teacher" and c.distill.teacher_prompt_cache and config.is_encoder_decoder:
             raise UserError(f"distill.teacher_prompt_cache keeps a decoder's keys and values, but {where} is an "
                             f"encoder-decoder; turn the option off")
