@@ -70,6 +70,15 @@ def test_stretch_grows_stage_two(tiny_config: cfg.LabConfig):
     assert big.distill.steps == 4 * tiny_config.distill.steps and big.eval.every == 4 * tiny_config.eval.every
 
 
+def test_a_stretch_past_the_distillation_pool_names_the_stretch_and_the_values():
+    base = cfg.resolve("default")
+    factor = 2 * base.task.n_distill // base.distill.prompts
+    with pytest.raises(cfg.ConfigError, match=rf"--stretch {factor} multiplies .* distill\.prompts \("
+                                              rf"{base.distill.prompts} → {factor * base.distill.prompts}\).*"
+                                              rf"task\.n_distill={base.task.n_distill}\].*smaller --stretch"):
+        lab.stretched(base, factor)
+
+
 @pytest.mark.slow
 def test_sweep_shares_upstream_and_resumes_after_a_kill(tiny_config: cfg.LabConfig, tmp_path: Path, monkeypatch):
     built: list[str] = []

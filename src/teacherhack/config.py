@@ -458,7 +458,8 @@ def validate(c: LabConfig) -> None:
                                  f"{d.max_grad_norm}")
     require(d.batch_size % d.grad_accum == 0, "distill.batch_size must be a multiple of distill.grad_accum")
     require(d.schedule in SCHEDULES, f"distill.schedule must be one of {', '.join(SCHEDULES)}")
-    require(d.prompts is None or 0 < d.prompts <= c.task.n_distill, "distill.prompts must lie in [1, task.n_distill]")
+    require(d.prompts is None or 0 < d.prompts <= c.task.n_distill,
+            f"distill.prompts must lie in [1, task.n_distill={c.task.n_distill}], got {d.prompts}")
     require(d.generations_per_prompt >= 1, "distill.generations_per_prompt must be >= 1")
     require(d.chunk_size is None or d.chunk_size >= 1, "distill.chunk_size must be >= 1")
     require(d.generation in BACKENDS, f"distill.generation must be one of {', '.join(BACKENDS)}")

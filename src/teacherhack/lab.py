@@ -87,15 +87,25 @@ def run_lab(c: LabConfig, out: Path, cache_root: Path, engine: Engine = Engine()
 
 
 def stretched(base: LabConfig, factor: float) -> LabConfig:
-    """A longer (or shorter) sweep: stage-2 steps, evaluation interval and distillation pool times ``factor``."""
+    """A longer (or shorter) sweep: stage-2 steps, evaluation interval and distillation pool times ``factor``; a
+    configuration that the factor makes invalid (a pool beyond task.n_distill) is refused naming --stretch, which the
+    user gave, rather than the setting it changed."""
     if factor == 1:
         return base
     pool = "distill.prompts" if base.distill.prompts else "task.n_distill"
-    return cfg.apply_overrides(base, {
+    config = cfg.apply_overrides(base, {
         "distill.steps": max(1, round(base.distill.steps * factor)),
         "eval.every": max(1, round(base.eval.every * factor)),
         pool: max(1, round((base.distill.prompts or base.task.n_distill) * factor)),
     })
+    try:
+        cfg.validate(config)
+    except cfg.ConfigError as error:
+        raise cfg.ConfigError(f"--stretch {factor:g} multiplies distill.steps, eval.every and {pool} "
+                              f"({base.distill.prompts or base.task.n_distill} → "
+                              f"{config.distill.prompts or config.task.n_distill}), but {error}: use a smaller "
+                              f"--stretch") from None
+    return config
 
 
 def run_sweep(preset: str, base: LabConfig, out: Path, cache_root: Path, *, seeds: int, engine: Engine = Engine(),
