@@ -60,6 +60,27 @@ def test_tasks_cap_oracle_budgets_and_share_kjv_rv_with_sources(tiny_config: cfg
     assert {c.task.n_oracle for name, c in tasks.items() if not name.startswith("kjv-rv")} == {12_500}
 
 
+@pytest.mark.parametrize("preset, key, value", [("sources", "seed", "7"), ("sources", "distill.sources", "offline"),
+                                               ("losses", "distill.loss", "reverse_kl"), ("tasks", "task.spec", "wordnet"),
+                                               ("factors", "teacher.epochs", "8")])
+def test_a_set_of_what_the_sweep_sets_itself_is_refused(preset, key, value, tmp_path: Path, capsys):
+    """Each run's own value would replace it, while sweep.json's base recorded the one given."""
+    assert main(["sweep", preset, "--preset", "quick", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "c"),
+                 "--set", f"{key}={value}", "--set", "threads=1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"error: --set {key}: the {preset} sweep sets it in its runs" in err and "leave it out" in err
+    assert ("--seeds K" in err) == (key == "seed") and not (tmp_path / "out").exists()
+
+
+def test_a_set_of_the_pool_the_sweep_derives_its_own_from_is_its_base():
+    """budget distils on a quarter of the base pool: distill.prompts chooses that pool, no run replaces it."""
+    sweeps.check_assignments("budget", ["distill.prompts", "teacher.epochs"], 400, 8000)
+    assert {r.overrides["distill.prompts"] for r in sweeps.expand("budget", 400, 8000, 1)} == {100}
+    with pytest.raises(UserError, match="--set seed, distill.generations_per_prompt: the budget sweep sets them"):
+        sweeps.check_assignments("budget", ["seed", "distill.prompts", "distill.generations_per_prompt"], 400, 8000)
+
+
 def test_unknown_preset_is_a_clear_error(tiny_config: cfg.LabConfig, tmp_path: Path):
     with pytest.raises(cfg.ConfigError, match="unknown sweep preset 'sauce'"):
         lab.run_sweep("sauce", tiny_config, tmp_path / "out", tmp_path / "cache", seeds=1)

@@ -89,9 +89,11 @@ def _sweep(args: argparse.Namespace) -> int:
     from teacherhack.cache import default_cache_dir
     from teacherhack.lab import run_sweep, stretched
     from teacherhack.preflight import preflight
-    from teacherhack.sweeps import format_findings
+    from teacherhack.sweeps import check_assignments, format_findings
 
-    base = stretched(cfg.resolve(args.preset, cfg.parse_assignments(args.set)), args.stretch)
+    assignments = cfg.parse_assignments(args.set)
+    base = stretched(cfg.resolve(args.preset, assignments), args.stretch)
+    check_assignments(args.sweep, assignments, base.distill.prompts or base.task.n_distill, base.task.n_distill)
     cache = Path(args.cache) if args.cache else default_cache_dir()
     preflight([base], Path(args.out), cache)
     seeds = SWEEPS[args.sweep].seeds if args.seeds is None else args.seeds

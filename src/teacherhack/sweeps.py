@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from teacherhack.errors import UserError
 from teacherhack.rundir import load_run, summarise
 
 ONLINE = ("online_teacher", "online_student")
@@ -49,6 +50,24 @@ def expand(preset: str, n: int, available: int, seeds: int) -> list[Run]:
         raise KeyError(preset)
     return [Run(f"{group}/seed{seed}", group, seed, {**overrides, "seed": seed})
             for group, overrides in SWEEPS[preset].settings(n, available) for seed in range(seeds)]
+
+
+# The settings a preset's own pools derive from (its settings' ``n`` and ``available``): a user's value of them is the
+# base the sweep's pools are drawn from (budget: a quarter of it), not a value a run replaces
+POOLS = ("distill.prompts", "task.n_distill")
+
+
+def check_assignments(preset: str, keys: Iterable[str], n: int, available: int) -> None:
+    """Refuse a user's setting (``--set KEY``) that the runs of ``preset`` set themselves, but for `POOLS`: each
+    run's own value would replace it, while sweep.json's base recorded the user's."""
+    swept = {key for run in expand(preset, n, available, 1) for key in run.overrides if key not in POOLS}
+    clashes = [key for key in keys if key in swept]
+    if clashes:
+        why = "; ".join(f"{key}: {'each run its own, 0 to K-1 with --seeds K' if key == 'seed' else 'what it compares'}"
+                        for key in clashes)
+        raise UserError(f"--set {', '.join(clashes)}: the {preset} sweep sets {'it' if len(clashes) == 1 else 'them'} "
+                        f"in its runs ({why}), which would replace the value given; leave "
+                        f"{'it' if len(clashes) == 1 else 'them'} out, or run one setting with teacherhack lab")
 
 
 def _split(n: int, parts: int) -> int:
