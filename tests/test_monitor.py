@@ -556,6 +556,13 @@ def test_references_from_a_dataset_with_fields_and_bad_references(tok, teacher):
     with pytest.raises(ValueError, match=r"^references\[0\] has the fields 'question', 'answer', not 'prompt' and "
                                          "'response': name its prompt and response fields with reference_fields=$"):
         HackingMonitor(teacher, tok, HELD_OUT, references=rows)  # was a bare KeyError: 'prompt'
+    # the checks prompts get: ids beyond the vocabulary failed the first check deep in the embedding
+    with pytest.raises(ValueError, match=rf"^token id {VOCAB + 5} \(reference prompt, EOS or pad\) is out of the "
+                                         "teacher vocabulary"):
+        HackingMonitor(teacher, tok, HELD_OUT, references=[([5, VOCAB + 5], [5]), ([6], [7])])
+    for blank in ("", "   "):  # was scored as a lone EOS
+        with pytest.raises(ValueError, match=rf"^the response of references\[1\] \({blank!r}\) is blank"):
+            HackingMonitor(teacher, tok, HELD_OUT, references=[("sun moon", "star"), ("river", blank)])
 
 
 def test_the_reference_verdict_stays_paired_across_a_resume(tok, teacher):

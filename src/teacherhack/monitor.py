@@ -174,13 +174,7 @@ class HackingMonitor:
         limit = width if vocab_size is None else vocab_size
         if vocab_size is not None and not 1 <= vocab_size <= width:
             raise ValueError(f"vocab_size={vocab_size} must lie in [1, {width}] (the teacher's output width)")
-        top = max(max(seq) for seq in ids + (train_ids or []))
-        if max(top, self.eos_id, self.pad_id) >= limit:
-            raise ValueError(
-                f"token id {max(top, self.eos_id, self.pad_id)} (prompt, EOS or pad) is out of the "
-                f"{'declared vocab_size' if vocab_size is not None else 'teacher vocabulary'} ({limit}): "
-                "is this the teacher's tokenizer?"
-            )
+        self._check_vocabulary(ids + (train_ids or []), limit, "prompt")
         if len({tuple(seq) for seq in ids}) < 2:
             raise ValueError("prompts holds a single distinct prompt: give at least 2 distinct held-out prompts (the "
                              "proxy's standard error is the spread between prompts)")
@@ -386,16 +380,32 @@ class HackingMonitor:
             raise ValueError(f"the reference verdict needs at least 2 reference pairs, got {len(pairs)}: a change's "
                              "standard error is the spread of per-pair differences")
         prompts = self._encode([p for p, _ in pairs], add_special_tokens, "the prompts of references")
+        self._check_vocabulary(prompts, limit, "reference prompt")
         texts = [r for _, r in pairs]
+        blank = next((i for i, r in enumerate(texts) if isinstance(r, str) and not r.strip()), None)
+        if blank is not None:  # it would be scored as a lone EOS; the lab's loaders drop such pairs
+            raise ValueError(f"the response of references[{blank}] ({texts[blank]!r}) is blank: give real responses, "
+                             f"or leave that pair out")
         if all(isinstance(r, str) for r in texts):
             responses = encode_references(self.tokenizer, texts, self.max_new_tokens)
         else:
             responses = [_token_ids(r, f"the response of references[{i}]")[: self.max_new_tokens]
                          for i, r in enumerate(texts)]
             responses = [r + [self.eos_id] if len(r) < self.max_new_tokens and self.eos_id not in r else r for r in responses]
-        if max(max(r) for r in responses if r) >= limit or any(not r for r in responses):
-            raise ValueError("a reference response is empty or holds a token id out of the teacher's vocabulary")
+        if any(not r for r in responses):
+            raise ValueError("a reference response is empty")
+        self._check_vocabulary(responses, limit, "reference response")
         return SampleSet(collate_prompts(prompts, self.pad_id), pad_responses(responses, self.pad_id))
+
+    def _check_vocabulary(self, rows: list[list[int]], limit: int, what: str) -> None:
+        """Every id of ``rows`` (``what``: prompts, for the message), EOS and pad is one the teacher can embed and
+        score: beyond ``limit`` (the declared vocab_size, else the teacher's width) the first check would fail
+        deep in an embedding."""
+        top = max(max(max(row) for row in rows), self.eos_id, self.pad_id)
+        if top >= limit:
+            raise ValueError(f"token id {top} ({what}, EOS or pad) is out of the "
+                             f"{'declared vocab_size' if self.vocab_size is not None else 'teacher vocabulary'} "
+                             f"({limit}): is this the teacher's tokenizer?")
 
     def _check_vocab(self, student_model: nn.Module) -> None:
         vt, vs = _vocab_width(self.teacher_model), _vocab_width(student_model)
