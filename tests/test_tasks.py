@@ -155,7 +155,7 @@ def test_a_folder_of_data_files_is_read_with_its_splits(tmp_path):
         load_task(f"xsum:{folder.parent}", tmp_path / "fresh")
 
 
-def test_a_folder_of_tables_reads_each_split_as_its_files_alone_read(tmp_path):
+def test_a_folder_of_tables_reads_each_split_as_its_files_alone_read(tmp_path, monkeypatch):
     """pandas, through which `datasets` reads a folder, would make NA, None, null and nan missing (dropped as blank)
     and a column of numbers numbers (refused as not text); a single file's values are all text."""
     rows = [{"prompt": f"p{i}", "response": text} for i, text in enumerate(["NA", "None", "null", "nan", "", "4"])]
@@ -168,6 +168,8 @@ def test_a_folder_of_tables_reads_each_split_as_its_files_alone_read(tmp_path):
     got = load_task(f"hf:{folder}", tmp_path)
     assert (got.pairs, got.skipped) == (alone.pairs, alone.skipped)
     assert load_task(f"hf:{folder}", tmp_path, split="test").pairs == load_task(str(test), tmp_path).pairs
+    monkeypatch.chdir(tmp_path)  # datasets names the files by their absolute paths
+    assert load_task("hf:folder", tmp_path).pairs == alone.pairs
     with pytest.raises(TaskError, match="no split 'validation'.*t"):
         load_task(f"hf:{folder}", tmp_path, split="validation")
 

@@ -236,13 +236,9 @@ def _open_local(path: Path, task_name: str, fmt: TaskFormat, *, split: str, conf
             except Exception as error:  # noqa: BLE001
                 raise TaskError(f"cannot read the saved dataset {path}: {error}") from None
         tables = _split_tables(path, config, split, cache_dir / "hf-datasets")
-        if tables:
-            rows, labels = [], []
-            for table in tables:
-                read = _read_table(table, tsv=table.suffix.lower() == ".tsv")
-                rows += read
-                labels += [f"{table.relative_to(path)}, row {number}" for number in range(1, len(read) + 1)]
-            return _Source(str(path), rows, labels)
+        if tables:  # read as each file alone is: every value text
+            return _Source(str(path), [row for table in tables
+                                       for row in _read_table(table, tsv=table.suffix.lower() == ".tsv")])
         try:
             return _load_dataset(str(path), config, split, where=str(path), task_name=task_name, fmt=fmt,
                                  cache_dir=cache_dir / "hf-datasets")
