@@ -60,9 +60,9 @@ def test_tasks_cap_oracle_budgets_and_share_kjv_rv_with_sources(tiny_config: cfg
     assert {c.task.n_oracle for name, c in tasks.items() if not name.startswith("kjv-rv")} == {12_500}
 
 
-@pytest.mark.parametrize("preset, key, value", [("sources", "seed", "7"), ("sources", "distill.sources", "offline"),
-                                               ("losses", "distill.loss", "reverse_kl"), ("tasks", "task.spec", "wordnet"),
-                                               ("factors", "teacher.epochs", "8")])
+@pytest.mark.parametrize("preset, key, value", [
+    ("sources", "seed", "7"), ("sources", "distill.sources", "offline"), ("losses", "distill.loss", "reverse_kl"),
+    ("tasks", "task.spec", "wordnet"), ("factors", "teacher.epochs", "8")])
 def test_a_set_of_what_the_sweep_sets_itself_is_refused(preset, key, value, tmp_path: Path, capsys):
     """Each run's own value would replace it, while sweep.json's base recorded the one given."""
     assert main(["sweep", preset, "--preset", "quick", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "c"),

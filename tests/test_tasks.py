@@ -162,7 +162,7 @@ def test_a_folder_of_tables_reads_each_split_as_its_files_alone_read(tmp_path, m
     folder = tmp_path / "folder"
     (folder / "data").mkdir(parents=True)
     train = write_csv(folder / "data" / "train.csv", rows)
-    test = write_csv(folder / "data" / "test.csv", [{"prompt": "2+2", "response": "4"}, {"prompt": "3+3", "response": "6"}])
+    test = write_csv(folder / "data" / "test.csv", [{"prompt": f"{n}+{n}", "response": str(2 * n)} for n in (2, 3)])
     alone = load_task(str(train), tmp_path)
     assert [p.response for p in alone.pairs] == ["NA", "None", "null", "nan", "4"]
     got = load_task(f"hf:{folder}", tmp_path)
