@@ -9,6 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from teacherhack import cache as cache_module
 from teacherhack import config as cfg
 from teacherhack import lab, reports, sweeps
 from teacherhack.record import write_reproduction
+from teacherhack.stages import stage_specs
 from teacherhack.cli import main
 from teacherhack.errors import UserError
 
@@ -86,9 +88,20 @@ def test_unknown_preset_is_a_clear_error(tiny_config: cfg.LabConfig, tmp_path: P
         lab.run_sweep("sauce", tiny_config, tmp_path / "out", tmp_path / "cache", seeds=1)
 
 
-def test_stretch_grows_stage_two(tiny_config: cfg.LabConfig):
-    big = lab.stretched(tiny_config, 4)
+def test_stretch_grows_stage_two_on_the_same_upstream(tiny_config: cfg.LabConfig):
+    """--stretch multiplies the steps, the evaluation interval and the pool of distillation prompts; never the split
+    they come from (task.n_distill), whose change would draw other splits and retrain the whole upstream."""
+    pooled = cfg.apply_overrides(tiny_config, {"distill.prompts": 8})
+    big = lab.stretched(pooled, 4)
     assert big.distill.steps == 4 * tiny_config.distill.steps and big.eval.every == 4 * tiny_config.eval.every
+    assert big.distill.prompts == 32 and big.task == tiny_config.task
+    assert tiny_config.distill.prompts is None  # the whole pool: a half stretch takes its first half
+    half = lab.stretched(tiny_config, 0.5)
+    assert half.distill.prompts == tiny_config.task.n_distill // 2 and half.task == tiny_config.task
+    teacher = [stage_specs(config, "task-x")["teacher"]["key"] for config in (half, tiny_config)]
+    assert teacher[0] == teacher[1]
+    with pytest.raises(cfg.ConfigError, match=r"--stretch 2 multiplies .*a larger task\.n_distill, which draws other"):
+        lab.stretched(tiny_config, 2)  # a pool beyond the whole one
 
 
 def test_a_stretch_past_the_distillation_pool_names_the_stretch_and_the_values():
@@ -118,15 +131,19 @@ def test_sweep_shares_upstream_and_resumes_after_a_kill(tiny_config: cfg.LabConf
     def dies_on_second_run(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
+            time.sleep(1.0)  # a second of work, which the wall time must count though the run never finishes
             raise KeyboardInterrupt("simulated kill")
         return original_run(*args, **kwargs)
 
     monkeypatch.setattr(lab, "distill_run", dies_on_second_run)
     out, cache = tmp_path / "sweep", tmp_path / "cache"
+    began = time.time()
     with pytest.raises(KeyboardInterrupt):
         lab.run_sweep("sources", tiny_config, out, cache, seeds=1)
+    interrupted = time.time() - began
     assert sorted(p.parent.parent.name for p in (out / "runs").glob("*/seed0/student")) == ["offline"]
     first_wall = json.loads((out / "timing.json").read_text())["wall_seconds"]
+    assert first_wall > interrupted - 0.5  # the interrupted invocation's time, to its end (not to its last run)
 
     monkeypatch.setattr(lab, "distill_run", original_run)
     summary = lab.run_sweep("sources", tiny_config, out, cache, seeds=1)
@@ -166,18 +183,25 @@ def test_a_sweep_resumes_with_more_seeds_or_a_newer_schema_but_not_another_base(
         runs = [dataclasses.asdict(r) for r in expand("sources", config, seeds)]
         return json.loads(json.dumps({"preset": "sources", "seeds": seeds, "base": config.to_dict(), "runs": runs}))
 
+    def every_run(name: str) -> bool:
+        return True
+
     saved = plan(tiny_config, 2)
-    assert lab._mismatch(saved, plan(tiny_config, 3)) is None
-    dropped = lab._mismatch(saved, plan(tiny_config, 1))  # runs of the saved sweep would be dropped
+    assert lab._mismatch(saved, plan(tiny_config, 3), every_run) is None
+    dropped = lab._mismatch(saved, plan(tiny_config, 1), every_run)  # runs of the saved sweep would be dropped
     assert dropped is not None and "seed1" in dropped and "seed0" not in dropped
-    assert lab._mismatch(saved, plan(cfg.apply_overrides(tiny_config, {"distill.steps": 7}), 2)) == (
+    # planned runs that never started pin nothing: a sweep extended to 3 seeds and stopped at once goes back to 2
+    assert lab._mismatch(plan(tiny_config, 3), saved, lambda name: not name.endswith("seed2")) is None
+    assert "seed2" in lab._mismatch(plan(tiny_config, 3), saved, lambda name: name == "offline/seed2")
+    assert lab._mismatch(saved, plan(cfg.apply_overrides(tiny_config, {"distill.steps": 7}), 2), every_run) == (
         f"base settings differ: distill.steps: {tiny_config.distill.steps!r} → 7")
-    assert lab._mismatch({**saved, "preset": "losses"}, plan(tiny_config, 2)) == "preset 'losses', not 'sources'"
+    assert lab._mismatch({**saved, "preset": "losses"}, plan(tiny_config, 2), every_run) == (
+        "preset 'losses', not 'sources'")
     older = json.loads(json.dumps(saved))
     del older["base"]["pretrain"]  # written before the schema had this section; it now sits at its defaults
-    assert lab._mismatch(older, plan(tiny_config, 2)) is None
+    assert lab._mismatch(older, plan(tiny_config, 2), every_run) is None
     older["base"]["retired_key"] = 1
-    assert "retired_key" in lab._mismatch(older, plan(tiny_config, 2))
+    assert "retired_key" in lab._mismatch(older, plan(tiny_config, 2), every_run)
 
 
 def _result(group: str, seed: int, golden_min: float, golden_final: float, proxy_final: float, hacking: bool,
@@ -317,7 +341,7 @@ def test_sweep_report_separates_metric_units(tmp_path: Path):
 
 @pytest.mark.slow
 def test_cli_sweep_in_parallel_processes_then_the_reproduction_record(tiny_task: Path, tmp_path: Path, capsys):
-    settings = [arg for key, value in {**TINY, "task.spec": f"jsonl:{tiny_task}"}.items()
+    settings = [arg for key, value in {**TINY, "task.spec": f"jsonl:{tiny_task}", "threads": 2}.items()
                 for arg in ("--set", f"{key}={value}")]
     out = tmp_path / "budget"
     code = main(["sweep", "budget", "--preset", "quick", "--seeds", "1", "--jobs", "2", "--out", str(out),
@@ -329,6 +353,9 @@ def test_cli_sweep_in_parallel_processes_then_the_reproduction_record(tiny_task:
     tokens = [json.loads((out / "runs" / f"k={k}" / "seed0" / "run.json").read_text())["offline_tokens"]
               for k in (1, 2, 4, 8)]
     assert tokens == sorted(tokens) and tokens[0] > 0  # more generations per prompt: a bigger offline dataset
+    # two parallel runs share the two threads config.yaml names: run.json says what each trained on
+    assert json.loads((out / "runs" / "k=1" / "seed0" / "run.json").read_text())["threads"] == 1
+    assert "threads: 2" in (out / "runs" / "k=1" / "seed0" / "config.yaml").read_text()
 
     record = tmp_path / "docs" / "REPRODUCTION.md"
     assert main(["reproduction", str(out), "--out", str(record)]) == 0
@@ -438,6 +465,23 @@ def test_a_sweep_trains_on_the_threads_its_configuration_names(tiny_config, tmp_
     finally:
         torch.set_num_threads(before)
     assert seen == [1, 2]
+
+
+def test_a_resumed_sweep_keeps_the_thread_share_its_runs_started_on(tiny_config, tmp_path, monkeypatch):
+    """With --jobs 2, each run trains on half the threads; resumed with one run left, that run must continue on the
+    same share (it got all of them: other bits than the uninterrupted sweep, and a warning blaming --jobs)."""
+    left = "online_student/seed0"
+    monkeypatch.setattr(lab.RunFolder, "finished", lambda self: self.path.relative_to(tmp_path / "out" / "runs")
+                        .as_posix() != left)
+    monkeypatch.setattr(lab, "prepare_upstream", lambda *args, **kwargs: None)
+    launched = []
+    monkeypatch.setattr(lab, "launch", lambda jobs, **kwargs: launched.extend(jobs) or iter(()))
+    monkeypatch.setattr(lab, "collect", lambda out, runs: (_ for _ in ()).throw(RuntimeError("stop after the launch")))
+    with pytest.raises(RuntimeError, match="stop after the launch"):
+        lab.run_sweep("sources", cfg.apply_overrides(tiny_config, {"threads": 2}), tmp_path / "out",
+                      tmp_path / "cache", seeds=1, engine=lab.Engine(jobs=2))
+    assert [(job.name, job.args[5]) for job in launched] == [(left, 1)]  # 2 threads shared by 2 parallel runs
+    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["jobs"] == 2  # the record's command needs it
 
 
 def test_reverse_kls_are_off_by_default_and_on_in_the_sweep_that_discusses_them():

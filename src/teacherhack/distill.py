@@ -93,7 +93,7 @@ def distill_run(c: LabConfig, source_name: str, up: Upstream, run_dir: Path, dev
                               frozen=load_file(str(up.reference_scores)))
         scoring = time.time() - began  # the one-time scoring of the references, spent again on every resume
         if distributed.is_main():
-            folder.write_settings(_settings(c, source_name, name, up, evaluator))
+            folder.write_settings(_settings(c, source_name, name, up, evaluator, _training_threads(student)))
         optimizer = make_optimizer(student, d.lr)
         trackers = (Trackers(list(tracking.names), project=tracking.project, run_name=label,
                              logging_dir=tracking.logging_dir, config=c.to_dict())
@@ -187,14 +187,16 @@ def teacher_prompt_states(c: LabConfig, source: Source, teacher: LM, label: str)
     return states
 
 
-def _settings(c: LabConfig, source: str, name: str | None, up: Upstream, evaluator: Evaluator) -> dict[str, Any]:
-    """run.json: what a report needs to label and compare runs."""
+def _settings(c: LabConfig, source: str, name: str | None, up: Upstream, evaluator: Evaluator,
+              threads: int | None) -> dict[str, Any]:
+    """run.json: what a report needs to label and compare runs, and the CPU threads its steps train on (under --jobs
+    a share of config.yaml's ``threads``: the bits depend on it)."""
     d = c.distill
     offline = source in OFFLINE_SOURCES
     return {"name": name or source, "source": source, "loss": d.loss, "prompts": len(load_ids(up.distill_prompts)[0]),
             "generations_per_prompt": d.generations_per_prompt if offline else None, "steps": d.steps,
             "batch_size": d.batch_size, "metric_unit": "nats/token" if c.eval.per_token else "nats/sequence",
-            "seed": c.seed, "mixture_lambda": d.mixture_lambda if source == "mixture" else None,
+            "seed": c.seed, "threads": threads, "mixture_lambda": d.mixture_lambda if source == "mixture" else None,
             # the teacher generated the offline dataset once, up front: part of what this run's data cost
             "offline_tokens": sum(map(len, load_ids(up.offline)[1] or [])) if offline and up.offline else 0,
             "teacher_golden": evaluator.teacher_golden.mean, "teacher_golden_se": evaluator.teacher_golden.se,

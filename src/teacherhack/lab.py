@@ -87,24 +87,24 @@ def run_lab(c: LabConfig, out: Path, cache_root: Path, engine: Engine = Engine()
 
 
 def stretched(base: LabConfig, factor: float) -> LabConfig:
-    """A longer (or shorter) sweep: stage-2 steps, evaluation interval and distillation pool times ``factor``; a
-    configuration that the factor makes invalid (a pool beyond task.n_distill) is refused naming --stretch, which the
-    user gave, rather than the setting it changed."""
+    """A longer (or shorter) sweep: stage-2 steps, evaluation interval and distillation pool (distill.prompts; unset,
+    the whole task.n_distill) times ``factor``, on the same upstream: never task.n_distill, which would draw other
+    splits and so another oracle, teacher and student. A configuration that the factor makes invalid (a pool beyond
+    task.n_distill) is refused naming --stretch, which the user gave, rather than the setting it changed."""
     if factor == 1:
         return base
-    pool = "distill.prompts" if base.distill.prompts else "task.n_distill"
+    pool = base.distill.prompts or base.task.n_distill
     config = cfg.apply_overrides(base, {
         "distill.steps": max(1, round(base.distill.steps * factor)),
         "eval.every": max(1, round(base.eval.every * factor)),
-        pool: max(1, round((base.distill.prompts or base.task.n_distill) * factor)),
+        "distill.prompts": max(1, round(pool * factor)),
     })
     try:
         cfg.validate(config)
     except cfg.ConfigError as error:
-        raise cfg.ConfigError(f"--stretch {factor:g} multiplies distill.steps, eval.every and {pool} "
-                              f"({base.distill.prompts or base.task.n_distill} → "
-                              f"{config.distill.prompts or config.task.n_distill}), but {error}: use a smaller "
-                              f"--stretch") from None
+        raise cfg.ConfigError(f"--stretch {factor:g} multiplies distill.steps, eval.every and distill.prompts ({pool} → "
+                              f"{config.distill.prompts}), but {error}: use a smaller --stretch (or a larger "
+                              f"task.n_distill, which draws other splits: another oracle, teacher and student)") from None
     return config
 
 
@@ -114,14 +114,17 @@ def run_sweep(preset: str, base: LabConfig, out: Path, cache_root: Path, *, seed
     if preset not in SWEEPS:
         raise cfg.ConfigError(f"unknown sweep preset {preset!r}; choose one of {', '.join(SWEEPS)}")
     runs = expand(preset, base.distill.prompts or base.task.n_distill, base.task.n_distill, seeds)
-    plan = {"preset": preset, "seeds": seeds, "base": base.to_dict(), "runs": [asdict(r) for r in runs]}
+    # jobs: what the record's command needs to give the same bits (parallel runs train on a share of the threads)
+    plan = {"preset": preset, "seeds": seeds, "jobs": engine.jobs, "base": base.to_dict(),
+            "runs": [asdict(r) for r in runs]}
     configs = {r.name: cfg.apply_overrides(base, r.overrides) for r in runs}
     for config in configs.values():
         cfg.validate(config)
     configs = {name: pin_models(config) for name, config in configs.items()}  # each run's config.yaml: the commits
     with locked(out, "sweep folder"):
         plan_path = out / "sweep.json"
-        mismatch = _mismatch(json.loads(plan_path.read_text()), plan) if plan_path.exists() and _started(out) else None
+        mismatch = (_mismatch(json.loads(plan_path.read_text()), plan, lambda name: _started(out / "runs" / name))
+                    if plan_path.exists() and _started(out) else None)
         if mismatch:
             raise cfg.ConfigError(f"{out} holds a different sweep ({plan_path}: {mismatch}); choose another --out, or "
                                   f"rerun the same command (more --seeds are fine) to resume it")
@@ -142,22 +145,27 @@ def run_sweep(preset: str, base: LabConfig, out: Path, cache_root: Path, *, seed
         device = resolve_device(base.device)
         todo = [r for r in runs if not RunFolder(out / "runs" / r.name).finished()]
         progress(f"sweep {preset}: {len(runs)} runs, {len(runs) - len(todo)} already done")
-        jobs = []
-        for r in todo:  # upstream artifacts first, in this process with all threads; the cache shares them
-            run_dir = out / "runs" / r.name
-            up = prepare_upstream(configs[r.name], cache, device, {}, check=partial(check_resumable, run_dir, r.name))
-            run_dir.mkdir(parents=True, exist_ok=True)
-            configs[r.name].dump(RunFolder(run_dir).config_path)
-            jobs.append(_job(r.name, configs[r.name], configs[r.name].distill.sources[0], up, run_dir, out, engine,
-                             len(todo)))
-        finished, began = len(runs) - len(todo), time.time()
-        for _ in launch(jobs, parallel=engine.jobs, engine=engine.name, folder=out / ".engine",
-                        options=dict(engine.options)):
-            finished += 1
+        try:  # an interrupted invocation's time counts too (Ctrl-C, SIGTERM; a SIGKILL loses it since the last run)
+            jobs = []
+            for r in todo:  # upstream artifacts first, in this process with all threads; the cache shares them
+                run_dir = out / "runs" / r.name
+                up = prepare_upstream(configs[r.name], cache, device, {},
+                                      check=partial(check_resumable, run_dir, r.name))
+                run_dir.mkdir(parents=True, exist_ok=True)
+                configs[r.name].dump(RunFolder(run_dir).config_path)
+                # the thread share of the whole sweep's runs, not of those left: a resumed run keeps its threads
+                jobs.append(_job(r.name, configs[r.name], configs[r.name].distill.sources[0], up, run_dir, out,
+                                 engine, len(runs)))
+            finished, began = len(runs) - len(todo), time.time()
+            for _ in launch(jobs, parallel=engine.jobs, engine=engine.name, folder=out / ".engine",
+                            options=dict(engine.options)):
+                finished += 1
+                wall_seconds()
+                done_now = finished - (len(runs) - len(todo))
+                eta = (time.time() - began) / done_now * (len(runs) - finished)
+                progress(f"sweep {preset}: {finished}/{len(runs)} runs done, ETA {eta / 60:.0f} min")
+        finally:
             wall_seconds()
-            done_now = finished - (len(runs) - len(todo))
-            eta = (time.time() - began) / done_now * (len(runs) - finished)
-            progress(f"sweep {preset}: {finished}/{len(runs)} runs done, ETA {eta / 60:.0f} min")
 
         results = collect(out, runs)
         summary = {"preset": preset, "seeds": seeds, "runs": len(runs), "wall_seconds": wall_seconds(),
@@ -216,10 +224,11 @@ def _started(folder: Path) -> bool:
     return any(folder.rglob("metrics.jsonl")) or any(folder.rglob("checkpoint"))
 
 
-def _mismatch(saved: dict[str, Any], plan: dict[str, Any]) -> str | None:
+def _mismatch(saved: dict[str, Any], plan: dict[str, Any], started: Callable[[str], bool]) -> str | None:
     """What keeps ``plan`` from continuing the saved sweep, None when it does: the same preset and base
-    configuration (keys added to the schema since then count at their defaults), and every saved run still in it
-    (more seeds extend a sweep)."""
+    configuration (keys added to the schema since then count at their defaults), and every saved run that has
+    ``started`` still in it (more seeds extend a sweep; planned runs that never started pin nothing, so a sweep
+    extended and stopped at once can go back to its seeds)."""
     if saved["preset"] != plan["preset"]:
         return f"preset {saved['preset']!r}, not {plan['preset']!r}"
     try:
@@ -230,5 +239,5 @@ def _mismatch(saved: dict[str, Any], plan: dict[str, Any]) -> str | None:
     if changed:
         return "base settings differ: " + "; ".join(changed)
     runs = {json.dumps(r, sort_keys=True) for r in json.loads(json.dumps(plan["runs"]))}
-    gone = [r["name"] for r in saved["runs"] if json.dumps(r, sort_keys=True) not in runs]
+    gone = [r["name"] for r in saved["runs"] if json.dumps(r, sort_keys=True) not in runs and started(r["name"])]
     return f"its runs {', '.join(gone)} are not in this sweep's (or differ)" if gone else None
