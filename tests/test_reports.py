@@ -167,6 +167,34 @@ def test_the_report_command_splits_runs_by_unit_as_a_sweep_does(lab, tmp_path, c
         "per-token" in (out / "per_token" / "report.html").read_text()
 
 
+def test_runs_of_one_name_from_different_folders_are_told_apart(lab, tmp_path, capsys, monkeypatch):
+    """Every sweep names its runs offline/seed0, ...: two sweeps' (or two labs') runs of one name were labelled
+    alike in the legends, the terminal table and the headings. A shared name gets the end of the folder path that
+    tells it apart; a name no other folder has stays as it was, and a folder given twice is one run."""
+    import teacherhack.reports as reports
+    from teacherhack.cli import main
+
+    legends = []
+    save = reports._save
+    monkeypatch.setattr(reports, "_save", lambda fig, path: (legends.append(
+        [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]), save(fig, path)))
+    golden = 50 + 0.05 * (STEPS / 100 - 7) ** 2
+    for sweep in ("s1", "ref"):
+        write_run(tmp_path / sweep / "runs" / "offline" / "seed0", "offline/seed0", golden)
+    seed0 = [str(tmp_path / sweep / "runs" / "offline" / "seed0") for sweep in ("s1", "ref")]
+    out = tmp_path / "report"
+    assert main(["report", *seed0, str(lab / "offline"), seed0[0], "--out", str(out)]) == 0
+    names = ["s1:offline/seed0", "ref:offline/seed0", "offline 500x1", "s1:offline/seed0"]
+    table = capsys.readouterr().out.splitlines()[2:6]
+    assert [row.split("  ")[0] for row in table] == names
+    assert all(names[:3] == legend[:3] for legend in legends) and len(legends) == 6
+    page = (out / "report.html").read_text()
+    assert all(f"<h2>{name}</h2>" in page for name in names)
+    assert [r["name"] for r in json.loads((out / "report.json").read_text())] == names
+    assert [r.name for r in reports.told_apart(load_runs([lab, lab / "offline"]))] == \
+        ["offline 500x1", "online_teacher", "offline 500x1"]
+
+
 def test_a_report_into_a_file_is_one_line(lab, tmp_path, capsys):
     """--out naming an existing file raised a FileExistsError traceback."""
     from teacherhack.cli import main

@@ -10,6 +10,7 @@ import math
 import html
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -256,7 +257,7 @@ def plot_cost(runs: Sequence[Run], path: str | Path) -> None:
 def write_report(paths: str | Path | Iterable[str | Path], out_dir: str | Path) -> Path:
     """Write the figures, report.json (each run's verdicts) and a self-contained report.html; return the HTML path.
     Not verdicts.json: in a run folder (``--out RUN``) that name holds a copy's stored verdicts (rundir.VERDICTS)."""
-    runs = load_runs(paths)
+    runs = told_apart(load_runs(paths))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = {
@@ -317,7 +318,7 @@ def summarise(runs: Sequence[Run]) -> str:
     head = ["run", "source", "evals", "final proxy", "final golden", "best golden @step", "golden", "reference",
             "detector"]
     rows = [head]
-    for run in runs:
+    for run in told_apart(runs):
         verdicts = run.verdicts()
         last, best = run.metrics[-1], run.metrics[int(np.argmin(run.series("golden")))]
         rows.append([
@@ -336,6 +337,27 @@ def summarise(runs: Sequence[Run]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def told_apart(runs: Sequence[Run]) -> list[Run]:
+    """``runs`` named so that a legend, table or heading tells them apart: every lab names its runs ``offline``,
+    ``online_teacher``, ..., every sweep ``offline/seed0``, ..., so a name that other folders share is prefixed
+    with the shortest end of its folder path they do not share (``s1:offline/seed0``); a name no other folder has
+    stays as it is (a folder given twice is one run)."""
+    folders: dict[str, set[Path]] = {}
+    for run in runs:
+        folders.setdefault(run.name, set()).add(run.path.resolve())
+    return [run if len(folders[run.name]) == 1 else
+            replace(run, name=f"{_distinguishing(run.path.resolve(), folders[run.name])}:{run.name}") for run in runs]
+
+
+def _distinguishing(folder: Path, folders: set[Path]) -> str:
+    """The fewest folders above the end all of ``folders`` share that only ``folder`` (one of them) has there."""
+    parts = [f.parts for f in folders]
+    shared = next(n for n in range(min(map(len, parts)), -1, -1) if len({p[len(p) - n:] for p in parts}) == 1)
+    own, others = folder.parts[:len(folder.parts) - shared], [p[:len(p) - shared] for p in parts if p != folder.parts]
+    depth = next(n for n in range(1, len(own) + 1) if all(p[-n:] != own[-n:] for p in others))
+    return Path(*own[-depth:]).as_posix()
 
 
 def _style(i: int) -> dict[str, Any]:
