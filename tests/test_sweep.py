@@ -322,6 +322,30 @@ def test_the_record_of_a_lab_folder_or_a_killed_sweep_is_one_line(tmp_path: Path
     assert not (tmp_path / "REPRODUCTION.md").exists()
 
 
+def _recorded_sweep(folder: Path, **plan) -> Path:
+    """A finished sweep folder as the record reads it: sweep.json (plus ``plan``), findings.json and findings.md."""
+    folder.mkdir(parents=True)
+    (folder / "sweep.json").write_text(json.dumps({"preset": "sources", "seeds": 2,
+                                                   "base": cfg.resolve("default").to_dict(), **plan}))
+    (folder / "findings.json").write_text(json.dumps({"preset": "sources", "seeds": 2, "runs": 6, "wall_seconds": 600,
+                                                      "machine": "a test", "findings": [{"reproduced": True}]}))
+    (folder / "findings.md").write_text("Findings.\n")
+    return folder
+
+
+def test_the_record_refuses_two_sweep_folders_of_one_name(tmp_path: Path, capsys):
+    """a/sources and b/sources both had their figures copied to reproduction/sources/, the second's over the
+    first's, under the first's section: the record has a section per folder name, so the second is refused."""
+    first, second = (_recorded_sweep(tmp_path / side / "sources") for side in ("a", "b"))
+    (first / "rise.png").write_bytes(b"a")
+    record = tmp_path / "docs" / "REPRODUCTION.md"
+    assert main(["reproduction", str(first), str(second), "--out", str(record)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"teacherhack: error: {first} and {second} are both named 'sources': the record has one section "
+                   f"(and one folder of figures and notes) per sweep folder name; rename one of them\n")
+    assert not record.parent.exists()
+
+
 def test_sweep_report_separates_metric_units(tmp_path: Path):
     """A sweep whose runs measure in different units (per-token metrics) still writes its reports."""
     dirs = []
