@@ -346,6 +346,16 @@ def test_the_record_refuses_two_sweep_folders_of_one_name(tmp_path: Path, capsys
     assert not record.parent.exists()
 
 
+def test_the_record_command_gives_the_jobs_the_sweep_ran_with(tmp_path: Path):
+    """Parallel runs train on a share of the threads, so a sweep run with --jobs gives other bits without it: the
+    command names --jobs when sweep.json says more than one, and reads as before for one or none (older plans)."""
+    for i, (jobs, plan) in enumerate(((" --jobs 3", {"jobs": 3}), ("", {"jobs": 1}), ("", {}))):
+        folder = _recorded_sweep(tmp_path / str(i) / "sources", **plan)
+        write_reproduction([folder], folder.parent / "REPRODUCTION.md")
+        assert (f"\nCommand: `teacherhack sweep sources --seeds 2 --out sources{jobs}` (base preset `default`)\n"
+                in (folder.parent / "REPRODUCTION.md").read_text())
+
+
 def test_sweep_report_separates_metric_units(tmp_path: Path):
     """A sweep whose runs measure in different units (per-token metrics) still writes its reports."""
     dirs = []

@@ -42,8 +42,10 @@ def write_reproduction(sweep_dirs: list[Path], path: Path, command_prefix: str =
         base = cfg.from_dict(plan["base"])
         options = ([f"--preset {base.preset}"] if base.preset != "default" else []) + [
             f"--set {shlex.quote(setting)}" for setting in cfg.assignments(base)]
+        # parallel runs train on a share of the threads, which changes their bits (older plans did not record it)
+        jobs = [f"--jobs {plan['jobs']}"] if plan.get("jobs", 1) > 1 else []
         command = " ".join([command_prefix, plan["preset"], f"--seeds {plan['seeds']}", f"--out {sweep_dir.name}",
-                            *options])
+                            *jobs, *options])
         lines += [f"## `{sweep_dir.name}`", "", f"Command: `{command}` (base preset `{base.preset}`)", "",
                   f"Machine: {summary.get('machine', 'not recorded')}; wall time {summary['wall_seconds'] / 60:.0f} min.",
                   ""]
