@@ -240,6 +240,12 @@ def test_clear_errors(tok, teacher):
             HackingMonitorCallback(teacher, tok, HELD_OUT, every=every)
     with pytest.raises(ValueError, match="^prompts holds a single distinct prompt: give at least 2"):  # SE was NaN
         HackingMonitor(teacher, tok, ["sun moon", [3 + WORDS.index("sun"), 3 + WORDS.index("moon")]])
+    # a repeated held-out prompt counted as a prompt of its own (too small an SE); a training prompt that is a
+    # held-out one made the training-gap signals compare the held-out set with itself
+    with pytest.raises(ValueError, match=r"^prompts repeats 2 held-out prompt\(s\)"):
+        HackingMonitor(teacher, tok, HELD_OUT + HELD_OUT[:2])
+    with pytest.raises(ValueError, match="^1 of train_prompts are held-out prompts too"):
+        HackingMonitor(teacher, tok, HELD_OUT, train_prompts=["river", HELD_OUT[0]])
 
 
 def test_prompts_from_a_tokenizer_and_the_forms_refused(tok, teacher):

@@ -175,9 +175,19 @@ class HackingMonitor:
         if vocab_size is not None and not 1 <= vocab_size <= width:
             raise ValueError(f"vocab_size={vocab_size} must lie in [1, {width}] (the teacher's output width)")
         self._check_vocabulary(ids + (train_ids or []), limit, "prompt")
-        if len({tuple(seq) for seq in ids}) < 2:
+        distinct = {tuple(seq) for seq in ids}
+        if len(distinct) < 2:
             raise ValueError("prompts holds a single distinct prompt: give at least 2 distinct held-out prompts (the "
                              "proxy's standard error is the spread between prompts)")
+        if len(distinct) < len(ids):
+            raise ValueError(f"prompts repeats {len(ids) - len(distinct)} held-out prompt(s) (the same token ids): each "
+                             "copy would count as a prompt of its own and the proxy's standard error come out too "
+                             "small; give each prompt once (samples_per_prompt= draws several samples of each)")
+        leaked = sum(tuple(seq) in distinct for seq in train_ids or [])
+        if leaked:
+            raise ValueError(f"{leaked} of train_prompts are held-out prompts too (the same token ids): the signals "
+                             "that compare training prompts with held-out ones would compare the held-out set with "
+                             "itself; give train_prompts from the prompts the student trains on only")
         held_out = collate_prompts(ids, self.pad_id)
         self.prompts: Prompts = held_out.repeat(samples_per_prompt)
         # the prompt of each held-out sample, in the order of its measured values (distributed.gather: the rows')
