@@ -312,14 +312,16 @@ def test_detect_leaves_out_and_names_a_run_cut_short_and_refuses_a_finished_one_
 
 def test_runs_of_same_named_sweeps_are_scored_on_their_own_signals_and_each_folder_counts_once(tmp_path: Path):
     """Two sweeps in folders of the same name (runs-v1/sources, runs-v2/sources: the natural --out of two
-    `teacherhack sweep sources`) hold runs of the same group and name: each is scored on its own signals, not on the
-    other's; and a sweep given twice, or with a folder above it, counts its runs once."""
+    `teacherhack sweep sources`) hold runs of the same name: each is scored on its own signals, not on the other's,
+    and each sweep is its own group; a sweep given twice, or with a folder above it, counts its runs once."""
     shutil.copytree(CORPUS / "sources", tmp_path / "v1" / "sources")
     shutil.copytree(CORPUS / "sources-teacher4", tmp_path / "v2" / "sources")
     found = find_runs([tmp_path / "v1", tmp_path / "v2", tmp_path / "v1" / "sources", tmp_path])
     assert len(found) == len({folder.resolve() for folder, _ in found}) == len(list(tmp_path.rglob("metrics.jsonl")))
     runs = [labelled(load_run(folder), group) for folder, group in found]
-    assert {r.preset for r in runs} == {"sources"} and len({r.name for r in runs}) < len(runs)
+    assert len({r.name for r in runs}) < len(runs)
+    # and each sweep is a group of its own (the validation holds one out at a time), told apart by its folder
+    assert {r.preset for r in runs} == {"v1:sources", "v2:sources"}
     values = signal_values(runs)
     for r in runs:
         assert outcome(DEFAULT_RULE, r, values)[0] == DEFAULT_RULE.alarm(r.rows, r.per_sample, r.settings), r.path

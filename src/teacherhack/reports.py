@@ -30,7 +30,7 @@ from teacherhack.detection import (  # noqa: E402
     power_law_detector,
 )
 from teacherhack.oracle_free import DEFAULT_RULE, DEFAULT_RULE_MEASURED, SIGNALS, signal_series  # noqa: E402
-from teacherhack.rundir import Run, Verdicts, load_runs, sample_prompts  # noqa: E402
+from teacherhack.rundir import Run, Verdicts, distinguishing, load_runs, sample_prompts  # noqa: E402
 
 DPI = 120
 LINESTYLES = ("-", "--", "-.", ":")
@@ -348,16 +348,7 @@ def told_apart(runs: Sequence[Run]) -> list[Run]:
     for run in runs:
         folders.setdefault(run.name, set()).add(run.path.resolve())
     return [run if len(folders[run.name]) == 1 else
-            replace(run, name=f"{_distinguishing(run.path.resolve(), folders[run.name])}:{run.name}") for run in runs]
-
-
-def _distinguishing(folder: Path, folders: set[Path]) -> str:
-    """The fewest folders above the end all of ``folders`` share that only ``folder`` (one of them) has there."""
-    parts = [f.parts for f in folders]
-    shared = next(n for n in range(min(map(len, parts)), -1, -1) if len({p[len(p) - n:] for p in parts}) == 1)
-    own, others = folder.parts[:len(folder.parts) - shared], [p[:len(p) - shared] for p in parts if p != folder.parts]
-    depth = next(n for n in range(1, len(own) + 1) if all(p[-n:] != own[-n:] for p in others))
-    return Path(*own[-depth:]).as_posix()
+            replace(run, name=f"{distinguishing(run.path.resolve(), folders[run.name])}:{run.name}") for run in runs]
 
 
 def _style(i: int) -> dict[str, Any]:

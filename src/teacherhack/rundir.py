@@ -274,8 +274,10 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> list[Run]:
 
 def find_runs(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
     """Every run folder at or below ``paths`` with its group: the sweep it belongs to (the nearest folder holding
-    a sweep.json), else the folder above it (a lab folder), else the run's own name. Each folder once, where it is
-    first found: paths that overlap (a sweep and a folder of sweeps holding it) do not count its runs twice."""
+    a sweep.json), else the folder above it (a lab folder), else the run's own name; two groups of one name in other
+    folders are told apart by the end of their paths (``v1:sources``, ``v2:sources``), since the detector's
+    validation holds each group out in turn. Each folder once, where it is first found: paths that overlap (a sweep
+    and a folder of sweeps holding it) do not count its runs twice."""
     found, seen = [], set()
     for path in map(Path, paths):
         folders = [path] if (path / METRICS).is_file() else sorted(p.parent for p in path.rglob(METRICS))
@@ -286,8 +288,22 @@ def find_runs(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
                 continue
             seen.add(folder.resolve())
             sweep = next((p for p in folder.parents if (p / "sweep.json").is_file()), None)
-            found.append((folder, sweep.name if sweep else folder.parent.name if folder != path else folder.name))
-    return found
+            found.append((folder, (sweep or (folder.parent if folder != path else folder)).resolve()))
+    named: dict[str, set[Path]] = {}
+    for _, group in found:
+        named.setdefault(group.name, set()).add(group)
+    return [(folder, group.name if len(named[group.name]) == 1 else
+             f"{distinguishing(group, named[group.name])}:{group.name}") for folder, group in found]
+
+
+def distinguishing(folder: Path, folders: set[Path]) -> str:
+    """The fewest folders above the end all of ``folders`` share that only ``folder`` (one of them) has there: what
+    tells apart runs or sweeps of one name in other folders."""
+    parts = [f.parts for f in folders]
+    shared = next(n for n in range(min(map(len, parts)), -1, -1) if len({p[len(p) - n:] for p in parts}) == 1)
+    own, others = folder.parts[:len(folder.parts) - shared], [p[:len(p) - shared] for p in parts if p != folder.parts]
+    depth = next(n for n in range(1, len(own) + 1) if all(p[-n:] != own[-n:] for p in others))
+    return Path(*own[-depth:]).as_posix()
 
 
 def summarise(run: Run) -> dict[str, Any]:
