@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from teacherhack.reports import plot_curves, summarise, write_report
-from teacherhack.rundir import load_run, load_runs
+from teacherhack.rundir import BrokenRun, load_run, load_runs
 
 PNG = b"\x89PNG\r\n\x1a\n"
 STEPS = np.arange(0, 16) * 100
@@ -57,6 +57,16 @@ def test_load_runs_takes_lab_and_run_directories(lab, tmp_path):
     assert runs[0].unit == "nats/seq"
     mixed = load_runs([lab / "online_teacher", lab])
     assert [r.name for r in mixed] == ["online_teacher", "offline 500x1", "online_teacher"]
+
+
+def test_a_folder_whose_runs_lie_deeper_says_where(lab, tmp_path):
+    """A sweep's runs are runs/NAME/seedK: `report SWEEP` named no metrics.jsonl and nothing to do about it."""
+    sweep = tmp_path / "sweep"
+    shutil.copytree(lab / "offline", sweep / "runs" / "offline" / "seed0")
+    with pytest.raises(BrokenRun, match=rf"no metrics.jsonl here .*runs lie deeper .*{sweep}/runs/\*/seed0"):
+        load_runs(sweep)
+    with pytest.raises(BrokenRun, match=r"immediate subfolder$"):
+        load_runs(tmp_path / "nothing-here")
 
 
 def test_run_without_run_json_is_named_after_its_folder(lab):

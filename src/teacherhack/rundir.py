@@ -265,7 +265,9 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> list[Run]:
             continue
         subdirs = sorted(d for d in path.iterdir() if (d / METRICS).is_file()) if path.is_dir() else []
         if not subdirs:
-            raise BrokenRun(f"{path}: no {METRICS} here or in any immediate subfolder")
+            deeper = path.is_dir() and next(path.rglob(METRICS), None) is not None  # a sweep folder's runs/NAME/seedK
+            raise BrokenRun(f"{path}: no {METRICS} here or in any immediate subfolder" + (
+                f"; runs lie deeper (a sweep: pass them, e.g. {path}/runs/*/seed0)" if deeper else ""))
         runs.extend(load_run(d) for d in subdirs)
     if not runs:
         raise BrokenRun("no run folders given")
