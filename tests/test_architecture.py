@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from teacherhack import config as cfg
 from teacherhack import stages
@@ -165,6 +166,11 @@ def test_the_training_stages_and_what_they_feed_are_keyed_by_the_cpu_thread_coun
     amx, avx512 = (stage_specs(base, "task-x", 1, kernels) for kernels in ("avx512 + AMX, torch 2.13.0+cpu",
                                                                            "avx512, torch 2.13.0+cpu"))
     moved = {name for name in STAGES if (amx[name] or {}).get("key") != (avx512[name] or {}).get("key")}
+    assert moved == {name for name in descendants(training) if one[name] is not None}
+    # the accelerator's kind and model: a cache filled on one GPU served any other
+    assert stages.accelerator_kernels("mps") == f"mps, torch {torch.__version__}"
+    gpus = [stage_specs(base, "task-x", None, stages.accelerator_kernels("mps")), accelerator]
+    moved = {name for name in STAGES if (gpus[0][name] or {}).get("key") != (gpus[1][name] or {}).get("key")}
     assert moved == {name for name in descendants(training) if one[name] is not None}
 
 

@@ -228,6 +228,20 @@ def test_vllm_under_a_multi_process_launch_is_refused_before_anything_trains(tin
     assert "runs in a single process" in error and not (tmp_path / "cache" / "artifacts").exists()
 
 
+def test_fewer_rows_than_processes_are_refused_before_anything_trains(tiny_task, tmp_path, capsys, monkeypatch):
+    """A process whose shard of a batch or an evaluation set is empty failed deep in its first batch (after the whole
+    upstream) with a message that named neither the setting nor the process count."""
+    from teacherhack import preflight
+
+    monkeypatch.setattr(preflight, "world", lambda: 9)
+    assert main(tiny_args(tiny_task, tmp_path / "lab", tmp_path / "cache", "--set", "eval.reverse_samples=4")) == 2
+    error = one_line_error(capsys)
+    assert error.startswith("teacherhack: error: 9 processes share each batch and") and not (tmp_path / "cache" /
+                                                                                        "artifacts").exists()
+    assert "distill.batch_size=8, eval.prompts=8, eval.reverse_samples=4 give some none" in error
+    assert "oracle.batch_size" not in error  # TINY's oracle batch holds 9 rows or more
+
+
 @pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
 def test_a_sharded_launch_is_refused_before_anything_trains(variable, tiny_task, tmp_path, capsys, monkeypatch):
     """FSDP and DeepSpeed through `accelerate config`: unsupported, so refused at once rather than training with

@@ -110,7 +110,12 @@ def wrap_for_training(module: torch.nn.Module, optimizer: torch.optim.Optimizer)
     if not launched():
         return Prepared(module, optimizer)
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # find_unused_parameters keeps DDP's first bucket layout: by default it rebuilds the buckets after the first step,
+    # so a resumed run (wrapped anew) summed its first step's gradients in another order than the uninterrupted run
+    # did there, which on 3 or more processes (ring all-reduce) gives other bits
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     wrapped, optimizer = accelerator.prepare(module, optimizer)
     return Prepared(wrapped, optimizer, accelerator)

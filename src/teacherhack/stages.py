@@ -486,12 +486,25 @@ def cpu_kernels() -> str:
     return ", ".join(kernels)
 
 
+def accelerator_kernels(device: str) -> str:
+    """What a training step's bits depend on off the CPU: the accelerator's kind and model (a CUDA GPU's compute
+    capability) and the software that runs it."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        index = torch.device(device).index or 0
+        major, minor = torch.cuda.get_device_capability(index)
+        return (f"{torch.cuda.get_device_name(index)} (sm {major}.{minor}), torch {torch.__version__}, "
+                f"CUDA {torch.version.cuda}")
+    return f"{kind}, torch {torch.__version__}"
+
+
 def stage_specs(config: LabConfig, task_key: str, threads: int | None = None, kernels: str | None = None,
                 bos: Sequence[int] = ()) -> dict[str, dict[str, Any] | None]:
     """What each stage's key hashes (None for a stage this configuration does not need), in dependency order.
-    ``threads`` and ``kernels``: the CPU threads the training stages run on and the kernels they run (None on an
-    accelerator; :func:`cpu_kernels` with torch's version): a training step's reductions and rounding, so the
-    trained models' bits, depend on them, while sampling and scoring give the same bits on any thread count.
+    ``threads`` and ``kernels``: the CPU threads the training stages run on (None on an accelerator) and the kernels
+    they run (:func:`cpu_kernels` with torch's version, or :func:`accelerator_kernels`): a training step's reductions
+    and rounding, so the trained models' bits, depend on them, while sampling and scoring give the same bits on any
+    thread count. Not the number of processes: a lab's upstream serves its runs on any number of them.
     ``bos``: what the pretrained tokenizer puts before every prompt (:func:`pretrained_bos`), in the tokenizer's key
     when there is any, so in the key of every stage that encodes prompts. Pure:
     computes no artifact, so it is cheap and testable. Hub ids are hashed as ``config`` names them: pin them first
@@ -571,7 +584,8 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
     timings["data"] = time.time() - start
     cpu = torch.device(device).type == "cpu"
     specs = stage_specs(c, task_digest(task), torch.get_num_threads() if cpu else None,
-                        f"{cpu_kernels()}, torch {torch.__version__}" if cpu else None, pretrained_bos(c))
+                        f"{cpu_kernels()}, torch {torch.__version__}" if cpu else accelerator_kernels(device),
+                        pretrained_bos(c))
     if check is not None:
         check({name: spec["key"] for name, spec in specs.items() if spec is not None})
     paths: dict[str, Path] = {}
