@@ -167,6 +167,7 @@ def test_unknown_source_loss_preset():
     ({"task.n_oracle": "0"}, "task.n_oracle must be > 0"),
     ({"task.limit": "0"}, "task.limit must be > 0"),
     ({"preset": "quick"}, "preset is not a setting: choose it with --preset"),
+    ({"distill.sync_every": "3", "eval.every": "100"}, r"distill\.sync_every=3 must divide eval\.every=100"),
 ])
 def test_validation_failures(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -178,7 +179,7 @@ def test_validation_boundaries_are_accepted():
                             "eval.prompts": str(TASK.n_validation), "distill.beta": "1.0",
                             "distill.mixture_lambda": "0", "models.oracle": "org/model",
                             "student.batch_size": "12", "student.grad_accum": "12", "sampling_batch": "1",
-                            "task.vocab_size": str(MIN_VOCAB)})
+                            "task.vocab_size": str(MIN_VOCAB), "distill.sync_every": "25"})
     assert c.distill.grad_accum == 3 and c.eval.prompts == c.task.n_validation and c.distill.beta == 1.0
     assert c.student.grad_accum == 12 and c.sampling_batch == 1 and c.task.vocab_size == MIN_VOCAB
 

@@ -464,6 +464,11 @@ def validate(c: LabConfig) -> None:
     require(d.chunk_size is None or d.chunk_size >= 1, "distill.chunk_size must be >= 1")
     require(d.generation in BACKENDS, f"distill.generation must be one of {', '.join(BACKENDS)}")
     require(d.sync_every >= 1, "distill.sync_every must be >= 1")
+    # a run resumes from an evaluation's checkpoint, and only at a sync can a separate sampler (vLLM) be given the
+    # weights the uninterrupted run sampled from: elsewhere it would get the newer ones, other samples from then on
+    require(c.eval.every % d.sync_every == 0,
+            f"distill.sync_every={d.sync_every} must divide eval.every={c.eval.every}: a killed run resumes from an "
+            f"evaluation's checkpoint, and only at a sync does its sampler get the weights the uninterrupted run used")
     t = c.task
     require(min(t.n_validation, t.n_distill, t.n_stage1) > 0, "task: n_validation, n_distill and n_stage1 must be > 0")
     require(t.n_oracle is None or t.n_oracle > 0, "task.n_oracle must be > 0 (or null: every pair left)")

@@ -94,9 +94,10 @@ class OnlineSamples:
     A frozen model's samples (the teacher's) do not depend on training, so they are drawn ``block`` steps at a
     time (more rows per generation call: faster), and with ``keep_logprobs`` each batch carries the
     distribution every token was drawn from (``Batch.teacher``), which spares the loss a second teacher pass.
-    A step's samples are a pure function of the seed and the step, so a resumed run sees exactly what an
-    uninterrupted one saw. ``sync_from``: the model being trained, whose weights the sampler receives on the
-    first batch of every block of ``sync_every`` steps (a no-op for the HF sampler, which reads the live model).
+    A step's samples are a pure function of the seed, the step and the weights sampled from, so a resumed run sees
+    exactly what an uninterrupted one saw. ``sync_from``: the model being trained, whose weights the sampler
+    receives on the first batch of every block of ``sync_every`` steps (a no-op for the HF sampler, which reads the
+    live model), and on the first batch after a resume, which ``config.validate`` puts on a block's first step.
     """
 
     def __init__(self, prompts: list[list[int]], sampler: Sampler, *, batch_size: int, seed: int, pad_id: int,
