@@ -353,6 +353,12 @@ def test_mixture_with_real_sources():
     assert set(origins) == {"offline", "online_student"}
     assert mixture.tokens_generated == online.tokens_generated > 0
     assert mixture.epoch(8) == pytest.approx(2.0)
+    # two generations per prompt: the offline rows are twice the prompts, so its share of the steps passes over
+    # them half as often; at λ = 0 the mixture trains exactly as the offline source and counts as it does
+    twice = FixedPairs(prompts + prompts, responses + responses, batch_size=2, seed=0, pad_id=PAD, origin="offline")
+    for fraction, passes in ((0.0, 1.0), (0.5, 1.5), (1.0, 2.0)):
+        assert Mixture(twice, online, fraction=fraction, seed=3).epoch(8) == pytest.approx(passes)
+    assert Mixture(twice, online, fraction=0.0, seed=3).epoch(8) == twice.epoch(8)
 
 
 # --- losses and gradient accumulation ----------------------------------------------------------------

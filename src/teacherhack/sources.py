@@ -161,7 +161,10 @@ class Mixture:
         return (self.online if draw < self.fraction else self.other).batch(step)
 
     def epoch(self, steps_done: int) -> float:
-        return self.online.epoch(steps_done)
+        """Passes over the data trained on, in expectation: a share 1 − λ of the steps over ``other``'s rows (k
+        generations per prompt make k rows each), λ over the online prompts; the two agree where k = 1."""
+        offline = self.other.epoch(steps_done)
+        return offline + self.fraction * (self.online.epoch(steps_done) - offline)
 
     @property
     def tokens_generated(self) -> int:
