@@ -284,12 +284,36 @@ def test_the_evaluation_benchmark_times_every_part_of_an_evaluation(tiny_task, t
 
 def test_the_machine_names_the_kernels_that_a_run_s_bits_depend_on(monkeypatch):
     """A sweep's record says which CPU kernels made it: the instruction set, and any limit the user set on it."""
-    for name in stages.ISA_LIMITS:
+    for name in stages.KERNEL_SETTINGS:
         monkeypatch.delenv(name, raising=False)
     assert f"({torch.backends.cpu.get_cpu_capability()}" in lab.machine()
     assert "ISA" not in lab.machine()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
     assert "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)" in lab.machine()
+
+
+def test_the_libraries_kernel_settings_are_keyed_only_when_set(monkeypatch):
+    """MKL_CBWR=COMPATIBLE gives a float32 matrix product other bits on an AVX-512 CPU (and oneDNN's BF16 math mode or
+    MKL's forced CPU type can on others): set, it is in the training stages' keys; unset, the keys are those of
+    before it was named, so the default lab's cached artifacts stay valid."""
+    for name in stages.KERNEL_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    base = cfg.resolve("default")
+
+    def keys() -> dict[str, str]:
+        specs = stages.stage_specs(base, "task-x", 1, f"{stages.cpu_kernels()}, torch {torch.__version__}")
+        return {name: spec["key"] for name, spec in specs.items() if spec is not None}
+
+    default = keys()
+    assert "=" not in stages.cpu_kernels()  # the instruction set alone, as before any setting was named
+    for name, value in (("MKL_CBWR", "COMPATIBLE"), ("ONEDNN_DEFAULT_FPMATH_MODE", "BF16"),
+                        ("MKL_DEBUG_CPU_TYPE", "5")):
+        monkeypatch.setenv(name, value)
+        assert f"{name}={value}" in stages.cpu_kernels()
+        moved = {stage for stage, key in keys().items() if key != default[stage]}
+        assert {"oracle", "teacher", "student"} <= moved and "splits" not in moved, name
+        monkeypatch.delenv(name)
+        assert keys() == default
 
 
 def test_sampling_batch_bounds_every_call_that_samples_or_scores_a_dataset(tmp_path: Path, monkeypatch):

@@ -473,16 +473,20 @@ def _model_files(name: str) -> list[tuple[str, int, int]] | None:
             for p in sorted(folder.rglob("*")) if p.is_file()]
 
 
-# Environment variables that hold oneDNN's or MKL's kernels to an older instruction set (and so change the bits)
-ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+# Environment variables that pick oneDNN's or MKL's kernels (and so change the bits): an older instruction set, MKL's
+# reproducibility mode (MKL_CBWR=COMPATIBLE takes another sgemm path) or forced CPU type, oneDNN's float32 math mode
+# (BF16 lets it run float32 products in bf16)
+KERNEL_SETTINGS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR",
+                   "MKL_DEBUG_CPU_TYPE", "ONEDNN_DEFAULT_FPMATH_MODE")
 
 
 def cpu_kernels() -> str:
     """The CPU's vector kernels, which a training step's bits depend on: its instruction set (bf16 products take AMX
-    tiles where the CPU has them and round otherwise than AVX-512's) and any limit the user set on it."""
+    tiles where the CPU has them and round otherwise than AVX-512's) and any setting the user gave its libraries'
+    kernels (an unset one is left out: the keys stay those of before it was named)."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # private in torch 2.13; absent, not named
     kernels = [torch.backends.cpu.get_cpu_capability() + (" + AMX" if amx else "")]
-    kernels += [f"{name}={os.environ[name]}" for name in ISA_LIMITS if os.environ.get(name)]  # held back by the user
+    kernels += [f"{name}={os.environ[name]}" for name in KERNEL_SETTINGS if os.environ.get(name)]  # set by the user
     return ", ".join(kernels)
 
 
