@@ -20,7 +20,8 @@ from teacherhack import cache as cache_module
 from teacherhack import config as cfg
 from teacherhack import lab, reports, sweeps
 from teacherhack.record import write_reproduction
-from teacherhack.stages import stage_specs
+from teacherhack.cache import ArtifactCache
+from teacherhack.stages import stage_specs, upstream_keys
 from teacherhack.cli import main
 from teacherhack.errors import UserError
 
@@ -516,6 +517,45 @@ def test_a_resumed_sweep_keeps_the_thread_share_its_runs_started_on(tiny_config,
                       tmp_path / "cache", seeds=1, engine=lab.Engine(jobs=2))
     assert [(job.name, job.args[5]) for job in launched] == [(left, 1)]  # 2 threads shared by 2 parallel runs
     assert json.loads((tmp_path / "out" / "sweep.json").read_text())["jobs"] == 2  # the record's command needs it
+
+
+def test_a_resumed_sweep_refuses_finished_runs_built_on_other_upstream_artifacts(tiny_config, tmp_path, monkeypatch):
+    """Finished runs were skipped unchecked: resumed on another upstream (here another thread count, then an edited
+    task file), a sweep trained its other runs on a new oracle and teacher and put them beside the finished ones in its
+    findings. Their checkpoints' keys are checked before anything is built; on the same upstream the sweep goes on."""
+    base = cfg.apply_overrides(tiny_config, {"threads": None})  # the thread count of the machine that runs it
+    out, cache, done = tmp_path / "out", tmp_path / "cache", "offline/seed0"
+    monkeypatch.setattr(lab.RunFolder, "finished", lambda self: self.path == out / "runs" / done)
+    built = []
+
+    def stop(c, cache, device, timings, check=None):
+        built.append(c.distill.sources)
+        raise RuntimeError("stop before building")
+
+    monkeypatch.setattr(lab, "prepare_upstream", stop)
+    run = next(r for r in expand("sources", base, 1) if r.name == done)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        checkpoint = out / "runs" / done / "checkpoint"
+        checkpoint.mkdir(parents=True)
+        keys = upstream_keys(cfg.apply_overrides(base, run.overrides), ArtifactCache(cache), "cpu")
+        (checkpoint / "state.json").write_text(json.dumps({"step": 12, "upstream": keys}))
+        with pytest.raises(RuntimeError, match="stop before building"):  # the same upstream: the sweep goes on
+            lab.run_sweep("sources", base, out, cache, seeds=1)
+        assert len(built) == 1
+        torch.set_num_threads(2)
+        with pytest.raises(UserError, match=r"offline/seed0 \(finished\).* oracle differs \(rebuilt under other "
+                                            r"settings, thread count"):
+            lab.run_sweep("sources", base, out, cache, seeds=1)
+        torch.set_num_threads(1)
+        task = Path(base.task.spec.removeprefix("jsonl:"))
+        task.write_text(task.read_text().replace('"prompt": "', '"prompt": "edited ', 1))
+        with pytest.raises(UserError, match=r"offline/seed0 \(finished\).* splits differs"):
+            lab.run_sweep("sources", base, out, cache, seeds=1)
+        assert len(built) == 1  # refused before anything was built
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_reverse_kls_are_off_by_default_and_on_in_the_sweep_that_discusses_them():

@@ -29,7 +29,7 @@ from teacherhack.distributed import log
 from teacherhack.launch import Job, launch
 from teacherhack.reports import write_reports
 from teacherhack.rundir import RunFolder, locked
-from teacherhack.stages import cpu_kernels, pin_models, prepare_upstream
+from teacherhack.stages import cpu_kernels, pin_models, prepare_upstream, upstream_keys
 from teacherhack.sweeps import SWEEPS, collect, expand, format_findings, group_table
 
 transformers.utils.logging.disable_progress_bar()  # our own progress lines say what is happening
@@ -145,6 +145,11 @@ def run_sweep(preset: str, base: LabConfig, out: Path, cache_root: Path, *, seed
         device = resolve_device(base.device)
         todo = [r for r in runs if not RunFolder(out / "runs" / r.name).finished()]
         progress(f"sweep {preset}: {len(runs)} runs, {len(runs) - len(todo)} already done")
+        # before anything is built: runs trained now on other upstream artifacts than the finished ones (another
+        # thread count, machine, torch, hub commit, task file) would stand beside them in the findings
+        for r in [r for r in runs if r not in todo] if todo else []:
+            keys = upstream_keys(configs[r.name], cache, device)
+            check_resumable(out / "runs" / r.name, f"{r.name} (finished)", keys)
         try:  # an interrupted invocation's time counts too (Ctrl-C, SIGTERM; a SIGKILL loses it since the last run)
             jobs = []
             for r in todo:  # upstream artifacts first, in this process with all threads; the cache shares them

@@ -580,18 +580,13 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
     built."""
     c = pin_models(c)
     start = time.time()
-    t = c.task
-    task = load_task(t.spec, cache.root, split=t.split, prompt_field=t.prompt_field, response_field=t.response_field,
-                     config=t.hub_config, limit=t.limit, seed=t.seed)
+    task = _load_task(c, cache)
     for reason, count in task.skipped.items():
         log(f"task {task.source}: skipped {count} rows ({reason})")
     timings["data"] = time.time() - start
-    cpu = torch.device(device).type == "cpu"
-    specs = stage_specs(c, task_digest(task), torch.get_num_threads() if cpu else None,
-                        f"{cpu_kernels()}, torch {torch.__version__}" if cpu else accelerator_kernels(device),
-                        pretrained_bos(c))
+    specs = _specs(c, task, device)
     if check is not None:
-        check({name: spec["key"] for name, spec in specs.items() if spec is not None})
+        check(_keys(specs))
     paths: dict[str, Path] = {}
     models: dict[Path, torch.nn.Module] = {}
     for s in STAGES.values():
@@ -613,6 +608,31 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
                     paths["offline_data"] / "pairs.json" if "offline_data" in paths else None,
                     _existing(paths.get("teacher_signals"), "signals.safetensors"),
                     {name: specs[name]["key"] for name in paths})
+
+
+def upstream_keys(c: LabConfig, cache: ArtifactCache, device: str) -> dict[str, str]:
+    """The stages' cache keys :func:`prepare_upstream` would build ``c`` under now, building nothing: what a finished
+    run's checkpoint must have been taken on for new runs to stand beside it."""
+    c = pin_models(c)
+    return _keys(_specs(c, _load_task(c, cache), device))
+
+
+def _load_task(c: LabConfig, cache: ArtifactCache) -> Task:
+    t = c.task
+    return load_task(t.spec, cache.root, split=t.split, prompt_field=t.prompt_field, response_field=t.response_field,
+                     config=t.hub_config, limit=t.limit, seed=t.seed)
+
+
+def _specs(c: LabConfig, task: Task, device: str) -> dict[str, dict[str, Any] | None]:
+    """The stages' specs on this process's thread count and ``device``'s kernels (``c``'s hub ids pinned)."""
+    cpu = torch.device(device).type == "cpu"
+    return stage_specs(c, task_digest(task), torch.get_num_threads() if cpu else None,
+                       f"{cpu_kernels()}, torch {torch.__version__}" if cpu else accelerator_kernels(device),
+                       pretrained_bos(c))
+
+
+def _keys(specs: dict[str, dict[str, Any] | None]) -> dict[str, str]:
+    return {name: spec["key"] for name, spec in specs.items() if spec is not None}
 
 
 def _existing(folder: Path | None, name: str) -> Path | None:
