@@ -176,7 +176,8 @@ def test_the_training_stages_and_what_they_feed_are_keyed_by_the_cpu_thread_coun
 
 def test_a_model_folder_rewritten_in_place_gets_new_keys(tmp_path: Path):
     """A model folder is named by its path in the configuration; what the path holds is hashed too (its files'
-    sizes and modification times), so new weights saved over old ones never reuse what the old ones built."""
+    sizes and modification times), so new weights saved over old ones never reuse what the old ones built (the
+    tokenizer's key hashes the folder's files but the weights: it stays)."""
     folder = tmp_path / "my-teacher"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
@@ -187,8 +188,44 @@ def test_a_model_folder_rewritten_in_place_gets_new_keys(tmp_path: Path):
     (folder / "model.safetensors").write_bytes(b"new weights, longer")
     after = stage_specs(base, "task-x")
     moved = {name for name in STAGES if (before[name] or {}).get("key") != (after[name] or {}).get("key")}
-    readers = {s.name for s in STAGES.values() if "models.teacher" in s.reads and before[s.name] is not None}
+    readers = {s.name for s in STAGES.values() if "models.teacher" in s.reads and s.collective
+               and before[s.name] is not None}
     assert "teacher" in moved and moved == {n for n in descendants(readers) if before[n] is not None}
+
+
+def model_folder(path: Path) -> str:
+    """A model folder as stage_specs sees it: its files' names, sizes and modification times."""
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    (path / "tokenizer.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(b"weights")
+    return str(path)
+
+
+def moved_keys(before: dict[str, str], after: dict[str, str]) -> set[str]:
+    return {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
+
+
+def test_the_tokenizer_is_keyed_by_the_model_whose_tokenizer_it_saves(tmp_path: Path):
+    """With pretrained roles the tokenizer stage saves the first one's tokenizer (preflight refuses roles that do not
+    share it). Its key, a parent of every later stage, hashed every role's name and files and task.vocab_size: another
+    student, or new student weights, retrained the oracle and the teacher (hours at paper scale). Now those move the
+    student's stages only; the first role's tokenizer files move everything."""
+    roles = {f"models.{role}": model_folder(tmp_path / role) for role in ("oracle", "teacher", "student")}
+    base = cfg.apply_overrides(cfg.resolve("default"), roles)
+    before = stage_keys(base)
+    student = {n for n in descendants({"student"}) if n in before}
+    assert moved_keys(before, stage_keys(cfg.apply_overrides(base, {"models.student": model_folder(
+        tmp_path / "other-student")}))) == student
+    (tmp_path / "student" / "model.safetensors").write_bytes(b"new weights, longer")
+    assert moved_keys(before, stage_keys(base)) == student
+    assert stage_keys(cfg.apply_overrides(base, {"task.vocab_size": 4096})) == stage_keys(base)  # not read
+    before = stage_keys(base)
+    (tmp_path / "oracle" / "model.safetensors").write_bytes(b"new oracle weights")
+    assert "tokenizer" not in moved_keys(before, stage_keys(base)) and "oracle" in moved_keys(before, stage_keys(base))
+    before = stage_keys(base)
+    (tmp_path / "oracle" / "tokenizer.json").write_text('{"model": "another"}')
+    assert moved_keys(before, stage_keys(base)) == {n for n in descendants({"tokenizer"}) if n in before}
 
 
 def test_a_pretrained_model_s_training_is_keyed_as_trained_without_dropout(tmp_path: Path):

@@ -237,8 +237,19 @@ def build_splits(job: Job, out: Path) -> None:
                                      encoding="utf-8")  # the task's own characters, whatever the locale
 
 
+def tokenizer_inputs(c: ConfigView) -> dict[str, Any]:
+    """What the saved tokenizer is: the first pretrained role's own (its name and, for a folder, its files but the
+    weights: config.json can name the tokenizer's class), else a BPE of ``task.vocab_size`` tokens trained on the
+    splits. Not the other roles' names or files: preflight refuses, on every command, roles that do not share that
+    tokenizer, so another student (or new student weights) keeps the oracle and the teacher built on it."""
+    pretrained = list(pretrained_roles(c.models).values())
+    if not pretrained:
+        return {"vocab_size": c.task.vocab_size, "pretrained": {}}
+    return {"tokenizer of": pretrained[0], "files": _model_files(pretrained[0], weights=False)}
+
+
 @stage("tokenizer", reads=("task.vocab_size", "models.oracle", "models.teacher", "models.student"),
-       parents=("splits",), inputs=lambda c: {"vocab_size": c.task.vocab_size, "pretrained": pretrained_roles(c.models)})
+       parents=("splits",), inputs=tokenizer_inputs)
 def build_tokenizer(job: Job, out: Path) -> None:
     """The tokenizer all three models share: the pretrained models' own (checked to be one and the same), or
     a byte-level BPE trained on the oracle's training text when every model is built from a size preset."""
@@ -462,15 +473,19 @@ def task_digest(task: Task) -> str:
 _MODEL_KEYS = ("models.oracle", "models.teacher", "models.student")
 
 
-def _model_files(name: str) -> list[tuple[str, int, int]] | None:
-    """A local model folder's files (path, size, modification time in ns), None for a size preset or a hub id (whose
-    pinned name holds its commit: :func:`pin_models`): a folder whose weights are rewritten in place gets new keys,
-    not the artifacts built from its old weights."""
+# What a model folder's weights are saved as (safetensors, the only ones loaded, and the formats never loaded)
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+def _model_files(name: str, weights: bool = True) -> list[tuple[str, int, int]] | None:
+    """A local model folder's files (path, size, modification time in ns), without its weights unless ``weights``;
+    None for a size preset or a hub id (whose pinned name holds its commit: :func:`pin_models`): a folder whose weights
+    are rewritten in place gets new keys, not the artifacts built from its old weights."""
     folder = Path(name).expanduser()
     if name in SIZES or not folder.is_dir():
         return None
-    return [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()]
+    return [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file() and (weights or not p.name.endswith(WEIGHT_FILES))]
 
 
 # Environment variables that pick oneDNN's or MKL's kernels (and so change the bits): an older instruction set, MKL's
@@ -524,12 +539,13 @@ def stage_specs(config: LabConfig, task_key: str, threads: int | None = None, ke
         inputs = (s.inputs(ConfigView(config, s.reads, s.name)) if s.inputs
                   else {key: _value(config, key) for key in s.reads if key not in later})
         inputs |= {key: _value(config, key) for key in later if not _at_default(*_owner(config, key))}
-        inputs |= {f"{key} files": files for key in s.reads if key in _MODEL_KEYS
-                   and (files := _model_files(_value(config, key))) is not None}
-        if s.collective:  # a pretrained model trains without its dropout (models.without_dropout): not on artifacts
+        if s.collective:  # a training stage starts from its model folder's weights (the tokenizer's key names its
+            # own files); a pretrained model trains without its dropout (models.without_dropout): not on artifacts
             # of an older build that trained it with its own
-            inputs |= {f"{key} dropout": 0.0 for key in s.reads if key in _MODEL_KEYS
-                       and _value(config, key) not in SIZES}
+            roles = [key for key in s.reads if key in _MODEL_KEYS]
+            inputs |= {f"{key} files": files for key in roles
+                       if (files := _model_files(_value(config, key))) is not None}
+            inputs |= {f"{key} dropout": 0.0 for key in roles if _value(config, key) not in SIZES}
         if s.name == "tokenizer" and bos:  # prompts start with a pretrained tokenizer's BOS: not on artifacts of an
             # older build that encoded them without it (the tokenizer is a parent of every stage that encodes prompts)
             inputs["prompt start"] = list(bos)
