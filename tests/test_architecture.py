@@ -228,6 +228,19 @@ def test_the_tokenizer_is_keyed_by_the_model_whose_tokenizer_it_saves(tmp_path: 
     assert moved_keys(before, stage_keys(base)) == {n for n in descendants({"tokenizer"}) if n in before}
 
 
+def test_the_architecture_is_keyed_only_for_the_models_built_from_a_size_preset(tmp_path: Path):
+    """models.arch says what a size preset is built as; a pretrained role is loaded as its folder says, yet changing
+    the setting retrained it and everything after it."""
+    roles = {f"models.{role}": model_folder(tmp_path / role) for role in ("oracle", "teacher")}
+    base = cfg.apply_overrides(cfg.resolve("default"), {**roles, "models.student": "xxs"})
+    before = stage_keys(base)
+    llama = stage_keys(cfg.apply_overrides(base, {"models.arch": "llama"}))
+    assert moved_keys(before, llama) == {n for n in descendants({"student"}) if n in before}  # the size preset's
+    everything_pretrained = cfg.apply_overrides(base, {"models.student": model_folder(tmp_path / "student")})
+    assert stage_keys(cfg.apply_overrides(everything_pretrained, {"models.arch": "llama"})) == stage_keys(
+        everything_pretrained)
+
+
 def test_a_pretrained_model_s_training_is_keyed_as_trained_without_dropout(tmp_path: Path):
     """Since pretrained checkpoints train without their dropout (models.without_dropout), their training stages'
     keys say so: an older build's artifacts, trained with it, are not reused. Size presets, built without dropout

@@ -546,6 +546,8 @@ def stage_specs(config: LabConfig, task_key: str, threads: int | None = None, ke
             inputs |= {f"{key} files": files for key in roles
                        if (files := _model_files(_value(config, key))) is not None}
             inputs |= {f"{key} dropout": 0.0 for key in roles if _value(config, key) not in SIZES}
+            if roles and all(_value(config, key) not in SIZES for key in roles):
+                inputs.pop("models.arch", None)  # only a size preset is built from it
         if s.name == "tokenizer" and bos:  # prompts start with a pretrained tokenizer's BOS: not on artifacts of an
             # older build that encoded them without it (the tokenizer is a parent of every stage that encodes prompts)
             inputs["prompt start"] = list(bos)
