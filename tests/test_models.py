@@ -434,6 +434,32 @@ def test_prompt_states_refuse_an_encoder_decoder():
         make_lm("t5").prompt_states(collate_prompts(PROMPTS, PAD))
 
 
+# --- the attention's name ------------------------------------------------------------------------
+
+
+def test_a_model_whose_code_tests_the_attention_s_name_keeps_it_and_scores_as_its_full_forward():
+    """Gemma 4 keeps every query position of its KV-shared layers under ``logits_to_keep`` only when its
+    attention is named "sdpa" and the causal mask is None (SDPA's ``is_causal``: an unpadded batch); renamed, it
+    dropped them and scored each response token without most of its context."""
+    from transformers import Gemma4ForCausalLM
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig
+
+    torch.manual_seed(0)
+    model = Gemma4ForCausalLM(Gemma4TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=32, num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention"] * 2, vocab_size_per_layer_input=VOCAB,
+        hidden_size_per_layer_input=8, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS,
+        attn_implementation="sdpa", initializer_range=0.5)).eval()
+    lm = LM(model, pad_id=PAD, eos_id=EOS)
+    prompt, response = [5, 9, 7, 12], torch.tensor([[4, 8, 3, 6, EOS]])
+    with torch.no_grad():
+        scored = lm.next_token_logprobs(collate_prompts([prompt], PAD), response)
+        full = torch.log_softmax(model(torch.tensor([prompt + response[0, :-1].tolist()])).logits, -1)
+    torch.testing.assert_close(scored[0], full[0, len(prompt) - 1:], atol=1e-5, rtol=0)
+    assert model.config._attn_implementation == "sdpa"
+
+
 # --- the tanh GELU, faster where no gradient flows ------------------------------------------------
 
 

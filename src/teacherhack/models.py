@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import inspect
 import math
+import re
+import sys
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -76,6 +79,26 @@ def _up(x: object) -> object:
 
 AttentionInterface.register(SDPA, _sdpa)
 AttentionMaskInterface.register(SDPA, sdpa_mask)  # the masks Hugging Face builds for its own SDPA
+
+
+def _renamable(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s attention may become :data:`SDPA` without changing what it computes: none of its code
+    names ``"sdpa"``. Gemma 4 compares ``_attn_implementation == "sdpa"`` to decide whether it may drop query
+    positions; under another name it drops them where SDPA's ``is_causal`` then loses their context. Its code:
+    the modules of its layers' classes and their bases, torch's and Transformers' shared ones aside (as Hugging
+    Face's ``_can_set_attn_implementation`` reads a class's module)."""
+    return not any(_names_sdpa(klass.__module__) for module in model.modules() for klass in type(module).__mro__
+                   if klass.__module__.startswith("transformers.models.")
+                   or not klass.__module__.startswith(("torch.", "transformers.", "builtins")))
+
+
+@functools.cache
+def _names_sdpa(module_name: str) -> bool:
+    """Whether the Python module's source holds the string literal "sdpa" (unreadable source: taken as yes)."""
+    try:
+        return re.search(r"""["']sdpa["']""", inspect.getsource(sys.modules[module_name])) is not None
+    except (KeyError, OSError, TypeError):
+        return True
 
 
 @contextlib.contextmanager
@@ -352,8 +375,9 @@ class LM:
             raise ValueError(f"model temperature must be > 0, got {temperature}")
         self.model, self.pad_id, self.eos_id, self.temperature = model, pad_id, eos_id, temperature
         # The same attention, able to run in float32 (never saved); where the class follows Hugging Face's
-        # attention interface (else setting it only warns)
-        if model.config._attn_implementation == "sdpa" and model._can_set_attn_implementation():
+        # attention interface (else setting it only warns) and its code does not test the name (_renamable)
+        if (model.config._attn_implementation == "sdpa" and model._can_set_attn_implementation()
+                and _renamable(model)):
             model.set_attn_implementation(SDPA)
         for module in list(model.modules()):  # the same activation, faster where no gradient flows (never saved)
             for name, child in module.named_children():

@@ -116,7 +116,8 @@ class HackingMonitor:
 
     The monitor scores both models through ``teacherhack.models.LM``, which changes them in place, for good, in two
     ways that give the same bits: an ``sdpa`` attention becomes ``teacherhack_sdpa`` (``config._attn_implementation``;
-    Hugging Face's SDPA, able to run in float32 under bf16 autocast) and each ``NewGELUActivation`` module becomes a
+    Hugging Face's SDPA, able to run in float32 under bf16 autocast), unless the model's code tests that name (Gemma
+    4 does), and each ``NewGELUActivation`` module becomes a
     ``TanhGELU`` (the same operations in cache-sized pieces where no gradient flows). Neither is saved: a
     checkpoint reloads with ``sdpa`` and Hugging Face's GELU.
     """
