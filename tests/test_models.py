@@ -95,6 +95,34 @@ def test_logits_entry_t_depends_only_on_prefix(arch):
     assert (la[:, 3] - lb[:, 3]).abs().max() > 1e-4
 
 
+def test_an_encoder_with_absolute_positions_scores_and_samples_a_prompt_as_it_does_alone():
+    """BART numbers its encoder's columns from 0 and takes no position ids: a left-padded prompt's tokens sat at
+    other positions in a batch than alone, so its scores and samples depended on the batch it was in."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    lm = LM(BartForConditionalGeneration(BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS, decoder_start_token_id=EOS, forced_eos_token_id=None,
+        init_std=0.5)).eval(), pad_id=PAD, eos_id=EOS)
+    prompts = collate_prompts(PROMPTS, PAD)
+    responses = torch.tensor([[3, 4, 5, 6], [6, 7, 8, 9], [9, 10, 11, 12], [2, 2, 30, 31]])
+
+    def generators(rows: range) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(row) for row in rows]
+
+    with torch.no_grad():
+        batch = lm.logits(prompts, responses)
+        samples = lm.sample(prompts, max_new_tokens=8, generator=generators(range(len(PROMPTS))))
+        for row, prompt in enumerate(PROMPTS):
+            alone = collate_prompts([prompt], PAD)
+            torch.testing.assert_close(batch[row], lm.logits(alone, responses[row: row + 1])[0], atol=1e-5, rtol=1e-5)
+            sample = lm.sample(alone, max_new_tokens=8, generator=generators(range(row, row + 1)))[0]
+            assert samples[row, : len(sample)].tolist() == sample.tolist()
+            assert (samples[row, len(sample):] == PAD).all()
+
+
 # --- KV-cache sampling ---------------------------------------------------------------------------
 
 

@@ -16,6 +16,8 @@ import torch
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
     DataCollatorForLanguageModeling,
     GPT2Config,
     GPT2LMHeadModel,
@@ -67,6 +69,16 @@ def make_model(seed: int, *, init: float = 0.02, vocab: int = VOCAB, dropout: fl
                         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
                         bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD)
     return GPT2LMHeadModel(config)
+
+
+def make_bart(seed: int) -> BartForConditionalGeneration:
+    """A 1-layer BART, peaked: an encoder-decoder whose encoder has absolute (learned) positions."""
+    torch.manual_seed(seed)
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS, decoder_start_token_id=EOS, forced_eos_token_id=None,
+        init_std=0.5)).eval()
 
 
 def perturbed(model: GPT2LMHeadModel, noise: float = 0.3, seed: int = 1, dropout: float = 0.0) -> GPT2LMHeadModel:
@@ -282,10 +294,13 @@ def test_prompts_from_a_tokenizer_and_the_forms_refused(tok, teacher):
         HackingMonitor(teacher, tok, HELD_OUT, references={"prompt": ["sun", "moon"], "response": ["a", "b"]})
 
 
-def test_the_teacher_samples_do_not_depend_on_the_batch_size(tok, teacher):
+@pytest.mark.parametrize("arch", ["gpt2", "bart"])  # BART: an encoder with absolute positions (no position ids)
+def test_the_teacher_samples_do_not_depend_on_the_batch_size(tok, teacher, arch):
     """Each row is drawn from its own generator: the monitor's batch size (lowered after running out of memory, say)
     changes neither its samples nor, beyond float rounding, its values; its seed does."""
-    options = dict(samples_per_prompt=3, max_new_tokens=8, train_prompts=["sun moon", "bird"])
+    teacher = teacher if arch == "gpt2" else make_bart(0)
+    options = dict(samples_per_prompt=3, max_new_tokens=8, train_prompts=["sun moon", "bird"],
+                   references=[("sun", [4, 5, EOS]), ("tree bird wind", [6, EOS]), ("rain snow", [7, 8, 9])])
     monitors = [HackingMonitor(teacher, tok, HELD_OUT, batch_size=size, **options) for size in (16, 5, 1)]
     student = perturbed(teacher)
     rows = [monitor.check(student, 0) for monitor in monitors]
@@ -293,6 +308,7 @@ def test_the_teacher_samples_do_not_depend_on_the_batch_size(tok, teacher):
     assert all(monitor.fingerprint() == monitors[0].fingerprint() for monitor in monitors)
     assert all(row["proxy"] == pytest.approx(rows[0]["proxy"], rel=1e-6) for row in rows)
     assert all(row["proxy_train"] == pytest.approx(rows[0]["proxy_train"], rel=1e-6) for row in rows)
+    assert all(row["reference_nll"] == pytest.approx(rows[0]["reference_nll"], rel=1e-6) for row in rows)
     other = HackingMonitor(teacher, tok, HELD_OUT, seed=1, **options)
     assert other.fingerprint()[SAMPLES] != monitors[0].fingerprint()[SAMPLES]
 

@@ -68,6 +68,14 @@ def prompt_positions(mask: Tensor) -> Tensor:
     return (mask.long().cumsum(1) - 1).clamp_min(0)
 
 
+def right_padded(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Left-padded rows and their mask, each row's real tokens moved to its start: what an encoder gets. Its
+    attention is bidirectional and masked, so right padding is exact, also for absolute positions (BART, Marian),
+    which number the columns from 0 and take no position ids."""
+    order = (~mask.bool()).long().argsort(dim=1, stable=True)
+    return ids.gather(1, order), mask.gather(1, order)
+
+
 class _KVCache:
     """Preallocated keys [layers, B, kv heads, D, P + max_new] (stored transposed, so that a query's scores are
     one contiguous matrix product) and values [layers, B, kv heads, P + max_new, D], written in place, with
@@ -240,8 +248,10 @@ class HFDecoder:
     run the encoder once."""
 
     def __init__(self, model: PreTrainedModel, ids: Tensor, mask: Tensor):
-        self.model, self.ids, self.mask = model, ids, mask.long()
         self.encoder_decoder = bool(model.config.is_encoder_decoder)
+        if self.encoder_decoder:
+            ids, mask = right_padded(ids, mask)
+        self.model, self.ids, self.mask = model, ids, mask.long()
         self.positions = prompt_positions(mask)[:, -1:]
         self.cache: Cache | None = None
         self.encoder: ModelOutput | None = None

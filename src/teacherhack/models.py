@@ -2,10 +2,10 @@
 local Hugging Face cache: :func:`pin`), sample with a KV cache, score responses.
 
 One wrapper, :class:`LM`, serves the oracle, the teacher and the student, decoder-only (GPT-2, Llama,
-…) and encoder-decoder (T5, BART, …) alike. Prompts are left-padded and carry explicit position ids, so a
-padded batch scores exactly like its rows one by one. ``LM.temperature`` (τ) *defines* the model's
-distribution as softmax(logits/τ) for sampling and scoring alike: a sharpened oracle (τ < 1) is an exact
-ground truth, not just a sampling trick.
+…) and encoder-decoder (T5, BART, …) alike. Prompts are left-padded and carry explicit position ids (an encoder
+gets them right-padded, which needs none), so a padded batch scores exactly like its rows one by one.
+``LM.temperature`` (τ) *defines* the model's distribution as softmax(logits/τ) for sampling and scoring alike:
+a sharpened oracle (τ < 1) is an exact ground truth, not just a sampling trick.
 """
 
 from __future__ import annotations
@@ -407,7 +407,8 @@ class LM:
         prompts, responses = prompts.to(self.device), responses.to(self.device)
         if self.encoder_decoder:
             start = torch.full_like(responses[:, :1], self.model.config.decoder_start_token_id)
-            out = self.module(input_ids=prompts.ids, attention_mask=prompts.mask.long(),
+            ids, mask = decoding.right_padded(prompts.ids, prompts.mask)
+            out = self.module(input_ids=ids, attention_mask=mask.long(),
                               decoder_input_ids=torch.cat([start, responses[:, :-1]], 1), use_cache=False)
             return self._tempered(out.logits[..., : self.vocab_limit])
         ids = torch.cat([prompts.ids, responses[:, :-1]], 1)
