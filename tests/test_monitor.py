@@ -294,6 +294,21 @@ def test_prompts_from_a_tokenizer_and_the_forms_refused(tok, teacher):
         HackingMonitor(teacher, tok, HELD_OUT, references={"prompt": ["sun", "moon"], "response": ["a", "b"]})
 
 
+def test_a_set_of_fewer_rows_than_processes_is_refused(tok, teacher, monkeypatch):
+    """Each process scores its share of each set of rows: one with none crashed at the first check (torch.cat of
+    nothing), and the others then failed or hung in the gather."""
+    from teacherhack import distributed
+    from teacherhack.errors import UserError
+
+    monkeypatch.setattr(distributed, "world", lambda: 5)
+    pairs = [("sun", [4, EOS]), ("moon", [5, EOS])]
+    with pytest.raises(UserError, match="^5 processes share each set of rows the monitor scores, one row each at "
+                                        "least: train_prompts × samples_per_prompt=4, references=2 give some none; "
+                                        "raise them to 5 or more, or launch fewer processes$"):
+        HackingMonitor(teacher, tok, HELD_OUT, train_prompts=["sun moon", "bird"], references=pairs)
+    HackingMonitor(teacher, tok, HELD_OUT[:5], samples_per_prompt=1, references=pairs * 2 + pairs[:1])
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "bart"])  # BART: an encoder with absolute positions (no position ids)
 def test_the_teacher_samples_do_not_depend_on_the_batch_size(tok, teacher, arch):
     """Each row is drawn from its own generator: the monitor's batch size (lowered after running out of memory, say)

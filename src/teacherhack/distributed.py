@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
@@ -16,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from teacherhack.errors import UserError
 
 
 def launched() -> bool:
@@ -73,6 +76,16 @@ def barrier() -> None:
 def shard(rows: list[int] | range) -> list[int]:
     """This process's rows of a global batch: every world-th row, starting at its rank."""
     return list(rows)[rank():: world()]
+
+
+def refuse_empty_shards(rows: Mapping[str, int], shared: str, processes: int) -> None:
+    """Refuses sets (named, with their row counts) of fewer rows than ``processes``: a process whose :func:`shard`
+    is empty failed deep in its first batch or evaluation, the others then in a collective, with a message that
+    named neither the set nor the process count."""
+    few = [f"{name}={count}" for name, count in rows.items() if count < processes]
+    if few:
+        raise UserError(f"{processes} processes share {shared}, one row each at least: {', '.join(few)} give some "
+                        f"none; raise them to {processes} or more, or launch fewer processes")
 
 
 def all_sum(value: float) -> float:

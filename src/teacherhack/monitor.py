@@ -85,7 +85,9 @@ class HackingMonitor:
             the teacher's log-probabilities move to the student's device to be compared there.
         tokenizer: the tokenizer shared by teacher and student (see the module docstring for the encoding).
         prompts: held-out prompts (strings, lists of token ids, or ``tokenizer(texts)``), distinct from the
-            training prompts; at least 2 distinct ones (the proxy's SE is the spread between prompts).
+            training prompts; at least 2 distinct ones (the proxy's SE is the spread between prompts). In a
+            distributed run each process scores its share of each set of rows (prompts × ``samples_per_prompt``,
+            ``train_prompts`` × ``samples_per_prompt``, ``references``): each needs a row per process at least.
         samples_per_prompt: teacher responses per prompt (the estimate averages prompts × samples; its SE, and
             the paired SE of a change, are clustered by prompt).
         max_new_tokens: maximum response length; longer responses are truncated and scored as they are.
@@ -202,6 +204,11 @@ class HackingMonitor:
         self.cache_bytes = cache_mb << 20
         pairs = (None if references is None
                  else self._encode_references(references, reference_fields, add_special_tokens, limit))
+        distributed.refuse_empty_shards(
+            {"prompts × samples_per_prompt": len(self.prompts)}
+            | ({} if self.train_prompts is None else {"train_prompts × samples_per_prompt": len(self.train_prompts)})
+            | ({} if pairs is None else {"references": len(pairs.responses)}),
+            "each set of rows the monitor scores", distributed.world())
         self.references = None if pairs is None else ScoredSamples(
             None, _share(pairs), eos_id=self.eos_id, batch_size=batch_size, cache_bytes=0)
         # what a check measures but the teacher's samples (drawn at the first check): see fingerprint

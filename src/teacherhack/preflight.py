@@ -20,7 +20,7 @@ from huggingface_hub.file_download import REGEX_COMMIT_HASH
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from teacherhack.config import LabConfig
-from teacherhack.distributed import launched, world
+from teacherhack.distributed import launched, refuse_empty_shards, world
 from teacherhack.errors import UserError
 from teacherhack.generation import UNDER_LAUNCHER, vllm_available
 from teacherhack.models import SIZES, HubModelError, NotCached, from_pretrained, pin, split_revision
@@ -68,16 +68,11 @@ def check_machine(c: LabConfig) -> None:
                         f"else the CPU) or device=cpu")
     if c.distill.generation == "vllm" and launched():
         raise UserError(UNDER_LAUNCHER)
-    processes = world()
     trained = [s for s in ("pretrain", "oracle", "teacher", "student") if getattr(c, s).epochs > 0] + ["distill"]
     rows = {f"{section}.batch_size": getattr(c, section).batch_size for section in trained}
     rows |= {"eval.prompts": c.eval.prompts} | ({"eval.reverse_samples": c.eval.reverse_samples}
                                                   if c.eval.reverse_samples else {})
-    few = [f"{key}={value}" for key, value in rows.items() if value < processes]
-    if few:  # a process with no row failed deep in its first batch or evaluation, after the upstream was built
-        raise UserError(f"{processes} processes share each batch and evaluation set, one row each at least: "
-                        f"{', '.join(few)} give some none; raise them to {processes} or more, or launch fewer "
-                        f"processes")
+    refuse_empty_shards(rows, "each batch and evaluation set", world())  # before the upstream is built
     if c.distill.generation == "vllm" and not vllm_available():
         raise UserError("distill.generation=vllm needs the vllm package and a CUDA GPU, which this machine lacks; "
                         "use distill.generation=hf (or auto: vLLM where it can run)")
