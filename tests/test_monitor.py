@@ -458,6 +458,46 @@ def test_callback_warns_once_and_stops_a_trainer_on_alert(tmp_path, tok, teacher
     assert rows[0]["proxy_kl"] == pytest.approx(10.0)
 
 
+def test_each_alarm_warns_on_its_first_firing_and_a_replayed_one_does_not_again(tok, teacher, monkeypatch):
+    """One flag covered both alarms: once the detector had warned, the reference verdict (the more precise alarm,
+    which the detector's says to watch) fired without a warning. The bent proxy fires the detector at step 8; the
+    reference NLL falls to step 6, then rises, and its verdict fires later."""
+    from transformers import TrainerControl, TrainerState
+
+    def check(self, student, step):
+        nll = 30.0 - step if step <= 6 else 24.0 + 0.8 * (step - 6)
+        return self.record(step, bent_curve(step), 0.01 * bent_curve(step), reference_nll=nll, reference_nll_se=0.05)
+
+    monkeypatch.setattr(HackingMonitor, "check", check)
+
+    def run(callback: HackingMonitorCallback, state: TrainerState, steps: range) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            callback.on_train_begin(None, state, TrainerControl(), model=teacher)
+            for step in steps:
+                state.global_step = step
+                callback.on_step_end(None, state, TrainerControl(), model=teacher)
+        return [str(w.message) for w in caught if issubclass(w.category, TeacherHackingWarning)]
+
+    def callback() -> HackingMonitorCallback:
+        return HackingMonitorCallback(teacher, tok, HELD_OUT, every=1, max_new_tokens=4, rule=STALL)
+
+    first = callback()
+    state = TrainerState(global_step=0, logging_steps=1)
+    warned = run(first, state, range(1, 16))
+    history = first.monitor.history
+    detector = next(r["step"] for r in history if r["hacking_alert"])
+    reference = next(r["step"] for r in history if r["reference_alert"])
+    assert detector == 8 < reference
+    assert len(warned) == 2 and f"at step {detector}: the oracle-free detector alarmed" in warned[0]
+    assert f"at step {reference}: the student's NLL of the held-out real responses turned up" in warned[1]
+    # resumed between the two alarms: the detector's replayed alarm does not warn again, the reference's still warns
+    state.log_history = [row for row in state.log_history if row["step"] <= detector]
+    state.global_step = detector
+    warned = run(callback(), state, range(detector + 1, 16))
+    assert len(warned) == 1 and f"at step {reference}: the student's NLL" in warned[0]
+
+
 def test_callback_replays_the_logged_curve_on_resume(tok, teacher):
     from transformers import TrainerControl, TrainerState
 

@@ -9,7 +9,7 @@ Two entry points:
   (tested with ``Trainer`` and TRL 1.16's ``trl.experimental.gkd.GKDTrainer``): every ``every`` optimizer
   steps it runs the monitor on the trained model and logs ``proxy_kl``, ``proxy_kl_se``, the detector's signal
   and ``hacking_alert`` (and ``reference_nll``, ``reference_alert``) through the trainer's own loggers; it warns
-  once when either alarm fires and can stop the run.
+  once for each alarm, when it first fires, and can stop the run.
 
 The proxy metric (README, "Is my student hacking its teacher?") is the sequence-level KL(teacher‖student) estimated from teacher samples on the
 held-out prompts (default estimator ``token_kl``, the exact token-level KL summed along each sampled response).
@@ -68,7 +68,8 @@ PromptsIn = Sequence[str] | Sequence[Sequence[int]] | Mapping[str, Any]
 
 
 class TeacherHackingWarning(UserWarning):
-    """Emitted once per run when the detector's rule alarms or the reference NLL turns up."""
+    """Emitted once per run for each alarm: when the detector's rule first alarms, when the reference NLL first turns
+    up (the detector's alarm is a reason to watch the reference verdict, which must not then fire silently)."""
 
 
 class MonitorWarning(UserWarning):
@@ -493,7 +494,8 @@ class HackingMonitorCallback(TrainerCallback):
             _check_count("every", every)
         self.monitor = HackingMonitor(teacher, tokenizer, prompts, every=every or 1, **monitor_options)
         self.every, self.stop_on_alert, self.trainer = every, stop_on_alert, trainer
-        self._warned = self._warned_not_finite = False
+        self._warned: set[str] = set()  # the alarms that have warned (their rows' flags): each warns once
+        self._warned_not_finite = False
 
     def bind(self, trainer: Trainer) -> "HackingMonitorCallback":
         """Log through ``trainer`` (and add this callback to it if it is not there yet)."""
@@ -523,8 +525,9 @@ class HackingMonitorCallback(TrainerCallback):
                                     reference_nll=row.get("reference_nll"),
                                     reference_nll_se=row.get("reference_nll_se"),
                                     paired=row.get(PAIRED_KEY) if paired else None)
-        last = self.monitor.history[-1] if self.monitor.history else {}
-        self._warned = bool(last.get("hacking_alert") or last.get("reference_alert"))  # a replayed alarm: warned
+        # a replayed alarm has warned already; the other one still warns when it fires
+        self._warned = {alarm for row in self.monitor.history for alarm in ("hacking_alert", "reference_alert")
+                        if row.get(alarm)}
         if not self.monitor.history and state.global_step == 0 and model is not None:
             self._check(model, state, control)  # the student before training: where every signal starts
         return control
@@ -597,16 +600,17 @@ class HackingMonitorCallback(TrainerCallback):
         if len(self.monitor.history) == 1:
             paired[SETTINGS_KEY] = self.monitor.fingerprint()
         state.log_history.append(paired)
-        alerts = [text for flag, text in (
-            (row["reference_alert"], f"the student's NLL of the held-out real responses turned up ({row['reference_reason']})"),
-            (row["hacking_alert"], f"the oracle-free detector alarmed ({row['detector_reason']})"))
-            if flag]
-        if alerts and not self._warned:
-            self._warned = True
-            _warn(f"possible teacher hacking at step {step}: " + "; ".join(alerts)
+        alerts = {alarm: text for alarm, text in (
+            ("reference_alert", f"the student's NLL of the held-out real responses turned up ({row['reference_reason']})"),
+            ("hacking_alert", f"the oracle-free detector alarmed ({row['detector_reason']})"))
+            if row[alarm]}
+        fresh = [text for alarm, text in alerts.items() if alarm not in self._warned]
+        if fresh:
+            self._warned |= alerts.keys()
+            _warn(f"possible teacher hacking at step {step}: " + "; ".join(fresh)
                   + ("; stopping training" if self.stop_on_alert else ""), TeacherHackingWarning)
         if alerts and self.stop_on_alert:
-            logger.warning(f"stopping training at step {step}: " + "; ".join(alerts))
+            logger.warning(f"stopping training at step {step}: " + "; ".join(alerts.values()))
             control.should_training_stop = True
         return control
 
