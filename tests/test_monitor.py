@@ -272,6 +272,15 @@ def test_prompts_from_a_tokenizer_and_the_forms_refused(tok, teacher):
         for encoding in (tok(HELD_OUT), tok(HELD_OUT, padding=True, return_tensors="pt")):
             prompts = HackingMonitor(teacher, tok, encoding).prompts
             assert torch.equal(prompts.ids, plain.ids) and torch.equal(prompts.mask, plain.mask)
+    # one tokenizer output per prompt: transformers 5's apply_chat_template(..., tokenize=True), or a padded row
+    chat = [tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+            for text in HELD_OUT]
+    encoding = tok(HELD_OUT)
+    rows = [{"input_ids": [PAD, *ids], "attention_mask": [0, *mask]}
+            for ids, mask in zip(encoding["input_ids"], encoding["attention_mask"])]
+    for encodings in (chat, rows):
+        prompts = HackingMonitor(teacher, tok, encodings).prompts
+        assert torch.equal(prompts.ids, plain.ids) and torch.equal(prompts.mask, plain.mask)
     padded = tok(HELD_OUT, padding=True)["input_ids"]
     for prompts, message in (
         (torch.tensor(padded), "^prompts is a 2-D array of token ids, whose padding cannot be told from its tokens: "

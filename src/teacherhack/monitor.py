@@ -24,12 +24,14 @@ Prompt encoding. Prompts are strings encoded with the tokenizer as it is,
 exactly when the tokenizer adds one by default: the lab's prompts start alike, ``teacherhack.tokenizer.prompt_start``;
 pass ``add_special_tokens=False`` for prompts already rendered
 with a chat template), or lists of token ids used verbatim, or the tokenizer's output itself (``tokenizer(texts)``:
-its ``input_ids``, without the padding its ``attention_mask`` marks). No truncation. Refused: a 2-D array of ids
-(its padding cannot be told from its tokens), an id row that starts or ends with the tokenizer's pad token (when
-that is neither its EOS nor its BOS), negative ids (``-100`` label masks), dataset rows (pass a column). Prompts
-are left-padded by the monitor itself (``collate_prompts``, with explicit position ids), whatever the tokenizer's
-``padding_side``. A response ends at the tokenizer's EOS (``tokenizer.eos_token_id``, required); padding is
-``tokenizer.pad_token_id``, or the EOS id when the tokenizer has none.
+its ``input_ids``, without the padding its ``attention_mask`` marks), or one such output per prompt (a mapping with
+``input_ids``, as ``apply_chat_template(..., tokenize=True)`` returns in transformers 5). No truncation. Refused:
+a 2-D array of ids (its padding cannot be told from its tokens), an id row that starts or ends with the tokenizer's
+pad token (when that is neither its EOS nor its BOS), negative ids (``-100`` label masks), dataset rows without
+``input_ids`` (pass a column). Prompts are left-padded by the monitor itself (``collate_prompts``, with explicit
+position ids), whatever the tokenizer's ``padding_side``. A response ends at the tokenizer's EOS
+(``tokenizer.eos_token_id``, required); padding is ``tokenizer.pad_token_id``, or the EOS id when the tokenizer has
+none.
 """
 
 from __future__ import annotations
@@ -85,10 +87,11 @@ class HackingMonitor:
             whose model is used). Teacher and student may sit on different devices: each runs where it is, and
             the teacher's log-probabilities move to the student's device to be compared there.
         tokenizer: the tokenizer shared by teacher and student (see the module docstring for the encoding).
-        prompts: held-out prompts (strings, lists of token ids, or ``tokenizer(texts)``), distinct from the
-            training prompts; at least 2 distinct ones (the proxy's SE is the spread between prompts). In a
-            distributed run each process scores its share of each set of rows (prompts × ``samples_per_prompt``,
-            ``train_prompts`` × ``samples_per_prompt``, ``references``): each needs a row per process at least.
+        prompts: held-out prompts (strings, lists of token ids, their tokenizer outputs, or ``tokenizer(texts)``),
+            distinct from the training prompts; at least 2 distinct ones (the proxy's SE is the spread between
+            prompts). In a distributed run each process scores its share of each set of rows (prompts ×
+            ``samples_per_prompt``, ``train_prompts`` × ``samples_per_prompt``, ``references``): each needs a row
+            per process at least.
         samples_per_prompt: teacher responses per prompt (the estimate averages prompts × samples; its SE, and
             the paired SE of a change, are clustered by prompt).
         max_new_tokens: maximum response length; longer responses are truncated and scored as they are.
@@ -645,14 +648,23 @@ def _unpadded(encoding: Mapping[str, Any], what: str) -> list[list[int]]:
     if "input_ids" not in encoding:
         raise ValueError(f"{what} is a mapping with the keys {', '.join(map(repr, encoding))}, not a tokenizer's "
                          "output with 'input_ids': pass a list of prompts (strings or lists of token ids)")
-    rows = [_token_ids(row, f"{what}['input_ids'][{i}]") for i, row in enumerate(encoding["input_ids"])]
-    if "attention_mask" not in encoding:
-        return rows
-    return [[t for t, keep in zip(row, mask) if int(keep)] for row, mask in zip(rows, encoding["attention_mask"])]
+    rows = encoding["input_ids"]
+    masks = encoding["attention_mask"] if "attention_mask" in encoding else [None] * len(rows)
+    return [_kept(row, mask, f"{what}['input_ids'][{i}]") for i, (row, mask) in enumerate(zip(rows, masks))]
+
+
+def _kept(row: Any, mask: Any, what: str) -> list[int]:
+    """A row of token ids without the padding its attention mask marks (None: no padding)."""
+    ids = _token_ids(row, what)
+    return ids if mask is None else [t for t, keep in zip(ids, mask) if int(keep)]
 
 
 def _token_ids(row: Any, what: str) -> list[int]:
-    """A row of token ids as ints, refused in words when it is something else: a dataset row, a label row (-100)."""
+    """A row of token ids as ints, refused in words when it is something else: a dataset row, a label row (-100).
+    A mapping with ``input_ids`` is one row's tokenizer output (transformers 5's ``apply_chat_template(...,
+    tokenize=True)`` returns one): its ids, without the padding its ``attention_mask`` marks."""
+    if isinstance(row, Mapping) and "input_ids" in row:
+        return _kept(row["input_ids"], row.get("attention_mask"), f"{what}['input_ids']")
     if isinstance(row, Mapping):
         raise ValueError(f"{what} is a row with the fields {', '.join(map(repr, row))}: pass one field's values, e.g. "
                          f"dataset[{next(iter(row), 'prompt')!r}]")
