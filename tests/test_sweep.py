@@ -238,16 +238,29 @@ def test_findings_sources_reproduced_and_not():
     assert "(above every online one by its mean; one seed, no SE)" in sweeps.findings_sources(single)[1]["evidence"]
 
     # Every online run too close to the end to judge and no offline hacking to compare with: nothing tested the
-    # claim (it read "yes"); one judged online run, or an offline control that hacks, tests it
+    # claim (it read "yes"); an offline control that hacks tests it (by the rise), and so do judged runs
     calm = [_result("offline", 0, 50, 50.05, 1.0, False, judged=False)]
     calm += [_result(g, 0, 48, 48.05, 1.0, False, judged=False) for g in sweeps.ONLINE]
     online = sweeps.findings_sources(calm)[1]
     assert not online["reproduced"] and online["evidence"].endswith(
-        "; not tested: no online run could be judged, and no offline run hacks to compare their rise with")
-    calm[1] = _result("online_teacher", 0, 48, 48.05, 1.0, False)
-    assert sweeps.findings_sources(calm)[1]["reproduced"]
+        "; not tested: online_teacher, online_student have runs too close to the end to judge, and no offline run "
+        "hacks to compare their rise with")
     compared = good[:1] + [_result(g, 0, 48, 48.05, 1.0, False, judged=False) for g in sweeps.ONLINE]
     assert sweeps.findings_sources(compared)[1]["reproduced"]
+    judged = calm[:1] + [_result(g, 0, 48, 48.05, 1.0, False) for g in sweeps.ONLINE]
+    assert sweeps.findings_sources(judged)[1]["reproduced"]
+    # One judged online group does not vouch for another whose runs could not be judged (it read "yes": the
+    # undecided runs counted towards "0 online runs hack")
+    calm[1] = _result("online_teacher", 0, 48, 48.05, 1.0, False)
+    online = sweeps.findings_sources(calm)[1]
+    assert not online["reproduced"] and online["evidence"].endswith(
+        "; not tested: online_student has runs too close to the end to judge, and no offline run hacks to compare "
+        "their rise with")
+    # ...nor does one judged seed of the same group vouch for its undecided seed
+    mixed = [_result("offline", s, 50, 50.05, 1.0, False) for s in range(2)]
+    mixed += [_result(g, s, 48, 48.05, 1.0, False, judged=s == 0) for g in sweeps.ONLINE for s in range(2)]
+    online = sweeps.findings_sources(mixed)[1]
+    assert not online["reproduced"] and "0/4 online runs hack (2 with the golden minimum" in online["evidence"]
 
 
 def test_findings_diversity_budget_mixture():
@@ -298,6 +311,23 @@ def test_findings_factors_give_the_unit_and_the_reason():
     table = sweeps.format_findings("factors", {"runs": 2, "seeds": 1, "wall_seconds": 60, "findings": [found],
                                               "groups": sweeps.group_table(results)})
     assert "question (not a paper finding)" in table and "| per-token metrics (nats/token) | 1 |" in table
+    assert "Metrics in the unit marked on each setting;" in table
+    # a run too close to the end to judge is not flagged, but that is no "does not hack": the evidence says so
+    late = [_result("base", 0, 40, 41, 1.0, True), _result("teacher less over-fitted", 0, 40, 40.02, 1.0, False,
+                                                          judged=False)]
+    (found,) = sweeps.findings_factors(late)
+    assert not found["reproduced"] and found["evidence"].startswith(
+        "0/1 hack (1 with the golden minimum too close to the end to judge), rise +0.02")
+
+
+def test_findings_pretraining_say_which_runs_were_too_close_to_judge():
+    results = [_result(f"{label} forward_kl online_teacher", s, 32, 32.1, 1.0, False, judged=label == "from scratch")
+               for label in ("from scratch", "pretrained") for s in range(2)]
+    (found,) = sweeps.findings_pretraining(results)
+    assert not found["reproduced"]  # the count is unchanged: no run was flagged
+    assert found["evidence"].startswith("pre-trained 0/2 (2 with the golden minimum too close to the end to judge), "
+                                        "rise +0.10")
+    assert "; from scratch 0/2, rise" in found["evidence"]
 
 
 def test_the_record_refuses_an_unfinished_sweep(tmp_path: Path):
@@ -414,6 +444,13 @@ def test_findings_of_the_new_questions():
                  ("sampled_reverse_kl k3", 0.05, False)) for s in range(2)]
     found = sweeps.findings_onpolicy(onpolicy)
     assert found[0]["reproduced"] and "sampled_reverse_kl k1: 2/2 hack" in found[0]["evidence"]
+    assert found[1]["claim"] == "Closest to the oracle at the end: reverse_kl" and found[1]["reproduced"]
+    # the closest within the runner-up's noise: the claim is not shown (it was always "yes")
+    close = [{**r, "golden_final": 40.0 + 0.01 * (r["group"] == "sampled_reverse_kl k3") + (-1) ** r["seed"] * 0.1}
+             if r["group"] in ("reverse_kl", "sampled_reverse_kl k3") else r for r in onpolicy]
+    found = sweeps.findings_onpolicy(close)
+    assert found[1]["claim"] == "Closest to the oracle at the end: reverse_kl" and not found[1]["reproduced"]
+    assert found[1]["evidence"].endswith("; not below sampled_reverse_kl k3 by 2 SE")
 
     horizon = [_result(f"pool={pool} {source}", s, low, low + rise, 5.0, rise > 0.5) for pool in (500, 8000)
                for source, low, rise in (("offline", 40.0, 2.0), ("online_teacher", 38.0, 1.0), ("online_student", 38.5, 0.9))
@@ -423,6 +460,12 @@ def test_findings_of_the_new_questions():
     gone = [r if not (r["group"].startswith("pool=8000 online")) else {**r, "golden_final": r["golden_min"], "hacking": False}
             for r in horizon]
     assert [f["reproduced"] for f in sweeps.findings_horizon(gone)][:2] == [False, False]
+    assert "online teacher, pool 8000: 2/2 hack, golden minimum 38.00" in found[2]["evidence"]
+    # plentiful data whose golden rises by noise the verdict judged: a rise is never negative, so it cannot decide
+    noisy = [{**r, "golden_final": r["golden_min"] + (0.4 if r["seed"] else 0.3), "hacking": False}
+             if r["group"] == "pool=8000 online_teacher" else r for r in horizon]
+    found = sweeps.findings_horizon(noisy)
+    assert not found[2]["reproduced"] and "0/2 hack, golden minimum" in found[2]["evidence"]
 
 
 @pytest.mark.slow

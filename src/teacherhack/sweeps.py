@@ -157,9 +157,13 @@ def _by_group(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def _counts(groups: dict[str, dict[str, Any]], names: list[str], kind: str) -> tuple[int, int, str]:
     """Runs that hack, runs in all, and both said in words with the runs too close to the end to judge."""
     hacked, total = sum(groups[g]["hacking"] for g in names), sum(groups[g]["seeds"] for g in names)
-    undecided = sum(groups[g]["undecided"] for g in names)
-    late = f" ({undecided} with the golden minimum too close to the end to judge)" if undecided else ""
-    return hacked, total, f"{hacked}/{total} {kind} runs hack{late}"
+    return hacked, total, f"{hacked}/{total} {kind} runs hack{_late(sum(groups[g]['undecided'] for g in names))}"
+
+
+def _late(undecided: int) -> str:
+    """The runs too close to the end to judge, in words: a run the verdict did not judge is no evidence that it
+    does not hack, so a count of hacking runs says how many it could not judge."""
+    return f" ({undecided} with the golden minimum too close to the end to judge)" if undecided else ""
 
 
 def _offline_partner(group: str) -> str:
@@ -175,8 +179,8 @@ def _hacking_findings(groups: dict[str, dict[str, Any]], offline: list[str], onl
     """Offline: most runs hack. Online: no run hacks and, where the same setting hacks offline, the golden rise
     is below the offline one by 2 standard errors: a verdict cannot judge a run whose golden minimum comes
     in the last few evaluations, but the rise still shows whether the curve turned up as the offline one did.
-    With neither (every online run too close to the end to judge, no offline partner hacking), nothing tested
-    the claim: not reproduced."""
+    An online group with runs too close to the end to judge and no hacking offline partner is tested by neither,
+    so the claim is not reproduced, and the evidence names those groups."""
     found = []
     if offline:
         hacked, total, counts = _counts(groups, offline, "offline")
@@ -190,7 +194,9 @@ def _hacking_findings(groups: dict[str, dict[str, Any]], offline: list[str], onl
         smaller = all(_below(groups[g], partner, "rise") for g, partner in compared)
         tested = all(None not in (groups[g]["rise_se"], p["rise_se"]) for g, p in compared)
         hacked, total, counts = _counts(groups, online, "online")
-        untested = not compared and sum(groups[g]["undecided"] for g in online) == total
+        # an online group with runs too close to judge and no hacking offline partner is tested by nothing: no
+        # verdict, and no rise to compare with (an undecided run is no evidence that it does not hack)
+        untested = [g for g in online if groups[g]["undecided"] and not (partners[g] is not None and _hacks(partners[g]))]
         found.append(_finding("Online data → no teacher hacking", hacked == 0 and smaller and not untested,
                               counts + ": " + "; ".join(
                                   f"{g}: rise {_pm(groups[g], 'rise', '+')}" for g in online)
@@ -198,8 +204,10 @@ def _hacking_findings(groups: dict[str, dict[str, Any]], offline: list[str], onl
                                   dict.fromkeys(f"{_pm(p, 'rise', '+')}" for _, p in compared))
                                  + f" ({'' if smaller else 'not '}above every online one "
                                    + ("by 2 SE)" if tested else "by its mean; one seed, no SE)"))
-                              + ("; not tested: no online run could be judged, and no offline run hacks to "
-                                 "compare their rise with" if untested else "")))
+                              + (f"; not tested: {', '.join(untested)} "
+                                 + ("has runs" if len(untested) == 1 else "have runs")
+                                 + " too close to the end to judge, and no offline run hacks to compare their rise "
+                                   "with" if untested else "")))
     return found
 
 
@@ -283,7 +291,7 @@ def findings_factors(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         unit = "" if base is None or g["unit"] == base["unit"] else f" {g['unit']}"
         found.append(_finding(f"offline still hacks with: {name}", _hacks(g),
-                              f"{g['hacking']}/{g['seeds']} hack, rise {_pm(g, 'rise', '+')}{unit}"
+                              f"{g['hacking']}/{g['seeds']} hack{_late(g['undecided'])}, rise {_pm(g, 'rise', '+')}{unit}"
                               + (f" (base {_pm(base, 'rise', '+')})" if base else "")
                               + (f"; not flagged: {g['reason']}" if not _hacks(g) and g["reason"] else "")))
     return found
@@ -328,13 +336,15 @@ def findings_onpolicy(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     full = groups["reverse_kl"]
     sampled = [g for name, g in groups.items() if name.startswith("sampled_reverse_kl")]
     drifts = [g for g in sampled if g["hacking"] > full["hacking"] or _below(full, g, "rise")]
-    best = min(groups.values(), key=lambda g: g["golden_final"])
+    best, second = sorted(groups.values(), key=lambda g: g["golden_final"])[:2]
+    closest = _below(best, second, "golden_final")  # below the runner-up by 2 SE (one seed: by its mean)
     return [
         _finding("The sampled-token reverse KL hacks or drifts where the full-distribution reverse KL does not",
                  bool(drifts), "; ".join(f"{g['group']}: {g['hacking']}/{g['seeds']} hack, rise {_pm(g, 'rise', '+')}, "
                                          f"final golden {_pm(g, 'golden_final')}" for g in [*sampled, full])),
-        _finding(f"Closest to the oracle at the end: {best['group']}", True,
-                 ", ".join(f"{g['group']}: {_pm(g, 'golden_final')}" for g in groups.values())),
+        _finding(f"Closest to the oracle at the end: {best['group']}", closest,
+                 ", ".join(f"{g['group']}: {_pm(g, 'golden_final')}" for g in groups.values())
+                 + ("" if closest else f"; not below {second['group']} by 2 SE")),
     ]
 
 
@@ -354,10 +364,11 @@ def findings_horizon(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                               f"{b['hacking']}/{b['seeds']} hack, rise {_pm(b, 'rise', '+')}"))
     offline = groups[f"pool={small} offline"]
     plentiful = groups[f"pool={large} online_teacher"]
-    zero = {"rise": 0.0, "rise_se": 0.0}
+    # the verdict, not the rise: a rise (final less minimum) is never negative and grows with noise alone
     found.append(_finding("With plentiful fresh data the student still ends above its best point: fitting this teacher "
-                          "closely leads away from the oracle, whatever the data", _below(zero, plentiful, "rise"),
-                          f"online teacher, pool {large}: golden minimum {_pm(plentiful, 'golden_min')}, final "
+                          "closely leads away from the oracle, whatever the data", _hacks(plentiful),
+                          f"online teacher, pool {large}: {plentiful['hacking']}/{plentiful['seeds']} hack"
+                          f"{_late(plentiful['undecided'])}, golden minimum {_pm(plentiful, 'golden_min')}, final "
                           f"{_pm(plentiful, 'golden_final')} (rise {_pm(plentiful, 'rise', '+')}); for comparison offline, "
                           f"pool {small}: minimum {_pm(offline, 'golden_min')}, final {_pm(offline, 'golden_final')}"))
     return found
@@ -373,8 +384,9 @@ def findings_pretraining(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         plain = groups.get(name.replace("pretrained ", "from scratch ", 1))
         found.append(_finding(f"{name.removeprefix('pretrained ')}: hacks with pre-training", _hacks(g),
-                              f"pre-trained {g['hacking']}/{g['seeds']}, rise {_pm(g, 'rise', '+')}, final golden "
-                              f"{_pm(g, 'golden_final')}" + (f"; from scratch {plain['hacking']}/{plain['seeds']}, rise "
+                              f"pre-trained {g['hacking']}/{g['seeds']}{_late(g['undecided'])}, rise "
+                              f"{_pm(g, 'rise', '+')}, final golden {_pm(g, 'golden_final')}"
+                              + (f"; from scratch {plain['hacking']}/{plain['seeds']}{_late(plain['undecided'])}, rise "
                                                            f"{_pm(plain, 'rise', '+')}, final golden "
                                                            f"{_pm(plain, 'golden_final')}" if plain else "")))
     return found
@@ -477,7 +489,7 @@ def format_findings(preset: str, summary: dict[str, Any]) -> str:
     head = ("| question (not a paper finding) | answer |" if SWEEPS[preset].exploratory
             else "| finding (paper) | reproduced here |")
     units = {g["unit"] for g in summary["groups"]}
-    unit = next(iter(units)) if len(units) == 1 else "marked"
+    unit = next(iter(units)) if len(units) == 1 else "the unit marked on each setting"
     lines = [f"### `{preset}`: {summary['runs']} runs, {summary['seeds']} seed(s), "
              f"{summary['wall_seconds'] / 60:.0f} min", "", f"{head} evidence |", "| --- | --- | --- |"]
     lines += [f"| {f['claim']} | {'yes' if f['reproduced'] else '**no**'} | {f['evidence']} |"
