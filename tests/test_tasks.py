@@ -648,3 +648,65 @@ def test_validation_prompts_that_a_cut_makes_training_prompts_are_reported(token
     _report_data(splits, tokenizer, cfg.resolve("quick", {"task.max_prompt_len": 64, "eval.prompts": 3,
                                                            "distill.prompts": 1, "task.n_validation": 3}))
     assert "1 of 3 validation prompts" in capsys.readouterr().out  # only "a dog ran" is a training prompt, as is
+
+
+@pytest.mark.parametrize(
+    ("files", "left"),
+    [
+        ({"a.jsonl": "jsonl", "b.csv": "csv"}, r"b\.csv \(another format\)"),  # `datasets` reads only the .jsonl
+        ({"a.jsonl": "jsonl", "b.csv": "csv", "c.csv": "csv"}, r"a\.jsonl \(another format\)"),
+        ({"train.jsonl": "jsonl", "extra.jsonl": "jsonl"}, r"extra\.jsonl \(named for no split\)"),
+    ],
+)
+def test_a_folder_whose_files_datasets_would_leave_out_is_refused_naming_them(tmp_path, files, left):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, kind in files.items():
+        rows = [{"prompt": f"{name} {i}", "response": "r"} for i in range(2)]
+        (write_jsonl if kind == "jsonl" else write_csv)(folder / name, rows)
+    with pytest.raises(TaskError, match=rf"would read only .*leaving out {left}.*one format"):
+        load_task(f"hf:{folder}", tmp_path)
+
+
+def test_a_folder_of_json_lines_is_read_as_each_file_alone_is(tmp_path):
+    """pyarrow, through which `datasets` reads JSON, makes date-like texts timestamps (then refused as not text) and
+    names no line of a malformed file."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    rows = [{"prompt": "When?", "response": "2020-01-01"}, {"prompt": "Then?", "response": "2021-03-04 10:00:00"}]
+    write_jsonl(folder / "train.jsonl", rows)
+    assert load_task(f"hf:{folder}", tmp_path).pairs == [Pair("When?", "2020-01-01"), Pair("Then?", "2021-03-04 10:00:00")]
+    (folder / "train.jsonl").write_bytes(b"")
+    with pytest.raises(TaskError, match=rf"{re.escape(str(folder))} holds no rows"):
+        load_task(f"hf:{folder}", tmp_path)
+    (folder / "train.jsonl").write_text('{"prompt": "p", "response": 4}\n', encoding="utf-8")
+    with pytest.raises(TaskError, match=r"train\.jsonl, line 1: field 'response' holds int"):
+        load_task(f"hf:{folder}", tmp_path)
+
+
+@pytest.mark.parametrize("compression", [".gz", ".bz2", ".xz"])
+def test_a_compressed_table_in_a_folder_is_read_as_the_table_alone(tmp_path, compression):
+    """`datasets` would read it with pandas: NA and null become missing (counted as blank), stray quotes vanish."""
+    import bz2
+    import gzip
+    import lzma
+
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[compression]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / f"train.csv{compression}").write_bytes(compress(b"prompt,response\nNA,r1\nnull,0042\n"))
+    assert load_task(f"hf:{folder}", tmp_path).pairs == [Pair("NA", "r1"), Pair("null", "0042")]
+    (folder / f"train.csv{compression}").write_bytes(compress(b'prompt,response\n"Hi" he said,r\n'))
+    with pytest.raises(TaskError, match=rf"train\.csv\{compression}, line 2: a field starts with a quote"):
+        load_task(f"hf:{folder}", tmp_path)
+    (folder / f"train.csv{compression}").unlink()
+    (folder / "train.csv.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    with pytest.raises(TaskError, match=r"train\.csv\.zst: cannot read \.zst compression; decompress it first"):
+        load_task(f"hf:{folder}", tmp_path)
+
+
+def test_the_same_prompt_and_response_field_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "same", "response": "r"}])
+    for spec in (f"hf:{path}", f"jsonl:{path}", str(path)):
+        with pytest.raises(TaskError, match="prompt_field and response_field are both 'prompt'"):
+            load_task(spec, tmp_path, response_field="prompt")

@@ -92,6 +92,9 @@ def load_task(
     if spec in BUILTIN_TASKS:
         no_field_overrides(spec, prompt_field, response_field)
         return sample_task(_load_builtin(spec, Path(cache_dir)), limit, seed)
+    if (prompt_field or "prompt") == (response_field or "response"):  # every response would copy its prompt
+        raise TaskError(f"prompt_field and response_field are both {prompt_field or 'prompt'!r}: "
+                        "name two different fields")
     if spec.startswith("jsonl:"):
         task = load_jsonl(Path(spec.removeprefix("jsonl:")), prompt_field or "prompt", response_field or "response")
         return sample_task(task, limit, seed)

@@ -5,9 +5,12 @@ any dataset with a prompt and a response field (`hf:NAME_OR_PATH`, or a bare .js
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import io
 import json
+import lzma
 import os
 import re
 import socket
@@ -103,6 +106,11 @@ TASK_FORMATS: dict[str, TaskFormat] = {
 }
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+# the compressions `datasets` reads a data file through: the standard library's are read here too, the others refused
+DECOMPRESS: dict[str, Callable[[bytes], bytes]] = {".gz": gzip.decompress, ".bz2": bz2.decompress,
+                                                   ".xz": lzma.decompress}
+COMPRESSIONS = (*DECOMPRESS, ".zst", ".lz4")
+DATA_NAMES = tuple(suffix + compression for suffix in LOCAL_SUFFIXES for compression in ("", *COMPRESSIONS))
 NO_HUB_TASKS = ", ".join((*BUILTIN_TASKS, "jsonl:PATH"))
 
 
@@ -235,64 +243,96 @@ def _open_local(path: Path, task_name: str, fmt: TaskFormat, *, split: str, conf
                 return _Source(str(path), datasets.load_from_disk(str(path)))
             except Exception as error:  # noqa: BLE001
                 raise TaskError(f"cannot read the saved dataset {path}: {error}") from None
-        tables = _split_tables(path, config, split, cache_dir / "hf-datasets")
-        if tables:  # read as each file alone is: every value text
-            return _Source(str(path), [row for table in tables
-                                       for row in _read_table(table, tsv=table.suffix.lower() == ".tsv")])
-        try:
-            return _load_dataset(str(path), config, split, where=str(path), task_name=task_name, fmt=fmt,
-                                 cache_dir=cache_dir / "hf-datasets")
-        except TaskError:
-            for file in _data_files(path, (".jsonl", ".json")):  # `datasets` names neither the file nor the line
-                _read_json_records(file)
-            raise
-    suffix = path.suffix.lower()
-    try:
-        labels = None  # rows are named "row N" unless the file has lines to name (a table's values are all text)
-        if suffix in (".jsonl", ".json"):
-            rows, labels = _read_json_records(path)
-        elif suffix in (".csv", ".tsv"):
-            rows = _read_table(path, tsv=suffix == ".tsv")
-        elif suffix == ".parquet":
-            import pyarrow.parquet
-
-            rows = pyarrow.parquet.read_table(path).to_pylist()
-        else:
-            raise TaskError(f"{path}: unknown data format {suffix or '(no suffix)'}; "
-                            f"expected a folder or one of {', '.join(LOCAL_SUFFIXES)}")
-    except TaskError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError) as error:  # pyarrow errors are ValueErrors
-        raise TaskError(f"cannot read {path} as {suffix.lstrip('.').upper()}: {error}") from None
+        files = _split_files(path, config, split, cache_dir / "hf-datasets")
+        if files and all(_file_kind(file)[0] != ".parquet" for file in files):  # read as each file alone is
+            rows, labels = [], []
+            for file in files:
+                file_rows, file_labels = _read_file(file)
+                rows += file_rows
+                name = file.resolve().relative_to(path.resolve()).as_posix()  # `datasets` names it absolute
+                labels += [f"{name}, {label}" for label in file_labels or
+                           (f"row {number}" for number in range(1, len(file_rows) + 1))]
+            return _Source(str(path), rows, labels)
+        return _load_dataset(str(path), config, split, where=str(path), task_name=task_name, fmt=fmt,
+                             cache_dir=cache_dir / "hf-datasets")
+    rows, labels = _read_file(path)
     return _Source(str(path), rows, labels)
 
 
-def _split_tables(folder: Path, config: str | None, split: str, cache_dir: Path) -> list[Path]:
-    """The CSV or TSV files that `datasets` would read as ``split`` of ``folder``, to be read by `_read_table`
-    instead: `datasets` reads them with pandas, which merges rows at a stray quote, makes the texts NA, None, null
-    and nan missing and a column of numbers numbers, where a single file's values are all text. Empty when
-    `datasets` reads the folder otherwise (JSON, Parquet, compressed tables) or cannot resolve the split: then
-    `_load_dataset` reads it, or says why not."""
+def _file_kind(path: Path) -> tuple[str, str]:
+    """A data file's format and compression, by its name: (".csv", ".gz") for train.csv.gz, ("", "") if neither is
+    known."""
+    name = path.name.lower()
+    compression = next((c for c in COMPRESSIONS if name.endswith(c)), "")
+    name = name.removesuffix(compression)
+    return next((suffix for suffix in LOCAL_SUFFIXES if name.endswith(suffix)), ""), compression
+
+
+def _read_file(path: Path) -> tuple[list[dict], list[str] | None]:
+    """The records of one data file, decompressed first where its name says so, and where each is in the file ("line
+    4"; None where the rows are named "row N"). Tables' values are all text."""
+    suffix, compression = _file_kind(path)
+    if not suffix or compression and suffix == ".parquet":
+        raise TaskError(f"{path}: unknown data format {''.join(path.suffixes) or '(no suffix)'}; "
+                        f"expected a folder or one of {', '.join(LOCAL_SUFFIXES)} (.csv.gz and the like for text)")
+    if compression and compression not in DECOMPRESS:
+        raise TaskError(f"{path}: cannot read {compression} compression; decompress it first "
+                        f"(or compress it with {', '.join(DECOMPRESS)})")
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet
+
+            return pyarrow.parquet.read_table(path).to_pylist(), None
+        data = path.read_bytes()
+        if compression:
+            data = DECOMPRESS[compression](data)
+        if suffix in (".jsonl", ".json"):
+            return _read_json_records(data, path)
+        return _read_table(data, path, tsv=suffix == ".tsv"), None
+    except TaskError:
+        raise
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, lzma.LZMAError) as error:  # pyarrow's are ValueErrors
+        raise TaskError(f"cannot read {path} as {suffix.lstrip('.').upper()}{compression}: {error}") from None
+
+
+def _split_files(folder: Path, config: str | None, split: str, cache_dir: Path) -> list[Path]:
+    """The files that `datasets` takes for ``split`` of ``folder``, to be read as each file alone is (`_read_file`):
+    `datasets` reads tables with pandas, which merges rows at a stray quote and makes the texts NA, null and nan
+    missing, and JSON with pyarrow, which makes date-like texts timestamps and names no line of an error. Empty
+    where `datasets` cannot resolve the split: then `_load_dataset` meets the same failure and words it.
+
+    `datasets` reads one format of a folder (its most common) and, where some files are named for splits, only
+    those: a folder with any other data file is refused, naming it, so that no file's rows are left out unsaid."""
     import datasets
 
     try:
         builder = datasets.load_dataset_builder(str(folder), config, cache_dir=str(cache_dir))
     except Exception:  # noqa: BLE001 - `_load_dataset` meets the same failure and words it
         return []
-    files = [Path(file) for file in (builder.config.data_files or {}).get(split, [])]
-    if builder.name != "csv" or not all(file.suffix.lower() in (".csv", ".tsv") for file in files):
-        return []
-    return files
+    splits = {str(name): [Path(file) for file in files] for name, files in (builder.config.data_files or {}).items()}
+    taken = {file.resolve() for files in splits.values() for file in files}
+    formats = sorted({_file_kind(file)[0] for file in taken})
+    left = [file for file in _data_files(folder) if file.resolve() not in taken]
+    if left:
+        reasons = {file.relative_to(folder).as_posix(): "named for no split" if _file_kind(file)[0] in formats
+                   else "another format" for file in left}
+        raise TaskError(
+            f"{folder}: `datasets` would read only its {'/'.join(formats)} files, as the split(s) "
+            f"{', '.join(splits)}, leaving out {', '.join(f'{name} ({why})' for name, why in reasons.items())}; keep "
+            f"one format in a folder and name every file for its split (train*, validation*, test*), or name a file "
+            f"itself as the task (hf:PATH/FILE)")
+    return splits.get(split, [])
 
 
-def _data_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """The data files under ``folder`` that `datasets` reads, by suffix: not hidden, not its own metadata."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
+def _data_files(folder: Path) -> list[Path]:
+    """The data files under ``folder`` that `datasets` could read, compressed or not: not hidden, not its own
+    metadata."""
+    return sorted(p for p in folder.rglob("*") if p.name.lower().endswith(DATA_NAMES) and p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts)
                   and p.name not in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
-def _read_table(path: Path, *, tsv: bool) -> list[dict]:
+def _read_table(data: bytes, path: Path, *, tsv: bool) -> list[dict]:
     """The rows of a CSV or a TSV, quoted as Python's csv module and pandas write them (a quoted field may hold the
     delimiter, quotes and newlines).
 
@@ -300,7 +340,7 @@ def _read_table(path: Path, *, tsv: bool) -> list[dict]:
     the line where it starts: csv, pandas and `datasets` read it on to the next quote, merging rows, or drop its
     quotes. Reading such a file raw instead would be a guess: a raw `"Hi"` and a quoted one are the same bytes.
     """
-    text = decode_utf8(path.read_bytes(), str(path))
+    text = decode_utf8(data, str(path))
     delimiter = "\t" if tsv else ","
     read: list[str] = []  # the lines read since the last row (with a blank line before it, and the header first)
 
@@ -376,10 +416,10 @@ def _stray_quote(path: Path, line: int, why: str, delimiter: str) -> TaskError:
         f"doubled)")
 
 
-def _read_json_records(path: Path) -> tuple[list[dict], list[str]]:
+def _read_json_records(data: bytes, path: Path) -> tuple[list[dict], list[str]]:
     """A JSON array of objects, or JSON Lines (one object a line, blank lines skipped), and where each is ("line 4",
     "item 2")."""
-    text = decode_utf8(path.read_bytes(), str(path))
+    text = decode_utf8(data, str(path))
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
