@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
+from teacherhack import config as cfg
+from teacherhack.cache import ArtifactCache
 from teacherhack.cli import main
+from teacherhack.stages import prepare_upstream
 from teacherhack.tasks.snapshot import load_jsonl
-from teacherhack.tokenizer import train_tokenizer
+from teacherhack.tokenizer import TokenizerMismatch, train_tokenizer
 
 from conftest import TINY
 
@@ -76,3 +79,16 @@ def test_models_that_do_not_share_a_tokenizer_are_refused(tiny_task: Path, tmp_p
     assert main(cli_args(folders, f"jsonl:{tiny_task}", tmp_path / "lab", tmp_path / "cache")) == 2
     error = capsys.readouterr().err
     assert "student" in error and "vocab" in error.lower()
+
+
+def test_a_cached_tokenizer_is_not_served_to_a_model_that_does_not_share_it(tiny_task: Path, tmp_path: Path):
+    """The tokenizer's key names the first pretrained role's tokenizer only, so a student with another one finds it
+    cached: the upstream refuses it there too, for a caller that skips the command line's preflight."""
+    folders = save_models(tmp_path, tiny_task, "llama")
+    assert main(cli_args(folders, f"jsonl:{tiny_task}", tmp_path / "lab", tmp_path / "cache")) == 0
+    train_tokenizer(["completely different text " * 20, "zzz qqq"], 270).save_pretrained(folders["student"])
+    config = cfg.resolve("default", {**{k: v for k, v in TINY.items() if not k.startswith("models.")},
+                                     **{f"models.{role}": str(folder) for role, folder in folders.items()},
+                                     "task.spec": f"jsonl:{tiny_task}"})
+    with pytest.raises(TokenizerMismatch, match="student"):
+        prepare_upstream(config, ArtifactCache(tmp_path / "cache"), "cpu", {})

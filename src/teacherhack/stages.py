@@ -251,15 +251,14 @@ def tokenizer_inputs(c: ConfigView) -> dict[str, Any]:
 @stage("tokenizer", reads=("task.vocab_size", "models.oracle", "models.teacher", "models.student"),
        parents=("splits",), inputs=tokenizer_inputs)
 def build_tokenizer(job: Job, out: Path) -> None:
-    """The tokenizer all three models share: the pretrained models' own (checked to be one and the same), or
-    a byte-level BPE trained on the oracle's training text when every model is built from a size preset."""
+    """The tokenizer all three models share: the first pretrained model's own (:func:`prepare_upstream` checks that
+    every role shares it, built or found), or a byte-level BPE trained on the oracle's training text when every
+    model is built from a size preset."""
     c = job.config
     pretrained = pretrained_roles(c.models)
     if pretrained:
-        tokenizers = {role: from_pretrained(AutoTokenizer, name, trust_remote_code=job.trust_remote_code)
-                      for role, name in pretrained.items()}
-        check_tokenizers(tokenizers)
-        next(iter(tokenizers.values())).save_pretrained(out)
+        first = next(iter(pretrained.values()))
+        from_pretrained(AutoTokenizer, first, trust_remote_code=job.trust_remote_code).save_pretrained(out)
         return
     texts = (x for pair in job.splits().oracle_train for x in (pair.prompt, pair.response))
     train_tokenizer(texts, c.task.vocab_size).save_pretrained(out)
@@ -617,7 +616,12 @@ def prepare_upstream(c: LabConfig, cache: ArtifactCache, device: str, timings: d
         paths[s.name] = cache.get(s.name, spec["key"], spec, partial(s.build, job), collective=s.collective)
         timings[s.name] = time.time() - begun
         if s.name == "tokenizer":
-            tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"], trust_remote_code=c.models.trust_remote_code)
+            # its key names the first pretrained role's tokenizer only: the roles must share it, checked here for
+            # every caller (the command line's preflight does too), whether the tokenizer was built or found
+            trust = c.models.trust_remote_code
+            check_tokenizers({role: from_pretrained(AutoTokenizer, name, trust_remote_code=trust)
+                              for role, name in pretrained_roles(c.models).items()})
+            tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"], trust_remote_code=trust)
             _report_data(job.splits(), tokenizer, c)
     return Upstream(paths["splits"], paths["tokenizer"], paths["oracle"], paths["teacher"], paths["student"],
                     paths["references"] / "references.safetensors",
