@@ -147,9 +147,10 @@ def run_sweep(preset: str, base: LabConfig, out: Path, cache_root: Path, *, seed
         progress(f"sweep {preset}: {len(runs)} runs, {len(runs) - len(todo)} already done")
         # before anything is built: runs trained now on other upstream artifacts than the finished ones (another
         # thread count, machine, torch, hub commit, task file) would stand beside them in the findings
-        for r in [r for r in runs if r not in todo] if todo else []:
-            keys = upstream_keys(configs[r.name], cache, device)
-            check_resumable(out / "runs" / r.name, f"{r.name} (finished)", keys)
+        for r in runs if todo else []:
+            if r not in todo:
+                keys = upstream_keys(configs[r.name], cache, device)
+                check_resumable(out / "runs" / r.name, f"{r.name} (finished)", keys)
         try:  # an interrupted invocation's time counts too (Ctrl-C, SIGTERM; a SIGKILL loses it since the last run)
             jobs = []
             for r in todo:  # upstream artifacts first, in this process with all threads; the cache shares them

@@ -194,8 +194,6 @@ def _hacking_findings(groups: dict[str, dict[str, Any]], offline: list[str], onl
         smaller = all(_below(groups[g], partner, "rise") for g, partner in compared)
         tested = all(None not in (groups[g]["rise_se"], p["rise_se"]) for g, p in compared)
         hacked, total, counts = _counts(groups, online, "online")
-        # an online group with runs too close to judge and no hacking offline partner is tested by nothing: no
-        # verdict, and no rise to compare with (an undecided run is no evidence that it does not hack)
         untested = [g for g in online if groups[g]["undecided"] and not (partners[g] is not None and _hacks(partners[g]))]
         found.append(_finding("Online data → no teacher hacking", hacked == 0 and smaller and not untested,
                               counts + ": " + "; ".join(
